@@ -1,0 +1,108 @@
+//! Linear layers (no bias) as matrix multiplies through the `gemm` crate.
+//! Weights are stored `[out, in]` as in PyTorch / Hugging Face, so `y = x W^T`.
+
+/// Work below this many multiply-adds runs on one thread (threading costs more than it saves).
+const PARALLEL_THRESHOLD: usize = 1 << 17;
+
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= PARALLEL_THRESHOLD {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst[m, n] = (accumulate ? dst : 0) + lhs[m, k] * rhs[k, n]`, each operand given by a base
+/// slice and (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    // These bounds make the raw-pointer call below stay inside the slices.
+    assert!(dst.len() >= m * n, "matmul: dst too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "matmul: lhs too small"
+    );
+    assert!(
+        rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
+        "matmul: rhs too small"
+    );
+    // SAFETY: the asserts above guarantee that every element addressed through the given
+    // strides lies inside its slice; `dst` does not alias `lhs`/`rhs` (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        );
+    }
+}
+
+/// Forward. Shapes: `x [rows, d_in]`, `w [d_out, d_in]` -> `y [rows, d_out]` (overwritten).
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize) {
+    matmul(y, x, d_in, 1, w, 1, d_in, rows, d_out, d_in, false);
+}
+
+/// Backward to the input. Shapes: `dy [rows, d_out]`, `w [d_out, d_in]` -> `dx [rows, d_in]`,
+/// `dx = dy W` (added to `dx` when `accumulate`).
+pub fn linear_backward_input(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    accumulate: bool,
+) {
+    matmul(dx, dy, d_out, 1, w, d_in, 1, rows, d_in, d_out, accumulate);
+}
+
+/// Backward to the weight, accumulating. Shapes: `dy [rows, d_out]`, `x [rows, d_in]` ->
+/// `dw [d_out, d_in] += dy^T x`.
+pub fn linear_backward_weight(
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    matmul(dw, dy, 1, d_out, x, d_in, 1, d_out, d_in, rows, true);
+}

@@ -1,0 +1,3 @@
+//! File formats: safetensors (Hugging Face names), handgrad checkpoints.
+
+pub mod safetensors;

@@ -1,0 +1,13 @@
+//! handgrad: train and run small transformer language models (Llama-2 and Qwen3 families) with
+//! hand-written forward and backward passes.
+//!
+//! Layering (see ARCHITECTURE.md): `cli` -> `train` -> (`optim`, `data`, `model`) -> `backend`;
+//! `generate`, `tokenizer`, `formats` and `telemetry` beside them.
+
+pub mod backend;
+pub mod error;
+pub mod formats;
+pub mod model;
+pub mod util;
+
+pub use error::{Error, Result};

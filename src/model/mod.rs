@@ -1,0 +1,12 @@
+//! The transformer: configuration, parameters, activations, and the whole-model forward and
+//! backward passes.
+
+pub mod activations;
+pub mod config;
+pub mod params;
+pub mod transformer;
+
+pub use activations::Activations;
+pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use params::{ParamLayout, TensorId, TensorSpec};
+pub use transformer::{Transformer, VocabCompaction};

@@ -1,0 +1,3 @@
+//! Small utilities shared by several modules.
+
+pub mod rng;

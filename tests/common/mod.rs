@@ -1,0 +1,103 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Whether skipping is forbidden (`.ci/run` sets `HANDGRAD_STRICT_TESTS=1`).
+pub fn strict() -> bool {
+    std::env::var("HANDGRAD_STRICT_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// Skips the current test with a printed reason, or fails it under strict mode.
+pub fn skip(reason: &str) {
+    if strict() {
+        panic!("HANDGRAD_STRICT_TESTS=1 forbids skipping: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// Path of a file in the repository.
+pub fn repo(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Path of a shared fixture (`../shared/fixtures/REL` from the repository root), or `None`
+/// after printing why the test skips.
+pub fn fixture(rel: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared")
+        .join("fixtures")
+        .join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        skip(&format!("fixture {} not found", p.display()));
+        None
+    }
+}
+
+/// Derivative of `f` at 0 along a coordinate by the 4-point central stencil
+/// `(8 (f(h) - f(-h)) - (f(2h) - f(-2h))) / 12h`, whose truncation error is O(h^4). With f32
+/// arithmetic the rounding noise is about `1e-7 |f| / h`, so `h` is chosen fairly large.
+pub fn five_point(f: &mut dyn FnMut(f32) -> f64, h: f32) -> f64 {
+    let h64 = h as f64;
+    (8.0 * (f(h) - f(-h)) - (f(2.0 * h) - f(-2.0 * h))) / (12.0 * h64)
+}
+
+/// Result of comparing analytic and numeric gradients.
+#[derive(Debug, Default)]
+pub struct GradReport {
+    pub checked: usize,
+    pub failures: Vec<String>,
+    pub worst: f64,
+}
+
+/// Compares `analytic[i]` with the numeric derivative of `loss(params)` for every index in
+/// `indices` of `params`. Pass criterion per element:
+/// `|a - n| <= atol + rtol * |n|` with `atol = 1e-3 * max(max|n|, 1e-2)` over the checked
+/// elements and `rtol = 2e-2`, which the float32 noise of a 5-point stencil stays well within.
+pub fn check_gradient(
+    label: &str,
+    params: &mut [f32],
+    analytic: &[f32],
+    indices: &[usize],
+    h: f32,
+    loss: &mut dyn FnMut(&[f32]) -> f64,
+) -> GradReport {
+    let mut numeric = Vec::with_capacity(indices.len());
+    for &i in indices {
+        let orig = params[i];
+        let mut f = |delta: f32| {
+            params[i] = orig + delta;
+            let l = loss(params);
+            params[i] = orig;
+            l
+        };
+        numeric.push(five_point(&mut f, h));
+    }
+    let scale = numeric.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-2);
+    let atol = 1e-3 * scale;
+    let rtol = 2e-2;
+    let mut report = GradReport {
+        checked: indices.len(),
+        ..Default::default()
+    };
+    for (&i, &n) in indices.iter().zip(&numeric) {
+        let a = analytic[i] as f64;
+        let err = (a - n).abs();
+        report.worst = report.worst.max(err / (atol + rtol * n.abs()));
+        if err > atol + rtol * n.abs() {
+            report
+                .failures
+                .push(format!("{label}[{i}]: analytic {a:.6e}, numeric {n:.6e}"));
+        }
+    }
+    report
+}
+
+/// A deterministic pseudo-random vector (normal, given std and mean).
+pub fn randn(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
+    let mut r = handgrad::util::rng::Rng::new(seed);
+    (0..n).map(|_| mean + std * r.normal() as f32).collect()
+}
