@@ -5,9 +5,16 @@
 //! `generate`, `tokenizer`, `formats` and `telemetry` beside them.
 
 pub mod backend;
+pub mod cli;
+pub mod data;
 pub mod error;
 pub mod formats;
+pub mod generate;
 pub mod model;
+pub mod optim;
+pub mod telemetry;
+pub mod tokenizer;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -1,3 +1,3 @@
 fn main() {
-    println!("handgrad");
+    std::process::exit(handgrad::cli::main());
 }

@@ -1,3 +1,4 @@
 //! File formats: safetensors (Hugging Face names), handgrad checkpoints.
 
+pub mod checkpoint;
 pub mod safetensors;

@@ -1,3 +1,4 @@
 //! Small utilities shared by several modules.
 
+pub mod fsutil;
 pub mod rng;

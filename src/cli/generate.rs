@@ -1,0 +1,133 @@
+//! `handgrad generate`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::backend::cpu::CpuKernels;
+use crate::error::{Error, Result};
+use crate::formats::checkpoint::Checkpoint;
+use crate::generate::{GenerateOptions, Sampling, StopReason, generate};
+use crate::model::{ModelConfig, Transformer, VocabCompaction};
+use crate::tokenizer;
+
+/// Options of `handgrad generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A run folder: uses its checkpoints/latest (or best with --best).
+    #[arg(long, conflicts_with = "checkpoint")]
+    run_dir: Option<PathBuf>,
+    /// A checkpoint file.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Use checkpoints/best (lowest validation loss) instead of latest.
+    #[arg(long)]
+    best: bool,
+    /// Tokenizer file, overriding the one stored in the checkpoint.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Text to continue.
+    #[arg(long, default_value = "Once upon a time")]
+    prompt: String,
+    /// Tokens to generate at most (stops earlier at end of text or the context limit).
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 picks the most likely token every time.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// Sample from the smallest set of tokens with this much probability (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler (the same seed gives the same text).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Worker threads (default: physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let path = match (&a.run_dir, &a.checkpoint) {
+        (Some(dir), None) => dir
+            .join("checkpoints")
+            .join(if a.best { "best" } else { "latest" }),
+        (None, Some(p)) => p.clone(),
+        _ => return Err(Error::invalid("give --run-dir or --checkpoint")),
+    };
+    let sampling = Sampling::from_settings(a.temperature, a.top_k, a.top_p)?;
+    let ck = Checkpoint::load(&path)?;
+    let cfg = ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
+    let tok = match &a.tokenizer {
+        Some(p) => tokenizer::load(p)?,
+        None if !ck.tokenizer.is_empty() => tokenizer::from_bytes(ck.tokenizer.clone(), &path)?,
+        None => {
+            return Err(Error::invalid(format!(
+                "{} has no tokenizer inside; pass --tokenizer",
+                path.display()
+            )));
+        }
+    };
+    let mut model = Transformer::new(cfg);
+    if let Some(kept) = &ck.meta.vocab_kept {
+        model.set_compaction(Some(VocabCompaction::from_kept(
+            kept.clone(),
+            model.cfg.vocab_size,
+        )));
+    }
+    if ck.params.len() != model.layout.total() {
+        return Err(Error::checkpoint(
+            &path,
+            "parameter count does not match its model config",
+        ));
+    }
+    let threads = a
+        .threads
+        .unwrap_or_else(crate::train::default_threads)
+        .max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot start threads: {e}")))?;
+    let opts = GenerateOptions {
+        prompt: a.prompt.clone(),
+        max_tokens: a.max_tokens,
+        sampling,
+        seed: a.seed,
+        add_bos: true,
+    };
+    let mut stdout = std::io::stdout();
+    print!("{}", a.prompt);
+    let _ = stdout.flush();
+    let t0 = std::time::Instant::now();
+    let g = pool.install(|| {
+        generate(
+            &model,
+            &ck.params,
+            &CpuKernels,
+            tok.as_ref(),
+            &opts,
+            &mut |s: &str| {
+                print!("{s}");
+                let _ = std::io::stdout().flush();
+            },
+        )
+    })?;
+    println!();
+    let secs = t0.elapsed().as_secs_f64();
+    let why = match g.stop {
+        StopReason::EndOfSequence => "end of text",
+        StopReason::MaxTokens => "--max-tokens reached",
+        StopReason::ContextFull => "context full",
+    };
+    eprintln!(
+        "[{} prompt + {} generated tokens in {secs:.2}s, {:.1} tok/s; stopped: {why}]",
+        g.prompt_ids.len(),
+        g.ids.len(),
+        (g.prompt_ids.len() + g.ids.len()) as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

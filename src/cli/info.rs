@@ -1,0 +1,81 @@
+//! `handgrad info`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::data::TokenShard;
+use crate::error::{Error, Result};
+use crate::formats::checkpoint::Checkpoint;
+use crate::model::ModelConfig;
+
+/// Options of `handgrad info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// A model preset or config.json to describe.
+    #[arg(long)]
+    model: Option<String>,
+    /// A file to describe: a checkpoint or a token shard.
+    file: Option<PathBuf>,
+}
+
+pub fn run(a: InfoArgs) -> Result<()> {
+    match (&a.model, &a.file) {
+        (Some(spec), None) => {
+            let cfg = ModelConfig::from_preset_or_path(spec)?;
+            println!("{}", cfg.describe());
+            Ok(())
+        }
+        (None, Some(path)) => describe_file(path),
+        _ => Err(Error::invalid(
+            "give either --model PRESET|config.json or a FILE",
+        )),
+    }
+}
+
+fn describe_file(path: &PathBuf) -> Result<()> {
+    let mut head = [0u8; 8];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        let _ = f
+            .read(&mut head)
+            .map_err(|e| Error::io("reading", path, e))?;
+    }
+    if &head == b"HGCKPT01" {
+        let ck = Checkpoint::load(path)?;
+        let cfg = ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
+        println!("handgrad checkpoint (format {})", ck.meta.format_version);
+        println!(
+            "step              {} of {}",
+            ck.meta.step, ck.meta.schedule_total
+        );
+        println!("tokens seen       {}", ck.meta.tokens_seen);
+        println!(
+            "optimizer state   {}",
+            if ck.moments.is_some() {
+                "yes"
+            } else {
+                "no (weights only)"
+            }
+        );
+        println!("tokenizer         {}", ck.meta.tokenizer_id);
+        if let Some(v) = ck.meta.best_val_loss {
+            println!("best val loss     {v:.4}");
+        }
+        println!("{}", cfg.describe());
+        return Ok(());
+    }
+    let shard = TokenShard::open(path)?;
+    println!("token file        {}", path.display());
+    println!("tokens            {}", shard.len());
+    match (&shard.vocab_size, &shard.tokenizer_id) {
+        (Some(v), id) => {
+            println!("format            handgrad shard");
+            println!("vocabulary        {v}");
+            println!("tokenizer         {}", id.as_deref().unwrap_or("unknown"));
+        }
+        (None, _) => println!("format            llama2.c uint16 (headerless)"),
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! The `handgrad` command line.
+
+mod generate;
+mod info;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Result;
+
+/// Train and run small transformer language models (Llama-2 and Qwen3 families) with
+/// hand-written forward and backward passes, on the CPU.
+#[derive(Parser, Debug)]
+#[command(name = "handgrad", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model. With no arguments: the default small model on the built-in stories,
+    /// a few minutes on two cores, ending with a generated sample.
+    Train(Box<train::TrainArgs>),
+    /// Generate text from a trained model (a run folder or a checkpoint file).
+    Generate(generate::GenerateArgs),
+    /// Print a model's shapes and parameter counts, or describe a file.
+    Info(info::InfoArgs),
+}
+
+/// Parses the command line and runs the command; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Train(a) => train::run(*a),
+        Command::Generate(a) => generate::run(a),
+        Command::Info(a) => info::run(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(crate::Error::Interrupted) => 130,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            1
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s.replace('\n', " ")
+}

@@ -1,0 +1,234 @@
+//! `handgrad train`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+use crate::telemetry::ConsoleMode;
+use crate::train::{RunOptions, TrainConfig, train};
+
+fn d() -> TrainConfig {
+    TrainConfig::default()
+}
+
+/// Options of `handgrad train`. Defaults train the `small` preset on the built-in stories.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Model: a preset (tiny, small, stories260k, stories15m, stories42m, stories110m,
+    /// qwen3-0.6b) or a Hugging Face config.json. Presets take the tokenizer's vocabulary.
+    #[arg(long)]
+    model: Option<String>,
+    /// Training data: `builtin` (generated children's stories with their own tokenizer), a
+    /// token file (llama2.c uint16 or handgrad shard) or a folder of them.
+    #[arg(long)]
+    data: Option<String>,
+    /// Tokenizer file (tokenizer.json); by default the one next to the data, if any.
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Optimizer updates in the whole run (on --resume: a new total).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = d().batch)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = d().seq)]
+    seq: usize,
+    /// Micro-batches accumulated per optimizer update.
+    #[arg(long, default_value_t = d().accum)]
+    accum: usize,
+    /// Peak learning rate (after warmup).
+    #[arg(long, default_value_t = d().lr)]
+    lr: f64,
+    /// Final learning rate of the cosine decay, as a fraction of --lr.
+    #[arg(long, default_value_t = d().min_lr_ratio)]
+    min_lr_ratio: f64,
+    /// Updates of linear learning-rate warmup.
+    #[arg(long, default_value_t = d().warmup)]
+    warmup: usize,
+    /// AdamW weight decay (matrices and embeddings; never norm gains).
+    #[arg(long, default_value_t = d().weight_decay)]
+    weight_decay: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = d().beta1)]
+    beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = d().beta2)]
+    beta2: f64,
+    /// Clip the global gradient norm to this value (0: no clipping).
+    #[arg(long, default_value_t = d().clip)]
+    clip: f64,
+    /// Seed of initialisation, data order and the final sample.
+    #[arg(long, default_value_t = d().seed)]
+    seed: u64,
+    /// Evaluate on the validation windows every N updates (0: only at the end).
+    #[arg(long, default_value_t = d().eval_every)]
+    eval_every: usize,
+    /// Validation batches per evaluation.
+    #[arg(long, default_value_t = d().eval_batches)]
+    eval_batches: usize,
+    /// Save checkpoints/latest every N updates (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = d().save_every)]
+    save_every: usize,
+    /// Fraction of a single data file held out for validation.
+    #[arg(long, default_value_t = d().val_fraction)]
+    val_fraction: f64,
+    /// Restrict the classifier to token ids that occur in the data (faster for small corpora;
+    /// the reported loss is then over that compacted vocabulary, not the full one).
+    #[arg(long)]
+    vocab_compaction: bool,
+    /// Run folder (default: runs/MODEL-N, the first free N).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in --run-dir from its latest checkpoint, exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after N updates in this invocation (saving a checkpoint); the schedule still spans
+    /// --steps, so a later --resume continues the same run.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Worker threads (default: physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Prompt of the sample generated at the end.
+    #[arg(long, default_value_t = d().sample_prompt)]
+    sample_prompt: String,
+    /// Tokens of the sample generated at the end (0: none).
+    #[arg(long, default_value_t = d().sample_tokens)]
+    sample_tokens: usize,
+    /// Print plain progress lines instead of a progress bar.
+    #[arg(long)]
+    plain: bool,
+    /// Print only warnings, errors and the sample.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn default_run_dir(model: &str) -> PathBuf {
+    let stem: String = std::path::Path::new(model)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("run")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let stem = if stem == "config" {
+        "model".to_string()
+    } else {
+        stem
+    };
+    (1..)
+        .map(|i| PathBuf::from("runs").join(format!("{stem}-{i}")))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from("runs").join(stem))
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut cfg = TrainConfig {
+        model: a.model.clone().unwrap_or_else(|| d().model),
+        data: a.data.clone().unwrap_or_else(|| d().data),
+        tokenizer: a.tokenizer.clone(),
+        steps: a.steps.unwrap_or(d().steps),
+        batch: a.batch,
+        seq: a.seq,
+        accum: a.accum,
+        lr: a.lr,
+        min_lr_ratio: a.min_lr_ratio,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        clip: a.clip,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        eval_batches: a.eval_batches,
+        save_every: a.save_every,
+        vocab_compaction: a.vocab_compaction,
+        val_fraction: a.val_fraction,
+        sample_prompt: a.sample_prompt.clone(),
+        sample_tokens: a.sample_tokens,
+        ..d()
+    };
+    if cfg.warmup >= cfg.steps && a.steps.is_some() && !a.resume {
+        // Short runs: keep warmup to a tenth of the run unless the user chose otherwise.
+        cfg.warmup = cfg.warmup.min(cfg.steps / 10);
+    }
+    let run_dir = match (&a.run_dir, a.resume) {
+        (Some(p), _) => p.clone(),
+        (None, true) => {
+            return Err(Error::invalid(
+                "--resume needs --run-dir (the run to continue)",
+            ));
+        }
+        (None, false) => default_run_dir(&cfg.model),
+    };
+    let mut opts = RunOptions::new(run_dir);
+    opts.resume = a.resume;
+    if let Some(t) = a.threads {
+        if t == 0 {
+            return Err(Error::invalid("--threads must be at least 1"));
+        }
+        opts.threads = t;
+    }
+    opts.console = if a.quiet {
+        ConsoleMode::Quiet
+    } else if a.plain {
+        ConsoleMode::Lines
+    } else {
+        ConsoleMode::auto()
+    };
+    opts.stop_after = a.stop_after;
+    if a.resume {
+        opts.requested_model = a.model.clone();
+        opts.steps_override = a.steps;
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    // Best effort: a second handler cannot be installed in the same process (tests).
+    let _ = ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted again: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: finishing this update and saving a checkpoint (Ctrl-C again to quit at once)"
+        );
+    });
+    opts.stop_flag = Some(flag);
+    let outcome = train(cfg, opts)?;
+    let dir = outcome.run_dir.display().to_string();
+    match outcome.reason.as_str() {
+        "interrupted" => {
+            eprintln!(
+                "saved {dir}/checkpoints/latest at update {}; continue with:",
+                outcome.step
+            );
+            eprintln!("  handgrad train --resume --run-dir {dir}");
+            Err(Error::Interrupted)
+        }
+        "stopped" => {
+            eprintln!(
+                "stopped at update {}; continue with: handgrad train --resume --run-dir {dir}",
+                outcome.step
+            );
+            Ok(())
+        }
+        _ => {
+            if let Some(v) = outcome.best_val_loss {
+                eprintln!("best validation loss {v:.4}");
+            }
+            eprintln!("run saved in {dir}; generate more with:");
+            eprintln!("  handgrad generate --run-dir {dir} --prompt \"Once upon a time\"");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Text generation: a KV-cache decoder, samplers, and a streaming generation loop.
+
+pub mod decoder;
+pub mod sampler;
+
+pub use decoder::Decoder;
+pub use sampler::{Sampler, Sampling};
+
+use crate::backend::Kernels;
+use crate::error::Result;
+use crate::model::Transformer;
+use crate::tokenizer::Tokenizer;
+
+/// Settings of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub seed: u64,
+    /// Prepend the tokenizer's BOS id when it has one.
+    pub add_bos: bool,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndOfSequence,
+    MaxTokens,
+    ContextFull,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+}
+
+/// Generates a continuation of `opts.prompt`, calling `on_text` with each new piece of text as
+/// soon as it decodes to complete characters.
+pub fn generate(
+    model: &Transformer,
+    params: &[f32],
+    kernels: &dyn Kernels,
+    tokenizer: &dyn Tokenizer,
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let mut prompt_ids = Vec::new();
+    if opts.add_bos
+        && let Some(b) = tokenizer.bos_id()
+    {
+        prompt_ids.push(b);
+    }
+    prompt_ids.extend(tokenizer.encode(&opts.prompt)?);
+    if prompt_ids.is_empty() {
+        // Start from the document separator when there is neither prompt nor BOS.
+        if let Some(e) = tokenizer.eos_id() {
+            prompt_ids.push(e);
+        }
+    }
+    let mut dec = Decoder::new(model, params, model.cfg.max_seq_len)?;
+    let mut sampler = Sampler::new(opts.sampling, opts.seed);
+    let mut ids: Vec<u32> = Vec::new();
+    let mut logits = Vec::new();
+    for &t in &prompt_ids {
+        if dec.position() >= dec.capacity() {
+            return Err(crate::Error::invalid(format!(
+                "the prompt has {} tokens, more than the model's context of {}",
+                prompt_ids.len(),
+                dec.capacity()
+            )));
+        }
+        logits = dec.step(kernels, t)?.to_vec();
+    }
+    let mut printed = String::new();
+    let mut stop = StopReason::MaxTokens;
+    for _ in 0..opts.max_tokens {
+        let next = sampler.sample(&logits);
+        if Some(next) == tokenizer.eos_id() {
+            stop = StopReason::EndOfSequence;
+            break;
+        }
+        ids.push(next);
+        let text = tokenizer.decode(&ids)?;
+        // Print only complete characters: a byte-level token can end inside one.
+        if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
+            on_text(&text[printed.len()..]);
+            printed = text;
+        }
+        if dec.position() >= dec.capacity() {
+            stop = StopReason::ContextFull;
+            break;
+        }
+        logits.copy_from_slice(dec.step(kernels, next)?);
+    }
+    let text = tokenizer.decode(&ids)?;
+    if text.len() > printed.len() && text.starts_with(&printed) {
+        on_text(&text[printed.len()..]);
+    }
+    Ok(Generation {
+        prompt_ids,
+        ids,
+        text,
+        stop,
+    })
+}

@@ -1,0 +1,94 @@
+//! Hugging Face `tokenizer.json` tokenizers via the `tokenizers` crate.
+
+use std::path::Path;
+
+use super::{Tokenizer, fnv1a64};
+use crate::error::{Error, Result};
+
+/// A tokenizer loaded from a `tokenizer.json`.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    bytes: Vec<u8>,
+    id: String,
+    bos: Option<u32>,
+    eos: Option<u32>,
+}
+
+/// Special tokens recognised as end of sequence, most specific first.
+const EOS_NAMES: &[&str] = &[
+    "</s>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<eos>",
+];
+/// Special tokens recognised as beginning of sequence.
+const BOS_NAMES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>"];
+
+impl HfTokenizer {
+    /// Parses `tokenizer.json` bytes; `origin` names the file in errors.
+    pub fn from_bytes(bytes: Vec<u8>, origin: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+            Error::Tokenizer(format!(
+                "{}: not a valid tokenizer.json: {e}",
+                origin.display()
+            ))
+        })?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos = find(EOS_NAMES);
+        let bos = find(BOS_NAMES);
+        let id = format!("hf-{:016x}", fnv1a64(&bytes));
+        Ok(HfTokenizer {
+            inner,
+            bytes,
+            id,
+            bos,
+            eos,
+        })
+    }
+
+    /// The wrapped `tokenizers` object.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+impl Tokenizer for HfTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn file_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn file_name(&self) -> &'static str {
+        "tokenizer.json"
+    }
+}

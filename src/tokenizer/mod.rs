@@ -1,0 +1,58 @@
+//! Tokenizers behind one interface: Hugging Face `tokenizer.json` files (through the
+//! `tokenizers` crate, including the byte-level BPE tokenizers that handgrad trains itself).
+
+pub mod bpe_train;
+pub mod hf;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub use hf::HfTokenizer;
+
+/// What the trainer, data preparation and generation need from a tokenizer.
+pub trait Tokenizer: Send + Sync {
+    /// Token ids of a text (no BOS/EOS added).
+    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// The text of a sequence of ids (special tokens skipped).
+    fn decode(&self, ids: &[u32]) -> Result<String>;
+    /// Number of ids, special tokens included.
+    fn vocab_size(&self) -> usize;
+    /// Beginning-of-sequence id, if the tokenizer has one.
+    fn bos_id(&self) -> Option<u32>;
+    /// End-of-sequence id, if the tokenizer has one.
+    fn eos_id(&self) -> Option<u32>;
+    /// A short identity string (kind and content hash) stored in data shards and checkpoints,
+    /// so that data and models made with different tokenizers are never mixed up.
+    fn id(&self) -> &str;
+    /// The file this tokenizer was loaded from, as bytes, for copying into a run directory.
+    fn file_bytes(&self) -> &[u8];
+    /// The file name to use when copying it (`tokenizer.json`, `tokenizer.bin`).
+    fn file_name(&self) -> &'static str;
+}
+
+/// 64-bit FNV-1a, used for tokenizer identities.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Loads a tokenizer file (a Hugging Face `tokenizer.json`, or a folder holding one).
+pub fn load(path: &Path) -> Result<Box<dyn Tokenizer>> {
+    let path = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("reading tokenizer", &path, e))?;
+    Ok(Box::new(HfTokenizer::from_bytes(bytes, &path)?))
+}
+
+/// Loads a tokenizer from bytes whose origin is named by `name` (for messages).
+pub fn from_bytes(bytes: Vec<u8>, name: &Path) -> Result<Box<dyn Tokenizer>> {
+    Ok(Box::new(HfTokenizer::from_bytes(bytes, name)?))
+}

@@ -1,0 +1,138 @@
+//! The training configuration (saved in the run directory and in every checkpoint).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Everything that defines a training run's numerics and data. Runtime settings that do not
+/// change the result (threads, console output) live in `RunOptions` instead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Preset name or path of a `config.json`.
+    pub model: String,
+    /// `builtin`, a token file, or a folder of token files.
+    pub data: String,
+    /// Tokenizer file; the built-in data brings its own.
+    pub tokenizer: Option<String>,
+    /// Optimizer updates in the whole run (the schedule spans these).
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Micro-batches per optimizer update (gradient accumulation).
+    pub accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of the peak (cosine floor).
+    pub min_lr_ratio: f64,
+    /// Linear warmup updates.
+    pub warmup: usize,
+    /// AdamW decoupled weight decay (matrices and embeddings only).
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub clip: f64,
+    /// Seed of initialisation, data sampling and the final sample.
+    pub seed: u64,
+    /// Evaluate every this many updates (0: only at the end).
+    pub eval_every: usize,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Save `checkpoints/latest` every this many updates (0: only at the end).
+    pub save_every: usize,
+    /// Restrict the classifier to token ids present in the data.
+    pub vocab_compaction: bool,
+    /// Fraction of a single data file held out for validation.
+    pub val_fraction: f64,
+    /// Prompt of the sample printed at the end.
+    pub sample_prompt: String,
+    /// Tokens of the sample printed at the end (0: no sample).
+    pub sample_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "small".into(),
+            data: "builtin".into(),
+            tokenizer: None,
+            steps: 600,
+            batch: 16,
+            seq: 128,
+            accum: 1,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            adam_eps: 1e-8,
+            clip: 1.0,
+            seed: 1337,
+            eval_every: 100,
+            eval_batches: 8,
+            save_every: 200,
+            vocab_compaction: false,
+            val_fraction: 0.05,
+            sample_prompt: "Once upon a time".into(),
+            sample_tokens: 160,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects values that cannot work, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |name: &str, v: usize| {
+            if v == 0 {
+                Err(Error::invalid(format!("--{name} must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        pos("steps", self.steps)?;
+        pos("batch", self.batch)?;
+        pos("seq", self.seq)?;
+        pos("accum", self.accum)?;
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::invalid(format!(
+                "--lr must be positive, got {}",
+                self.lr
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(Error::invalid(format!(
+                "--min-lr-ratio must be in [0, 1], got {}",
+                self.min_lr_ratio
+            )));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::invalid(format!(
+                    "--{name} must be in [0, 1), got {b}"
+                )));
+            }
+        }
+        if !(self.weight_decay >= 0.0 && self.clip >= 0.0 && self.adam_eps > 0.0) {
+            return Err(Error::invalid(
+                "--weight-decay and --clip must be >= 0, and the Adam epsilon > 0",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err(Error::invalid(format!(
+                "--val-fraction must be in [0, 1), got {}",
+                self.val_fraction
+            )));
+        }
+        Ok(())
+    }
+
+    /// Tokens consumed by one optimizer update.
+    pub fn tokens_per_update(&self) -> usize {
+        self.batch * self.seq * self.accum
+    }
+}
