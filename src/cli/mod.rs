@@ -11,7 +11,7 @@ use crate::error::Result;
 /// Train and run small transformer language models (Llama-2 and Qwen3 families) with
 /// hand-written forward and backward passes, on the CPU.
 #[derive(Parser, Debug)]
-#[command(name = "handgrad", version, about, long_about = None, propagate_version = true)]
+#[command(name = "handgrad", version, about, long_about = None, propagate_version = true, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -13,7 +13,7 @@ use super::stories::story;
 use crate::error::{Error, Result};
 use crate::tokenizer;
 use crate::tokenizer::bpe_train::{BpeOptions, BpeTrainer};
-use crate::util::fsutil::{create_dir_all, write_atomic};
+use crate::util::fsutil::{create_dir_all, unique_suffix, write_atomic};
 
 /// Version of the built-in data; bump when the generator or tokenizer recipe changes.
 pub const VERSION: &str = "v1";
@@ -75,7 +75,7 @@ pub fn ensure(root: &Path, log: &mut dyn FnMut(&str)) -> Result<BuiltinData> {
     create_dir_all(root)?;
     // Build in a private folder, then rename it into place, so that a crash or a concurrent
     // build never leaves a half-written dataset behind.
-    let staging = root.join(format!("builtin-{VERSION}.building-{}", std::process::id()));
+    let staging = root.join(format!("builtin-{VERSION}.building-{}", unique_suffix()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io("removing", &staging, e))?;
     }

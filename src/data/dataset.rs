@@ -89,8 +89,7 @@ impl Dataset {
         let mut shards = Vec::new();
         let mut train_spans = Vec::new();
         let mut val_spans = Vec::new();
-        let split;
-        if val.is_empty() {
+        let split = if val.is_empty() {
             if !(0.0..1.0).contains(&val_fraction) {
                 return Err(Error::invalid(format!(
                     "--val-fraction must be in [0, 1), got {val_fraction}"
@@ -114,10 +113,10 @@ impl Dataset {
                 }
                 shards.push(s);
             }
-            split = format!(
+            format!(
                 "by fraction: last {:.1}% of the tokens",
                 val_fraction * 100.0
-            );
+            )
         } else {
             for p in train {
                 let s = TokenShard::open(p)?;
@@ -137,15 +136,15 @@ impl Dataset {
                 });
                 shards.push(s);
             }
-            split = format!(
+            format!(
                 "by shard: {} validation file(s) ({})",
                 val.len(),
                 val.iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
-            );
-        }
+            )
+        };
         let ids: Vec<&String> = shards
             .iter()
             .filter_map(|s| s.tokenizer_id.as_ref())

@@ -3,6 +3,7 @@
 //! `h / (heads / kv_heads)`, as in training).
 
 use crate::backend::Kernels;
+use crate::backend::cpu::attention::dot;
 use crate::backend::cpu::embedding::embedding_forward;
 use crate::backend::cpu::rope::rope_forward;
 use crate::error::{Error, Result};
@@ -151,7 +152,7 @@ impl<'m> Decoder<'m> {
                 let mut max = f32::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate() {
                     let kj = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                    *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *s = dot(qh, kj) * scale;
                     max = max.max(*s);
                 }
                 let mut sum = 0.0;

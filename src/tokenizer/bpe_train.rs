@@ -274,7 +274,9 @@ mod tests {
     fn learns_frequent_words_and_round_trips_any_text() {
         let texts = ["the cat sat on the mat. the cat was happy."; 20];
         let tok = train(&texts, 300);
-        assert_eq!(tok.vocab_size(), 300);
+        // Training stops early when no pair is seen twice any more.
+        let v = tok.vocab_size();
+        assert!(v > 260 && v <= 300, "{v}");
         let ids = tok.encode("the cat").unwrap();
         assert!(ids.len() <= 3, "{ids:?}");
         for s in [
@@ -286,8 +288,9 @@ mod tests {
             let ids = tok.encode(s).unwrap();
             assert_eq!(tok.decode(&ids).unwrap(), s);
         }
-        assert_eq!(tok.eos_id(), Some(299));
-        assert_eq!(tok.encode("<|endoftext|>").unwrap(), vec![299]);
+        let eos = v as u32 - 1;
+        assert_eq!(tok.eos_id(), Some(eos));
+        assert_eq!(tok.encode("<|endoftext|>").unwrap(), vec![eos]);
     }
 
     #[test]

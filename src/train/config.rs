@@ -60,7 +60,7 @@ impl Default for TrainConfig {
             model: "small".into(),
             data: "builtin".into(),
             tokenizer: None,
-            steps: 600,
+            steps: 1000,
             batch: 16,
             seq: 128,
             accum: 1,

@@ -336,6 +336,11 @@ impl Trainer {
             None
         };
         cfg.validate()?;
+        // Fail fast on a bad model name or config before any data work.
+        ModelConfig::from_preset_or_path(&cfg.model)?;
+        if let Some(spec) = &opts.requested_model {
+            ModelConfig::from_preset_or_path(spec)?;
+        }
         let setup = setup_data(&cfg, &opts.cache_root, opts.console)?;
         let tok_ref = setup.tokenizer.as_deref();
         let model_cfg = match &resume {

@@ -101,3 +101,38 @@ pub fn randn(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
     let mut r = handgrad::util::rng::Rng::new(seed);
     (0..n).map(|_| mean + std * r.normal() as f32).collect()
 }
+
+/// A cache folder shared by the tests of one build (the built-in dataset is built once).
+pub fn test_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("handgrad-cache")
+}
+
+/// Output of a finished `handgrad` process.
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `handgrad` binary with arguments, in `cwd`, with the shared test cache.
+pub fn handgrad(args: &[&str], cwd: &std::path::Path) -> Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handgrad"))
+        .args(args)
+        .current_dir(cwd)
+        .env("HANDGRAD_CACHE", test_cache())
+        .output()
+        .expect("failed to start handgrad");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Reads the events of a run folder.
+pub fn events(run_dir: &std::path::Path) -> Vec<handgrad::telemetry::Record> {
+    let text = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

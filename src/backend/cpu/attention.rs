@@ -35,7 +35,7 @@ impl AttentionShape {
 }
 
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums let the compiler vectorise without reassociating.
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;
