@@ -2,6 +2,7 @@
 
 mod generate;
 mod info;
+mod tokenizer;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print a model's shapes and parameter counts, or describe a file.
     Info(info::InfoArgs),
+    /// Train, or encode and decode with, a tokenizer.
+    Tokenizer(tokenizer::TokenizerArgs),
 }
 
 /// Parses the command line and runs the command; returns the process exit code.
@@ -35,6 +38,7 @@ pub fn main() -> i32 {
         Command::Train(a) => train::run(*a),
         Command::Generate(a) => generate::run(a),
         Command::Info(a) => info::run(a),
+        Command::Tokenizer(a) => tokenizer::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -3,6 +3,7 @@
 
 pub mod builtin;
 pub mod dataset;
+pub mod documents;
 pub mod shards;
 pub mod stories;
 

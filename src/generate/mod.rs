@@ -76,11 +76,12 @@ pub fn generate(
         }
         logits = dec.step(kernels, t)?.to_vec();
     }
+    let stop_ids = tokenizer.stop_ids();
     let mut printed = String::new();
     let mut stop = StopReason::MaxTokens;
     for _ in 0..opts.max_tokens {
         let next = sampler.sample(&logits);
-        if Some(next) == tokenizer.eos_id() {
+        if stop_ids.contains(&next) {
             stop = StopReason::EndOfSequence;
             break;
         }

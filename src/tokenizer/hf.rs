@@ -12,6 +12,7 @@ pub struct HfTokenizer {
     id: String,
     bos: Option<u32>,
     eos: Option<u32>,
+    stops: Vec<u32>,
 }
 
 /// Special tokens recognised as end of sequence, most specific first.
@@ -34,9 +35,17 @@ impl HfTokenizer {
                 origin.display()
             ))
         })?;
-        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        // Only special added tokens count: "</s>" can be an ordinary piece of a vocabulary.
+        let special: std::collections::HashMap<String, u32> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        let find = |names: &[&str]| names.iter().find_map(|n| special.get(*n).copied());
         let eos = find(EOS_NAMES);
         let bos = find(BOS_NAMES);
+        let stops: Vec<u32> = EOS_NAMES.iter().filter_map(|n| special.get(*n).copied()).collect();
         let id = format!("hf-{:016x}", fnv1a64(&bytes));
         Ok(HfTokenizer {
             inner,
@@ -44,6 +53,7 @@ impl HfTokenizer {
             id,
             bos,
             eos,
+            stops,
         })
     }
 
@@ -90,5 +100,12 @@ impl Tokenizer for HfTokenizer {
 
     fn file_name(&self) -> &'static str {
         "tokenizer.json"
+    }
+
+    fn stop_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.stops.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }

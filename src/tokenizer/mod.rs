@@ -1,14 +1,17 @@
 //! Tokenizers behind one interface: Hugging Face `tokenizer.json` files (through the
-//! `tokenizers` crate, including the byte-level BPE tokenizers that handgrad trains itself).
+//! `tokenizers` crate, including the byte-level BPE tokenizers that handgrad trains itself) and
+//! llama2.c's `tokenizer.bin` (SentencePiece-compatible encoder of our own).
 
 pub mod bpe_train;
 pub mod hf;
+pub mod llama2c;
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
 
 pub use hf::HfTokenizer;
+pub use llama2c::Llama2cTokenizer;
 
 /// What the trainer, data preparation and generation need from a tokenizer.
 pub trait Tokenizer: Send + Sync {
@@ -29,6 +32,10 @@ pub trait Tokenizer: Send + Sync {
     fn file_bytes(&self) -> &[u8];
     /// The file name to use when copying it (`tokenizer.json`, `tokenizer.bin`).
     fn file_name(&self) -> &'static str;
+    /// Ids that end generation (the EOS id, plus chat end markers where the tokenizer has them).
+    fn stop_ids(&self) -> Vec<u32> {
+        self.eos_id().into_iter().collect()
+    }
 }
 
 /// 64-bit FNV-1a, used for tokenizer identities.
@@ -41,18 +48,38 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Loads a tokenizer file (a Hugging Face `tokenizer.json`, or a folder holding one).
+/// The tokenizer file inside a folder (`tokenizer.json` or `tokenizer.bin`), if any.
+pub fn find_in_dir(dir: &Path) -> Option<std::path::PathBuf> {
+    ["tokenizer.json", "tokenizer.bin"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}
+
+/// Loads a tokenizer file: a Hugging Face `tokenizer.json`, a llama2.c `tokenizer.bin`, or a
+/// folder holding one of them.
 pub fn load(path: &Path) -> Result<Box<dyn Tokenizer>> {
     let path = if path.is_dir() {
-        path.join("tokenizer.json")
+        find_in_dir(path).ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "{}: no tokenizer.json or tokenizer.bin in this folder",
+                path.display()
+            ))
+        })?
     } else {
         path.to_path_buf()
     };
     let bytes = std::fs::read(&path).map_err(|e| Error::io("reading tokenizer", &path, e))?;
-    Ok(Box::new(HfTokenizer::from_bytes(bytes, &path)?))
+    from_bytes(bytes, &path)
 }
 
-/// Loads a tokenizer from bytes whose origin is named by `name` (for messages).
+/// Loads a tokenizer from file bytes (format detected from the content); `name` names the
+/// origin in messages.
 pub fn from_bytes(bytes: Vec<u8>, name: &Path) -> Result<Box<dyn Tokenizer>> {
-    Ok(Box::new(HfTokenizer::from_bytes(bytes, name)?))
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    if first == Some(b'{') {
+        Ok(Box::new(HfTokenizer::from_bytes(bytes, name)?))
+    } else {
+        Ok(Box::new(Llama2cTokenizer::from_bytes(bytes, name)?))
+    }
 }

@@ -178,7 +178,7 @@ fn setup_data(cfg: &TrainConfig, cache_root: &Path, console: ConsoleMode) -> Res
             } else {
                 path.parent().map(Path::to_path_buf).unwrap_or_default()
             };
-            Some(dir.join("tokenizer.json")).filter(|p| p.exists())
+            tokenizer::find_in_dir(&dir)
         }
     };
     let tokenizer = match tok_path {
