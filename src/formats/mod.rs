@@ -1,4 +1,132 @@
-//! File formats: safetensors (Hugging Face names), handgrad checkpoints.
+//! File formats: Hugging Face folders (safetensors), llama2.c `.bin` files, GGUF, and
+//! handgrad's own checkpoints; one entry point to load a model from any of them.
 
 pub mod checkpoint;
+pub mod gguf;
+pub mod hf;
+pub mod llama2c;
 pub mod safetensors;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use crate::tokenizer::{self, Tokenizer};
+
+/// A tokenizer file carried along with a model.
+#[derive(Debug, Clone)]
+pub struct TokenizerFile {
+    /// `tokenizer.json` or `tokenizer.bin`.
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl TokenizerFile {
+    /// The tokenizer file of a folder, if it has one.
+    pub fn find(dir: &Path) -> Result<Option<Self>> {
+        match tokenizer::find_in_dir(dir) {
+            Some(p) => Ok(Some(TokenizerFile {
+                name: p.file_name().and_then(|n| n.to_str()).unwrap_or("tokenizer.json").to_string(),
+                bytes: std::fs::read(&p).map_err(|e| Error::io("reading", &p, e))?,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    /// From a loaded tokenizer.
+    pub fn of(t: &dyn Tokenizer) -> Self {
+        TokenizerFile {
+            name: t.file_name().to_string(),
+            bytes: t.file_bytes().to_vec(),
+        }
+    }
+
+    /// Parses it.
+    pub fn load(&self, origin: &Path) -> Result<Box<dyn Tokenizer>> {
+        tokenizer::from_bytes(self.bytes.clone(), &origin.join(&self.name))
+    }
+}
+
+/// A model read from a file: its configuration, parameters in handgrad's layout, and the
+/// tokenizer that came with it (if any).
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub cfg: ModelConfig,
+    pub params: Vec<f32>,
+    pub tokenizer: Option<TokenizerFile>,
+    /// A description of the source format, for messages.
+    pub format: String,
+    /// Things the loader skipped.
+    pub warnings: Vec<String>,
+}
+
+/// The model formats handgrad reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    HuggingFace,
+    Llama2c,
+    Gguf,
+    Checkpoint,
+}
+
+/// Recognises a model file or folder by its content.
+pub fn detect(path: &Path) -> Result<ModelFormat> {
+    if path.is_dir() {
+        if path.join("config.json").exists() {
+            return Ok(ModelFormat::HuggingFace);
+        }
+        return Err(Error::format(path, "a folder without config.json is not a Hugging Face model folder"));
+    }
+    let mut head = [0u8; 8];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        f.read(&mut head).map_err(|e| Error::io("reading", path, e))?
+    };
+    let head = &head[..n];
+    if head.starts_with(b"GGUF") {
+        Ok(ModelFormat::Gguf)
+    } else if head.starts_with(b"HGCKPT") {
+        Ok(ModelFormat::Checkpoint)
+    } else if path.extension().is_some_and(|x| x == "safetensors") {
+        Ok(ModelFormat::HuggingFace)
+    } else if n >= 8 && (llama2c::has_magic(head) || path.extension().is_some_and(|x| x == "bin")) {
+        Ok(ModelFormat::Llama2c)
+    } else {
+        Err(Error::format(
+            path,
+            "unrecognised model file (expected a Hugging Face folder, .safetensors, llama2.c .bin, GGUF or handgrad checkpoint)",
+        ))
+    }
+}
+
+/// Loads a model from any supported format.
+pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    match detect(path)? {
+        ModelFormat::HuggingFace => hf::load(path),
+        ModelFormat::Llama2c => llama2c::load(path),
+        ModelFormat::Gguf => gguf::load(path),
+        ModelFormat::Checkpoint => {
+            let ck = checkpoint::Checkpoint::load(path)?;
+            let cfg = ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
+            if ck.params.len() != crate::model::ParamLayout::new(&cfg).total() {
+                return Err(Error::checkpoint(path, "parameter count does not match its model config"));
+            }
+            let tokenizer = if ck.tokenizer.is_empty() {
+                None
+            } else {
+                Some(TokenizerFile {
+                    name: ck.meta.tokenizer_file.clone().unwrap_or_else(|| "tokenizer.json".into()),
+                    bytes: ck.tokenizer,
+                })
+            };
+            Ok(LoadedModel {
+                cfg,
+                params: ck.params,
+                tokenizer,
+                format: format!("handgrad checkpoint (step {})", ck.meta.step),
+                warnings: Vec::new(),
+            })
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! A small GGUF reader (versions 2 and 3) for Llama and Qwen3 models with F32, F16, BF16 or
+//! Q8_0 tensors.
+//!
+//! Layout: magic `GGUF`, `u32` version, `u64` tensor count, `u64` metadata count, metadata
+//! key/value pairs, tensor infos (name, dims innermost first, ggml type, offset), padding to
+//! `general.alignment` (default 32), tensor data. llama.cpp's converter stores Llama q/k
+//! projections in Meta's interleaved RoPE order (loaded here with interleaved pairing) and
+//! Qwen3's in Hugging Face order (rotate-half).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use super::LoadedModel;
+use crate::error::{Error, Result};
+use crate::model::config::{Architecture, RopeStyle};
+use crate::model::{ModelConfig, ParamLayout};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Uint(x) => Some(*x),
+            Value::Int(x) if *x >= 0 => Some(*x as u64),
+            _ => None,
+        }
+    }
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(x) => Some(*x),
+            Value::Uint(x) => Some(*x as f64),
+            Value::Int(x) => Some(*x as f64),
+            _ => None,
+        }
+    }
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's description.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Dimensions, innermost (contiguous) first, as GGUF stores them.
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    pub offset: u64,
+}
+
+/// A parsed GGUF file.
+pub struct GgufFile {
+    pub version: u32,
+    pub metadata: HashMap<String, Value>,
+    pub tensors: HashMap<String, TensorInfo>,
+    map: Mmap,
+    data_start: usize,
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
+            Error::format(self.path, format!("GGUF: truncated (needed {n} bytes at offset {})", self.at))
+        })?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        let s = self.take(8)?;
+        Ok(u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()?;
+        if n > 1 << 30 {
+            return Err(Error::format(self.path, format!("GGUF: implausible string length {n}")));
+        }
+        Ok(String::from_utf8_lossy(self.take(n as usize)?).into_owned())
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::Uint(self.u8()? as u64),
+            1 => Value::Int(self.u8()? as i8 as i64),
+            2 => Value::Uint(self.u16()? as u64),
+            3 => Value::Int(self.u16()? as i16 as i64),
+            4 => Value::Uint(self.u32()? as u64),
+            5 => Value::Int(self.u32()? as i32 as i64),
+            6 => Value::Float(f32::from_bits(self.u32()?) as f64),
+            7 => Value::Bool(self.u8()? != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                if depth > 4 {
+                    return Err(Error::format(self.path, "GGUF: arrays nested too deeply"));
+                }
+                let inner = self.u32()?;
+                let n = self.u64()?;
+                if n > (self.b.len() - self.at) as u64 {
+                    return Err(Error::format(self.path, format!("GGUF: array of {n} items runs past the end")));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(inner, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::Uint(self.u64()?),
+            11 => Value::Int(self.u64()? as i64),
+            12 => Value::Float(f64::from_bits(self.u64()?)),
+            t => return Err(Error::format(self.path, format!("GGUF: unknown metadata type {t}"))),
+        })
+    }
+}
+
+const GGML_F32: u32 = 0;
+const GGML_F16: u32 = 1;
+const GGML_Q8_0: u32 = 8;
+const GGML_BF16: u32 = 30;
+
+fn type_name(t: u32) -> String {
+    match t {
+        GGML_F32 => "F32".into(),
+        GGML_F16 => "F16".into(),
+        GGML_Q8_0 => "Q8_0".into(),
+        GGML_BF16 => "BF16".into(),
+        2 => "Q4_0".into(),
+        3 => "Q4_1".into(),
+        12 => "Q4_K".into(),
+        13 => "Q5_K".into(),
+        14 => "Q6_K".into(),
+        other => format!("ggml type {other}"),
+    }
+}
+
+/// Bytes of `n` elements of a supported type.
+fn byte_len(t: u32, n: u64) -> Option<u64> {
+    match t {
+        GGML_F32 => Some(4 * n),
+        GGML_F16 | GGML_BF16 => Some(2 * n),
+        GGML_Q8_0 if n % 32 == 0 => Some(n / 32 * 34),
+        _ => None,
+    }
+}
+
+impl GgufFile {
+    /// Opens and parses the header of a GGUF file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        // SAFETY: read-only private mapping of a model file that is not modified while read.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mapping", path, e))?;
+        let mut c = Cursor { b: &map, at: 0, path };
+        if c.take(4)? != b"GGUF" {
+            return Err(Error::format(path, "not a GGUF file (bad magic)"));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::format(path, format!("GGUF version {version} is not supported (2 and 3 are)")));
+        }
+        let n_tensors = c.u64()?;
+        let n_kv = c.u64()?;
+        if n_tensors > 1 << 20 || n_kv > 1 << 20 {
+            return Err(Error::format(path, "GGUF: implausible tensor or metadata count"));
+        }
+        let mut metadata = HashMap::new();
+        for _ in 0..n_kv {
+            let key = c.string()?;
+            let ty = c.u32()?;
+            let v = c.value(ty, 0)?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = HashMap::new();
+        for _ in 0..n_tensors {
+            let name = c.string()?;
+            let nd = c.u32()?;
+            if nd > 8 {
+                return Err(Error::format(path, format!("GGUF: tensor '{name}' has {nd} dimensions")));
+            }
+            let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
+            let ggml_type = c.u32()?;
+            let offset = c.u64()?;
+            tensors.insert(name, TensorInfo { dims, ggml_type, offset });
+        }
+        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
+        let data_start = c.at.div_ceil(align) * align;
+        let len = map.len();
+        let g = GgufFile {
+            version,
+            metadata,
+            tensors,
+            map,
+            data_start,
+        };
+        if g.data_start > len {
+            return Err(Error::format(path, "GGUF: truncated before the tensor data"));
+        }
+        Ok(g)
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// A tensor converted to f32 (row-major, outermost dimension first).
+    pub fn read_f32(&self, name: &str, path: &Path) -> Result<Vec<f32>> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::format(path, format!("GGUF: tensor '{name}' is missing")))?;
+        let n: u64 = t.dims.iter().product();
+        let bytes = byte_len(t.ggml_type, n).ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "GGUF: tensor '{name}' is {}, which handgrad does not read (F32, F16, BF16, Q8_0)",
+                    type_name(t.ggml_type)
+                ),
+            )
+        })?;
+        let start = self.data_start as u64 + t.offset;
+        let b = self
+            .map
+            .get(start as usize..(start + bytes) as usize)
+            .ok_or_else(|| Error::format(path, format!("GGUF: tensor '{name}' lies outside the file")))?;
+        Ok(match t.ggml_type {
+            GGML_F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            GGML_F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            GGML_BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            _ => {
+                let mut out = Vec::with_capacity(n as usize);
+                for block in b.chunks_exact(34) {
+                    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    out.extend(block[2..].iter().map(|&q| (q as i8) as f32 * d));
+                }
+                out
+            }
+        })
+    }
+}
+
+/// Loads a Llama or Qwen3 GGUF model.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let g = GgufFile::open(path)?;
+    let arch_name = g
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::format(path, "GGUF: no general.architecture"))?
+        .to_string();
+    let arch = match arch_name.as_str() {
+        "llama" => Architecture::Llama,
+        "qwen3" => Architecture::Qwen3,
+        other => {
+            return Err(Error::format(path, format!("GGUF: architecture '{other}' is not supported (llama, qwen3)")));
+        }
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let need = |k: &str| -> Result<usize> {
+        g.get(&key(k))
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .ok_or_else(|| Error::format(path, format!("GGUF: metadata {} is missing", key(k))))
+    };
+    let dim = need("embedding_length")?;
+    let heads = need("attention.head_count")?;
+    let emb = g
+        .tensors
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::format(path, "GGUF: tensor 'token_embd.weight' is missing"))?;
+    let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
+    let kv_heads = g.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(heads);
+    let head_dim = g
+        .get(&key("attention.key_length"))
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .unwrap_or(if heads > 0 { dim / heads } else { 0 });
+    let cfg = ModelConfig {
+        arch,
+        dim,
+        n_layers: need("block_count")?,
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim,
+        ffn_dim: need("feed_forward_length")?,
+        vocab_size: vocab,
+        max_seq_len: g.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(2048) as usize,
+        norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5),
+        rope_theta: g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
+        rope_style: if arch == Architecture::Llama { RopeStyle::Interleaved } else { RopeStyle::RotateHalf },
+        tie_embeddings: !g.tensors.contains_key("output.weight"),
+        bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+        eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+    };
+    cfg.validate(&path.display().to_string())?;
+    let layout = ParamLayout::new(&cfg);
+    let mut params = vec![0.0f32; layout.total()];
+    for t in &layout.tensors {
+        let gname = gguf_name(&t.name);
+        let info = g
+            .tensors
+            .get(&gname)
+            .ok_or_else(|| Error::format(path, format!("GGUF: tensor '{gname}' (for {}) is missing", t.name)))?;
+        let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        if dims != t.shape {
+            return Err(Error::format(
+                path,
+                format!("GGUF: tensor '{gname}' has shape {dims:?}, but the metadata needs {:?}", t.shape),
+            ));
+        }
+        let data = g.read_f32(&gname, path)?;
+        params[t.range()].copy_from_slice(&data);
+    }
+    let mut types: Vec<String> = g.tensors.values().map(|t| type_name(t.ggml_type)).collect();
+    types.sort();
+    types.dedup();
+    Ok(LoadedModel {
+        cfg,
+        params,
+        tokenizer: None,
+        format: format!("GGUF v{} ({})", g.version, types.join(", ")),
+        warnings: Vec::new(),
+    })
+}
+
+/// The GGUF (llama.cpp) name of a Hugging Face tensor name.
+pub fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let parts: Vec<&str> = hf.split('.').collect();
+    if parts.len() >= 5 && parts[0] == "model" && parts[1] == "layers" {
+        let rest = parts[3..parts.len() - 1].join(".");
+        let short = match rest.as_str() {
+            "input_layernorm" => "attn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            other => other,
+        };
+        return format!("blk.{}.{short}.weight", parts[2]);
+    }
+    hf.to_string()
+}

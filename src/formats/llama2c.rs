@@ -1,0 +1,322 @@
+//! llama2.c model files.
+//!
+//! * **Legacy (v0)**, read by llama2.c's `run.c`: seven `i32` (dim, hidden_dim, n_layers,
+//!   n_heads, n_kv_heads, vocab_size, seq_len; a negative vocab_size means an untied
+//!   classifier), then f32 tensors: token embedding; per-layer groups of attention norms, wq,
+//!   wk, wv, wo, ffn norms, w1, w2, w3; the final norm; the RoPE cos/sin tables
+//!   (`seq_len x head_size/2` each, skipped on read); the classifier when untied.
+//! * **Version 1** (magic `ak42`, 256-byte header: magic, version, the seven values, a
+//!   shared-classifier byte): f32 tensors in the order attention norms, ffn norms, final norm,
+//!   embedding, wq, wk, wv, wo, w1, w2, w3, classifier (when untied).
+//! * **Version 2** (same header plus an `i32` group size): f32 norms, then every matrix as
+//!   int8, then all their f32 scales (symmetric Q8_0 per group); dequantized on read.
+//!
+//! llama2.c pairs RoPE dimensions interleaved; models are loaded with that pairing and converted
+//! on write when needed.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::LoadedModel;
+use crate::error::{Error, Result};
+use crate::model::config::{Architecture, RopeStyle};
+use crate::model::rope_layout::convert_rope_style;
+use crate::model::{ModelConfig, ParamLayout};
+use crate::util::fsutil::write_atomic;
+
+/// Magic of version 1/2 files ("ak42" as a little-endian u32).
+pub const MAGIC: u32 = 0x616b_3432;
+
+/// The seven header values.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    dim: usize,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
+    seq_len: usize,
+    shared: bool,
+}
+
+fn i32_at(b: &[u8], at: usize) -> i32 {
+    i32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn parse_header(b: &[u8], at: usize, path: &Path) -> Result<Header> {
+    if b.len() < at + 28 {
+        return Err(Error::format(path, "too short for a llama2.c header"));
+    }
+    let v: Vec<i32> = (0..7).map(|i| i32_at(b, at + 4 * i)).collect();
+    let bad = |what: &str, x: i32| Error::format(path, format!("llama2.c header: implausible {what} {x}"));
+    let pos = |i: usize, what: &str| -> Result<usize> {
+        if v[i] > 0 && v[i] < 1 << 24 { Ok(v[i] as usize) } else { Err(bad(what, v[i])) }
+    };
+    let vocab = v[5];
+    if vocab == 0 || vocab.unsigned_abs() >= 1 << 24 {
+        return Err(bad("vocab_size", vocab));
+    }
+    let h = Header {
+        dim: pos(0, "dim")?,
+        hidden: pos(1, "hidden_dim")?,
+        layers: pos(2, "n_layers")?,
+        heads: pos(3, "n_heads")?,
+        kv_heads: pos(4, "n_kv_heads")?,
+        vocab: vocab.unsigned_abs() as usize,
+        seq_len: pos(6, "seq_len")?,
+        shared: vocab > 0,
+    };
+    if h.dim % h.heads != 0 || h.heads % h.kv_heads != 0 {
+        return Err(Error::format(
+            path,
+            format!("llama2.c header: heads {} / kv_heads {} do not divide dim {}", h.heads, h.kv_heads, h.dim),
+        ));
+    }
+    Ok(h)
+}
+
+fn config_of(h: &Header) -> ModelConfig {
+    ModelConfig {
+        arch: Architecture::Llama,
+        dim: h.dim,
+        n_layers: h.layers,
+        n_heads: h.heads,
+        n_kv_heads: h.kv_heads,
+        head_dim: h.dim / h.heads,
+        ffn_dim: h.hidden,
+        vocab_size: h.vocab,
+        max_seq_len: h.seq_len,
+        norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_style: RopeStyle::Interleaved,
+        tie_embeddings: h.shared,
+        bos_token_id: if h.vocab > 2 { Some(1) } else { None },
+        eos_token_id: if h.vocab > 2 { Some(2) } else { None },
+    }
+}
+
+/// Which tensor of the layout each llama2.c group fills, per layer.
+#[derive(Clone, Copy)]
+enum Group {
+    AttnNorm,
+    Wq,
+    Wk,
+    Wv,
+    Wo,
+    FfnNorm,
+    W1,
+    W2,
+    W3,
+}
+
+fn layer_tensor(layout: &ParamLayout, l: usize, g: Group) -> usize {
+    let t = &layout.layers[l];
+    match g {
+        Group::AttnNorm => t.attn_norm,
+        Group::Wq => t.wq,
+        Group::Wk => t.wk,
+        Group::Wv => t.wv,
+        Group::Wo => t.wo,
+        Group::FfnNorm => t.ffn_norm,
+        Group::W1 => t.w_gate,
+        Group::W2 => t.w_down,
+        Group::W3 => t.w_up,
+    }
+}
+
+/// The tensors of a file version in file order (`None` marks the skipped RoPE tables).
+fn order(layout: &ParamLayout, version: u32, shared: bool) -> Vec<usize> {
+    use Group::*;
+    let per_layer = |g: Group| (0..layout.layers.len()).map(move |l| layer_tensor(layout, l, g));
+    let mut v: Vec<usize> = Vec::new();
+    match version {
+        0 => {
+            v.push(layout.embed);
+            for g in [AttnNorm, Wq, Wk, Wv, Wo, FfnNorm, W1, W2, W3] {
+                v.extend(per_layer(g));
+            }
+            v.push(layout.final_norm);
+        }
+        _ => {
+            v.extend(per_layer(AttnNorm));
+            v.extend(per_layer(FfnNorm));
+            v.push(layout.final_norm);
+            v.push(layout.embed);
+            for g in [Wq, Wk, Wv, Wo, W1, W2, W3] {
+                v.extend(per_layer(g));
+            }
+        }
+    }
+    if !shared && let Some(c) = layout.lm_head {
+        v.push(c);
+    }
+    v
+}
+
+fn read_f32s(b: &[u8], at: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let k = at + 4 * i;
+        *o = f32::from_le_bytes([b[k], b[k + 1], b[k + 2], b[k + 3]]);
+    }
+}
+
+/// Whether the bytes start like a version 1/2 file.
+pub fn has_magic(b: &[u8]) -> bool {
+    b.len() >= 4 && u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == MAGIC
+}
+
+/// Loads a llama2.c model file of any version.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let b = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+    let (version, h, mut at, group) = if has_magic(&b) {
+        if b.len() < 256 {
+            return Err(Error::format(path, "truncated llama2.c header (less than 256 bytes)"));
+        }
+        let version = i32_at(&b, 4);
+        let mut h = parse_header(&b, 8, path)?;
+        h.shared = b[36] != 0;
+        let group = if version == 2 { i32_at(&b, 37) } else { 0 };
+        match version {
+            1 => {}
+            2 if group > 0 => {}
+            2 => return Err(Error::format(path, format!("llama2.c v2: bad group size {group}"))),
+            v => return Err(Error::format(path, format!("llama2.c file version {v} is not supported (0, 1, 2 are)"))),
+        }
+        (version as u32, h, 256usize, group as usize)
+    } else {
+        (0, parse_header(&b, 0, path)?, 28usize, 0)
+    };
+    let cfg = config_of(&h);
+    let layout = ParamLayout::new(&cfg);
+    let mut params = vec![0.0f32; layout.total()];
+    let ids = order(&layout, version, h.shared);
+    let rope_tables = 2 * h.seq_len * (cfg.head_dim / 2);
+
+    // The exact size the header implies.
+    let expect = if version == 2 {
+        let norms: usize = ids.iter().filter(|&&i| layout.tensors[i].shape.len() == 1).map(|&i| layout.tensors[i].len()).sum();
+        let mats: usize = ids.iter().filter(|&&i| layout.tensors[i].shape.len() == 2).map(|&i| layout.tensors[i].len()).sum();
+        256 + 4 * norms + mats + 4 * (mats / group.max(1))
+    } else {
+        let floats: usize = ids.iter().map(|&i| layout.tensors[i].len()).sum::<usize>() + if version == 0 { rope_tables } else { 0 };
+        at + 4 * floats
+    };
+    if b.len() != expect {
+        return Err(Error::format(
+            path,
+            format!(
+                "size mismatch: a llama2.c v{version} file with this header (dim {}, {} layers, vocab {}) has {expect} bytes, this one {}",
+                h.dim, h.layers, h.vocab, b.len()
+            ),
+        ));
+    }
+
+    if version == 2 {
+        let (norms, mats): (Vec<usize>, Vec<usize>) = ids.iter().partition(|&&i| layout.tensors[i].shape.len() == 1);
+        for &i in &norms {
+            let r = layout.tensors[i].range();
+            read_f32s(&b, at, &mut params[r.clone()]);
+            at += 4 * r.len();
+        }
+        let total_q: usize = mats.iter().map(|&i| layout.tensors[i].len()).sum();
+        let mut scale_at = at + total_q;
+        for &i in &mats {
+            let t = &layout.tensors[i];
+            if t.len() % group != 0 {
+                return Err(Error::format(path, format!("tensor {} is not a multiple of the group size {group}", t.name)));
+            }
+            let mut scales = vec![0.0f32; t.len() / group];
+            read_f32s(&b, scale_at, &mut scales);
+            scale_at += 4 * scales.len();
+            for (k, p) in params[t.range()].iter_mut().enumerate() {
+                *p = (b[at + k] as i8) as f32 * scales[k / group];
+            }
+            at += t.len();
+        }
+    } else {
+        for (n, &i) in ids.iter().enumerate() {
+            let r = layout.tensors[i].range();
+            read_f32s(&b, at, &mut params[r.clone()]);
+            at += 4 * r.len();
+            if version == 0 && n + 1 == ids.len() - usize::from(!h.shared) {
+                at += 4 * rope_tables; // the final norm is followed by the RoPE tables
+            }
+        }
+    }
+    Ok(LoadedModel {
+        cfg,
+        params,
+        tokenizer: None,
+        format: format!("llama2.c v{version}{}", if version == 2 { format!(" (Q8_0, group {group})") } else { String::new() }),
+        warnings: Vec::new(),
+    })
+}
+
+/// Writes a llama2.c file, version 0 (legacy, what `run.c` reads) or 1.
+pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Result<()> {
+    if cfg.arch != Architecture::Llama {
+        return Err(Error::invalid("llama2.c files hold Llama models only (no Qwen3 q/k norm)"));
+    }
+    if cfg.head_dim * cfg.n_heads != cfg.dim {
+        return Err(Error::invalid(format!(
+            "llama2.c needs head_dim = dim / heads (here {} != {} / {})",
+            cfg.head_dim, cfg.dim, cfg.n_heads
+        )));
+    }
+    if version > 1 {
+        return Err(Error::invalid("handgrad writes llama2.c versions 0 and 1"));
+    }
+    let mut cfg = cfg.clone();
+    let layout = ParamLayout::new(&cfg);
+    let mut params = params.to_vec();
+    convert_rope_style(&mut cfg, &layout, &mut params, RopeStyle::Interleaved);
+    let shared = cfg.tie_embeddings;
+    let vocab = cfg.vocab_size as i32;
+    let head7 = [
+        cfg.dim as i32,
+        cfg.ffn_dim as i32,
+        cfg.n_layers as i32,
+        cfg.n_heads as i32,
+        cfg.n_kv_heads as i32,
+        if version == 0 && !shared { -vocab } else { vocab },
+        cfg.max_seq_len as i32,
+    ];
+    let ids = order(&layout, version, shared);
+    let half = cfg.head_dim / 2;
+    write_atomic(path, |f| {
+        if version == 1 {
+            f.write_all(&MAGIC.to_le_bytes())?;
+            f.write_all(&1i32.to_le_bytes())?;
+        }
+        for v in head7 {
+            f.write_all(&v.to_le_bytes())?;
+        }
+        if version == 1 {
+            f.write_all(&[u8::from(shared)])?;
+            f.write_all(&[0u8; 256 - 37])?;
+        }
+        let put = |f: &mut std::io::BufWriter<std::fs::File>, xs: &[f32]| -> std::io::Result<()> {
+            let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+            f.write_all(&bytes)
+        };
+        for (n, &i) in ids.iter().enumerate() {
+            put(f, &params[layout.tensors[i].range()])?;
+            if version == 0 && n + 1 == ids.len() - usize::from(!shared) {
+                let mut cos = Vec::with_capacity(cfg.max_seq_len * half);
+                let mut sin = Vec::with_capacity(cfg.max_seq_len * half);
+                for p in 0..cfg.max_seq_len {
+                    for j in 0..half {
+                        let freq = 1.0 / cfg.rope_theta.powf((2 * j) as f64 / cfg.head_dim as f64);
+                        let a = p as f64 * freq;
+                        cos.push(a.cos() as f32);
+                        sin.push(a.sin() as f32);
+                    }
+                }
+                put(f, &cos)?;
+                put(f, &sin)?;
+            }
+        }
+        Ok(())
+    })
+}
