@@ -25,7 +25,9 @@ fn reference(case: &str, key: &str) -> (Vec<u32>, Vec<f32>) {
 fn logits_of(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
     let model = Transformer::new(m.cfg.clone());
     let mut acts = model.activations(1, ids.len());
-    model.forward(&CpuKernels, &m.params, &mut acts, ids).unwrap();
+    model
+        .forward(&CpuKernels, &m.params, &mut acts, ids)
+        .unwrap();
     acts.logits
 }
 
@@ -33,8 +35,16 @@ fn assert_logits(m: &LoadedModel, case: &str, key: &str) {
     let (ids, want) = reference(case, key);
     let got = logits_of(m, &ids);
     assert_eq!(got.len(), want.len());
-    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(worst < 1e-4, "{case}/{key} via {}: logits differ by {worst}", m.format);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "{case}/{key} via {}: logits differ by {worst}",
+        m.format
+    );
 }
 
 #[test]
@@ -66,7 +76,10 @@ fn gguf_files_match_transformers() {
 #[test]
 fn llama2c_files_match_the_hf_copy_of_the_same_weights() {
     let m = load_model(&golden("llama2c_llama_gqa.bin")).unwrap();
-    assert!(!m.cfg.tie_embeddings && m.cfg.n_kv_heads == 2, "negative vocab = untied classifier");
+    assert!(
+        !m.cfg.tie_embeddings && m.cfg.n_kv_heads == 2,
+        "negative vocab = untied classifier"
+    );
     assert_logits(&m, "llama_gqa", "logits");
     let m = load_model(&golden("llama2c_llama_tied.bin")).unwrap();
     assert_eq!(m.format, "llama2.c v0");
@@ -80,12 +93,17 @@ fn llama2c_files_match_the_hf_copy_of_the_same_weights() {
 }
 
 /// Every tensor's raw bytes in a safetensors file.
-fn tensor_bytes(path: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+fn tensor_bytes(
+    path: &std::path::Path,
+) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let f = SafetensorsFile::open(path).unwrap();
-    f.names().into_iter().map(|n| {
-        let v = f.read_f32(&n).unwrap();
-        (n, v)
-    }).collect()
+    f.names()
+        .into_iter()
+        .map(|n| {
+            let v = f.read_f32(&n).unwrap();
+            (n, v)
+        })
+        .collect()
 }
 
 #[test]
@@ -102,7 +120,10 @@ fn hf_export_is_tensor_identical_and_llama2c_converts_exactly() {
         for (name, (shape, data)) in &a {
             let (s2, d2) = &b[name];
             assert_eq!(shape, s2, "{name}");
-            assert!(data.iter().zip(d2).all(|(x, y)| x.to_bits() == y.to_bits()), "{case}: {name} differs");
+            assert!(
+                data.iter().zip(d2).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{case}: {name} differs"
+            );
         }
         let back = load_model(&out).unwrap();
         assert_eq!(back.cfg, m.cfg);
@@ -114,7 +135,12 @@ fn hf_export_is_tensor_identical_and_llama2c_converts_exactly() {
     let a = tensor_bytes(&golden("hf_llama_gqa/model.safetensors"));
     let b = tensor_bytes(&out.join("model.safetensors"));
     for (name, (_, data)) in &a {
-        assert!(data.iter().zip(&b[name].1).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
+        assert!(
+            data.iter()
+                .zip(&b[name].1)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs"
+        );
     }
     // HF -> llama2.c v0 and v1 -> back: the same parameters.
     let m = load_model(&golden("hf_llama_gqa")).unwrap();
@@ -125,13 +151,22 @@ fn hf_export_is_tensor_identical_and_llama2c_converts_exactly() {
         let mut cfg = m.cfg.clone();
         let mut params = m.params.clone();
         let layout = handgrad::model::ParamLayout::new(&cfg);
-        handgrad::model::rope_layout::convert_rope_style(&mut cfg, &layout, &mut params, RopeStyle::Interleaved);
+        handgrad::model::rope_layout::convert_rope_style(
+            &mut cfg,
+            &layout,
+            &mut params,
+            RopeStyle::Interleaved,
+        );
         assert_eq!(back.params, params, "v{version}");
         assert_logits(&back, "llama_gqa", "logits");
     }
     assert_eq!(
-        std::fs::metadata(dir.path().join("model_v0.bin")).unwrap().len(),
-        std::fs::metadata(golden("llama2c_llama_gqa.bin")).unwrap().len()
+        std::fs::metadata(dir.path().join("model_v0.bin"))
+            .unwrap()
+            .len(),
+        std::fs::metadata(golden("llama2c_llama_gqa.bin"))
+            .unwrap()
+            .len()
     );
 }
 
@@ -142,7 +177,14 @@ fn bf16_and_sharded_exports_reload() {
     let out = dir.path().join("sharded");
     hf::save(&out, &m.cfg, &m.params, ExportDtype::F32, None, 20_000).unwrap();
     assert!(out.join("model.safetensors.index.json").exists());
-    assert!(out.join("model-00001-of-00003.safetensors").exists(), "{:?}", std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>());
+    assert!(
+        out.join("model-00001-of-00003.safetensors").exists(),
+        "{:?}",
+        std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>()
+    );
     let back = load_model(&out).unwrap();
     assert_eq!(back.params, m.params);
     let out = dir.path().join("bf16");
@@ -174,9 +216,16 @@ fn damaged_model_files_give_clear_errors() {
     let mut big = good.clone();
     big[..8].copy_from_slice(&(good.len() as u64 * 2).to_le_bytes());
     let e = case("header", &big, &config);
-    assert!(e.contains("header length") && e.contains("larger than the file"), "{e}");
+    assert!(
+        e.contains("header length") && e.contains("larger than the file"),
+        "{e}"
+    );
     // Shapes that do not match the config.
-    let e = case("shape", &good, &config.replace("\"intermediate_size\": 40", "\"intermediate_size\": 41"));
+    let e = case(
+        "shape",
+        &good,
+        &config.replace("\"intermediate_size\": 40", "\"intermediate_size\": 41"),
+    );
     assert!(e.contains("shape") && e.contains("mlp"), "{e}");
     // Unknown dtype: rewrite one tensor's dtype in the header to I8 (same byte count x4).
     let hlen = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
@@ -185,7 +234,7 @@ fn damaged_model_files_give_clear_errors() {
     let entry = v.get_mut("model.norm.weight").unwrap();
     entry["dtype"] = serde_json::json!("I32");
     let mut h2 = serde_json::to_vec(&v).unwrap();
-    while h2.len() % 8 != 0 {
+    while !h2.len().is_multiple_of(8) {
         h2.push(b' ');
     }
     let mut bad = (h2.len() as u64).to_le_bytes().to_vec();

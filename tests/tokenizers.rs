@@ -18,7 +18,15 @@ fn records(path: &std::path::Path) -> Vec<Record> {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let ids = |k: &str| v.get(k).map(|a| a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect());
+            let ids = |k: &str| {
+                v.get(k).map(|a| {
+                    a.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as u32)
+                        .collect()
+                })
+            };
             Record {
                 text: v["text"].as_str().unwrap().to_string(),
                 ids: ids("ids").unwrap(),
@@ -30,7 +38,10 @@ fn records(path: &std::path::Path) -> Vec<Record> {
 
 #[test]
 fn llama2_tokenizer_bin_matches_sentencepiece_exactly() {
-    let (Some(tok_path), Some(ref_path)) = (common::fixture("llama2/tokenizer.bin"), common::fixture("llama2/reference.jsonl")) else {
+    let (Some(tok_path), Some(ref_path)) = (
+        common::fixture("llama2/tokenizer.bin"),
+        common::fixture("llama2/reference.jsonl"),
+    ) else {
         return;
     };
     let tok = Llama2cTokenizer::from_file(&tok_path).unwrap();
@@ -42,29 +53,52 @@ fn llama2_tokenizer_bin_matches_sentencepiece_exactly() {
     for (i, r) in recs.iter().enumerate() {
         let ids = tok.encode(&r.text).unwrap();
         if ids != r.ids {
-            mismatches.push(format!("record {i} {:?}: got {ids:?}, want {:?}", r.text, r.ids));
+            mismatches.push(format!(
+                "record {i} {:?}: got {ids:?}, want {:?}",
+                r.text, r.ids
+            ));
             continue;
         }
         let mut with_bos = vec![1];
         with_bos.extend(&ids);
         assert_eq!(Some(&with_bos), r.ids_bos.as_ref(), "record {i} with BOS");
         assert_eq!(tok.decode(&ids).unwrap(), r.text, "decode of record {i}");
-        assert_eq!(tok.decode(&with_bos).unwrap(), r.text, "decode with BOS of record {i}");
+        assert_eq!(
+            tok.decode(&with_bos).unwrap(),
+            r.text,
+            "decode with BOS of record {i}"
+        );
     }
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }
 
 #[test]
 fn qwen_tokenizer_json_matches_hf_tokenizers() {
-    let (Some(tok_path), Some(ref_path)) = (common::fixture("qwen/tokenizer.json"), common::fixture("qwen/reference.jsonl")) else {
+    let (Some(tok_path), Some(ref_path)) = (
+        common::fixture("qwen/tokenizer.json"),
+        common::fixture("qwen/reference.jsonl"),
+    ) else {
         return;
     };
     let tok = tokenizer::load(&tok_path).unwrap();
     assert_eq!(tok.vocab_size(), 151669);
     assert_eq!(tok.eos_id(), Some(151643));
-    assert!(tok.stop_ids().contains(&151645), "<|im_end|> stops generation");
+    assert!(
+        tok.stop_ids().contains(&151645),
+        "<|im_end|> stops generation"
+    );
     for (i, r) in records(&ref_path).iter().enumerate() {
-        assert_eq!(tok.encode(&r.text).unwrap(), r.ids, "record {i}: {:?}", r.text);
+        assert_eq!(
+            tok.encode(&r.text).unwrap(),
+            r.ids,
+            "record {i}: {:?}",
+            r.text
+        );
     }
 }
 
@@ -80,41 +114,81 @@ fn truncated_tokenizer_bin_is_a_clear_error_at(cut: usize, bytes: &[u8]) -> Stri
 
 #[test]
 fn a_tokenizer_bin_cut_mid_record_is_refused() {
-    let Some(p) = common::fixture("llama2/tokenizer.bin") else { return };
+    let Some(p) = common::fixture("llama2/tokenizer.bin") else {
+        return;
+    };
     let bytes = std::fs::read(p).unwrap();
     for cut in [2, 4 + 5, 4 + 8 + 2, bytes.len() - 3] {
         let e = truncated_tokenizer_bin_is_a_clear_error_at(cut, &bytes);
-        assert!(e.contains("tokenizer.bin") && (e.contains("cut inside") || e.contains("too short")), "{e}");
+        assert!(
+            e.contains("tokenizer.bin") && (e.contains("cut inside") || e.contains("too short")),
+            "{e}"
+        );
     }
 }
 
 /// Runs Python with the `tokenizers` package, or skips (fails under strict mode).
 fn python_tokenizers(script: &str, args: &[&str]) -> Option<String> {
-    let probe = std::process::Command::new("python3").args(["-c", "import tokenizers"]).output();
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import tokenizers"])
+        .output();
     match probe {
         Ok(o) if o.status.success() => {}
         _ => {
-            common::skip("python3 with the `tokenizers` package is not available (pip install tokenizers)");
+            common::skip(
+                "python3 with the `tokenizers` package is not available (pip install tokenizers)",
+            );
             return None;
         }
     }
-    let out = std::process::Command::new("python3").arg("-c").arg(script).args(args).output().unwrap();
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(String::from_utf8(out.stdout).unwrap())
 }
 
 #[test]
 fn a_trained_tokenizer_loads_in_python_tokenizers_with_identical_ids() {
-    let Some(sample) = common::fixture("tinystories/valid-sample.txt") else { return };
+    let Some(sample) = common::fixture("tinystories/valid-sample.txt") else {
+        return;
+    };
     let text = std::fs::read_to_string(sample).unwrap();
-    let stories: Vec<&str> = text.split("<|endoftext|>").map(str::trim).filter(|s| !s.is_empty()).collect();
+    let stories: Vec<&str> = text
+        .split("<|endoftext|>")
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     let (train, held_out) = stories.split_at(100);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("train.txt"), train.join("\n<|endoftext|>\n")).unwrap();
-    let held = format!("{}\nÜnïcödé, 数字 123 and emoji 🦀 <|endoftext|> tail", held_out.join("\n\n"));
+    std::fs::write(
+        dir.path().join("train.txt"),
+        train.join("\n<|endoftext|>\n"),
+    )
+    .unwrap();
+    let held = format!(
+        "{}\nÜnïcödé, 数字 123 and emoji 🦀 <|endoftext|> tail",
+        held_out.join("\n\n")
+    );
     std::fs::write(dir.path().join("held.txt"), &held).unwrap();
     let o = common::handgrad(
-        &["tokenizer", "train", "--input", "train.txt", "--vocab-size", "700", "--out", "tok.json"],
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "train.txt",
+            "--vocab-size",
+            "700",
+            "--out",
+            "tok.json",
+        ],
         dir.path(),
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
@@ -128,7 +202,10 @@ fn a_trained_tokenizer_loads_in_python_tokenizers_with_identical_ids() {
                   print(json.dumps(t.decode(t.encode(text).ids, skip_special_tokens=False) == text))";
     let tok_path = dir.path().join("tok.json");
     let held_path = dir.path().join("held.txt");
-    let Some(out) = python_tokenizers(script, &[tok_path.to_str().unwrap(), held_path.to_str().unwrap()]) else {
+    let Some(out) = python_tokenizers(
+        script,
+        &[tok_path.to_str().unwrap(), held_path.to_str().unwrap()],
+    ) else {
         return;
     };
     let mut lines = out.lines();
@@ -139,7 +216,9 @@ fn a_trained_tokenizer_loads_in_python_tokenizers_with_identical_ids() {
 
 #[test]
 fn tokenizer_encode_and_decode_commands_round_trip() {
-    let Some(tok) = common::fixture("llama2/tokenizer.bin") else { return };
+    let Some(tok) = common::fixture("llama2/tokenizer.bin") else {
+        return;
+    };
     let tok = tok.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str], input: &str| {
@@ -151,12 +230,23 @@ fn tokenizer_encode_and_decode_commands_round_trip() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
         String::from_utf8(out.stdout).unwrap()
     };
-    let ids = run(&["tokenizer", "encode", "--tokenizer", tok, "--bos"], "Hello world");
+    let ids = run(
+        &["tokenizer", "encode", "--tokenizer", tok, "--bos"],
+        "Hello world",
+    );
     assert_eq!(ids.trim(), "[1,15043,3186]");
-    assert_eq!(run(&["tokenizer", "decode", "--tokenizer", tok], &ids), "Hello world");
+    assert_eq!(
+        run(&["tokenizer", "decode", "--tokenizer", tok], &ids),
+        "Hello world"
+    );
 }

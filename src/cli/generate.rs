@@ -7,9 +7,9 @@ use clap::Args;
 
 use crate::backend::cpu::CpuKernels;
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::Checkpoint;
+use crate::formats::load_model;
 use crate::generate::{GenerateOptions, Sampling, StopReason, generate};
-use crate::model::{ModelConfig, Transformer, VocabCompaction};
+use crate::model::{Transformer, VocabCompaction};
 use crate::tokenizer;
 
 /// Options of `handgrad generate`.
@@ -19,8 +19,12 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "checkpoint")]
     run_dir: Option<PathBuf>,
     /// A checkpoint file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "model")]
     checkpoint: Option<PathBuf>,
+    /// A model in any supported format: Hugging Face folder or .safetensors, llama2.c .bin,
+    /// GGUF, or handgrad checkpoint.
+    #[arg(long, conflicts_with = "run_dir")]
+    model: Option<PathBuf>,
     /// Use checkpoints/best (lowest validation loss) instead of latest.
     #[arg(long)]
     best: bool,
@@ -51,39 +55,48 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let path = match (&a.run_dir, &a.checkpoint) {
-        (Some(dir), None) => dir
-            .join("checkpoints")
-            .join(if a.best { "best" } else { "latest" }),
-        (None, Some(p)) => p.clone(),
-        _ => return Err(Error::invalid("give --run-dir or --checkpoint")),
+    let path = match (&a.run_dir, &a.checkpoint, &a.model) {
+        (Some(dir), None, None) => {
+            dir.join("checkpoints")
+                .join(if a.best { "best" } else { "latest" })
+        }
+        (None, Some(p), None) | (None, None, Some(p)) => p.clone(),
+        _ => {
+            return Err(Error::invalid(
+                "give one of --run-dir, --checkpoint or --model",
+            ));
+        }
     };
     let sampling = Sampling::from_settings(a.temperature, a.top_k, a.top_p)?;
-    let ck = Checkpoint::load(&path)?;
-    let cfg = ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
-    let tok = match &a.tokenizer {
-        Some(p) => tokenizer::load(p)?,
-        None if !ck.tokenizer.is_empty() => tokenizer::from_bytes(ck.tokenizer.clone(), &path)?,
-        None => {
+    let loaded = load_model(&path)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let tok = match (&a.tokenizer, &loaded.tokenizer) {
+        (Some(p), _) => tokenizer::load(p)?,
+        (None, Some(t)) => t.load(&path)?,
+        (None, None) => {
             return Err(Error::invalid(format!(
-                "{} has no tokenizer inside; pass --tokenizer",
+                "{} comes without a tokenizer; pass --tokenizer (tokenizer.json or tokenizer.bin)",
                 path.display()
             )));
         }
     };
-    let mut model = Transformer::new(cfg);
-    if let Some(kept) = &ck.meta.vocab_kept {
+    if tok.vocab_size() > loaded.cfg.vocab_size {
+        return Err(Error::invalid(format!(
+            "the tokenizer has {} ids but the model only {}",
+            tok.vocab_size(),
+            loaded.cfg.vocab_size
+        )));
+    }
+    let mut model = Transformer::new(loaded.cfg.clone());
+    if let Some(kept) = &loaded.vocab_kept {
         model.set_compaction(Some(VocabCompaction::from_kept(
             kept.clone(),
             model.cfg.vocab_size,
         )));
     }
-    if ck.params.len() != model.layout.total() {
-        return Err(Error::checkpoint(
-            &path,
-            "parameter count does not match its model config",
-        ));
-    }
+    let params = loaded.params;
     let threads = a
         .threads
         .unwrap_or_else(crate::train::default_threads)
@@ -106,7 +119,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let g = pool.install(|| {
         generate(
             &model,
-            &ck.params,
+            &params,
             &CpuKernels,
             tok.as_ref(),
             &opts,

@@ -15,7 +15,8 @@ pub struct InfoArgs {
     /// A model preset or config.json to describe.
     #[arg(long)]
     model: Option<String>,
-    /// A file to describe: a checkpoint or a token shard.
+    /// A file or folder to describe: a model (Hugging Face folder, .safetensors, llama2.c .bin,
+    /// GGUF, handgrad checkpoint) or a token file.
     file: Option<PathBuf>,
 }
 
@@ -35,7 +36,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
 
 fn describe_file(path: &PathBuf) -> Result<()> {
     let mut head = [0u8; 8];
-    {
+    if !path.is_dir() {
         use std::io::Read;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let _ = f
@@ -64,6 +65,25 @@ fn describe_file(path: &PathBuf) -> Result<()> {
             println!("best val loss     {v:.4}");
         }
         println!("{}", cfg.describe());
+        return Ok(());
+    }
+    let is_tokens = path.extension().is_some_and(|x| x == "bin")
+        && crate::formats::llama2c::load(path).is_err();
+    if !is_tokens {
+        let m = crate::formats::load_model(path)?;
+        println!("model             {}", path.display());
+        println!("format            {}", m.format);
+        println!(
+            "tokenizer         {}",
+            m.tokenizer
+                .as_ref()
+                .map(|t| t.name.as_str())
+                .unwrap_or("none")
+        );
+        for w in &m.warnings {
+            println!("warning           {w}");
+        }
+        println!("{}", m.cfg.describe());
         return Ok(());
     }
     let shard = TokenShard::open(path)?;

@@ -1,7 +1,10 @@
 //! The `handgrad` command line.
 
+mod convert;
+mod data;
 mod generate;
 mod info;
+mod prepare;
 mod tokenizer;
 mod train;
 
@@ -29,6 +32,13 @@ enum Command {
     Info(info::InfoArgs),
     /// Train, or encode and decode with, a tokenizer.
     Tokenizer(tokenizer::TokenizerArgs),
+    /// Download datasets (TinyStories).
+    Data(data::DataArgs),
+    /// Tokenize text corpora into token shards for training.
+    Prepare(prepare::PrepareArgs),
+    /// Convert a model between formats (Hugging Face, llama2.c, GGUF in; Hugging Face,
+    /// llama2.c out).
+    Convert(convert::ConvertArgs),
 }
 
 /// Parses the command line and runs the command; returns the process exit code.
@@ -39,6 +49,9 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(a),
         Command::Info(a) => info::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Prepare(a) => prepare::run(a),
+        Command::Data(a) => data::run(a),
     };
     match result {
         Ok(()) => 0,

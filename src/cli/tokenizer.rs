@@ -98,7 +98,8 @@ pub fn run(a: TokenizerArgs) -> Result<()> {
                 special_tokens: special,
                 min_frequency,
             })?;
-            let text = serde_json::to_vec_pretty(&doc).map_err(|e| Error::json("writing tokenizer.json", e))?;
+            let text = serde_json::to_vec_pretty(&doc)
+                .map_err(|e| Error::json("writing tokenizer.json", e))?;
             write_atomic(&out, |f| f.write_all(&text))?;
             let tok = tokenizer::load(&out)?;
             eprintln!(
@@ -116,7 +117,11 @@ pub fn run(a: TokenizerArgs) -> Result<()> {
             }
             Ok(())
         }
-        TokenizerCommand::Encode { tokenizer, bos, eos } => {
+        TokenizerCommand::Encode {
+            tokenizer,
+            bos,
+            eos,
+        } => {
             let tok = tokenizer::load(&tokenizer)?;
             let text = stdin_string()?;
             let mut ids = Vec::new();
@@ -127,7 +132,10 @@ pub fn run(a: TokenizerArgs) -> Result<()> {
             if eos && let Some(e) = tok.eos_id() {
                 ids.push(e);
             }
-            println!("{}", serde_json::to_string(&ids).map_err(|e| Error::json("writing ids", e))?);
+            println!(
+                "{}",
+                serde_json::to_string(&ids).map_err(|e| Error::json("writing ids", e))?
+            );
             Ok(())
         }
         TokenizerCommand::Decode { tokenizer } => {

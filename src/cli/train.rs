@@ -21,6 +21,10 @@ pub struct TrainArgs {
     /// qwen3-0.6b) or a Hugging Face config.json. Presets take the tokenizer's vocabulary.
     #[arg(long)]
     model: Option<String>,
+    /// Fine-tune: start from this model's weights (Hugging Face folder or .safetensors,
+    /// llama2.c .bin, GGUF, or handgrad checkpoint); its tokenizer comes along when it has one.
+    #[arg(long, conflicts_with = "model")]
+    init_from: Option<String>,
     /// Training data: `builtin` (generated children's stories with their own tokenizer), a
     /// token file (llama2.c uint16 or handgrad shard) or a folder of them.
     #[arg(long)]
@@ -134,7 +138,12 @@ fn default_run_dir(model: &str) -> PathBuf {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut cfg = TrainConfig {
-        model: a.model.clone().unwrap_or_else(|| d().model),
+        model: a
+            .model
+            .clone()
+            .or_else(|| a.init_from.clone())
+            .unwrap_or_else(|| d().model),
+        init_from: a.init_from.clone(),
         data: a.data.clone().unwrap_or_else(|| d().data),
         tokenizer: a.tokenizer.clone(),
         steps: a.steps.unwrap_or(d().steps),

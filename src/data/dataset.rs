@@ -34,6 +34,12 @@ fn list_data_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .map_err(|e| Error::io("listing", dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "bin"))
+        // A llama2.c tokenizer.bin kept beside the shards is not data.
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("tokenizer"))
+        })
         .collect();
     files.sort();
     if files.is_empty() {

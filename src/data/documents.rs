@@ -53,7 +53,10 @@ pub fn expand_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .collect();
             files.sort();
             if files.is_empty() {
-                return Err(Error::data(p, "the folder holds no .txt, .json or .jsonl files"));
+                return Err(Error::data(
+                    p,
+                    "the folder holds no .txt, .json or .jsonl files",
+                ));
             }
             out.extend(files);
         } else if p.is_file() {
@@ -87,18 +90,22 @@ pub fn documents_of(path: &Path, content: &str, split: &TextSplit) -> Result<Vec
                 }
                 let obj: Value = serde_json::from_str(line)
                     .map_err(|e| Error::data(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
-                let text = field_text(&obj)
-                    .ok_or_else(|| Error::data(path, format!("line {}: no \"text\" field", i + 1)))?;
+                let text = field_text(&obj).ok_or_else(|| {
+                    Error::data(path, format!("line {}: no \"text\" field", i + 1))
+                })?;
                 v.push(text);
             }
             v
         }
         "json" => {
-            let root: Value =
-                serde_json::from_str(content).map_err(|e| Error::data(path, format!("invalid JSON: {e}")))?;
-            let items = root
-                .as_array()
-                .ok_or_else(|| Error::data(path, "expected a JSON array of objects with a \"story\" or \"text\" field"))?;
+            let root: Value = serde_json::from_str(content)
+                .map_err(|e| Error::data(path, format!("invalid JSON: {e}")))?;
+            let items = root.as_array().ok_or_else(|| {
+                Error::data(
+                    path,
+                    "expected a JSON array of objects with a \"story\" or \"text\" field",
+                )
+            })?;
             let mut v = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
                 let text = field_text(item).ok_or_else(|| {
@@ -128,7 +135,13 @@ pub fn documents_of(path: &Path, content: &str, split: &TextSplit) -> Result<Vec
 pub fn read_documents(path: &Path, split: &TextSplit) -> Result<Vec<String>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
     let content = String::from_utf8(bytes).map_err(|e| {
-        Error::data(path, format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+        Error::data(
+            path,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
     })?;
     documents_of(path, &content, split)
 }
@@ -140,14 +153,41 @@ mod tests {
     #[test]
     fn formats_and_splits() {
         let p = Path::new("a.txt");
-        assert_eq!(documents_of(p, "a\n<|endoftext|>\n b ", &TextSplit::Auto).unwrap(), vec!["a", "b"]);
-        assert_eq!(documents_of(p, "one\n\ntwo", &TextSplit::Auto).unwrap(), vec!["one\n\ntwo"]);
-        assert_eq!(documents_of(p, "x\ny\n", &TextSplit::Lines).unwrap(), vec!["x", "y"]);
+        assert_eq!(
+            documents_of(p, "a\n<|endoftext|>\n b ", &TextSplit::Auto).unwrap(),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            documents_of(p, "one\n\ntwo", &TextSplit::Auto).unwrap(),
+            vec!["one\n\ntwo"]
+        );
+        assert_eq!(
+            documents_of(p, "x\ny\n", &TextSplit::Lines).unwrap(),
+            vec!["x", "y"]
+        );
         let j = Path::new("a.jsonl");
-        assert_eq!(documents_of(j, "{\"text\":\"hi\"}\n\n{\"text\":\"yo\"}", &TextSplit::Auto).unwrap(), vec!["hi", "yo"]);
-        assert!(documents_of(j, "{\"nope\":1}", &TextSplit::Auto).unwrap_err().to_string().contains("line 1"));
+        assert_eq!(
+            documents_of(
+                j,
+                "{\"text\":\"hi\"}\n\n{\"text\":\"yo\"}",
+                &TextSplit::Auto
+            )
+            .unwrap(),
+            vec!["hi", "yo"]
+        );
+        assert!(
+            documents_of(j, "{\"nope\":1}", &TextSplit::Auto)
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
         let s = Path::new("data00.json");
-        let docs = documents_of(s, r#"[{"story":"Once.","instruction":{}},{"story":"Twice."}]"#, &TextSplit::Auto).unwrap();
+        let docs = documents_of(
+            s,
+            r#"[{"story":"Once.","instruction":{}},{"story":"Twice."}]"#,
+            &TextSplit::Auto,
+        )
+        .unwrap();
         assert_eq!(docs, vec!["Once.", "Twice."]);
         assert!(documents_of(s, "{}", &TextSplit::Auto).is_err());
     }

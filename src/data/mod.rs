@@ -4,6 +4,8 @@
 pub mod builtin;
 pub mod dataset;
 pub mod documents;
+pub mod fetch;
+pub mod prepare;
 pub mod shards;
 pub mod stories;
 

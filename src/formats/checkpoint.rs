@@ -108,7 +108,32 @@ impl<W: Write> CrcWriter<'_, W> {
     }
 }
 
+/// A checkpoint to be written, borrowing the (large) tensors instead of copying them.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointRef<'a> {
+    pub meta: &'a CheckpointMeta,
+    pub tokenizer: &'a [u8],
+    pub params: &'a [f32],
+    pub moments: Option<(&'a [f32], &'a [f32])>,
+}
+
 impl Checkpoint {
+    /// Writes the checkpoint (see [`CheckpointRef::save`]).
+    pub fn save(&self, path: &Path) -> Result<u64> {
+        CheckpointRef {
+            meta: &self.meta,
+            tokenizer: &self.tokenizer,
+            params: &self.params,
+            moments: self
+                .moments
+                .as_ref()
+                .map(|(m, v)| (m.as_slice(), v.as_slice())),
+        }
+        .save(path)
+    }
+}
+
+impl CheckpointRef<'_> {
     /// Writes the checkpoint atomically (temporary file, fsync, rename, fsync of the folder).
     /// Returns the number of bytes written.
     pub fn save(&self, path: &Path) -> Result<u64> {
@@ -118,7 +143,7 @@ impl Checkpoint {
                 "checkpoint metadata does not match the parameter count",
             ));
         }
-        if let Some((m, v)) = &self.moments
+        if let Some((m, v)) = self.moments
             && (m.len() != n || v.len() != n)
         {
             return Err(Error::invalid(
@@ -141,11 +166,11 @@ impl Checkpoint {
             w.put(&flags.to_le_bytes())?;
             w.put(&(meta_json.len() as u64).to_le_bytes())?;
             w.put(&meta_json)?;
-            w.put(&self.tokenizer)?;
+            w.put(self.tokenizer)?;
             let head = FIXED_HEADER + meta_json.len() + self.tokenizer.len();
             w.put(&vec![0u8; padding(head)])?;
-            w.put_f32s(&self.params)?;
-            if let Some((m, v)) = &self.moments {
+            w.put_f32s(self.params)?;
+            if let Some((m, v)) = self.moments {
                 w.put_f32s(m)?;
                 w.put_f32s(v)?;
             }
@@ -158,7 +183,9 @@ impl Checkpoint {
         })?;
         Ok(written)
     }
+}
 
+impl Checkpoint {
     /// Reads and verifies a checkpoint: magic, version, exact size, checksum, metadata.
     pub fn load(path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::checkpoint(path, msg);

@@ -79,9 +79,16 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            Error::format(self.path, format!("GGUF: truncated (needed {n} bytes at offset {})", self.at))
-        })?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| {
+                Error::format(
+                    self.path,
+                    format!("GGUF: truncated (needed {n} bytes at offset {})", self.at),
+                )
+            })?;
         let s = &self.b[self.at..end];
         self.at = end;
         Ok(s)
@@ -104,7 +111,10 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
         if n > 1 << 30 {
-            return Err(Error::format(self.path, format!("GGUF: implausible string length {n}")));
+            return Err(Error::format(
+                self.path,
+                format!("GGUF: implausible string length {n}"),
+            ));
         }
         Ok(String::from_utf8_lossy(self.take(n as usize)?).into_owned())
     }
@@ -126,7 +136,10 @@ impl<'a> Cursor<'a> {
                 let inner = self.u32()?;
                 let n = self.u64()?;
                 if n > (self.b.len() - self.at) as u64 {
-                    return Err(Error::format(self.path, format!("GGUF: array of {n} items runs past the end")));
+                    return Err(Error::format(
+                        self.path,
+                        format!("GGUF: array of {n} items runs past the end"),
+                    ));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -137,7 +150,12 @@ impl<'a> Cursor<'a> {
             10 => Value::Uint(self.u64()?),
             11 => Value::Int(self.u64()? as i64),
             12 => Value::Float(f64::from_bits(self.u64()?)),
-            t => return Err(Error::format(self.path, format!("GGUF: unknown metadata type {t}"))),
+            t => {
+                return Err(Error::format(
+                    self.path,
+                    format!("GGUF: unknown metadata type {t}"),
+                ));
+            }
         })
     }
 }
@@ -167,7 +185,7 @@ fn byte_len(t: u32, n: u64) -> Option<u64> {
     match t {
         GGML_F32 => Some(4 * n),
         GGML_F16 | GGML_BF16 => Some(2 * n),
-        GGML_Q8_0 if n % 32 == 0 => Some(n / 32 * 34),
+        GGML_Q8_0 if n.is_multiple_of(32) => Some(n / 32 * 34),
         _ => None,
     }
 }
@@ -178,18 +196,28 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         // SAFETY: read-only private mapping of a model file that is not modified while read.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mapping", path, e))?;
-        let mut c = Cursor { b: &map, at: 0, path };
+        let mut c = Cursor {
+            b: &map,
+            at: 0,
+            path,
+        };
         if c.take(4)? != b"GGUF" {
             return Err(Error::format(path, "not a GGUF file (bad magic)"));
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(Error::format(path, format!("GGUF version {version} is not supported (2 and 3 are)")));
+            return Err(Error::format(
+                path,
+                format!("GGUF version {version} is not supported (2 and 3 are)"),
+            ));
         }
         let n_tensors = c.u64()?;
         let n_kv = c.u64()?;
         if n_tensors > 1 << 20 || n_kv > 1 << 20 {
-            return Err(Error::format(path, "GGUF: implausible tensor or metadata count"));
+            return Err(Error::format(
+                path,
+                "GGUF: implausible tensor or metadata count",
+            ));
         }
         let mut metadata = HashMap::new();
         for _ in 0..n_kv {
@@ -203,14 +231,28 @@ impl GgufFile {
             let name = c.string()?;
             let nd = c.u32()?;
             if nd > 8 {
-                return Err(Error::format(path, format!("GGUF: tensor '{name}' has {nd} dimensions")));
+                return Err(Error::format(
+                    path,
+                    format!("GGUF: tensor '{name}' has {nd} dimensions"),
+                ));
             }
             let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
             let ggml_type = c.u32()?;
             let offset = c.u64()?;
-            tensors.insert(name, TensorInfo { dims, ggml_type, offset });
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dims,
+                    ggml_type,
+                    offset,
+                },
+            );
         }
-        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
         let data_start = c.at.div_ceil(align) * align;
         let len = map.len();
         let g = GgufFile {
@@ -221,7 +263,10 @@ impl GgufFile {
             data_start,
         };
         if g.data_start > len {
-            return Err(Error::format(path, "GGUF: truncated before the tensor data"));
+            return Err(Error::format(
+                path,
+                "GGUF: truncated before the tensor data",
+            ));
         }
         Ok(g)
     }
@@ -251,11 +296,22 @@ impl GgufFile {
         let b = self
             .map
             .get(start as usize..(start + bytes) as usize)
-            .ok_or_else(|| Error::format(path, format!("GGUF: tensor '{name}' lies outside the file")))?;
+            .ok_or_else(|| {
+                Error::format(path, format!("GGUF: tensor '{name}' lies outside the file"))
+            })?;
         Ok(match t.ggml_type {
-            GGML_F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            GGML_F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            GGML_BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            GGML_F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            GGML_F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            GGML_BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             _ => {
                 let mut out = Vec::with_capacity(n as usize);
                 for block in b.chunks_exact(34) {
@@ -280,7 +336,10 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         "llama" => Architecture::Llama,
         "qwen3" => Architecture::Qwen3,
         other => {
-            return Err(Error::format(path, format!("GGUF: architecture '{other}' is not supported (llama, qwen3)")));
+            return Err(Error::format(
+                path,
+                format!("GGUF: architecture '{other}' is not supported (llama, qwen3)"),
+            ));
         }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -297,12 +356,16 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         .get("token_embd.weight")
         .ok_or_else(|| Error::format(path, "GGUF: tensor 'token_embd.weight' is missing"))?;
     let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
-    let kv_heads = g.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(heads);
+    let kv_heads = g
+        .get(&key("attention.head_count_kv"))
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .unwrap_or(heads);
     let head_dim = g
         .get(&key("attention.key_length"))
         .and_then(Value::as_u64)
         .map(|x| x as usize)
-        .unwrap_or(if heads > 0 { dim / heads } else { 0 });
+        .unwrap_or(dim.checked_div(heads).unwrap_or(0));
     let cfg = ModelConfig {
         arch,
         dim,
@@ -312,28 +375,52 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         head_dim,
         ffn_dim: need("feed_forward_length")?,
         vocab_size: vocab,
-        max_seq_len: g.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(2048) as usize,
-        norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5),
-        rope_theta: g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
-        rope_style: if arch == Architecture::Llama { RopeStyle::Interleaved } else { RopeStyle::RotateHalf },
+        max_seq_len: g
+            .get(&key("context_length"))
+            .and_then(Value::as_u64)
+            .unwrap_or(2048) as usize,
+        norm_eps: g
+            .get(&key("attention.layer_norm_rms_epsilon"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5),
+        rope_theta: g
+            .get(&key("rope.freq_base"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0),
+        rope_style: if arch == Architecture::Llama {
+            RopeStyle::Interleaved
+        } else {
+            RopeStyle::RotateHalf
+        },
         tie_embeddings: !g.tensors.contains_key("output.weight"),
-        bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
-        eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+        bos_token_id: g
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Value::as_u64)
+            .map(|x| x as u32),
+        eos_token_id: g
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(Value::as_u64)
+            .map(|x| x as u32),
     };
     cfg.validate(&path.display().to_string())?;
     let layout = ParamLayout::new(&cfg);
     let mut params = vec![0.0f32; layout.total()];
     for t in &layout.tensors {
         let gname = gguf_name(&t.name);
-        let info = g
-            .tensors
-            .get(&gname)
-            .ok_or_else(|| Error::format(path, format!("GGUF: tensor '{gname}' (for {}) is missing", t.name)))?;
+        let info = g.tensors.get(&gname).ok_or_else(|| {
+            Error::format(
+                path,
+                format!("GGUF: tensor '{gname}' (for {}) is missing", t.name),
+            )
+        })?;
         let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
         if dims != t.shape {
             return Err(Error::format(
                 path,
-                format!("GGUF: tensor '{gname}' has shape {dims:?}, but the metadata needs {:?}", t.shape),
+                format!(
+                    "GGUF: tensor '{gname}' has shape {dims:?}, but the metadata needs {:?}",
+                    t.shape
+                ),
             ));
         }
         let data = g.read_f32(&gname, path)?;
@@ -348,6 +435,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         tokenizer: None,
         format: format!("GGUF v{} ({})", g.version, types.join(", ")),
         warnings: Vec::new(),
+        vocab_kept: None,
     })
 }
 

@@ -30,7 +30,9 @@ impl ExportDtype {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" | "fp32" => Ok(ExportDtype::F32),
             "bf16" | "bfloat16" => Ok(ExportDtype::Bf16),
-            other => Err(Error::invalid(format!("unknown --dtype '{other}' (f32 or bf16)"))),
+            other => Err(Error::invalid(format!(
+                "unknown --dtype '{other}' (f32 or bf16)"
+            ))),
         }
     }
     fn safetensors_name(self) -> &'static str {
@@ -59,19 +61,26 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io("reading", &index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(format!("parsing {}", index.display()), e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::json(format!("parsing {}", index.display()), e))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| Error::format(&index, "no \"weight_map\" object"))?;
-        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
         files.sort();
         files.dedup();
         return files
             .into_iter()
             .map(|f| {
                 if f.contains("..") || f.contains('/') || f.contains('\\') {
-                    Err(Error::format(&index, format!("shard name '{f}' points outside the folder")))
+                    Err(Error::format(
+                        &index,
+                        format!("shard name '{f}' points outside the folder"),
+                    ))
                 } else {
                     Ok(dir.join(f))
                 }
@@ -141,13 +150,22 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         cfg,
         params,
         tokenizer,
-        format: format!("Hugging Face safetensors ({} file(s); {})", files.len(), dtype_list.join(", ")),
+        format: format!(
+            "Hugging Face safetensors ({} file(s); {})",
+            files.len(),
+            dtype_list.join(", ")
+        ),
         warnings,
+        vocab_kept: None,
     })
 }
 
 /// Writes the tensors of one shard.
-fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: ExportDtype) -> Result<u64> {
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(&str, &[usize], &[f32])],
+    dtype: ExportDtype,
+) -> Result<u64> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut sorted: Vec<&(&str, &[usize], &[f32])> = tensors.iter().collect();
@@ -161,7 +179,8 @@ fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: E
         );
         offset += n;
     }
-    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::json("writing a safetensors header", e))?;
+    let mut h = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| Error::json("writing a safetensors header", e))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
@@ -175,7 +194,9 @@ fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: E
                 for &x in chunk {
                     match dtype {
                         ExportDtype::F32 => buf.extend_from_slice(&x.to_le_bytes()),
-                        ExportDtype::Bf16 => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                        ExportDtype::Bf16 => {
+                            buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())
+                        }
                     }
                 }
                 f.write_all(&buf)?;
@@ -210,7 +231,8 @@ pub fn save(
     };
     let mut config = cfg.to_hf_json();
     config["torch_dtype"] = json!(dtype.torch_name());
-    let text = serde_json::to_vec_pretty(&config).map_err(|e| Error::json("writing config.json", e))?;
+    let text =
+        serde_json::to_vec_pretty(&config).map_err(|e| Error::json("writing config.json", e))?;
     write_atomic(&dir.join("config.json"), |f| f.write_all(&text))?;
 
     // Greedy sharding in layout order.
@@ -231,7 +253,11 @@ pub fn save(
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
     for (k, ids) in shards.iter().enumerate() {
-        let name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
+        let name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
         let tensors: Vec<(&str, &[usize], &[f32])> = ids
             .iter()
             .map(|&i| {
@@ -248,8 +274,11 @@ pub fn save(
     }
     if n > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let text = serde_json::to_vec_pretty(&index).map_err(|e| Error::json("writing the index", e))?;
-        write_atomic(&dir.join("model.safetensors.index.json"), |f| f.write_all(&text))?;
+        let text =
+            serde_json::to_vec_pretty(&index).map_err(|e| Error::json("writing the index", e))?;
+        write_atomic(&dir.join("model.safetensors.index.json"), |f| {
+            f.write_all(&text)
+        })?;
     }
     if let Some(t) = tokenizer {
         write_atomic(&dir.join(&t.name), |f| f.write_all(&t.bytes))?;

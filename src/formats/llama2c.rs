@@ -49,9 +49,15 @@ fn parse_header(b: &[u8], at: usize, path: &Path) -> Result<Header> {
         return Err(Error::format(path, "too short for a llama2.c header"));
     }
     let v: Vec<i32> = (0..7).map(|i| i32_at(b, at + 4 * i)).collect();
-    let bad = |what: &str, x: i32| Error::format(path, format!("llama2.c header: implausible {what} {x}"));
+    let bad = |what: &str, x: i32| {
+        Error::format(path, format!("llama2.c header: implausible {what} {x}"))
+    };
     let pos = |i: usize, what: &str| -> Result<usize> {
-        if v[i] > 0 && v[i] < 1 << 24 { Ok(v[i] as usize) } else { Err(bad(what, v[i])) }
+        if v[i] > 0 && v[i] < 1 << 24 {
+            Ok(v[i] as usize)
+        } else {
+            Err(bad(what, v[i]))
+        }
     };
     let vocab = v[5];
     if vocab == 0 || vocab.unsigned_abs() >= 1 << 24 {
@@ -67,10 +73,13 @@ fn parse_header(b: &[u8], at: usize, path: &Path) -> Result<Header> {
         seq_len: pos(6, "seq_len")?,
         shared: vocab > 0,
     };
-    if h.dim % h.heads != 0 || h.heads % h.kv_heads != 0 {
+    if !h.dim.is_multiple_of(h.heads) || !h.heads.is_multiple_of(h.kv_heads) {
         return Err(Error::format(
             path,
-            format!("llama2.c header: heads {} / kv_heads {} do not divide dim {}", h.heads, h.kv_heads, h.dim),
+            format!(
+                "llama2.c header: heads {} / kv_heads {} do not divide dim {}",
+                h.heads, h.kv_heads, h.dim
+            ),
         ));
     }
     Ok(h)
@@ -171,7 +180,10 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     let b = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
     let (version, h, mut at, group) = if has_magic(&b) {
         if b.len() < 256 {
-            return Err(Error::format(path, "truncated llama2.c header (less than 256 bytes)"));
+            return Err(Error::format(
+                path,
+                "truncated llama2.c header (less than 256 bytes)",
+            ));
         }
         let version = i32_at(&b, 4);
         let mut h = parse_header(&b, 8, path)?;
@@ -180,8 +192,18 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         match version {
             1 => {}
             2 if group > 0 => {}
-            2 => return Err(Error::format(path, format!("llama2.c v2: bad group size {group}"))),
-            v => return Err(Error::format(path, format!("llama2.c file version {v} is not supported (0, 1, 2 are)"))),
+            2 => {
+                return Err(Error::format(
+                    path,
+                    format!("llama2.c v2: bad group size {group}"),
+                ));
+            }
+            v => {
+                return Err(Error::format(
+                    path,
+                    format!("llama2.c file version {v} is not supported (0, 1, 2 are)"),
+                ));
+            }
         }
         (version as u32, h, 256usize, group as usize)
     } else {
@@ -195,11 +217,20 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 
     // The exact size the header implies.
     let expect = if version == 2 {
-        let norms: usize = ids.iter().filter(|&&i| layout.tensors[i].shape.len() == 1).map(|&i| layout.tensors[i].len()).sum();
-        let mats: usize = ids.iter().filter(|&&i| layout.tensors[i].shape.len() == 2).map(|&i| layout.tensors[i].len()).sum();
+        let norms: usize = ids
+            .iter()
+            .filter(|&&i| layout.tensors[i].shape.len() == 1)
+            .map(|&i| layout.tensors[i].len())
+            .sum();
+        let mats: usize = ids
+            .iter()
+            .filter(|&&i| layout.tensors[i].shape.len() == 2)
+            .map(|&i| layout.tensors[i].len())
+            .sum();
         256 + 4 * norms + mats + 4 * (mats / group.max(1))
     } else {
-        let floats: usize = ids.iter().map(|&i| layout.tensors[i].len()).sum::<usize>() + if version == 0 { rope_tables } else { 0 };
+        let floats: usize = ids.iter().map(|&i| layout.tensors[i].len()).sum::<usize>()
+            + if version == 0 { rope_tables } else { 0 };
         at + 4 * floats
     };
     if b.len() != expect {
@@ -207,13 +238,18 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             path,
             format!(
                 "size mismatch: a llama2.c v{version} file with this header (dim {}, {} layers, vocab {}) has {expect} bytes, this one {}",
-                h.dim, h.layers, h.vocab, b.len()
+                h.dim,
+                h.layers,
+                h.vocab,
+                b.len()
             ),
         ));
     }
 
     if version == 2 {
-        let (norms, mats): (Vec<usize>, Vec<usize>) = ids.iter().partition(|&&i| layout.tensors[i].shape.len() == 1);
+        let (norms, mats): (Vec<usize>, Vec<usize>) = ids
+            .iter()
+            .partition(|&&i| layout.tensors[i].shape.len() == 1);
         for &i in &norms {
             let r = layout.tensors[i].range();
             read_f32s(&b, at, &mut params[r.clone()]);
@@ -223,8 +259,14 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let mut scale_at = at + total_q;
         for &i in &mats {
             let t = &layout.tensors[i];
-            if t.len() % group != 0 {
-                return Err(Error::format(path, format!("tensor {} is not a multiple of the group size {group}", t.name)));
+            if !t.len().is_multiple_of(group) {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor {} is not a multiple of the group size {group}",
+                        t.name
+                    ),
+                ));
             }
             let mut scales = vec![0.0f32; t.len() / group];
             read_f32s(&b, scale_at, &mut scales);
@@ -248,15 +290,25 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         cfg,
         params,
         tokenizer: None,
-        format: format!("llama2.c v{version}{}", if version == 2 { format!(" (Q8_0, group {group})") } else { String::new() }),
+        format: format!(
+            "llama2.c v{version}{}",
+            if version == 2 {
+                format!(" (Q8_0, group {group})")
+            } else {
+                String::new()
+            }
+        ),
         warnings: Vec::new(),
+        vocab_kept: None,
     })
 }
 
 /// Writes a llama2.c file, version 0 (legacy, what `run.c` reads) or 1.
 pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Result<()> {
     if cfg.arch != Architecture::Llama {
-        return Err(Error::invalid("llama2.c files hold Llama models only (no Qwen3 q/k norm)"));
+        return Err(Error::invalid(
+            "llama2.c files hold Llama models only (no Qwen3 q/k norm)",
+        ));
     }
     if cfg.head_dim * cfg.n_heads != cfg.dim {
         return Err(Error::invalid(format!(
@@ -279,7 +331,11 @@ pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Res
         cfg.n_layers as i32,
         cfg.n_heads as i32,
         cfg.n_kv_heads as i32,
-        if version == 0 && !shared { -vocab } else { vocab },
+        if version == 0 && !shared {
+            -vocab
+        } else {
+            vocab
+        },
         cfg.max_seq_len as i32,
     ];
     let ids = order(&layout, version, shared);

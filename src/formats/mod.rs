@@ -26,7 +26,11 @@ impl TokenizerFile {
     pub fn find(dir: &Path) -> Result<Option<Self>> {
         match tokenizer::find_in_dir(dir) {
             Some(p) => Ok(Some(TokenizerFile {
-                name: p.file_name().and_then(|n| n.to_str()).unwrap_or("tokenizer.json").to_string(),
+                name: p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("tokenizer.json")
+                    .to_string(),
                 bytes: std::fs::read(&p).map_err(|e| Error::io("reading", &p, e))?,
             })),
             None => Ok(None),
@@ -58,6 +62,8 @@ pub struct LoadedModel {
     pub format: String,
     /// Things the loader skipped.
     pub warnings: Vec<String>,
+    /// Token ids kept by vocabulary compaction (handgrad checkpoints trained with it).
+    pub vocab_kept: Option<Vec<u32>>,
 }
 
 /// The model formats handgrad reads.
@@ -75,13 +81,17 @@ pub fn detect(path: &Path) -> Result<ModelFormat> {
         if path.join("config.json").exists() {
             return Ok(ModelFormat::HuggingFace);
         }
-        return Err(Error::format(path, "a folder without config.json is not a Hugging Face model folder"));
+        return Err(Error::format(
+            path,
+            "a folder without config.json is not a Hugging Face model folder",
+        ));
     }
     let mut head = [0u8; 8];
     let n = {
         use std::io::Read;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
-        f.read(&mut head).map_err(|e| Error::io("reading", path, e))?
+        f.read(&mut head)
+            .map_err(|e| Error::io("reading", path, e))?
     };
     let head = &head[..n];
     if head.starts_with(b"GGUF") {
@@ -108,15 +118,23 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         ModelFormat::Gguf => gguf::load(path),
         ModelFormat::Checkpoint => {
             let ck = checkpoint::Checkpoint::load(path)?;
-            let cfg = ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
+            let cfg =
+                ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
             if ck.params.len() != crate::model::ParamLayout::new(&cfg).total() {
-                return Err(Error::checkpoint(path, "parameter count does not match its model config"));
+                return Err(Error::checkpoint(
+                    path,
+                    "parameter count does not match its model config",
+                ));
             }
             let tokenizer = if ck.tokenizer.is_empty() {
                 None
             } else {
                 Some(TokenizerFile {
-                    name: ck.meta.tokenizer_file.clone().unwrap_or_else(|| "tokenizer.json".into()),
+                    name: ck
+                        .meta
+                        .tokenizer_file
+                        .clone()
+                        .unwrap_or_else(|| "tokenizer.json".into()),
                     bytes: ck.tokenizer,
                 })
             };
@@ -126,6 +144,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
                 tokenizer,
                 format: format!("handgrad checkpoint (step {})", ck.meta.step),
                 warnings: Vec::new(),
+                vocab_kept: ck.meta.vocab_kept,
             })
         }
     }

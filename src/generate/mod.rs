@@ -62,7 +62,10 @@ pub fn generate(
             prompt_ids.push(e);
         }
     }
-    let mut dec = Decoder::new(model, params, model.cfg.max_seq_len)?;
+    // The cache only needs room for this generation (a 40k-position cache of a large model
+    // would take gigabytes).
+    let capacity = (prompt_ids.len() + opts.max_tokens).min(model.cfg.max_seq_len);
+    let mut dec = Decoder::new(model, params, capacity)?;
     let mut sampler = Sampler::new(opts.sampling, opts.seed);
     let mut ids: Vec<u32> = Vec::new();
     let mut logits = Vec::new();
@@ -91,6 +94,9 @@ pub fn generate(
         if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
             on_text(&text[printed.len()..]);
             printed = text;
+        }
+        if ids.len() == opts.max_tokens {
+            break;
         }
         if dec.position() >= dec.capacity() {
             stop = StopReason::ContextFull;

@@ -9,7 +9,13 @@ use super::config::{ModelConfig, RopeStyle};
 use super::params::ParamLayout;
 
 /// Permutes the rows of `w` (`[heads * head_dim, cols]`) from one pairing to the other.
-pub fn permute_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize, to: RopeStyle) -> Vec<f32> {
+pub fn permute_rows(
+    w: &[f32],
+    heads: usize,
+    head_dim: usize,
+    cols: usize,
+    to: RopeStyle,
+) -> Vec<f32> {
     let half = head_dim / 2;
     let mut out = vec![0.0f32; w.len()];
     for h in 0..heads {
@@ -30,7 +36,12 @@ pub fn permute_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize, to: R
 
 /// Rewrites `params` (in `layout`) and `cfg` so the model uses the `to` pairing, computing the
 /// same function. Does nothing when the model already uses it.
-pub fn convert_rope_style(cfg: &mut ModelConfig, layout: &ParamLayout, params: &mut [f32], to: RopeStyle) {
+pub fn convert_rope_style(
+    cfg: &mut ModelConfig,
+    layout: &ParamLayout,
+    params: &mut [f32],
+    to: RopeStyle,
+) {
     if cfg.rope_style == to {
         return;
     }
@@ -79,9 +90,16 @@ mod tests {
             assert_ne!(p2, params);
             let b = Transformer::new(cfg2.clone());
             b.forward(&CpuKernels, &p2, &mut acts, &tokens).unwrap();
-            let worst = reference.iter().zip(&acts.logits).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let worst = reference
+                .iter()
+                .zip(&acts.logits)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
             let scale = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            assert!(scale > 1.0 && worst < 1e-5 * scale, "{arch:?}: {worst} of {scale}");
+            assert!(
+                scale > 1.0 && worst < 1e-5 * scale,
+                "{arch:?}: {worst} of {scale}"
+            );
             // And back again, exactly.
             convert_rope_style(&mut cfg2, &a.layout, &mut p2, RopeStyle::Interleaved);
             assert_eq!(p2, params);

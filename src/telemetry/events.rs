@@ -100,6 +100,8 @@ pub enum Event {
         gflops_per_s: f64,
         final_loss: Option<f64>,
         best_val_loss: Option<f64>,
+        /// Peak resident memory of the process, where the platform reports it.
+        peak_rss_bytes: Option<u64>,
     },
 }
 

@@ -242,13 +242,17 @@ impl EventSink for ConsoleSink {
                 median_ms_per_update,
                 tokens_per_s,
                 gflops_per_s,
+                peak_rss_bytes,
                 ..
             } => {
                 if let Some(b) = self.bar.take() {
                     b.finish_and_clear();
                 }
+                let rss = peak_rss_bytes
+                    .map(|b| format!(" | peak memory {}", human_bytes(b as f64)))
+                    .unwrap_or_default();
                 eprintln!(
-                    "{reason}: {updates} updates in {wall_s:.1}s | {mean_ms_per_update:.1} ms/update mean, {median_ms_per_update:.1} median | {:.1}k tok/s | {gflops_per_s:.1} GFLOP/s",
+                    "{reason}: {updates} updates in {wall_s:.1}s | {mean_ms_per_update:.1} ms/update mean, {median_ms_per_update:.1} median | {:.1}k tok/s | {gflops_per_s:.1} GFLOP/s{rss}",
                     tokens_per_s / 1e3
                 );
             }

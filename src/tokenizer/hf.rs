@@ -45,7 +45,10 @@ impl HfTokenizer {
         let find = |names: &[&str]| names.iter().find_map(|n| special.get(*n).copied());
         let eos = find(EOS_NAMES);
         let bos = find(BOS_NAMES);
-        let stops: Vec<u32> = EOS_NAMES.iter().filter_map(|n| special.get(*n).copied()).collect();
+        let stops: Vec<u32> = EOS_NAMES
+            .iter()
+            .filter_map(|n| special.get(*n).copied())
+            .collect();
         let id = format!("hf-{:016x}", fnv1a64(&bytes));
         Ok(HfTokenizer {
             inner,

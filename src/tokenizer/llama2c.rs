@@ -75,7 +75,9 @@ impl Llama2cTokenizer {
         }
         let max_len = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         if !(1..=1 << 16).contains(&max_len) {
-            return Err(bad(format!("implausible max_token_length {max_len}: not a llama2.c tokenizer.bin")));
+            return Err(bad(format!(
+                "implausible max_token_length {max_len}: not a llama2.c tokenizer.bin"
+            )));
         }
         let mut pieces = Vec::new();
         let mut scores = Vec::new();
@@ -83,7 +85,9 @@ impl Llama2cTokenizer {
         while at < bytes.len() {
             let i = pieces.len();
             let Some(head) = bytes.get(at..at + 8) else {
-                return Err(bad(format!("cut inside the record of token {i} at byte {at}")));
+                return Err(bad(format!(
+                    "cut inside the record of token {i} at byte {at}"
+                )));
             };
             let score = f32::from_le_bytes([head[0], head[1], head[2], head[3]]);
             let len = i32::from_le_bytes([head[4], head[5], head[6], head[7]]);
@@ -94,7 +98,9 @@ impl Llama2cTokenizer {
             }
             let start = at + 8;
             let Some(piece) = bytes.get(start..start + len as usize) else {
-                return Err(bad(format!("cut inside the bytes of token {i} at byte {start}")));
+                return Err(bad(format!(
+                    "cut inside the bytes of token {i} at byte {start}"
+                )));
             };
             pieces.push(piece.to_vec());
             scores.push(score);
@@ -206,7 +212,9 @@ impl Llama2cTokenizer {
                 continue;
             }
             // Stale if either symbol changed since the candidate was made.
-            if self.pieces[syms[l] as usize].len() != c.left_len || self.pieces[syms[r] as usize].len() != c.right_len {
+            if self.pieces[syms[l] as usize].len() != c.left_len
+                || self.pieces[syms[r] as usize].len() != c.right_len
+            {
                 continue;
             }
             syms[l] = c.id;

@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 pub struct TrainConfig {
     /// Preset name or path of a `config.json`.
     pub model: String,
+    /// Start from the weights of this model file or folder (Hugging Face, llama2.c, GGUF or
+    /// handgrad checkpoint) instead of a fresh initialisation; its config replaces `model`.
+    pub init_from: Option<String>,
     /// `builtin`, a token file, or a folder of token files.
     pub data: String,
     /// Tokenizer file; the built-in data brings its own.
@@ -58,6 +61,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model: "small".into(),
+            init_from: None,
             data: "builtin".into(),
             tokenizer: None,
             steps: 1000,

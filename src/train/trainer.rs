@@ -11,7 +11,7 @@ use crate::backend::Kernels;
 use crate::backend::cpu::CpuKernels;
 use crate::data::{Dataset, WindowSampler, builtin};
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::{Checkpoint, CheckpointMeta, FORMAT_VERSION};
+use crate::formats::checkpoint::{Checkpoint, CheckpointMeta, CheckpointRef, FORMAT_VERSION};
 use crate::generate::{GenerateOptions, Sampling, generate};
 use crate::model::config::PRESETS;
 use crate::model::{ModelConfig, Transformer, VocabCompaction};
@@ -143,11 +143,25 @@ struct DataSetup {
     source: String,
 }
 
-fn setup_data(cfg: &TrainConfig, cache_root: &Path, console: ConsoleMode) -> Result<DataSetup> {
+/// Resolves the data and its tokenizer. `model_tok` is the tokenizer that came with the
+/// weights (`--init-from`, or the checkpoint on resume), which takes precedence over one found
+/// next to the data; `--tokenizer` takes precedence over both.
+fn setup_data(
+    cfg: &TrainConfig,
+    cache_root: &Path,
+    console: ConsoleMode,
+    model_tok: Option<Box<dyn Tokenizer>>,
+) -> Result<DataSetup> {
     if cfg.data == "builtin" {
         if cfg.tokenizer.is_some() {
             return Err(Error::invalid(
                 "the built-in data comes with its own tokenizer; drop --tokenizer or give --data",
+            ));
+        }
+        if cfg.init_from.is_some() {
+            return Err(Error::invalid(
+                "the built-in data has its own tokenizer, which a pretrained model does not share; \
+                 tokenize your text with the model's tokenizer (handgrad prepare) and pass --data",
             ));
         }
         let mut log = |s: &str| {
@@ -181,17 +195,21 @@ fn setup_data(cfg: &TrainConfig, cache_root: &Path, console: ConsoleMode) -> Res
             tokenizer::find_in_dir(&dir)
         }
     };
-    let tokenizer = match tok_path {
-        Some(p) => Some(tokenizer::load(&p)?),
-        None => None,
+    let tokenizer = match (tok_path, model_tok) {
+        (Some(p), _) if cfg.tokenizer.is_some() => Some(tokenizer::load(&p)?),
+        (_, Some(t)) => Some(t),
+        (Some(p), None) => Some(tokenizer::load(&p)?),
+        (None, None) => None,
     };
     if let (Some(t), Some(id)) = (&tokenizer, &data.tokenizer_id)
         && t.id() != id
     {
         return Err(Error::invalid(format!(
-            "the data was tokenized with tokenizer {id}, but --tokenizer is {} ({})",
+            "the data was tokenized with tokenizer {id}, but the tokenizer in use is {} ({})",
             t.id(),
-            cfg.tokenizer.as_deref().unwrap_or("found next to the data")
+            cfg.tokenizer
+                .as_deref()
+                .unwrap_or("from the model or next to the data")
         )));
     }
     Ok(DataSetup {
@@ -337,11 +355,28 @@ impl Trainer {
         };
         cfg.validate()?;
         // Fail fast on a bad model name or config before any data work.
-        ModelConfig::from_preset_or_path(&cfg.model)?;
+        if cfg.init_from.is_none() {
+            ModelConfig::from_preset_or_path(&cfg.model)?;
+        }
         if let Some(spec) = &opts.requested_model {
             ModelConfig::from_preset_or_path(spec)?;
         }
-        let setup = setup_data(&cfg, &opts.cache_root, opts.console)?;
+        // Weights to start from: a pretrained model (fresh run) or the checkpoint (resume).
+        let init = match (&resume, &cfg.init_from) {
+            (None, Some(p)) => Some(crate::formats::load_model(Path::new(p))?),
+            _ => None,
+        };
+        let model_tok = match (&resume, &init) {
+            (Some((ck, from)), _) if !ck.tokenizer.is_empty() => {
+                Some(tokenizer::from_bytes(ck.tokenizer.clone(), from)?)
+            }
+            (_, Some(m)) => match &m.tokenizer {
+                Some(t) => Some(t.load(Path::new(cfg.init_from.as_deref().unwrap_or("")))?),
+                None => None,
+            },
+            _ => None,
+        };
+        let setup = setup_data(&cfg, &opts.cache_root, opts.console, model_tok)?;
         let tok_ref = setup.tokenizer.as_deref();
         let model_cfg = match &resume {
             Some((ck, from)) => {
@@ -374,7 +409,25 @@ impl Trainer {
                 }
                 mc
             }
-            None => resolve_model(&cfg.model, tok_ref)?,
+            None => match &init {
+                Some(m) => {
+                    if let Some(t) = tok_ref
+                        && t.vocab_size() > m.cfg.vocab_size
+                    {
+                        return Err(Error::invalid(format!(
+                            "the tokenizer has {} ids but the model in {} only {}",
+                            t.vocab_size(),
+                            cfg.init_from.as_deref().unwrap_or(""),
+                            m.cfg.vocab_size
+                        )));
+                    }
+                    for w in &m.warnings {
+                        warnings.push(w.clone());
+                    }
+                    m.cfg.clone()
+                }
+                None => resolve_model(&cfg.model, tok_ref)?,
+            },
         };
         if cfg.seq > model_cfg.max_seq_len {
             return Err(Error::invalid(format!(
@@ -469,7 +522,10 @@ impl Trainer {
                 };
                 ck.params
             }
-            None => model.layout.init(model.cfg.n_layers, cfg.seed),
+            None => match init {
+                Some(m) => m.params,
+                None => model.layout.init(model.cfg.n_layers, cfg.seed),
+            },
         };
         let mut sinks: Vec<Box<dyn EventSink + Send>> = vec![
             Box::new(JsonlSink::open(&paths.events())?),
@@ -692,6 +748,7 @@ impl Trainer {
             },
             final_loss: self.last_train_loss,
             best_val_loss: self.best_val_loss,
+            peak_rss_bytes: crate::util::mem::peak_rss_bytes(),
         })?;
         for s in &mut self.sinks {
             s.finish()?;
@@ -761,46 +818,45 @@ impl Trainer {
         Ok(val)
     }
 
-    fn checkpoint(&self, with_moments: bool) -> Result<Checkpoint> {
-        Ok(Checkpoint {
-            meta: CheckpointMeta {
-                format_version: FORMAT_VERSION,
-                model_config: self.model.cfg.to_hf_json(),
-                train_config: serde_json::to_value(&self.cfg)
-                    .map_err(|e| Error::json("encoding the training config", e))?,
-                tokenizer_id: self.tokenizer_id(),
-                tokenizer_file: self.tokenizer.as_ref().map(|t| t.file_name().to_string()),
-                tokenizer_bytes: 0,
-                n_params: self.params.len(),
-                step: self.step,
-                adam_t: self.opt.t,
-                schedule_total: self.cfg.steps as u64,
-                sampler: self.sampler.state(),
-                tokens_seen: self.tokens_seen,
-                best_val_loss: self.best_val_loss,
-                last_val_loss: self.last_val_loss,
-                last_train_loss: self.last_train_loss,
-                vocab_kept: self.model.compaction.as_ref().map(|c| c.kept.clone()),
-                train_seconds: self.train_seconds,
-                written_unix: unix_now(),
-            },
-            tokenizer: self
-                .tokenizer
-                .as_ref()
-                .map(|t| t.file_bytes().to_vec())
-                .unwrap_or_default(),
-            params: self.params.clone(),
-            moments: if with_moments {
-                Some((self.opt.m.clone(), self.opt.v.clone()))
-            } else {
-                None
-            },
+    fn checkpoint_meta(&self) -> Result<CheckpointMeta> {
+        Ok(CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            model_config: self.model.cfg.to_hf_json(),
+            train_config: serde_json::to_value(&self.cfg)
+                .map_err(|e| Error::json("encoding the training config", e))?,
+            tokenizer_id: self.tokenizer_id(),
+            tokenizer_file: self.tokenizer.as_ref().map(|t| t.file_name().to_string()),
+            tokenizer_bytes: 0,
+            n_params: self.params.len(),
+            step: self.step,
+            adam_t: self.opt.t,
+            schedule_total: self.cfg.steps as u64,
+            sampler: self.sampler.state(),
+            tokens_seen: self.tokens_seen,
+            best_val_loss: self.best_val_loss,
+            last_val_loss: self.last_val_loss,
+            last_train_loss: self.last_train_loss,
+            vocab_kept: self.model.compaction.as_ref().map(|c| c.kept.clone()),
+            train_seconds: self.train_seconds,
+            written_unix: unix_now(),
         })
     }
 
+    /// Writes a checkpoint straight from the live buffers (no copy of the weights or moments).
     fn save(&mut self, path: &Path, with_moments: bool, kind: &str) -> Result<()> {
         let t0 = Instant::now();
-        let bytes = self.checkpoint(with_moments)?.save(path)?;
+        let meta = self.checkpoint_meta()?;
+        let bytes = CheckpointRef {
+            meta: &meta,
+            tokenizer: self
+                .tokenizer
+                .as_ref()
+                .map(|t| t.file_bytes())
+                .unwrap_or_default(),
+            params: &self.params,
+            moments: with_moments.then_some((self.opt.m.as_slice(), self.opt.v.as_slice())),
+        }
+        .save(path)?;
         self.emit(Event::Checkpoint {
             step: self.step,
             kind: kind.into(),

@@ -1,0 +1,122 @@
+//! `handgrad convert`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+use crate::formats::hf::ExportDtype;
+use crate::formats::{TokenizerFile, hf, llama2c, load_model};
+use crate::tokenizer;
+
+/// Options of `handgrad convert`.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source: Hugging Face folder or .safetensors, llama2.c .bin, GGUF, or handgrad
+    /// checkpoint.
+    input: PathBuf,
+    /// Destination: a folder (Hugging Face) or a .bin file (llama2.c).
+    output: PathBuf,
+    /// Output format: hf, llama2c (legacy v0, what llama2.c's run.c reads) or llama2c-v1.
+    /// Default: llama2c for a .bin output, else hf.
+    #[arg(long)]
+    to: Option<String>,
+    /// Element type of Hugging Face output: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Split Hugging Face weights into shards of at most this size (e.g. 2GB, 500MB).
+    #[arg(long, default_value = "5GB")]
+    max_shard_size: String,
+    /// Tokenizer to copy into a Hugging Face folder (default: the source's, if it has one).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+/// Parses `5GB`, `500MB`, `12KB` or a byte count.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0)]
+        .iter()
+        .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((t.clone(), 1.0));
+    let x: f64 = num
+        .parse()
+        .map_err(|_| Error::invalid(format!("cannot read the size '{s}' (e.g. 5GB, 500MB)")))?;
+    if x <= 0.0 {
+        return Err(Error::invalid(format!("size '{s}' must be positive")));
+    }
+    Ok((x * mult) as u64)
+}
+
+pub fn run(a: ConvertArgs) -> Result<()> {
+    let to = match a.to.as_deref() {
+        Some(t) => t.to_string(),
+        None if a.output.extension().is_some_and(|x| x == "bin") => "llama2c".into(),
+        None if a.output.extension().is_some_and(|x| x == "gguf") => {
+            return Err(Error::invalid(
+                "handgrad reads GGUF but does not write it; export to a Hugging Face folder and use llama.cpp's converter",
+            ));
+        }
+        None => "hf".into(),
+    };
+    let dtype = ExportDtype::parse(&a.dtype)?;
+    let max_shard = parse_size(&a.max_shard_size)?;
+    let m = load_model(&a.input)?;
+    for w in &m.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!(
+        "read {} ({}, {} parameters)",
+        a.input.display(),
+        m.format,
+        crate::model::config::human_count(m.params.len())
+    );
+    match to.as_str() {
+        "hf" => {
+            let tok = match &a.tokenizer {
+                Some(p) => Some(TokenizerFile::of(tokenizer::load(p)?.as_ref())),
+                None => m.tokenizer.clone(),
+            };
+            hf::save(&a.output, &m.cfg, &m.params, dtype, tok.as_ref(), max_shard)?;
+            eprintln!(
+                "wrote Hugging Face folder {} ({:?}{})",
+                a.output.display(),
+                dtype,
+                if tok.is_some() {
+                    ", with tokenizer"
+                } else {
+                    ", no tokenizer"
+                }
+            );
+        }
+        "llama2c" | "llama2c-v0" | "llama2c-v1" => {
+            let version = if to == "llama2c-v1" { 1 } else { 0 };
+            llama2c::save(&a.output, &m.cfg, &m.params, version)?;
+            eprintln!("wrote llama2.c v{version} file {}", a.output.display());
+            if let Some(t) = &m.tokenizer
+                && t.name == "tokenizer.bin"
+            {
+                eprintln!(
+                    "(llama2.c reads its tokenizer separately; the source's tokenizer.bin is not copied)"
+                );
+            }
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "unknown --to '{other}' (hf, llama2c, llama2c-v1)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(super::parse_size("20kb").unwrap(), 20_000);
+        assert_eq!(super::parse_size("123").unwrap(), 123);
+        assert!(super::parse_size("lots").is_err());
+    }
+}
