@@ -5,6 +5,7 @@
 //! `generate`, `tokenizer`, `formats` and `telemetry` beside them.
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod error;

@@ -321,3 +321,58 @@ fn cross_entropy_gradients_and_value() {
         &mut loss,
     ));
 }
+
+#[test]
+fn fast_attention_matches_the_reference_on_odd_shapes() {
+    use handgrad::backend::cpu::attention::{
+        attention_backward_reference, attention_forward_reference,
+    };
+    for (batch, seq, n_heads, n_kv_heads, head_dim) in [
+        (1, 1, 2, 1, 4),
+        (2, 37, 4, 2, 6),
+        (1, 70, 3, 3, 128),
+        (3, 33, 8, 2, 16),
+    ] {
+        let s = AttentionShape {
+            batch,
+            seq,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        };
+        let n = batch * seq;
+        let (qd, kvd) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let q = randn(n * qd, 30, 0.0, 1.0);
+        let k = randn(n * kvd, 31, 0.0, 1.0);
+        let v = randn(n * kvd, 32, 0.0, 1.0);
+        let dout = randn(n * qd, 33, 0.0, 1.0);
+        let run = |fast: bool| {
+            let mut out = vec![0.0; n * qd];
+            let mut probs = vec![0.0; s.probs_len()];
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+            if fast {
+                attention_forward(&mut out, &mut probs, &q, &k, &v, &s);
+                attention_backward(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s);
+            } else {
+                attention_forward_reference(&mut out, &mut probs, &q, &k, &v, &s);
+                attention_backward_reference(
+                    &mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s,
+                );
+            }
+            [out, probs, dq, dk, dv]
+        };
+        let (fast, slow) = (run(true), run(false));
+        for (name, (a, b)) in ["out", "probs", "dq", "dk", "dv"]
+            .iter()
+            .zip(fast.iter().zip(&slow))
+        {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 2e-5, "{name} differs by {worst} for {s:?}");
+        }
+    }
+}

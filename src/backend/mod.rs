@@ -85,6 +85,11 @@ pub trait Kernels: Send + Sync {
         cpu::attention::attention_backward(dq, dk, dv, dout, probs, q, k, v, shape)
     }
 
+    /// Residual add: `out = a + b`.
+    fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        cpu::residual::residual_add(out, a, b)
+    }
+
     /// `g = silu(h1) * h3`.
     fn swiglu_forward(&self, g: &mut [f32], h1: &[f32], h3: &[f32]) {
         cpu::swiglu::swiglu_forward(g, h1, h3)

@@ -1,5 +1,6 @@
 //! The `handgrad` command line.
 
+mod bench;
 mod convert;
 mod data;
 mod generate;
@@ -32,6 +33,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Train, or encode and decode with, a tokenizer.
     Tokenizer(tokenizer::TokenizerArgs),
+    /// Benchmark training steps, matmuls and generation on this machine.
+    Bench(bench::BenchArgs),
     /// Download datasets (TinyStories).
     Data(data::DataArgs),
     /// Tokenize text corpora into token shards for training.
@@ -52,6 +55,7 @@ pub fn main() -> i32 {
         Command::Convert(a) => convert::run(a),
         Command::Prepare(a) => prepare::run(a),
         Command::Data(a) => data::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -65,6 +65,8 @@ pub struct Activations {
     pub dh3: Vec<f32>,
     /// Classifier targets mapped into the output rows `[n]`.
     pub targets: Vec<u32>,
+    /// Time spent per kernel family (accumulates until reset).
+    pub timings: super::timing::StepTimings,
 }
 
 /// The element counts of every buffer, in one place so that [`Activations::bytes_needed`] and
@@ -195,6 +197,7 @@ impl Activations {
             dh1: z(n * s.ffn),
             dh3: z(n * s.ffn),
             targets: vec![0; n],
+            timings: Default::default(),
         }
     }
 

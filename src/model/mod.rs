@@ -5,6 +5,7 @@ pub mod activations;
 pub mod config;
 pub mod params;
 pub mod rope_layout;
+pub mod timing;
 pub mod transformer;
 
 pub use activations::Activations;

@@ -14,13 +14,26 @@
 //! ```
 //! then `logits = rmsnorm(x_L, norm) Wcls^T` and mean cross-entropy against the next tokens.
 
+use std::time::Instant;
+
 use super::activations::{Activations, LayerActivations};
 use super::config::ModelConfig;
 use super::params::ParamLayout;
+use super::timing::Section;
 use crate::backend::cpu::embedding::{embedding_backward, embedding_forward};
 use crate::backend::cpu::rope::{RopeTable, rope_backward, rope_forward};
 use crate::backend::{AttentionShape, Kernels};
 use crate::error::{Error, Result};
+
+/// Runs an expression and adds its wall time to a section of a `StepTimings`.
+macro_rules! timed {
+    ($timings:expr, $section:expr, $body:expr) => {{
+        let start = Instant::now();
+        let r = $body;
+        $timings.add($section, start);
+        r
+    }};
+}
 
 /// A classifier restricted to the token ids that occur in the data ("vocab compaction").
 /// Logits and the loss then cover only these ids: the loss is *not* a full-vocabulary loss and
@@ -216,72 +229,119 @@ impl Transformer {
         let eps = cfg.norm_eps as f32;
         let shape = self.attention_shape(acts.batch, t_len);
         let pos = |i: usize| i % t_len;
+        let w = |id| lay.view(params, id);
 
-        embedding_forward(&mut acts.xs[0], lay.view(params, lay.embed), inputs, d);
+        timed!(
+            acts.timings,
+            Section::Embedding,
+            embedding_forward(&mut acts.xs[0], w(lay.embed), inputs, d)
+        );
         for (l, lt) in lay.layers.iter().enumerate() {
             let (before, after) = acts.xs.split_at_mut(l + 1);
             let x_in = &before[l];
             let x_out = &mut after[0];
             let la: &mut LayerActivations = &mut acts.layers[l];
-            let w = |id| lay.view(params, id);
+            let tm = &mut acts.timings;
 
             // Attention block.
-            k.rmsnorm_forward(&mut la.xn1, &mut la.rstd1, x_in, w(lt.attn_norm), d, eps);
+            timed!(
+                tm,
+                Section::Norms,
+                k.rmsnorm_forward(&mut la.xn1, &mut la.rstd1, x_in, w(lt.attn_norm), d, eps)
+            );
             if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
-                k.linear_forward(&mut la.q_raw, &la.xn1, w(lt.wq), n, d, qd);
-                k.linear_forward(&mut la.k_raw, &la.xn1, w(lt.wk), n, d, kvd);
-                k.rmsnorm_forward(&mut la.q, &mut la.rstd_q, &la.q_raw, w(qn), hd, eps);
-                k.rmsnorm_forward(&mut la.k, &mut la.rstd_k, &la.k_raw, w(kn), hd, eps);
+                timed!(tm, Section::MatmulFwd, {
+                    k.linear_forward(&mut la.q_raw, &la.xn1, w(lt.wq), n, d, qd);
+                    k.linear_forward(&mut la.k_raw, &la.xn1, w(lt.wk), n, d, kvd);
+                });
+                timed!(tm, Section::Norms, {
+                    k.rmsnorm_forward(&mut la.q, &mut la.rstd_q, &la.q_raw, w(qn), hd, eps);
+                    k.rmsnorm_forward(&mut la.k, &mut la.rstd_k, &la.k_raw, w(kn), hd, eps);
+                });
             } else {
-                k.linear_forward(&mut la.q, &la.xn1, w(lt.wq), n, d, qd);
-                k.linear_forward(&mut la.k, &la.xn1, w(lt.wk), n, d, kvd);
+                timed!(tm, Section::MatmulFwd, {
+                    k.linear_forward(&mut la.q, &la.xn1, w(lt.wq), n, d, qd);
+                    k.linear_forward(&mut la.k, &la.xn1, w(lt.wk), n, d, kvd);
+                });
             }
-            k.linear_forward(&mut la.v, &la.xn1, w(lt.wv), n, d, kvd);
-            rope_forward(&mut la.q, cfg.n_heads, &self.rope, pos);
-            rope_forward(&mut la.k, cfg.n_kv_heads, &self.rope, pos);
-            k.attention_forward(&mut la.att, &mut la.probs, &la.q, &la.k, &la.v, &shape);
-            k.linear_forward(&mut acts.tmp, &la.att, w(lt.wo), n, qd, d);
-            for ((m, &x), &o) in la.x_mid.iter_mut().zip(x_in).zip(&acts.tmp) {
-                *m = x + o;
-            }
+            timed!(
+                tm,
+                Section::MatmulFwd,
+                k.linear_forward(&mut la.v, &la.xn1, w(lt.wv), n, d, kvd)
+            );
+            timed!(tm, Section::Attention, {
+                rope_forward(&mut la.q, cfg.n_heads, &self.rope, pos);
+                rope_forward(&mut la.k, cfg.n_kv_heads, &self.rope, pos);
+                k.attention_forward(&mut la.att, &mut la.probs, &la.q, &la.k, &la.v, &shape);
+            });
+            timed!(
+                tm,
+                Section::MatmulFwd,
+                k.linear_forward(&mut acts.tmp, &la.att, w(lt.wo), n, qd, d)
+            );
+            timed!(
+                tm,
+                Section::Elementwise,
+                k.add(&mut la.x_mid, x_in, &acts.tmp)
+            );
 
             // Feed-forward block.
-            k.rmsnorm_forward(
-                &mut la.xn2,
-                &mut la.rstd2,
-                &la.x_mid,
-                w(lt.ffn_norm),
-                d,
-                eps,
+            timed!(
+                tm,
+                Section::Norms,
+                k.rmsnorm_forward(
+                    &mut la.xn2,
+                    &mut la.rstd2,
+                    &la.x_mid,
+                    w(lt.ffn_norm),
+                    d,
+                    eps
+                )
             );
-            k.linear_forward(&mut la.h1, &la.xn2, w(lt.w_gate), n, d, f);
-            k.linear_forward(&mut la.h3, &la.xn2, w(lt.w_up), n, d, f);
-            k.swiglu_forward(&mut la.g, &la.h1, &la.h3);
-            k.linear_forward(&mut acts.tmp, &la.g, w(lt.w_down), n, f, d);
-            for ((o, &m), &y) in x_out.iter_mut().zip(&la.x_mid).zip(&acts.tmp) {
-                *o = m + y;
-            }
+            timed!(tm, Section::MatmulFwd, {
+                k.linear_forward(&mut la.h1, &la.xn2, w(lt.w_gate), n, d, f);
+                k.linear_forward(&mut la.h3, &la.xn2, w(lt.w_up), n, d, f);
+            });
+            timed!(
+                tm,
+                Section::Elementwise,
+                k.swiglu_forward(&mut la.g, &la.h1, &la.h3)
+            );
+            timed!(
+                tm,
+                Section::MatmulFwd,
+                k.linear_forward(&mut acts.tmp, &la.g, w(lt.w_down), n, f, d)
+            );
+            timed!(tm, Section::Elementwise, k.add(x_out, &la.x_mid, &acts.tmp));
         }
 
         let x_last = &acts.xs[cfg.n_layers];
-        k.rmsnorm_forward(
-            &mut acts.xnf,
-            &mut acts.rstdf,
-            x_last,
-            lay.view(params, lay.final_norm),
-            d,
-            eps,
+        timed!(
+            acts.timings,
+            Section::Norms,
+            k.rmsnorm_forward(
+                &mut acts.xnf,
+                &mut acts.rstdf,
+                x_last,
+                w(lay.final_norm),
+                d,
+                eps
+            )
         );
-        let cls = lay.view(params, lay.classifier());
-        match &self.compaction {
-            None => k.linear_forward(&mut acts.logits, &acts.xnf, cls, n, d, cfg.vocab_size),
-            Some(c) => {
-                for (row, &id) in acts.cls_w.chunks_exact_mut(d).zip(&c.kept) {
-                    row.copy_from_slice(&cls[id as usize * d..(id as usize + 1) * d]);
+        let cls = w(lay.classifier());
+        timed!(
+            acts.timings,
+            Section::ClassifierLoss,
+            match &self.compaction {
+                None => k.linear_forward(&mut acts.logits, &acts.xnf, cls, n, d, cfg.vocab_size),
+                Some(c) => {
+                    for (row, &id) in acts.cls_w.chunks_exact_mut(d).zip(&c.kept) {
+                        row.copy_from_slice(&cls[id as usize * d..(id as usize + 1) * d]);
+                    }
+                    k.linear_forward(&mut acts.logits, &acts.xnf, &acts.cls_w, n, d, c.len());
                 }
-                k.linear_forward(&mut acts.logits, &acts.xnf, &acts.cls_w, n, d, c.len());
             }
-        }
+        );
         Ok(())
     }
 
@@ -297,7 +357,11 @@ impl Transformer {
         self.map_targets(acts, targets)?;
         self.forward(k, params, acts, inputs)?;
         let n = acts.targets.len();
-        Ok(k.cross_entropy_loss(&acts.logits, &acts.targets, acts.vocab_out) / n as f64)
+        Ok(timed!(
+            acts.timings,
+            Section::ClassifierLoss,
+            k.cross_entropy_loss(&acts.logits, &acts.targets, acts.vocab_out)
+        ) / n as f64)
     }
 
     /// Forward and backward. Returns the mean loss over the `batch * seq` targets and *adds*
@@ -333,7 +397,10 @@ impl Transformer {
         let shape = self.attention_shape(acts.batch, t_len);
         let pos = |i: usize| i % t_len;
         let vocab_out = acts.vocab_out;
+        let w = |id| lay.view(params, id);
 
+        // Loss, classifier and final norm.
+        let t0 = Instant::now();
         let loss_sum = k.cross_entropy_forward_backward(
             &mut acts.logits,
             &acts.targets,
@@ -341,13 +408,10 @@ impl Transformer {
             loss_scale / n as f32,
         );
         let dlogits = &acts.logits;
-
-        // Classifier and final norm.
         let cls_id = lay.classifier();
         match &self.compaction {
             None => {
-                let cls = lay.view(params, cls_id);
-                k.linear_backward_input(&mut acts.dxn, dlogits, cls, n, d, vocab_out, false);
+                k.linear_backward_input(&mut acts.dxn, dlogits, w(cls_id), n, d, vocab_out, false);
                 k.linear_backward_weight(
                     lay.view_mut(grads, cls_id),
                     dlogits,
@@ -380,104 +444,160 @@ impl Transformer {
                 }
             }
         }
-        k.rmsnorm_backward(
-            &mut acts.dx,
-            lay.view_mut(grads, lay.final_norm),
-            &acts.dxn,
-            &acts.xs[cfg.n_layers],
-            lay.view(params, lay.final_norm),
-            &acts.rstdf,
-            d,
-            false,
+        acts.timings.add(Section::ClassifierLoss, t0);
+        timed!(
+            acts.timings,
+            Section::Norms,
+            k.rmsnorm_backward(
+                &mut acts.dx,
+                lay.view_mut(grads, lay.final_norm),
+                &acts.dxn,
+                &acts.xs[cfg.n_layers],
+                w(lay.final_norm),
+                &acts.rstdf,
+                d,
+                false,
+            )
         );
 
         // `acts.dx` holds d(loss)/d(residual stream) and flows down through the layers.
         for (l, lt) in lay.layers.iter().enumerate().rev() {
             let la = &acts.layers[l];
             let x_in = &acts.xs[l];
-            let w = |id| lay.view(params, id);
+            let tm = &mut acts.timings;
 
             // Feed-forward block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
-            k.linear_backward_input(&mut acts.dg, &acts.dx, w(lt.w_down), n, f, d, false);
-            k.linear_backward_weight(lay.view_mut(grads, lt.w_down), &acts.dx, &la.g, n, f, d);
-            k.swiglu_backward(&mut acts.dh1, &mut acts.dh3, &acts.dg, &la.h1, &la.h3);
-            k.linear_backward_input(&mut acts.dxn, &acts.dh1, w(lt.w_gate), n, d, f, false);
-            k.linear_backward_input(&mut acts.dxn, &acts.dh3, w(lt.w_up), n, d, f, true);
-            k.linear_backward_weight(lay.view_mut(grads, lt.w_gate), &acts.dh1, &la.xn2, n, d, f);
-            k.linear_backward_weight(lay.view_mut(grads, lt.w_up), &acts.dh3, &la.xn2, n, d, f);
-            k.rmsnorm_backward(
-                &mut acts.dx,
-                lay.view_mut(grads, lt.ffn_norm),
-                &acts.dxn,
-                &la.x_mid,
-                w(lt.ffn_norm),
-                &la.rstd2,
-                d,
-                true,
+            timed!(
+                tm,
+                Section::MatmulDgrad,
+                k.linear_backward_input(&mut acts.dg, &acts.dx, w(lt.w_down), n, f, d, false)
+            );
+            timed!(
+                tm,
+                Section::MatmulWgrad,
+                k.linear_backward_weight(lay.view_mut(grads, lt.w_down), &acts.dx, &la.g, n, f, d)
+            );
+            timed!(
+                tm,
+                Section::Elementwise,
+                k.swiglu_backward(&mut acts.dh1, &mut acts.dh3, &acts.dg, &la.h1, &la.h3)
+            );
+            timed!(tm, Section::MatmulDgrad, {
+                k.linear_backward_input(&mut acts.dxn, &acts.dh1, w(lt.w_gate), n, d, f, false);
+                k.linear_backward_input(&mut acts.dxn, &acts.dh3, w(lt.w_up), n, d, f, true);
+            });
+            timed!(tm, Section::MatmulWgrad, {
+                k.linear_backward_weight(
+                    lay.view_mut(grads, lt.w_gate),
+                    &acts.dh1,
+                    &la.xn2,
+                    n,
+                    d,
+                    f,
+                );
+                k.linear_backward_weight(lay.view_mut(grads, lt.w_up), &acts.dh3, &la.xn2, n, d, f);
+            });
+            timed!(
+                tm,
+                Section::Norms,
+                k.rmsnorm_backward(
+                    &mut acts.dx,
+                    lay.view_mut(grads, lt.ffn_norm),
+                    &acts.dxn,
+                    &la.x_mid,
+                    w(lt.ffn_norm),
+                    &la.rstd2,
+                    d,
+                    true,
+                )
             );
 
             // Attention block: x_mid = x_in + o_proj(attention(...)).
-            k.linear_backward_input(&mut acts.datt, &acts.dx, w(lt.wo), n, qd, d, false);
-            k.linear_backward_weight(lay.view_mut(grads, lt.wo), &acts.dx, &la.att, n, qd, d);
-            k.attention_backward(
-                &mut acts.dq,
-                &mut acts.dk,
-                &mut acts.dv,
-                &acts.datt,
-                &la.probs,
-                &la.q,
-                &la.k,
-                &la.v,
-                &shape,
+            timed!(
+                tm,
+                Section::MatmulDgrad,
+                k.linear_backward_input(&mut acts.datt, &acts.dx, w(lt.wo), n, qd, d, false)
             );
-            rope_backward(&mut acts.dq, cfg.n_heads, &self.rope, pos);
-            rope_backward(&mut acts.dk, cfg.n_kv_heads, &self.rope, pos);
+            timed!(
+                tm,
+                Section::MatmulWgrad,
+                k.linear_backward_weight(lay.view_mut(grads, lt.wo), &acts.dx, &la.att, n, qd, d)
+            );
+            timed!(tm, Section::Attention, {
+                k.attention_backward(
+                    &mut acts.dq,
+                    &mut acts.dk,
+                    &mut acts.dv,
+                    &acts.datt,
+                    &la.probs,
+                    &la.q,
+                    &la.k,
+                    &la.v,
+                    &shape,
+                );
+                rope_backward(&mut acts.dq, cfg.n_heads, &self.rope, pos);
+                rope_backward(&mut acts.dk, cfg.n_kv_heads, &self.rope, pos);
+            });
             // Gradients with respect to the projections' outputs.
             let (dq_proj, dk_proj): (&[f32], &[f32]) =
                 if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
                     // `datt` is free again: it receives the gradient before the query norm.
-                    k.rmsnorm_backward(
-                        &mut acts.datt,
-                        lay.view_mut(grads, qn),
-                        &acts.dq,
-                        &la.q_raw,
-                        w(qn),
-                        &la.rstd_q,
-                        hd,
-                        false,
-                    );
-                    k.rmsnorm_backward(
-                        &mut acts.dk_raw,
-                        lay.view_mut(grads, kn),
-                        &acts.dk,
-                        &la.k_raw,
-                        w(kn),
-                        &la.rstd_k,
-                        hd,
-                        false,
-                    );
+                    timed!(tm, Section::Norms, {
+                        k.rmsnorm_backward(
+                            &mut acts.datt,
+                            lay.view_mut(grads, qn),
+                            &acts.dq,
+                            &la.q_raw,
+                            w(qn),
+                            &la.rstd_q,
+                            hd,
+                            false,
+                        );
+                        k.rmsnorm_backward(
+                            &mut acts.dk_raw,
+                            lay.view_mut(grads, kn),
+                            &acts.dk,
+                            &la.k_raw,
+                            w(kn),
+                            &la.rstd_k,
+                            hd,
+                            false,
+                        );
+                    });
                     (&acts.datt, &acts.dk_raw)
                 } else {
                     (&acts.dq, &acts.dk)
                 };
-            k.linear_backward_input(&mut acts.dxn, dq_proj, w(lt.wq), n, d, qd, false);
-            k.linear_backward_input(&mut acts.dxn, dk_proj, w(lt.wk), n, d, kvd, true);
-            k.linear_backward_input(&mut acts.dxn, &acts.dv, w(lt.wv), n, d, kvd, true);
-            k.linear_backward_weight(lay.view_mut(grads, lt.wq), dq_proj, &la.xn1, n, d, qd);
-            k.linear_backward_weight(lay.view_mut(grads, lt.wk), dk_proj, &la.xn1, n, d, kvd);
-            k.linear_backward_weight(lay.view_mut(grads, lt.wv), &acts.dv, &la.xn1, n, d, kvd);
-            k.rmsnorm_backward(
-                &mut acts.dx,
-                lay.view_mut(grads, lt.attn_norm),
-                &acts.dxn,
-                x_in,
-                w(lt.attn_norm),
-                &la.rstd1,
-                d,
-                true,
+            timed!(tm, Section::MatmulDgrad, {
+                k.linear_backward_input(&mut acts.dxn, dq_proj, w(lt.wq), n, d, qd, false);
+                k.linear_backward_input(&mut acts.dxn, dk_proj, w(lt.wk), n, d, kvd, true);
+                k.linear_backward_input(&mut acts.dxn, &acts.dv, w(lt.wv), n, d, kvd, true);
+            });
+            timed!(tm, Section::MatmulWgrad, {
+                k.linear_backward_weight(lay.view_mut(grads, lt.wq), dq_proj, &la.xn1, n, d, qd);
+                k.linear_backward_weight(lay.view_mut(grads, lt.wk), dk_proj, &la.xn1, n, d, kvd);
+                k.linear_backward_weight(lay.view_mut(grads, lt.wv), &acts.dv, &la.xn1, n, d, kvd);
+            });
+            timed!(
+                tm,
+                Section::Norms,
+                k.rmsnorm_backward(
+                    &mut acts.dx,
+                    lay.view_mut(grads, lt.attn_norm),
+                    &acts.dxn,
+                    x_in,
+                    w(lt.attn_norm),
+                    &la.rstd1,
+                    d,
+                    true,
+                )
             );
         }
-        embedding_backward(lay.view_mut(grads, lay.embed), &acts.dx, inputs, d);
+        timed!(
+            acts.timings,
+            Section::Embedding,
+            embedding_backward(lay.view_mut(grads, lay.embed), &acts.dx, inputs, d)
+        );
         Ok(loss_sum / n as f64)
     }
 }

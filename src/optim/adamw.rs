@@ -65,8 +65,9 @@ impl AdamW {
         }
     }
 
-    /// Applies one update with learning rate `lr` to `params` from `grads`.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+    /// Applies one update with learning rate `lr` to `params` from `grad_scale * grads` (the
+    /// scale folds gradient averaging and clipping into this single pass over memory).
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, grad_scale: f32) {
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -87,7 +88,7 @@ impl AdamW {
                 .zip(self.v[start..end].par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| {
                     for i in 0..p.len() {
-                        let gi = g[i];
+                        let gi = g[i] * grad_scale;
                         m[i] = b1 * m[i] + (1.0 - b1) * gi;
                         v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
                         let denom = v[i].sqrt() * inv_sqrt_bc2 + eps;
@@ -95,6 +96,32 @@ impl AdamW {
                     }
                 });
         }
+    }
+}
+
+/// The gradient norm of an update and the factor that averages and clips it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateScale {
+    /// Global L2 norm of the averaged gradient, before clipping.
+    pub grad_norm: f64,
+    /// Whether clipping scaled it down.
+    pub clipped: bool,
+    /// Factor to apply to the accumulated gradient: `1/micro_steps`, times `clip/norm` when
+    /// clipping.
+    pub factor: f32,
+}
+
+/// Computes the averaging and clipping factor of accumulated gradients (the sum over
+/// `micro_steps` micro-batches of mean-loss gradients) in one read of the buffer.
+pub fn update_scale(grads: &[f32], micro_steps: usize, clip: f64) -> UpdateScale {
+    let micro = micro_steps.max(1) as f64;
+    let grad_norm = global_norm(grads) / micro;
+    let clipped = clip > 0.0 && grad_norm > clip;
+    let factor = (1.0 / micro) * if clipped { clip / grad_norm } else { 1.0 };
+    UpdateScale {
+        grad_norm,
+        clipped,
+        factor: factor as f32,
     }
 }
 
@@ -128,7 +155,7 @@ mod tests {
         let mut opt = AdamW::new(AdamWConfig::default(), &layout);
         let mut p = vec![1.0f32; layout.total()];
         let g = vec![0.5f32; layout.total()];
-        opt.step(&mut p, &g, 0.01);
+        opt.step(&mut p, &g, 0.01, 1.0);
         // Step 1: m = 0.05, v = 0.0125; mhat = 0.5, vhat = 0.25 -> update = 0.01 * 0.5/0.5.
         let matrix = layout.range(layout.layers[0].wq).start;
         let norm = layout.range(layout.layers[0].attn_norm).start;
@@ -139,6 +166,15 @@ mod tests {
             p[matrix]
         );
         assert!((p[norm] as f64 - (1.0 - 0.01)).abs() < 1e-6, "{}", p[norm]);
+    }
+
+    #[test]
+    fn update_scale_averages_then_clips() {
+        let g = [6.0f32, 8.0]; // sum of 2 micro-steps: mean gradient (3, 4), norm 5
+        let u = update_scale(&g, 2, 0.0);
+        assert_eq!((u.grad_norm, u.clipped, u.factor), (5.0, false, 0.5));
+        let u = update_scale(&g, 2, 1.0);
+        assert!(u.clipped && (u.factor - 0.1).abs() < 1e-7);
     }
 
     #[test]

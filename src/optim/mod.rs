@@ -3,5 +3,5 @@
 pub mod adamw;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, global_norm};
+pub use adamw::{AdamW, AdamWConfig, UpdateScale, global_norm, update_scale};
 pub use schedule::CosineSchedule;

@@ -15,7 +15,7 @@ use crate::formats::checkpoint::{Checkpoint, CheckpointMeta, CheckpointRef, FORM
 use crate::generate::{GenerateOptions, Sampling, generate};
 use crate::model::config::PRESETS;
 use crate::model::{ModelConfig, Transformer, VocabCompaction};
-use crate::optim::{AdamW, AdamWConfig, CosineSchedule, global_norm};
+use crate::optim::{AdamW, AdamWConfig, CosineSchedule, UpdateScale, update_scale};
 use crate::telemetry::events::{DataSummary, ParamSummary, unix_now};
 use crate::telemetry::{ConsoleMode, ConsoleSink, Event, EventSink, JsonlSink};
 use crate::tokenizer::{self, Tokenizer};
@@ -646,23 +646,25 @@ impl Trainer {
                     1.0,
                 )?;
             }
-            // Average over the micro-steps actually taken.
+            // Average over the micro-steps actually taken, and clip: folded into the update.
             let micro = self.cfg.accum;
-            crate::optim::adamw::scale(&mut self.grads, 1.0 / micro as f32);
+            let t_opt = Instant::now();
             let loss = loss_sum / micro as f64;
-            let grad_norm = global_norm(&self.grads);
+            let UpdateScale {
+                grad_norm,
+                clipped,
+                factor,
+            } = update_scale(&self.grads, micro, self.cfg.clip);
             if !loss.is_finite() || !grad_norm.is_finite() {
                 return Err(Error::invalid(format!(
                     "training diverged at update {}: loss {loss}, gradient norm {grad_norm} (try a lower --lr); the last checkpoint is intact",
                     self.step + 1
                 )));
             }
-            let clipped = self.cfg.clip > 0.0 && grad_norm > self.cfg.clip;
-            if clipped {
-                crate::optim::adamw::scale(&mut self.grads, (self.cfg.clip / grad_norm) as f32);
-            }
             let lr = self.schedule.lr_at(self.step as usize);
-            self.opt.step(&mut self.params, &self.grads, lr);
+            self.opt.step(&mut self.params, &self.grads, lr, factor);
+            acts.timings
+                .add(crate::model::timing::Section::Optimizer, t_opt);
             self.step += 1;
             self.tokens_seen += tokens_per_update as u64;
             let secs = t0.elapsed().as_secs_f64();

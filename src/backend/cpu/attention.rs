@@ -2,8 +2,275 @@
 //!
 //! Head mapping (Hugging Face convention, the same in forward and backward): query head `h`
 //! reads key/value head `h / (n_heads / n_kv_heads)`.
+//!
+//! The fast path runs every head's products (`Q K^T`, `P V`, and the four backward products)
+//! as matrix multiplies on strided views of the activations, one head per task, and skips the
+//! masked upper triangle block by block (about half the work). The reference path is plain
+//! loops; tests check one against the other.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
+
+use super::linear::gemm_strided;
+
+/// Rows per causal block: blocks above the diagonal are skipped.
+const BLOCK: usize = 32;
+
+/// A raw pointer that may be sent to worker threads; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: the pointer is only used by tasks that write disjoint elements (documented at each
+// use), and the allocation outlives the parallel loop that uses it.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+thread_local! {
+    /// Per-thread `[seq, seq]` scratch for the backward pass, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Softmax of row `t` of a causal score matrix in place over columns `0..=t`; zeroes the rest.
+#[inline]
+fn causal_softmax_row(row: &mut [f32], t: usize) {
+    let (live, masked) = row.split_at_mut(t + 1);
+    let max = super::math::max(live);
+    let sum = super::math::exp_shift_sum(live, max);
+    let inv = 1.0 / sum;
+    for x in live.iter_mut() {
+        *x *= inv;
+    }
+    masked.fill(0.0);
+}
+
+/// Forward. Shapes: `q [batch*seq, n_heads*head_dim]`, `k, v [batch*seq, n_kv_heads*head_dim]`
+/// -> `out [batch*seq, n_heads*head_dim]`, `probs [batch, n_heads, seq, seq]` (softmax of
+/// `q k^T / sqrt(head_dim)` with the causal mask; entries above the diagonal are 0), saved for
+/// the backward pass.
+pub fn attention_forward(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttentionShape,
+) {
+    let (t_len, hd, qd, kvd) = (s.seq, s.head_dim, s.q_dim(), s.kv_dim());
+    let n = s.batch * t_len;
+    assert!(q.len() >= n * qd && out.len() >= n * qd && k.len() >= n * kvd && v.len() >= n * kvd);
+    assert!(probs.len() >= s.probs_len());
+    let scale = s.scale();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    probs[..s.probs_len()]
+        .par_chunks_mut(t_len * t_len)
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+            let kvh = h / s.group();
+            let qh = &q[b * t_len * qd + h * hd..];
+            let kh = &k[b * t_len * kvd + kvh * hd..];
+            let vh = &v[b * t_len * kvd + kvh * hd..];
+            for r0 in (0..t_len).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t_len);
+                let rows = r1 - r0;
+                // S[r0..r1, 0..r1] = scale * Q[r0..r1] K[0..r1]^T
+                // SAFETY: Q rows r0..r1 (stride qd, hd columns) lie in `q`; K rows 0..r1 lie in
+                // `k` (checked by the asserts); the destination rows lie in this task's chunk.
+                unsafe {
+                    gemm_strided(
+                        rows,
+                        r1,
+                        hd,
+                        p.as_mut_ptr().add(r0 * t_len),
+                        t_len,
+                        false,
+                        scale,
+                        qh.as_ptr().add(r0 * qd),
+                        qd,
+                        1,
+                        kh.as_ptr(),
+                        1,
+                        kvd,
+                    );
+                }
+                for t in r0..r1 {
+                    causal_softmax_row(&mut p[t * t_len..(t + 1) * t_len], t);
+                }
+                // O[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
+                // SAFETY: the destination is rows r0..r1 of head h in `out` (stride qd, hd
+                // columns), written by this task only (one task per (batch, head)); V rows
+                // 0..r1 lie in `v`.
+                unsafe {
+                    gemm_strided(
+                        rows,
+                        hd,
+                        r1,
+                        out_ptr.get().add((b * t_len + r0) * qd + h * hd),
+                        qd,
+                        false,
+                        1.0,
+                        p.as_ptr().add(r0 * t_len),
+                        t_len,
+                        1,
+                        vh.as_ptr(),
+                        kvd,
+                        1,
+                    );
+                }
+            }
+        });
+}
+
+/// Backward. Shapes as in [`attention_forward`]; `dout [batch*seq, n_heads*head_dim]` ->
+/// `dq` (same shape as `q`), `dk`, `dv` (same shape as `k`), all overwritten.
+///
+/// Per query head: `dP = dO V^T`, `dV += P^T dO`, `dS = P * (dP - rowsum(P * dP)) / sqrt(hd)`,
+/// `dQ = dS K`, `dK += dS^T Q`; one task per (batch, key/value head) sums its group.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    probs: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttentionShape,
+) {
+    let (t_len, hd, qd, kvd, group) = (s.seq, s.head_dim, s.q_dim(), s.kv_dim(), s.group());
+    let n = s.batch * t_len;
+    assert!(q.len() >= n * qd && dq.len() >= n * qd && dout.len() >= n * qd);
+    assert!(k.len() >= n * kvd && v.len() >= n * kvd && dk.len() >= n * kvd && dv.len() >= n * kvd);
+    assert!(probs.len() >= s.probs_len());
+    let scale = s.scale();
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    (0..s.batch * s.n_kv_heads).into_par_iter().for_each(|bk| {
+        let (b, kvh) = (bk / s.n_kv_heads, bk % s.n_kv_heads);
+        let kh = &k[b * t_len * kvd + kvh * hd..];
+        let vh = &v[b * t_len * kvd + kvh * hd..];
+        // SAFETY (for every write below): this task owns key/value head `kvh` of sequence `b`
+        // in `dk`/`dv` and query heads `kvh*group..(kvh+1)*group` of sequence `b` in `dq`;
+        // no other task touches those elements. All reads stay inside the asserted lengths.
+        let dk_h = unsafe { dk_ptr.get().add(b * t_len * kvd + kvh * hd) };
+        let dv_h = unsafe { dv_ptr.get().add(b * t_len * kvd + kvh * hd) };
+        SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < t_len * t_len {
+                scratch.resize(t_len * t_len, 0.0);
+            }
+            let ds = &mut scratch[..t_len * t_len];
+            for g in 0..group {
+                let h = kvh * group + g;
+                let first = g == 0;
+                let p = &probs[(b * s.n_heads + h) * t_len * t_len..][..t_len * t_len];
+                let doh = &dout[b * t_len * qd + h * hd..];
+                let qh = &q[b * t_len * qd + h * hd..];
+                for r0 in (0..t_len).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t_len);
+                    let rows = r1 - r0;
+                    // dP[r0..r1, 0..r1] = dO[r0..r1] V[0..r1]^T
+                    unsafe {
+                        gemm_strided(
+                            rows,
+                            r1,
+                            hd,
+                            ds.as_mut_ptr().add(r0 * t_len),
+                            t_len,
+                            false,
+                            1.0,
+                            doh.as_ptr().add(r0 * qd),
+                            qd,
+                            1,
+                            vh.as_ptr(),
+                            1,
+                            kvd,
+                        );
+                    }
+                    // dS = P * (dP - rowsum(P * dP)) * scale, zero above the diagonal.
+                    for t in r0..r1 {
+                        let prow = &p[t * t_len..t * t_len + t + 1];
+                        let drow = &mut ds[t * t_len..(t + 1) * t_len];
+                        let dot = super::math::dot(prow, drow);
+                        for (d, &pv) in drow.iter_mut().zip(prow) {
+                            *d = pv * (*d - dot) * scale;
+                        }
+                        drow[t + 1..].fill(0.0);
+                    }
+                    // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
+                    unsafe {
+                        gemm_strided(
+                            rows,
+                            hd,
+                            r1,
+                            dq_ptr.get().add((b * t_len + r0) * qd + h * hd),
+                            qd,
+                            false,
+                            1.0,
+                            ds.as_ptr().add(r0 * t_len),
+                            t_len,
+                            1,
+                            kh.as_ptr(),
+                            kvd,
+                            1,
+                        );
+                    }
+                }
+                // dV[j] (+)= sum_{t>=j} P[t, j] dO[t];  dK[j] (+)= sum_{t>=j} dS[t, j] Q[t]
+                for r0 in (0..t_len).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t_len);
+                    let rows = r1 - r0;
+                    let span = t_len - r0;
+                    // SAFETY: see the task-ownership note above; all operands are in bounds.
+                    unsafe {
+                        gemm_strided(
+                            rows,
+                            hd,
+                            span,
+                            dv_h.add(r0 * kvd),
+                            kvd,
+                            !first,
+                            1.0,
+                            p.as_ptr().add(r0 * t_len + r0),
+                            1,
+                            t_len,
+                            doh.as_ptr().add(r0 * qd),
+                            qd,
+                            1,
+                        );
+                        gemm_strided(
+                            rows,
+                            hd,
+                            span,
+                            dk_h.add(r0 * kvd),
+                            kvd,
+                            !first,
+                            1.0,
+                            ds.as_ptr().add(r0 * t_len + r0),
+                            1,
+                            t_len,
+                            qh.as_ptr().add(r0 * qd),
+                            qd,
+                            1,
+                        );
+                    }
+                }
+            }
+        });
+    });
+}
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,11 +325,12 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Forward. Shapes: `q [batch*seq, n_heads*head_dim]`, `k, v [batch*seq, n_kv_heads*head_dim]`
+/// Reference forward (simple loops), kept to test the fast path against. Shapes:
+/// `q [batch*seq, n_heads*head_dim]`, `k, v [batch*seq, n_kv_heads*head_dim]`
 /// -> `out [batch*seq, n_heads*head_dim]`, `probs [batch, n_heads, seq, seq]` (softmax of
 /// `q k^T / sqrt(head_dim)` with the causal mask; entries above the diagonal are 0), saved for
 /// the backward pass.
-pub fn attention_forward(
+pub fn attention_forward_reference(
     out: &mut [f32],
     probs: &mut [f32],
     q: &[f32],
@@ -116,13 +384,13 @@ pub fn attention_forward(
     }
 }
 
-/// Backward. Shapes as in [`attention_forward`]; `dout [batch*seq, n_heads*head_dim]` ->
+/// Reference backward (simple loops). Shapes as in [`attention_forward`]; `dout [batch*seq, n_heads*head_dim]` ->
 /// `dq` (same shape as `q`), `dk`, `dv` (same shape as `k`), all overwritten.
 ///
 /// Per query head: `dP = dO V^T`, `dV += P^T dO`, `dS = P * (dP - rowsum(P * dP)) / sqrt(hd)`,
 /// `dQ = dS K`, `dK += dS^T Q`; the key/value gradients of a group sum over its query heads.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
+pub fn attention_backward_reference(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],

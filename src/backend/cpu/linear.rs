@@ -106,3 +106,66 @@ pub fn linear_backward_weight(
 ) {
     matmul(dw, dy, 1, d_out, x, d_in, 1, d_out, d_in, rows, true);
 }
+
+/// A single-threaded strided matmul on raw pointers, for kernels that work on sub-blocks of
+/// larger tensors (attention heads): `dst[m, n] = (accumulate ? dst : 0) + scale * lhs · rhs`,
+/// element `(i, j)` of an operand at `ptr + i * row_stride + j * col_stride`; `dst` has unit
+/// column stride.
+///
+/// # Safety
+/// Every element addressed this way (`i < m, j < n` for `dst`, `i < m, j < k` for `lhs`,
+/// `i < k, j < n` for `rhs`) must lie inside live allocations; `dst` must not overlap `lhs` or
+/// `rhs`, and no other thread may access the `dst` elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    scale: f32,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row `i` of `dst` is valid for `n` elements by the caller's contract.
+                unsafe { std::ptr::write_bytes(dst.add(i * dst_rs), 0, n) };
+            }
+        }
+        return;
+    }
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}

@@ -5,6 +5,8 @@ pub mod attention;
 pub mod embedding;
 pub mod linear;
 pub mod loss;
+pub mod math;
+pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

@@ -4,10 +4,7 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
 
-#[inline]
-fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
-}
+use super::math::sigmoid;
 
 /// Forward. Shapes: `h1` (gate projection), `h3` (up projection) `[rows, ffn]` -> `g [rows, ffn]`.
 pub fn swiglu_forward(g: &mut [f32], h1: &[f32], h3: &[f32]) {

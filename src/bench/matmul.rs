@@ -1,0 +1,95 @@
+//! Matrix-multiply throughput on the shapes of a model's training step.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::Kernels;
+use crate::model::ModelConfig;
+use crate::util::rng::Rng;
+
+/// One measured matmul.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatmulResult {
+    /// Which weight (`q_proj`, `mlp.down_proj`, `classifier`, ...).
+    pub weight: String,
+    /// `fwd` (x W^T), `dgrad` (dy W) or `wgrad` (dy^T x).
+    pub pass: String,
+    /// `[m, k] x [k, n]`.
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub ms: f64,
+    pub gflops: f64,
+}
+
+/// The distinct weight shapes of a model: (name, d_in, d_out).
+pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, usize, usize)> {
+    let (d, q, kv, f) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim);
+    let mut v = vec![
+        ("self_attn.q_proj".to_string(), d, q),
+        ("self_attn.k_proj / v_proj".to_string(), d, kv),
+        ("self_attn.o_proj".to_string(), q, d),
+        ("mlp.gate_proj / up_proj".to_string(), d, f),
+        ("mlp.down_proj".to_string(), f, d),
+        ("classifier".to_string(), d, cfg.vocab_size),
+    ];
+    if kv == q {
+        v.remove(1);
+        v[0].0 = "self_attn.q/k/v_proj".into();
+    }
+    v
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| (r.uniform() - 0.5) as f32).collect()
+}
+
+fn time_it(reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm up (page faults, packing buffers)
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Times the forward, input-gradient and weight-gradient matmuls of every weight shape for
+/// `rows` tokens (best of `reps`).
+pub fn run(k: &dyn Kernels, cfg: &ModelConfig, rows: usize, reps: usize) -> Vec<MatmulResult> {
+    let mut out = Vec::new();
+    for (name, d_in, d_out) in weight_shapes(cfg) {
+        let x = random(rows * d_in, 1);
+        let w = random(d_out * d_in, 2);
+        let dy = random(rows * d_out, 3);
+        let mut y = vec![0.0f32; rows * d_out];
+        let mut dx = vec![0.0f32; rows * d_in];
+        let mut dw = vec![0.0f32; d_out * d_in];
+        let flops = 2.0 * (rows * d_in * d_out) as f64;
+        let mut push = |pass: &str, m, kk, n, s: f64| {
+            out.push(MatmulResult {
+                weight: name.clone(),
+                pass: pass.into(),
+                m,
+                k: kk,
+                n,
+                ms: s * 1e3,
+                gflops: flops / s / 1e9,
+            })
+        };
+        let s = time_it(reps, || k.linear_forward(&mut y, &x, &w, rows, d_in, d_out));
+        push("fwd", rows, d_in, d_out, s);
+        let s = time_it(reps, || {
+            k.linear_backward_input(&mut dx, &dy, &w, rows, d_in, d_out, false)
+        });
+        push("dgrad", rows, d_out, d_in, s);
+        let s = time_it(reps, || {
+            k.linear_backward_weight(&mut dw, &dy, &x, rows, d_in, d_out)
+        });
+        push("wgrad", d_out, rows, d_in, s);
+    }
+    out
+}

@@ -1,0 +1,6 @@
+//! Benchmarks of the machine and of handgrad: arithmetic peak, matmul throughput, full
+//! training steps with a per-kernel breakdown, and generation speed.
+
+pub mod matmul;
+pub mod peak;
+pub mod train;

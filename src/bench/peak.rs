@@ -1,0 +1,168 @@
+//! The arithmetic peak of this machine: chains of independent fused multiply-adds that never
+//! touch memory, run on every worker thread at once. This is the ceiling against which matmul
+//! throughput and MFU are reported.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+/// Independent accumulators per loop: enough to cover FMA latency x throughput.
+const CHAINS: usize = 12;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::CHAINS;
+
+    /// Returns a value that depends on every chain so the loop cannot be removed.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_avx512(iters: usize) -> f32 {
+        let a = _mm512_set1_ps(0.999_999);
+        let b = _mm512_set1_ps(1e-7);
+        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm512_fmadd_ps(*r, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for r in acc {
+            s = _mm512_add_ps(s, r);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn f32_avx2(iters: usize) -> f32 {
+        let a = _mm256_set1_ps(0.999_999);
+        let b = _mm256_set1_ps(1e-7);
+        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm256_fmadd_ps(*r, a, b);
+            }
+        }
+        let mut out = [0.0f32; 8];
+        let mut s = _mm256_setzero_ps();
+        for r in acc {
+            s = _mm256_add_ps(s, r);
+        }
+        // SAFETY: `out` holds exactly the 8 floats an unaligned 256-bit store writes.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
+        out.iter().sum()
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn bf16_dot(iters: usize) -> f32 {
+        let x = _mm512_set1_ps(1e-3);
+        let b = _mm512_cvtne2ps_pbh(x, x);
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm512_dpbf16_ps(*r, b, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for r in acc {
+            s = _mm512_add_ps(s, r);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+}
+
+/// FLOPs of one loop iteration of each kernel and the kernel itself, if the CPU has one.
+fn f32_kernel() -> (f64, fn(usize) -> f32, &'static str) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return (
+                (CHAINS * 16 * 2) as f64,
+                |n| unsafe { x86::f32_avx512(n) },
+                "AVX-512 FMA",
+            );
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected at run time.
+            return (
+                (CHAINS * 8 * 2) as f64,
+                |n| unsafe { x86::f32_avx2(n) },
+                "AVX2 FMA",
+            );
+        }
+    }
+    ((CHAINS * 8 * 2) as f64, portable_f32, "portable")
+}
+
+/// A loop the compiler can vectorise on any target (NEON on Apple Silicon).
+fn portable_f32(iters: usize) -> f32 {
+    let mut acc = [[1.0f32; 8]; CHAINS];
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            for x in r.iter_mut() {
+                *x = x.mul_add(0.999_999, 1e-7);
+            }
+        }
+    }
+    acc.iter().flatten().sum()
+}
+
+/// Measured peak of one kernel on all threads of the current pool, in GFLOP/s.
+fn measure(flops_per_iter: f64, kernel: fn(usize) -> f32, seconds: f64) -> f64 {
+    // Calibrate the iteration count on one thread.
+    let mut iters = 1 << 16;
+    loop {
+        let t = Instant::now();
+        std::hint::black_box(kernel(iters));
+        if t.elapsed().as_secs_f64() > seconds / 4.0 || iters > 1 << 34 {
+            break;
+        }
+        iters *= 2;
+    }
+    let threads = rayon::current_num_threads();
+    let best = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let s: f32 = (0..threads).into_par_iter().map(|_| kernel(iters)).sum();
+            std::hint::black_box(s);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    flops_per_iter * iters as f64 * threads as f64 / best / 1e9
+}
+
+/// Peak of the fp32 fused multiply-add on all threads: (GFLOP/s, instruction set).
+pub fn fp32_peak(seconds: f64) -> (f64, &'static str) {
+    let (f, k, name) = f32_kernel();
+    (measure(f, k, seconds), name)
+}
+
+/// Peak of the bf16 dot-product instruction (`vdpbf16ps`) on all threads, if available.
+pub fn bf16_peak(seconds: f64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512_bf16() {
+            // SAFETY: the features were detected at run time.
+            return Some(measure(
+                (CHAINS * 32 * 2) as f64,
+                |n| unsafe { x86::bf16_dot(n) },
+                seconds,
+            ));
+        }
+    }
+    let _ = seconds;
+    None
+}
+
+/// Whether the CPU has AVX-512 with the BF16 extension.
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
