@@ -38,6 +38,7 @@ pub struct TrainBench {
     pub breakdown: Vec<BreakdownEntry>,
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Runs `steps` measured training steps (after one warm-up step) of a randomly initialised
 /// model on random tokens.
 pub fn run(
