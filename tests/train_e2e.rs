@@ -265,3 +265,60 @@ fn damaged_latest_checkpoint_is_refused_and_the_previous_one_used() {
         }
     )));
 }
+
+#[test]
+fn bf16_matmuls_track_the_fp32_loss_curve_over_200_updates() {
+    if !handgrad::backend::cpu::gemm_bf16::available() {
+        // A CPU feature, not an installable package: skipping is the only option here.
+        eprintln!("SKIPPED: this CPU has no AVX512_BF16, so the bf16 path cannot run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        model: "small".into(),
+        steps: 200,
+        batch: 8,
+        seq: 64,
+        lr: 3e-3,
+        warmup: 20,
+        eval_every: 0,
+        eval_batches: 4,
+        save_every: 0,
+        sample_tokens: 0,
+        ..TrainConfig::default()
+    };
+    let run = |precision: &str| {
+        let (opts, sink) = options(&dir.path().join(precision));
+        let out = train(
+            TrainConfig {
+                precision: precision.into(),
+                ..cfg.clone()
+            },
+            opts,
+        )
+        .unwrap();
+        (
+            step_losses(&sink.events.lock().unwrap()),
+            out.final_val_loss.unwrap(),
+        )
+    };
+    let (fp32, val32) = run("fp32");
+    let (bf16, val16) = run("bf16");
+    assert_eq!(fp32.len(), 200);
+    // Stated tolerance: the mean training loss of every block of 20 updates stays within 0.05
+    // nats (about 1%) of the fp32 run, and the final validation losses within 0.03.
+    let mut worst = 0.0f64;
+    for (a, b) in fp32.chunks(20).zip(bf16.chunks(20)) {
+        let (ma, mb) = (a.iter().sum::<f64>() / 20.0, b.iter().sum::<f64>() / 20.0);
+        worst = worst.max((ma - mb).abs());
+    }
+    eprintln!(
+        "bf16 vs fp32: worst 20-update mean gap {worst:.4}, validation {val32:.4} vs {val16:.4}"
+    );
+    assert!(worst < 0.05, "loss curves diverge by {worst}");
+    assert!(
+        (val32 - val16).abs() < 0.03,
+        "validation {val32} vs {val16}"
+    );
+    assert!(fp32[199] < fp32[0] - 3.0, "the run must actually learn");
+}

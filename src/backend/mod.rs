@@ -9,6 +9,23 @@ pub mod cpu;
 
 pub use cpu::attention::AttentionShape;
 
+use crate::error::{Error, Result};
+
+/// The CPU kernels of a matmul precision: `fp32`, or `bf16` (bf16 products with f32
+/// accumulation; needs AVX512_BF16).
+pub fn kernels_for(precision: &str) -> Result<Box<dyn Kernels>> {
+    match precision {
+        "fp32" => Ok(Box::new(cpu::CpuKernels)),
+        "bf16" if cpu::gemm_bf16::available() => Ok(Box::new(cpu::CpuBf16Kernels)),
+        "bf16" => Err(Error::invalid(
+            "--precision bf16 needs a CPU with AVX512_BF16 (this one has none; use fp32)",
+        )),
+        other => Err(Error::invalid(format!(
+            "unknown --precision '{other}' (fp32 or bf16)"
+        ))),
+    }
+}
+
 /// The operations a training step is made of. All tensors are row-major f32 slices; the shapes
 /// are documented on the CPU functions each default method calls.
 #[allow(clippy::too_many_arguments)]

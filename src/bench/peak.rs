@@ -166,3 +166,23 @@ pub fn has_avx512_bf16() -> bool {
         false
     }
 }
+
+/// Sustained read bandwidth from memory on all threads of the current pool, in GB/s: the best
+/// of a few passes summing a buffer far larger than the caches.
+pub fn read_bandwidth(bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let threads = rayon::current_num_threads();
+    let chunk = n.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let s: f32 = buf
+            .par_chunks(chunk)
+            .map(crate::backend::cpu::math::sum_fast)
+            .sum();
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (n * 4) as f64 / best / 1e9
+}

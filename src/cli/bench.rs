@@ -38,6 +38,24 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Time prefill and decoding (KV cache) against the memory-bandwidth roofline.
+    Generate {
+        #[arg(long, default_value = "stories110m")]
+        model: String,
+        /// Prompt tokens (prefilled in one batched forward pass).
+        #[arg(long, default_value_t = 256)]
+        prompt: usize,
+        /// Tokens decoded one at a time.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Weights streamed while decoding: fp32 or bf16.
+        #[arg(long, default_value = "fp32")]
+        weights: String,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the arithmetic peak (fp32 FMA, bf16 dot) and the matmul throughput of a model's shapes.
     Matmul {
         #[arg(long, default_value = "stories110m")]
@@ -45,6 +63,9 @@ enum BenchCommand {
         /// Rows (tokens) of the activations.
         #[arg(long, default_value_t = 1024)]
         rows: usize,
+        /// Matmul precision: fp32 or bf16.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
         #[arg(long)]
         threads: Option<usize>,
         #[arg(long)]
@@ -91,16 +112,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "--batch, --seq and --steps must be at least 1",
                 ));
             }
-            let kernels: Box<dyn crate::backend::Kernels> = match precision.as_str() {
-                "fp32" => Box::new(CpuKernels),
-                other => {
-                    return Err(Error::invalid(format!(
-                        "unknown --precision '{other}' (fp32)"
-                    )));
-                }
-            };
+            let kernels = crate::backend::kernels_for(&precision)?;
             let r = pool(threads)?.install(|| {
-                let (peak, _) = bench::peak::fp32_peak(0.5);
+                let peak = if precision == "bf16" {
+                    bench::peak::bf16_peak(0.5).unwrap_or(f64::NAN)
+                } else {
+                    bench::peak::fp32_peak(0.5).0
+                };
                 bench::train::run(
                     kernels.as_ref(),
                     &model,
@@ -153,13 +171,65 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             Ok(())
         }
-        BenchCommand::Matmul {
+        BenchCommand::Generate {
             model,
-            rows,
+            prompt,
+            tokens,
+            weights,
             threads,
             json: as_json,
         } => {
             let cfg = ModelConfig::from_preset_or_path(&model)?;
+            let bf16 = match weights.as_str() {
+                "fp32" | "f32" => false,
+                "bf16" => true,
+                other => {
+                    return Err(Error::invalid(format!(
+                        "unknown --weights '{other}' (fp32 or bf16)"
+                    )));
+                }
+            };
+            if prompt + tokens + 1 > cfg.max_seq_len {
+                return Err(Error::invalid(format!(
+                    "--prompt + --tokens exceed the model's {} positions",
+                    cfg.max_seq_len
+                )));
+            }
+            let r = pool(threads)?.install(|| {
+                bench::generate::run(&CpuKernels, &model, &cfg, prompt, tokens, bf16)
+            })?;
+            if as_json {
+                return json(&r);
+            }
+            println!("{}: {} weights, {} threads", r.model, r.weights, r.threads);
+            println!(
+                "prefill {} tokens: {:.0} tokens/s",
+                r.prompt_tokens, r.prefill_tokens_per_s
+            );
+            println!(
+                "decode {} tokens: {:.1} tokens/s ({:.1}% of the roofline {:.1} tokens/s = {:.1} GB/s measured read bandwidth / {:.1} MB of weights per token)",
+                r.decode_tokens,
+                r.decode_tokens_per_s,
+                100.0 * r.roofline_fraction,
+                r.roofline_tokens_per_s,
+                r.bandwidth_gb_s,
+                r.weight_bytes_per_token as f64 / 1e6
+            );
+            println!(
+                "prefill / decode speed: {:.1}x",
+                r.prefill_tokens_per_s / r.decode_tokens_per_s
+            );
+            Ok(())
+        }
+        BenchCommand::Matmul {
+            model,
+            rows,
+            precision,
+            threads,
+            json: as_json,
+        } => {
+            let cfg = ModelConfig::from_preset_or_path(&model)?;
+            let kernels = crate::backend::kernels_for(&precision)?;
             let (peak, isa, bf16, results) = pool(threads)?.install(|| {
                 let (peak, isa) = bench::peak::fp32_peak(1.0);
                 let bf16 = bench::peak::bf16_peak(1.0);
@@ -167,7 +237,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     peak,
                     isa,
                     bf16,
-                    bench::matmul::run(&CpuKernels, &cfg, rows, 3),
+                    bench::matmul::run(kernels.as_ref(), &cfg, rows, 3),
                 )
             });
             if as_json {

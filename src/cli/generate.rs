@@ -111,6 +111,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         sampling,
         seed: a.seed,
         add_bos: true,
+        bf16_weights: false,
     };
     let mut stdout = std::io::stdout();
     print!("{}", a.prompt);

@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// the reported loss is then over that compacted vocabulary, not the full one).
     #[arg(long)]
     vocab_compaction: bool,
+    /// Matmul precision: fp32, or bf16 (bf16 products with f32 accumulation via AVX512_BF16;
+    /// master weights, optimizer, norms, attention and the residual stream stay f32).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// Run folder (default: runs/MODEL-N, the first free N).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -162,6 +166,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval_batches: a.eval_batches,
         save_every: a.save_every,
         vocab_compaction: a.vocab_compaction,
+        precision: a.precision.clone(),
         val_fraction: a.val_fraction,
         sample_prompt: a.sample_prompt.clone(),
         sample_tokens: a.sample_tokens,

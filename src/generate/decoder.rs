@@ -3,16 +3,36 @@
 //! `h / (heads / kv_heads)`, as in training).
 
 use crate::backend::Kernels;
-use crate::backend::cpu::attention::dot;
 use crate::backend::cpu::embedding::embedding_forward;
+use crate::backend::cpu::gemv::{gemv_bf16, gemv_f32, to_bf16};
+use crate::backend::cpu::math::dot;
 use crate::backend::cpu::rope::rope_forward;
 use crate::error::{Error, Result};
-use crate::model::Transformer;
+use crate::model::{TensorId, Transformer};
+
+/// `y = W x` for the matrix `id`, from the f32 parameters or their bf16 copy.
+fn matvec(
+    params: &[f32],
+    bf16: Option<&[u16]>,
+    model: &Transformer,
+    id: TensorId,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let t = &model.layout.tensors[id];
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    match bf16 {
+        Some(b) => gemv_bf16(y, &b[t.range()], x, rows, cols),
+        None => gemv_f32(y, &params[t.range()], x, rows, cols),
+    }
+}
 
 /// Per-layer key/value cache plus decoding scratch buffers.
 pub struct Decoder<'m> {
     model: &'m Transformer,
     params: &'m [f32],
+    /// bf16 copy of the parameters for the matrix-vector products, when enabled.
+    bf16: Option<Vec<u16>>,
     /// `[layers][capacity, kv_dim]`.
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
@@ -45,6 +65,7 @@ impl<'m> Decoder<'m> {
         Ok(Decoder {
             model,
             params,
+            bf16: None,
             k_cache: (0..c.n_layers).map(|_| z(capacity * c.kv_dim())).collect(),
             v_cache: (0..c.n_layers).map(|_| z(capacity * c.kv_dim())).collect(),
             capacity,
@@ -63,6 +84,62 @@ impl<'m> Decoder<'m> {
             rstd: z(c.n_heads.max(c.n_kv_heads).max(1)),
             logits: z(c.vocab_size),
         })
+    }
+
+    /// Streams bf16 copies of the weight matrices in the per-token products (half the memory
+    /// traffic; f32 accumulation). Prefill keeps using the f32 weights.
+    pub fn with_bf16_weights(mut self) -> Self {
+        self.bf16 = Some(to_bf16(self.params));
+        self
+    }
+
+    /// Bytes of weights read per decoded token (every matrix once).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let per = if self.bf16.is_some() { 2 } else { 4 };
+        self.model.cfg.matmul_params() * per
+    }
+
+    /// Feeds several tokens at once (a batched forward pass through matrix multiplies, which
+    /// is far faster than token by token), filling the cache; returns the logits after the
+    /// last one.
+    pub fn prefill(&mut self, k: &dyn Kernels, tokens: &[u32]) -> Result<&[f32]> {
+        if tokens.is_empty() {
+            return Err(Error::invalid("nothing to prefill"));
+        }
+        if self.pos > 0 || tokens.len() == 1 {
+            for &t in tokens {
+                self.step(k, t)?;
+            }
+            return Ok(&self.logits);
+        }
+        if tokens.len() > self.capacity {
+            return Err(Error::invalid(format!(
+                "{} tokens do not fit the context of {} positions",
+                tokens.len(),
+                self.capacity
+            )));
+        }
+        let m = self.model;
+        let len = tokens.len();
+        let mut acts = m.activations(1, len);
+        m.forward(k, self.params, &mut acts, tokens)?;
+        let kvd = m.cfg.kv_dim();
+        for (l, la) in acts.layers.iter().enumerate() {
+            self.k_cache[l][..len * kvd].copy_from_slice(&la.k[..len * kvd]);
+            self.v_cache[l][..len * kvd].copy_from_slice(&la.v[..len * kvd]);
+        }
+        let last = &acts.logits[(len - 1) * acts.vocab_out..len * acts.vocab_out];
+        match &m.compaction {
+            None => self.logits.copy_from_slice(last),
+            Some(c) => {
+                self.logits.fill(f32::NEG_INFINITY);
+                for (&id, &v) in c.kept.iter().zip(last) {
+                    self.logits[id as usize] = v;
+                }
+            }
+        }
+        self.pos = len;
+        Ok(&self.logits)
     }
 
     /// Positions decoded so far.
@@ -98,11 +175,12 @@ impl<'m> Decoder<'m> {
                 self.capacity
             )));
         }
-        let (d, qd, kvd, f, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.head_dim);
+        let (d, kvd, hd) = (c.dim, c.kv_dim(), c.head_dim);
         let eps = c.norm_eps as f32;
         let pos = self.pos;
         let p = self.params;
         let w = |id| lay.view(p, id);
+        let b16 = self.bf16.as_deref();
         embedding_forward(&mut self.x, w(lay.embed), &[token], d);
         let scale = 1.0 / (hd as f32).sqrt();
         let group = c.group_size();
@@ -118,8 +196,8 @@ impl<'m> Decoder<'m> {
             let k_row = &mut self.k_cache[l][pos * kvd..(pos + 1) * kvd];
             let v_row = &mut self.v_cache[l][pos * kvd..(pos + 1) * kvd];
             if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
-                k.linear_forward(&mut self.q_raw, &self.xn, w(lt.wq), 1, d, qd);
-                k.linear_forward(&mut self.k_raw, &self.xn, w(lt.wk), 1, d, kvd);
+                matvec(p, b16, m, lt.wq, &self.xn, &mut self.q_raw);
+                matvec(p, b16, m, lt.wk, &self.xn, &mut self.k_raw);
                 k.rmsnorm_forward(
                     &mut self.q,
                     &mut self.rstd[..c.n_heads],
@@ -137,10 +215,10 @@ impl<'m> Decoder<'m> {
                     eps,
                 );
             } else {
-                k.linear_forward(&mut self.q, &self.xn, w(lt.wq), 1, d, qd);
-                k.linear_forward(k_row, &self.xn, w(lt.wk), 1, d, kvd);
+                matvec(p, b16, m, lt.wq, &self.xn, &mut self.q);
+                matvec(p, b16, m, lt.wk, &self.xn, k_row);
             }
-            k.linear_forward(v_row, &self.xn, w(lt.wv), 1, d, kvd);
+            matvec(p, b16, m, lt.wv, &self.xn, v_row);
             rope_forward(&mut self.q, c.n_heads, &m.rope, |_| pos);
             rope_forward(k_row, c.n_kv_heads, &m.rope, |_| pos);
 
@@ -170,7 +248,7 @@ impl<'m> Decoder<'m> {
                     }
                 }
             }
-            k.linear_forward(&mut self.tmp, &self.att, w(lt.wo), 1, qd, d);
+            matvec(p, b16, m, lt.wo, &self.att, &mut self.tmp);
             self.x.iter_mut().zip(&self.tmp).for_each(|(x, o)| *x += o);
 
             k.rmsnorm_forward(
@@ -181,10 +259,10 @@ impl<'m> Decoder<'m> {
                 d,
                 eps,
             );
-            k.linear_forward(&mut self.h1, &self.xn, w(lt.w_gate), 1, d, f);
-            k.linear_forward(&mut self.h3, &self.xn, w(lt.w_up), 1, d, f);
+            matvec(p, b16, m, lt.w_gate, &self.xn, &mut self.h1);
+            matvec(p, b16, m, lt.w_up, &self.xn, &mut self.h3);
             k.swiglu_forward(&mut self.g, &self.h1, &self.h3);
-            k.linear_forward(&mut self.tmp, &self.g, w(lt.w_down), 1, f, d);
+            matvec(p, b16, m, lt.w_down, &self.g, &mut self.tmp);
             self.x.iter_mut().zip(&self.tmp).for_each(|(x, o)| *x += o);
         }
         k.rmsnorm_forward(
@@ -195,14 +273,7 @@ impl<'m> Decoder<'m> {
             d,
             eps,
         );
-        k.linear_forward(
-            &mut self.logits,
-            &self.xn,
-            w(lay.classifier()),
-            1,
-            d,
-            c.vocab_size,
-        );
+        matvec(p, b16, m, lay.classifier(), &self.xn, &mut self.logits);
         if let Some(comp) = &m.compaction {
             // A compacted model never learned the other rows of its classifier.
             for (id, l) in self.logits.iter_mut().enumerate() {

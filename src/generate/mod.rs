@@ -20,6 +20,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Prepend the tokenizer's BOS id when it has one.
     pub add_bos: bool,
+    /// Read bf16 copies of the weights when decoding (half the memory traffic).
+    pub bf16_weights: bool,
 }
 
 /// Why generation stopped.
@@ -69,16 +71,17 @@ pub fn generate(
     let mut sampler = Sampler::new(opts.sampling, opts.seed);
     let mut ids: Vec<u32> = Vec::new();
     let mut logits = Vec::new();
-    for &t in &prompt_ids {
-        if dec.position() >= dec.capacity() {
-            return Err(crate::Error::invalid(format!(
-                "the prompt has {} tokens, more than the model's context of {}",
-                prompt_ids.len(),
-                dec.capacity()
-            )));
-        }
-        logits = dec.step(kernels, t)?.to_vec();
+    if prompt_ids.len() > dec.capacity() {
+        return Err(crate::Error::invalid(format!(
+            "the prompt has {} tokens, more than the model's context of {}",
+            prompt_ids.len(),
+            dec.capacity()
+        )));
     }
+    if opts.bf16_weights {
+        dec = dec.with_bf16_weights();
+    }
+    logits.extend_from_slice(dec.prefill(kernels, &prompt_ids)?);
     let stop_ids = tokenizer.stop_ids();
     let mut printed = String::new();
     let mut stop = StopReason::MaxTokens;

@@ -49,6 +49,9 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Restrict the classifier to token ids present in the data.
     pub vocab_compaction: bool,
+    /// Matmul precision: `fp32`, or `bf16` (bf16 products, f32 accumulation; f32 master
+    /// weights, optimizer, norms, attention and residual stream).
+    pub precision: String,
     /// Fraction of a single data file held out for validation.
     pub val_fraction: f64,
     /// Prompt of the sample printed at the end.
@@ -81,6 +84,7 @@ impl Default for TrainConfig {
             eval_batches: 8,
             save_every: 200,
             vocab_compaction: false,
+            precision: "fp32".into(),
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),
             sample_tokens: 160,

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use super::config::TrainConfig;
 use crate::backend::Kernels;
-use crate::backend::cpu::CpuKernels;
 use crate::data::{Dataset, WindowSampler, builtin};
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::{Checkpoint, CheckpointMeta, CheckpointRef, FORMAT_VERSION};
@@ -299,7 +298,7 @@ struct Trainer {
     opts: RunOptions,
     paths: RunPaths,
     model: Transformer,
-    kernels: CpuKernels,
+    kernels: Box<dyn Kernels>,
     tokenizer: Option<Box<dyn Tokenizer>>,
     data: Dataset,
     sampler: WindowSampler,
@@ -354,6 +353,7 @@ impl Trainer {
             None
         };
         cfg.validate()?;
+        crate::backend::kernels_for(&cfg.precision)?;
         // Fail fast on a bad model name or config before any data work.
         if cfg.init_from.is_none() {
             ModelConfig::from_preset_or_path(&cfg.model)?;
@@ -553,7 +553,7 @@ impl Trainer {
                 .data
                 .val_windows(cfg.eval_batches * cfg.batch, cfg.seq),
             warnings,
-            kernels: CpuKernels,
+            kernels: crate::backend::kernels_for(&cfg.precision)?,
             tokenizer: setup.tokenizer,
             data_source: setup.source,
             data: setup.data,
@@ -637,7 +637,7 @@ impl Trainer {
                     targets[s * t_len..(s + 1) * t_len].copy_from_slice(&window[1..]);
                 }
                 loss_sum += self.model.forward_backward(
-                    &self.kernels,
+                    self.kernels.as_ref(),
                     &self.params,
                     &mut self.grads,
                     &mut acts,
@@ -795,7 +795,7 @@ impl Trainer {
             }
             sum += self
                 .model
-                .loss(&self.kernels, &self.params, acts, &inputs, &targets)?;
+                .loss(self.kernels.as_ref(), &self.params, acts, &inputs, &targets)?;
             batches += 1;
         }
         if batches == 0 {
@@ -898,6 +898,7 @@ impl Trainer {
             },
             seed: self.cfg.seed,
             add_bos: true,
+            bf16_weights: false,
         };
         let print = self.opts.print_sample;
         if print {
@@ -914,7 +915,7 @@ impl Trainer {
         let g = generate(
             &self.model,
             &self.params,
-            &self.kernels as &dyn Kernels,
+            self.kernels.as_ref(),
             tok,
             &opts,
             &mut out,

@@ -76,9 +76,28 @@ pub fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 {
     s + acc.iter().sum::<f32>()
 }
 
+/// Sum of a slice with partial sums, vectorisable (order differs from a sequential sum).
+#[inline]
+pub fn sum_fast(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    rest + acc.iter().sum::<f32>()
+}
+
+/// Lanes of the dot product: four vector accumulators, so consecutive fused multiply-adds do
+/// not wait on each other.
+const DOT_LANES: usize = 4 * LANES;
+
 /// Dot product, vectorisable.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = DOT_LANES;
     let mut acc = [0.0f32; LANES];
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);

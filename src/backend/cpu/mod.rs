@@ -3,6 +3,8 @@
 
 pub mod attention;
 pub mod embedding;
+pub mod gemm_bf16;
+pub mod gemv;
 pub mod linear;
 pub mod loss;
 pub mod math;
@@ -20,5 +22,87 @@ pub struct CpuKernels;
 impl Kernels for CpuKernels {
     fn name(&self) -> &'static str {
         "cpu"
+    }
+}
+
+/// The CPU backend with bf16 matrix multiplies (f32 accumulation) for the linear layers, on
+/// CPUs with AVX512_BF16. Everything else, including attention, norms, the loss, master
+/// weights and the optimizer, stays f32.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBf16Kernels;
+
+impl Kernels for CpuBf16Kernels {
+    fn name(&self) -> &'static str {
+        "cpu-bf16"
+    }
+
+    fn linear_forward(
+        &self,
+        y: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+    ) {
+        use gemm_bf16::{MatRef, gemm_bf16};
+        let a = MatRef {
+            data: x,
+            rs: d_in,
+            cs: 1,
+        };
+        let b = MatRef {
+            data: w,
+            rs: 1,
+            cs: d_in,
+        };
+        gemm_bf16(rows, d_out, d_in, a, b, y, d_out, false);
+    }
+
+    fn linear_backward_input(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        w: &[f32],
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        accumulate: bool,
+    ) {
+        use gemm_bf16::{MatRef, gemm_bf16};
+        let a = MatRef {
+            data: dy,
+            rs: d_out,
+            cs: 1,
+        };
+        let b = MatRef {
+            data: w,
+            rs: d_in,
+            cs: 1,
+        };
+        gemm_bf16(rows, d_in, d_out, a, b, dx, d_in, accumulate);
+    }
+
+    fn linear_backward_weight(
+        &self,
+        dw: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+    ) {
+        use gemm_bf16::{MatRef, gemm_bf16};
+        let a = MatRef {
+            data: dy,
+            rs: 1,
+            cs: d_out,
+        };
+        let b = MatRef {
+            data: x,
+            rs: d_in,
+            cs: 1,
+        };
+        gemm_bf16(d_out, d_in, rows, a, b, dw, d_in, true);
     }
 }

@@ -1,0 +1,95 @@
+//! Generation benchmark: prefill (batched forward) and decode (KV cache, one token at a time)
+//! throughput, against the memory-bandwidth roofline of decoding.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::Kernels;
+use crate::error::Result;
+use crate::generate::Decoder;
+use crate::model::{ModelConfig, Transformer};
+use crate::util::rng::Rng;
+
+/// Results of `bench generate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBench {
+    pub model: String,
+    pub weights: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub weight_bytes_per_token: usize,
+    /// Measured read bandwidth of this machine (GB/s).
+    pub bandwidth_gb_s: f64,
+    /// `bandwidth / weight bytes per token`: the decode speed if weights streamed at full
+    /// bandwidth.
+    pub roofline_tokens_per_s: f64,
+    /// `decode_tokens_per_s / roofline_tokens_per_s`.
+    pub roofline_fraction: f64,
+}
+
+/// Prefills `prompt` random tokens, then decodes `tokens` more greedily.
+pub fn run(
+    kernels: &dyn Kernels,
+    name: &str,
+    cfg: &ModelConfig,
+    prompt: usize,
+    tokens: usize,
+    bf16: bool,
+) -> Result<GenerateBench> {
+    let model = Transformer::new(cfg.clone());
+    let params = model.layout.init(cfg.n_layers, 3);
+    let mut rng = Rng::new(11);
+    let ids: Vec<u32> = (0..prompt.max(1))
+        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let bandwidth = super::peak::read_bandwidth(1 << 30);
+    let run_once = || -> Result<(f64, f64, usize)> {
+        let mut dec = Decoder::new(&model, &params, prompt + tokens + 1)?;
+        if bf16 {
+            dec = dec.with_bf16_weights();
+        }
+        let t = Instant::now();
+        let mut last = argmax(dec.prefill(kernels, &ids)?);
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..tokens {
+            last = argmax(dec.step(kernels, last)?);
+        }
+        Ok((
+            prefill,
+            t.elapsed().as_secs_f64(),
+            dec.weight_bytes_per_token(),
+        ))
+    };
+    run_once()?; // warm up
+    let (prefill, decode, bytes) = run_once()?;
+    let decode_tps = tokens as f64 / decode;
+    let roofline = bandwidth * 1e9 / bytes as f64;
+    Ok(GenerateBench {
+        model: name.into(),
+        weights: if bf16 { "bf16".into() } else { "fp32".into() },
+        threads: rayon::current_num_threads(),
+        prompt_tokens: ids.len(),
+        decode_tokens: tokens,
+        prefill_tokens_per_s: ids.len() as f64 / prefill,
+        decode_tokens_per_s: decode_tps,
+        weight_bytes_per_token: bytes,
+        bandwidth_gb_s: bandwidth,
+        roofline_tokens_per_s: roofline,
+        roofline_fraction: decode_tps / roofline,
+    })
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in l.iter().enumerate() {
+        if x > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
