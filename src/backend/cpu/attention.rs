@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::linear::gemm_strided;
 
 /// Rows per causal block: blocks above the diagonal are skipped.
-const BLOCK: usize = 32;
+const BLOCK: usize = 64;
 
 /// A raw pointer that may be sent to worker threads; each task writes a disjoint part.
 #[derive(Clone, Copy)]

@@ -159,6 +159,7 @@ mod simd {
         len: usize,
         pairs: usize,
     ) {
+        debug_assert!(rows.len() <= 16);
         let mut r = [_mm512_setzero_si512(); 16];
         // SAFETY: forwarded from the contract.
         unsafe {
@@ -201,6 +202,22 @@ mod simd {
     }
 }
 
+/// Makes `buf` at least `len` long. Buffers are reused across calls without clearing: the
+/// packers write every word that feeds a result that is kept (stale words only reach padding
+/// rows and columns of the tiles, whose results are discarded).
+fn grow(buf: &mut Vec<u32>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
+
+thread_local! {
+    /// Packed `B` of the calling thread and packed `A` (plus scratch) of each worker, reused
+    /// across calls so that steady-state training allocates nothing here.
+    static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PACKED_A: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Packs `A[i0..i0+mc, p0..p0+kc]` into MR-row panels: for each panel, for each k-pair `q`,
 /// MR words `(A[r, p0+2q], A[r, p0+2q+1])`. Rows past the block and k past `kc` are zero.
 #[allow(clippy::too_many_arguments)]
@@ -215,8 +232,7 @@ fn pack_a(
 ) {
     let pairs = kc.div_ceil(2);
     let panels = mc.div_ceil(MR);
-    buf.clear();
-    buf.resize(panels * pairs * MR, 0);
+    grow(buf, panels * pairs * MR);
     let full = kc / 2;
     let fast = available();
     for pnl in 0..panels {
@@ -225,14 +241,14 @@ fn pack_a(
         let r0 = i0 + pnl * MR;
         #[cfg(target_arch = "x86_64")]
         if fast && a.cs == 1 {
-            let ptrs: Vec<*const f32> = (0..rows)
-                .map(|r| a.data[(r0 + r) * a.rs + p0..].as_ptr())
-                .collect();
             for q0 in (0..pairs).step_by(16) {
                 let np = 16.min(pairs - q0);
                 let len = (2 * np).min(kc - 2 * q0);
-                let shifted: Vec<*const f32> =
-                    ptrs.iter().map(|&p| p.wrapping_add(2 * q0)).collect();
+                let mut shifted = [std::ptr::null::<f32>(); 16];
+                for (r, p) in shifted.iter_mut().enumerate().take(rows) {
+                    *p = a.data[(r0 + r) * a.rs + p0 + 2 * q0..].as_ptr();
+                }
+                let shifted = &shifted[..rows];
                 // SAFETY: features checked; each row has `kc - 2*q0 >= len` floats left from
                 // its shifted start (inside `a.data`, asserted by the caller); `buf` holds the
                 // panel's `pairs * MR` words.
@@ -241,7 +257,7 @@ fn pack_a(
                         buf[base + q0 * MR..].as_mut_ptr(),
                         MR,
                         0,
-                        &shifted,
+                        shifted,
                         len,
                         np,
                     )
@@ -263,8 +279,7 @@ fn pack_a(
         let _ = fast;
         if a.cs == 1 {
             // k runs along memory: convert each row contiguously, then transpose.
-            tmp.clear();
-            tmp.resize(rows * pairs, 0);
+            grow(tmp, rows * pairs);
             for r in 0..rows {
                 let src = &a.data[(r0 + r) * a.rs + p0..];
                 let t = &mut tmp[r * pairs..(r + 1) * pairs];
@@ -314,11 +329,11 @@ fn pack_a(
 fn pack_b(buf: &mut Vec<u32>, b: MatRef, p0: usize, kc: usize, j0: usize, nc: usize) {
     let pairs = kc.div_ceil(2);
     let panels = nc.div_ceil(NR);
-    buf.clear();
-    buf.resize(panels * pairs * NR, 0);
+    grow(buf, panels * pairs * NR);
     let full = kc / 2;
     let fast = available();
-    buf.par_chunks_mut(pairs * NR)
+    buf[..panels * pairs * NR]
+        .par_chunks_mut(pairs * NR)
         .enumerate()
         .for_each_init(Vec::new, |tmp, (pnl, out)| {
             let c0 = j0 + pnl * NR;
@@ -330,9 +345,11 @@ fn pack_b(buf: &mut Vec<u32>, b: MatRef, p0: usize, kc: usize, j0: usize, nc: us
                     for q0 in (0..pairs).step_by(16) {
                         let np = 16.min(pairs - q0);
                         let len = (2 * np).min(kc - 2 * q0);
-                        let ptrs: Vec<*const f32> = (0..n_rows)
-                            .map(|c| b.data[(c0 + 16 * g + c) * b.cs + p0 + 2 * q0..].as_ptr())
-                            .collect();
+                        let mut ptrs = [std::ptr::null::<f32>(); 16];
+                        for (c, p) in ptrs.iter_mut().enumerate().take(n_rows) {
+                            *p = b.data[(c0 + 16 * g + c) * b.cs + p0 + 2 * q0..].as_ptr();
+                        }
+                        let ptrs = &ptrs[..n_rows];
                         // SAFETY: features checked; each column of B^T has `len` floats from its
                         // start; the panel holds `pairs * NR` words.
                         unsafe {
@@ -340,7 +357,7 @@ fn pack_b(buf: &mut Vec<u32>, b: MatRef, p0: usize, kc: usize, j0: usize, nc: us
                                 out[q0 * NR..].as_mut_ptr(),
                                 NR,
                                 16 * g,
-                                &ptrs,
+                                ptrs,
                                 len,
                                 np,
                             )
@@ -364,8 +381,7 @@ fn pack_b(buf: &mut Vec<u32>, b: MatRef, p0: usize, kc: usize, j0: usize, nc: us
             let _ = fast;
             if b.rs == 1 {
                 // k runs along memory (B = W^T): convert each column contiguously, then transpose.
-                tmp.clear();
-                tmp.resize(cols * pairs, 0);
+                grow(tmp, cols * pairs);
                 for c in 0..cols {
                     let src = &b.data[(c0 + c) * b.cs + p0..];
                     let t = &mut tmp[c * pairs..(c + 1) * pairs];
@@ -540,17 +556,43 @@ pub fn gemm_bf16(
     );
     let fast = available();
     let c_ptr = CPtr(c.as_mut_ptr());
-    let mut bbuf = Vec::new();
+    PACKED_B.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bbuf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf),
+        Err(_) => run(m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut Vec::new()),
+    });
+}
+
+/// The blocked loops of [`gemm_bf16`] (arguments validated there).
+#[allow(clippy::too_many_arguments)]
+fn run(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c_ptr: CPtr,
+    ldc: usize,
+    accumulate: bool,
+    fast: bool,
+    bbuf: &mut Vec<u32>,
+) {
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         let pairs = kc.div_ceil(2);
-        pack_b(&mut bbuf, b, p0, kc, 0, n);
+        pack_b(bbuf, b, p0, kc, 0, n);
         let first = p0 == 0 && !accumulate;
-        let bref = &bbuf;
+        let bref = &*bbuf;
         let mc_block = row_block(m);
-        (0..m).into_par_iter().step_by(mc_block).for_each_init(
-            || (Vec::new(), Vec::new(), [0.0f32; MR * NR]),
-            |(abuf, tmp, tile), i0| {
+        (0..m).into_par_iter().step_by(mc_block).for_each(|i0| {
+            PACKED_A.with(|cell| {
+                let mut fresh = (Vec::new(), Vec::new());
+                let mut held = cell.try_borrow_mut();
+                let (abuf, tmp) = match held.as_deref_mut() {
+                    Ok(pair) => (&mut pair.0, &mut pair.1),
+                    Err(_) => (&mut fresh.0, &mut fresh.1),
+                };
+                let mut tile = [0.0f32; MR * NR];
+                let tile = &mut tile;
                 let mc = mc_block.min(m - i0);
                 pack_a(abuf, tmp, a, i0, mc, p0, kc);
                 for (jp, jr) in (0..n).step_by(NR).enumerate() {
@@ -603,8 +645,8 @@ pub fn gemm_bf16(
                         }
                     }
                 }
-            },
-        );
+            });
+        });
     }
 }
 
