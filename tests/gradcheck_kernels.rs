@@ -376,3 +376,67 @@ fn fast_attention_matches_the_reference_on_odd_shapes() {
         }
     }
 }
+
+#[test]
+fn bf16_attention_matches_the_reference_within_bf16_rounding() {
+    use handgrad::backend::cpu::attention::{
+        attention_backward_bf16, attention_backward_reference, attention_forward_bf16,
+        attention_forward_reference,
+    };
+    if !handgrad::backend::cpu::gemm_bf16::available() {
+        eprintln!("SKIPPED: no AVX512_BF16 on this CPU");
+        return;
+    }
+    for (batch, seq, n_heads, n_kv_heads, head_dim) in
+        [(1, 1, 2, 1, 4), (2, 37, 4, 2, 6), (1, 130, 2, 2, 64)]
+    {
+        let s = AttentionShape {
+            batch,
+            seq,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        };
+        let n = batch * seq;
+        let (qd, kvd) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let q = randn(n * qd, 40, 0.0, 1.0);
+        let k = randn(n * kvd, 41, 0.0, 1.0);
+        let v = randn(n * kvd, 42, 0.0, 1.0);
+        let dout = randn(n * qd, 43, 0.0, 1.0);
+        let run = |bf16: bool| {
+            let mut out = vec![0.0; n * qd];
+            let mut probs = vec![0.0; s.probs_len()];
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+            if bf16 {
+                attention_forward_bf16(&mut out, &mut probs, &q, &k, &v, &s);
+                attention_backward_bf16(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s);
+            } else {
+                attention_forward_reference(&mut out, &mut probs, &q, &k, &v, &s);
+                attention_backward_reference(
+                    &mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s,
+                );
+            }
+            [out, dq, dk, dv]
+        };
+        let (fast, exact) = (run(true), run(false));
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(fast.iter().zip(&exact))
+        {
+            let norm = b.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+            let err = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y) * (x - y))
+                .sum::<f32>()
+                .sqrt();
+            // bf16 keeps 8 mantissa bits: a relative error of a few 1e-3 is expected.
+            assert!(
+                err / norm < 2e-2,
+                "{name}: relative error {} for {s:?}",
+                err / norm
+            );
+        }
+    }
+}

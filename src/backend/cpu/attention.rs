@@ -12,7 +12,72 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::gemm_bf16::{MatRef, gemm_bf16_serial_raw};
 use super::linear::gemm_strided;
+
+/// One strided product of a head: f32 through the `gemm` crate, or bf16 products through
+/// [`gemm_bf16_serial_raw`]. Arguments as [`gemm_strided`].
+///
+/// # Safety
+/// As [`gemm_strided`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn mm(
+    bf16: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    scale: f32,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    if !bf16 {
+        // SAFETY: forwarded.
+        unsafe {
+            gemm_strided(
+                m, n, k, dst, dst_rs, accumulate, scale, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
+            )
+        };
+        return;
+    }
+    debug_assert_eq!(scale, 1.0);
+    if m == 0 || n == 0 || k == 0 {
+        // SAFETY: forwarded (gemm_strided handles the empty cases).
+        unsafe {
+            gemm_strided(
+                m, n, k, dst, dst_rs, accumulate, scale, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
+            )
+        };
+        return;
+    }
+    // SAFETY: the caller guarantees these element ranges are live and not written during the
+    // call (they are inputs), so shared slices over them are sound.
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts(lhs, (m - 1) * lhs_rs + (k - 1) * lhs_cs + 1),
+            std::slice::from_raw_parts(rhs, (k - 1) * rhs_rs + (n - 1) * rhs_cs + 1),
+        )
+    };
+    let a = MatRef {
+        data: a,
+        rs: lhs_rs,
+        cs: lhs_cs,
+    };
+    let b = MatRef {
+        data: b,
+        rs: rhs_rs,
+        cs: rhs_cs,
+    };
+    // SAFETY: forwarded from the caller's contract on `dst`.
+    unsafe { gemm_bf16_serial_raw(m, n, k, a, b, dst, dst_rs, accumulate) };
+}
 
 /// Rows per causal block: blocks above the diagonal are skipped.
 const BLOCK: usize = 64;
@@ -40,10 +105,10 @@ thread_local! {
 
 /// Softmax of row `t` of a causal score matrix in place over columns `0..=t`; zeroes the rest.
 #[inline]
-fn causal_softmax_row(row: &mut [f32], t: usize) {
+fn causal_softmax_row(row: &mut [f32], t: usize, scale: f32) {
     let (live, masked) = row.split_at_mut(t + 1);
     let max = super::math::max(live);
-    let sum = super::math::exp_shift_sum(live, max);
+    let sum = super::math::exp_scaled_shift_sum(live, max, scale);
     let inv = 1.0 / sum;
     for x in live.iter_mut() {
         *x *= inv;
@@ -56,6 +121,31 @@ fn causal_softmax_row(row: &mut [f32], t: usize) {
 /// `q k^T / sqrt(head_dim)` with the causal mask; entries above the diagonal are 0), saved for
 /// the backward pass.
 pub fn attention_forward(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttentionShape,
+) {
+    forward_impl(false, out, probs, q, k, v, s)
+}
+
+/// [`attention_forward`] with bf16 products (f32 accumulation, f32 softmax); needs
+/// AVX512_BF16 (see `gemm_bf16::available`).
+pub fn attention_forward_bf16(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttentionShape,
+) {
+    forward_impl(true, out, probs, q, k, v, s)
+}
+
+fn forward_impl(
+    bf16: bool,
     out: &mut [f32],
     probs: &mut [f32],
     q: &[f32],
@@ -81,18 +171,19 @@ pub fn attention_forward(
             for r0 in (0..t_len).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(t_len);
                 let rows = r1 - r0;
-                // S[r0..r1, 0..r1] = scale * Q[r0..r1] K[0..r1]^T
+                // S[r0..r1, 0..r1] = Q[r0..r1] K[0..r1]^T (scaled inside the softmax)
                 // SAFETY: Q rows r0..r1 (stride qd, hd columns) lie in `q`; K rows 0..r1 lie in
                 // `k` (checked by the asserts); the destination rows lie in this task's chunk.
                 unsafe {
-                    gemm_strided(
+                    mm(
+                        bf16,
                         rows,
                         r1,
                         hd,
                         p.as_mut_ptr().add(r0 * t_len),
                         t_len,
                         false,
-                        scale,
+                        1.0,
                         qh.as_ptr().add(r0 * qd),
                         qd,
                         1,
@@ -102,14 +193,15 @@ pub fn attention_forward(
                     );
                 }
                 for t in r0..r1 {
-                    causal_softmax_row(&mut p[t * t_len..(t + 1) * t_len], t);
+                    causal_softmax_row(&mut p[t * t_len..(t + 1) * t_len], t, scale);
                 }
                 // O[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
                 // SAFETY: the destination is rows r0..r1 of head h in `out` (stride qd, hd
                 // columns), written by this task only (one task per (batch, head)); V rows
                 // 0..r1 lie in `v`.
                 unsafe {
-                    gemm_strided(
+                    mm(
+                        bf16,
                         rows,
                         hd,
                         r1,
@@ -136,6 +228,38 @@ pub fn attention_forward(
 /// `dQ = dS K`, `dK += dS^T Q`; one task per (batch, key/value head) sums its group.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    probs: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttentionShape,
+) {
+    backward_impl(false, dq, dk, dv, dout, probs, q, k, v, s)
+}
+
+/// [`attention_backward`] with bf16 products (f32 accumulation).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_bf16(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    probs: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttentionShape,
+) {
+    backward_impl(true, dq, dk, dv, dout, probs, q, k, v, s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl(
+    bf16: bool,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -183,7 +307,8 @@ pub fn attention_backward(
                     let rows = r1 - r0;
                     // dP[r0..r1, 0..r1] = dO[r0..r1] V[0..r1]^T
                     unsafe {
-                        gemm_strided(
+                        mm(
+                            bf16,
                             rows,
                             r1,
                             hd,
@@ -211,7 +336,8 @@ pub fn attention_backward(
                     }
                     // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
                     unsafe {
-                        gemm_strided(
+                        mm(
+                            bf16,
                             rows,
                             hd,
                             r1,
@@ -235,7 +361,8 @@ pub fn attention_backward(
                     let span = t_len - r0;
                     // SAFETY: see the task-ownership note above; all operands are in bounds.
                     unsafe {
-                        gemm_strided(
+                        mm(
+                            bf16,
                             rows,
                             hd,
                             span,
@@ -250,7 +377,8 @@ pub fn attention_backward(
                             qd,
                             1,
                         );
-                        gemm_strided(
+                        mm(
+                            bf16,
                             rows,
                             hd,
                             span,

@@ -326,103 +326,111 @@ fn pack_a(
 /// Packs `B[p0..p0+kc, j0..j0+nc]` into NR-column panels: for each panel, for each k-pair `q`,
 /// NR words `(B[p0+2q, j], B[p0+2q+1, j])`. Columns past the block and k past `kc` are zero.
 /// Panels are packed in parallel.
-fn pack_b(buf: &mut Vec<u32>, b: MatRef, p0: usize, kc: usize, j0: usize, nc: usize) {
+fn pack_b(buf: &mut Vec<u32>, b: MatRef, p0: usize, kc: usize, j0: usize, nc: usize, serial: bool) {
     let pairs = kc.div_ceil(2);
     let panels = nc.div_ceil(NR);
     grow(buf, panels * pairs * NR);
     let full = kc / 2;
     let fast = available();
-    buf[..panels * pairs * NR]
-        .par_chunks_mut(pairs * NR)
-        .enumerate()
-        .for_each_init(Vec::new, |tmp, (pnl, out)| {
-            let c0 = j0 + pnl * NR;
-            let cols = NR.min(nc - pnl * NR);
-            #[cfg(target_arch = "x86_64")]
-            if fast && b.rs == 1 {
-                for g in 0..cols.div_ceil(16) {
-                    let n_rows = 16.min(cols - 16 * g);
-                    for q0 in (0..pairs).step_by(16) {
-                        let np = 16.min(pairs - q0);
-                        let len = (2 * np).min(kc - 2 * q0);
-                        let mut ptrs = [std::ptr::null::<f32>(); 16];
-                        for (c, p) in ptrs.iter_mut().enumerate().take(n_rows) {
-                            *p = b.data[(c0 + 16 * g + c) * b.cs + p0 + 2 * q0..].as_ptr();
-                        }
-                        let ptrs = &ptrs[..n_rows];
-                        // SAFETY: features checked; each column of B^T has `len` floats from its
-                        // start; the panel holds `pairs * NR` words.
-                        unsafe {
-                            simd::pack_rows_transposed(
-                                out[q0 * NR..].as_mut_ptr(),
-                                NR,
-                                16 * g,
-                                ptrs,
-                                len,
-                                np,
-                            )
-                        };
+    let panel = |tmp: &mut Vec<u32>, (pnl, out): (usize, &mut [u32])| {
+        let c0 = j0 + pnl * NR;
+        let cols = NR.min(nc - pnl * NR);
+        #[cfg(target_arch = "x86_64")]
+        if fast && b.rs == 1 {
+            for g in 0..cols.div_ceil(16) {
+                let n_rows = 16.min(cols - 16 * g);
+                for q0 in (0..pairs).step_by(16) {
+                    let np = 16.min(pairs - q0);
+                    let len = (2 * np).min(kc - 2 * q0);
+                    let mut ptrs = [std::ptr::null::<f32>(); 16];
+                    for (c, p) in ptrs.iter_mut().enumerate().take(n_rows) {
+                        *p = b.data[(c0 + 16 * g + c) * b.cs + p0 + 2 * q0..].as_ptr();
                     }
+                    let ptrs = &ptrs[..n_rows];
+                    // SAFETY: features checked; each column of B^T has `len` floats from its
+                    // start; the panel holds `pairs * NR` words.
+                    unsafe {
+                        simd::pack_rows_transposed(
+                            out[q0 * NR..].as_mut_ptr(),
+                            NR,
+                            16 * g,
+                            ptrs,
+                            len,
+                            np,
+                        )
+                    };
                 }
-                return;
             }
-            #[cfg(target_arch = "x86_64")]
-            if fast && b.cs == 1 {
-                for q in 0..pairs {
-                    let lo = b.data[(p0 + 2 * q) * b.rs + c0..].as_ptr();
-                    let hi =
-                        (2 * q + 1 < kc).then(|| b.data[(p0 + 2 * q + 1) * b.rs + c0..].as_ptr());
-                    // SAFETY: features checked; `cols` floats exist from each start; the panel
-                    // row has NR >= cols words.
-                    unsafe { simd::interleave(out[q * NR..].as_mut_ptr(), lo, hi, cols) };
-                }
-                return;
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if fast && b.cs == 1 {
+            for q in 0..pairs {
+                let lo = b.data[(p0 + 2 * q) * b.rs + c0..].as_ptr();
+                let hi = (2 * q + 1 < kc).then(|| b.data[(p0 + 2 * q + 1) * b.rs + c0..].as_ptr());
+                // SAFETY: features checked; `cols` floats exist from each start; the panel
+                // row has NR >= cols words.
+                unsafe { simd::interleave(out[q * NR..].as_mut_ptr(), lo, hi, cols) };
             }
-            let _ = fast;
-            if b.rs == 1 {
-                // k runs along memory (B = W^T): convert each column contiguously, then transpose.
-                grow(tmp, cols * pairs);
-                for c in 0..cols {
-                    let src = &b.data[(c0 + c) * b.cs + p0..];
-                    let t = &mut tmp[c * pairs..(c + 1) * pairs];
-                    for q in 0..full {
-                        t[q] = pair(src[2 * q], src[2 * q + 1]);
-                    }
-                    if full < pairs {
-                        t[full] = rne(src[2 * full]);
-                    }
+            return;
+        }
+        let _ = fast;
+        if b.rs == 1 {
+            // k runs along memory (B = W^T): convert each column contiguously, then transpose.
+            grow(tmp, cols * pairs);
+            for c in 0..cols {
+                let src = &b.data[(c0 + c) * b.cs + p0..];
+                let t = &mut tmp[c * pairs..(c + 1) * pairs];
+                for q in 0..full {
+                    t[q] = pair(src[2 * q], src[2 * q + 1]);
                 }
-                transpose_into(out, tmp, cols, pairs, NR);
-            } else if b.cs == 1 {
-                // n runs along memory: each k-pair row of the panel is contiguous.
-                for q in 0..pairs {
-                    let lo = &b.data[(p0 + 2 * q) * b.rs + c0..];
-                    let d = &mut out[q * NR..q * NR + cols];
-                    if 2 * q + 1 < kc {
-                        let hi = &b.data[(p0 + 2 * q + 1) * b.rs + c0..];
-                        for c in 0..cols {
-                            d[c] = pair(lo[c], hi[c]);
-                        }
-                    } else {
-                        for c in 0..cols {
-                            d[c] = rne(lo[c]);
-                        }
-                    }
+                if full < pairs {
+                    t[full] = rne(src[2 * full]);
                 }
-            } else {
-                for q in 0..pairs {
+            }
+            transpose_into(out, tmp, cols, pairs, NR);
+        } else if b.cs == 1 {
+            // n runs along memory: each k-pair row of the panel is contiguous.
+            for q in 0..pairs {
+                let lo = &b.data[(p0 + 2 * q) * b.rs + c0..];
+                let d = &mut out[q * NR..q * NR + cols];
+                if 2 * q + 1 < kc {
+                    let hi = &b.data[(p0 + 2 * q + 1) * b.rs + c0..];
                     for c in 0..cols {
-                        let lo = b.at(p0 + 2 * q, c0 + c);
-                        let hi = if 2 * q + 1 < kc {
-                            b.at(p0 + 2 * q + 1, c0 + c)
-                        } else {
-                            0.0
-                        };
-                        out[q * NR + c] = pair(lo, hi);
+                        d[c] = pair(lo[c], hi[c]);
+                    }
+                } else {
+                    for c in 0..cols {
+                        d[c] = rne(lo[c]);
                     }
                 }
             }
-        });
+        } else {
+            for q in 0..pairs {
+                for c in 0..cols {
+                    let lo = b.at(p0 + 2 * q, c0 + c);
+                    let hi = if 2 * q + 1 < kc {
+                        b.at(p0 + 2 * q + 1, c0 + c)
+                    } else {
+                        0.0
+                    };
+                    out[q * NR + c] = pair(lo, hi);
+                }
+            }
+        }
+    };
+    let chunks = &mut buf[..panels * pairs * NR];
+    if serial {
+        let mut tmp = Vec::new();
+        for item in chunks.chunks_mut(pairs * NR).enumerate() {
+            panel(&mut tmp, item);
+        }
+    } else {
+        chunks
+            .par_chunks_mut(pairs * NR)
+            .enumerate()
+            .for_each_init(Vec::new, panel);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -557,8 +565,79 @@ pub fn gemm_bf16(
     let fast = available();
     let c_ptr = CPtr(c.as_mut_ptr());
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut bbuf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf),
-        Err(_) => run(m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut Vec::new()),
+        Ok(mut bbuf) => run(
+            m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf, false,
+        ),
+        Err(_) => run(
+            m,
+            n,
+            k,
+            a,
+            b,
+            c_ptr,
+            ldc,
+            accumulate,
+            fast,
+            &mut Vec::new(),
+            false,
+        ),
+    });
+}
+
+/// Single-threaded [`gemm_bf16`] writing through a raw pointer, for kernels that run one
+/// product per task on sub-blocks of shared tensors (attention heads).
+///
+/// # Safety
+/// `c` must be valid for writes of the `m x n` block with row stride `ldc`, and no other
+/// thread may access that block during the call; it must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16_serial_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row `i` of the block is valid for `n` floats (caller's contract).
+                unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
+            }
+        }
+        return;
+    }
+    assert!(
+        a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
+        "gemm_bf16: A too small"
+    );
+    assert!(
+        b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
+        "gemm_bf16: B too small"
+    );
+    let fast = available();
+    let c_ptr = CPtr(c);
+    PACKED_B.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bbuf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf, true),
+        Err(_) => run(
+            m,
+            n,
+            k,
+            a,
+            b,
+            c_ptr,
+            ldc,
+            accumulate,
+            fast,
+            &mut Vec::new(),
+            true,
+        ),
     });
 }
 
@@ -575,15 +654,16 @@ fn run(
     accumulate: bool,
     fast: bool,
     bbuf: &mut Vec<u32>,
+    serial: bool,
 ) {
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         let pairs = kc.div_ceil(2);
-        pack_b(bbuf, b, p0, kc, 0, n);
+        pack_b(bbuf, b, p0, kc, 0, n, serial);
         let first = p0 == 0 && !accumulate;
         let bref = &*bbuf;
-        let mc_block = row_block(m);
-        (0..m).into_par_iter().step_by(mc_block).for_each(|i0| {
+        let mc_block = if serial { MC_MAX } else { row_block(m) };
+        let task = |i0: usize| {
             PACKED_A.with(|cell| {
                 let mut fresh = (Vec::new(), Vec::new());
                 let mut held = cell.try_borrow_mut();
@@ -646,7 +726,12 @@ fn run(
                     }
                 }
             });
-        });
+        };
+        if serial {
+            (0..m).step_by(mc_block).for_each(task);
+        } else {
+            (0..m).into_par_iter().step_by(mc_block).for_each(task);
+        }
     }
 }
 
@@ -830,7 +915,7 @@ mod pack_tests {
                 }
             };
             let mut fast = Vec::new();
-            pack_b(&mut fast, bm, 0, k, 0, n);
+            pack_b(&mut fast, bm, 0, k, 0, n, false);
             let pairs = k.div_ceil(2);
             for pnl in 0..n.div_ceil(NR) {
                 for q in 0..pairs {

@@ -76,6 +76,25 @@ pub fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 {
     s + acc.iter().sum::<f32>()
 }
 
+/// Replaces every `x` by `e^((x - shift) * scale)` and returns their sum, vectorisable.
+#[inline]
+pub fn exp_scaled_shift_sum(xs: &mut [f32], shift: f32, scale: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp((c[l] - shift) * scale);
+            acc[l] += c[l];
+        }
+    }
+    let mut s = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp((*x - shift) * scale);
+        s += *x;
+    }
+    s + acc.iter().sum::<f32>()
+}
+
 /// Sum of a slice with partial sums, vectorisable (order differs from a sequential sum).
 #[inline]
 pub fn sum_fast(xs: &[f32]) -> f32 {

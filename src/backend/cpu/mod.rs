@@ -83,6 +83,33 @@ impl Kernels for CpuBf16Kernels {
         gemm_bf16(rows, d_in, d_out, a, b, dx, d_in, accumulate);
     }
 
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        probs: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: &super::AttentionShape,
+    ) {
+        attention::attention_forward_bf16(out, probs, q, k, v, shape)
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        dout: &[f32],
+        probs: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: &super::AttentionShape,
+    ) {
+        attention::attention_backward_bf16(dq, dk, dv, dout, probs, q, k, v, shape)
+    }
+
     fn linear_backward_weight(
         &self,
         dw: &mut [f32],
