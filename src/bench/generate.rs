@@ -52,8 +52,15 @@ pub fn run(
         if bf16 {
             dec = dec.with_bf16_weights();
         }
+        // With bf16 weights the prompt also goes through the bf16 matrix multiplies.
+        let bf16_kernels = crate::backend::cpu::CpuBf16Kernels;
+        let prefill_kernels: &dyn Kernels = if bf16 && crate::backend::cpu::gemm_bf16::available() {
+            &bf16_kernels
+        } else {
+            kernels
+        };
         let t = Instant::now();
-        let mut last = argmax(dec.prefill(kernels, &ids)?);
+        let mut last = argmax(dec.prefill(prefill_kernels, &ids)?);
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for _ in 0..tokens {

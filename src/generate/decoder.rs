@@ -10,6 +10,24 @@ use crate::backend::cpu::rope::rope_forward;
 use crate::error::{Error, Result};
 use crate::model::{TensorId, Transformer};
 
+/// `y = W x` for consecutive matrices stacked along rows, starting at `first` and covering
+/// `rows` rows of `cols` columns of the flat buffer (one parallel pass for several outputs).
+fn matvec_stacked(
+    params: &[f32],
+    bf16: Option<&[u16]>,
+    start: usize,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let r = start..start + rows * cols;
+    match bf16 {
+        Some(b) => gemv_bf16(y, &b[r], x, rows, cols),
+        None => gemv_f32(y, &params[r], x, rows, cols),
+    }
+}
+
 /// `y = W x` for the matrix `id`, from the f32 parameters or their bf16 copy.
 fn matvec(
     params: &[f32],
@@ -44,7 +62,10 @@ pub struct Decoder<'m> {
     q_raw: Vec<f32>,
     k_raw: Vec<f32>,
     att: Vec<f32>,
+    /// Per-head attention scores `[heads, capacity]`.
     scores: Vec<f32>,
+    /// Output of the stacked q/k/v (or gate/up) projection.
+    qkv: Vec<f32>,
     h1: Vec<f32>,
     h3: Vec<f32>,
     g: Vec<f32>,
@@ -76,7 +97,8 @@ impl<'m> Decoder<'m> {
             q_raw: z(c.q_dim()),
             k_raw: z(c.kv_dim()),
             att: z(c.q_dim()),
-            scores: z(capacity),
+            scores: z(c.n_heads * capacity),
+            qkv: z((c.q_dim() + 2 * c.kv_dim()).max(2 * c.ffn_dim)),
             h1: z(c.ffn_dim),
             h3: z(c.ffn_dim),
             g: z(c.ffn_dim),
@@ -195,9 +217,35 @@ impl<'m> Decoder<'m> {
             );
             let k_row = &mut self.k_cache[l][pos * kvd..(pos + 1) * kvd];
             let v_row = &mut self.v_cache[l][pos * kvd..(pos + 1) * kvd];
+            // q, k and v projections in one pass: the three matrices are consecutive.
+            let (qd, f) = (c.q_dim(), c.ffn_dim);
+            let fused_qkv = lay.range(lt.wq).end == lay.range(lt.wk).start
+                && lay.range(lt.wk).end == lay.range(lt.wv).start;
+            if fused_qkv {
+                let qkv = &mut self.qkv[..qd + 2 * kvd];
+                matvec_stacked(
+                    p,
+                    b16,
+                    lay.range(lt.wq).start,
+                    qd + 2 * kvd,
+                    d,
+                    &self.xn,
+                    qkv,
+                );
+                v_row.copy_from_slice(&qkv[qd + kvd..]);
+                if lt.q_norm.is_some() {
+                    self.q_raw.copy_from_slice(&qkv[..qd]);
+                    self.k_raw.copy_from_slice(&qkv[qd..qd + kvd]);
+                } else {
+                    self.q.copy_from_slice(&qkv[..qd]);
+                    k_row.copy_from_slice(&qkv[qd..qd + kvd]);
+                }
+            }
             if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
-                matvec(p, b16, m, lt.wq, &self.xn, &mut self.q_raw);
-                matvec(p, b16, m, lt.wk, &self.xn, &mut self.k_raw);
+                if !fused_qkv {
+                    matvec(p, b16, m, lt.wq, &self.xn, &mut self.q_raw);
+                    matvec(p, b16, m, lt.wk, &self.xn, &mut self.k_raw);
+                }
                 k.rmsnorm_forward(
                     &mut self.q,
                     &mut self.rstd[..c.n_heads],
@@ -214,31 +262,28 @@ impl<'m> Decoder<'m> {
                     hd,
                     eps,
                 );
-            } else {
+            } else if !fused_qkv {
                 matvec(p, b16, m, lt.wq, &self.xn, &mut self.q);
                 matvec(p, b16, m, lt.wk, &self.xn, k_row);
             }
-            matvec(p, b16, m, lt.wv, &self.xn, v_row);
+            if !fused_qkv {
+                matvec(p, b16, m, lt.wv, &self.xn, v_row);
+            }
             rope_forward(&mut self.q, c.n_heads, &m.rope, |_| pos);
             rope_forward(k_row, c.n_kv_heads, &m.rope, |_| pos);
 
             let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
-            for h in 0..c.n_heads {
+            let q = &self.q;
+            let cap = self.capacity;
+            let head = |(h, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
                 let kvh = h / group;
-                let qh = &self.q[h * hd..(h + 1) * hd];
-                let scores = &mut self.scores[..=pos];
-                let mut max = f32::NEG_INFINITY;
+                let qh = &q[h * hd..(h + 1) * hd];
+                let scores = &mut scores[..=pos];
                 for (j, s) in scores.iter_mut().enumerate() {
-                    let kj = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                    *s = dot(qh, kj) * scale;
-                    max = max.max(*s);
+                    *s = dot(qh, &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]);
                 }
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let out = &mut self.att[h * hd..(h + 1) * hd];
+                let max = crate::backend::cpu::math::max(scores);
+                let sum = crate::backend::cpu::math::exp_scaled_shift_sum(scores, max, scale);
                 out.fill(0.0);
                 for (j, s) in scores.iter().enumerate() {
                     let pj = s / sum;
@@ -247,6 +292,21 @@ impl<'m> Decoder<'m> {
                         *o += pj * v;
                     }
                 }
+            };
+            let heads = self
+                .att
+                .chunks_mut(hd)
+                .zip(self.scores.chunks_mut(cap))
+                .enumerate();
+            if (pos + 1) * qd >= 1 << 15 {
+                use rayon::prelude::*;
+                self.att
+                    .par_chunks_mut(hd)
+                    .zip(self.scores.par_chunks_mut(cap))
+                    .enumerate()
+                    .for_each(head);
+            } else {
+                heads.for_each(head);
             }
             matvec(p, b16, m, lt.wo, &self.att, &mut self.tmp);
             self.x.iter_mut().zip(&self.tmp).for_each(|(x, o)| *x += o);
@@ -259,8 +319,15 @@ impl<'m> Decoder<'m> {
                 d,
                 eps,
             );
-            matvec(p, b16, m, lt.w_gate, &self.xn, &mut self.h1);
-            matvec(p, b16, m, lt.w_up, &self.xn, &mut self.h3);
+            if lay.range(lt.w_gate).end == lay.range(lt.w_up).start {
+                let h13 = &mut self.qkv[..2 * f];
+                matvec_stacked(p, b16, lay.range(lt.w_gate).start, 2 * f, d, &self.xn, h13);
+                self.h1.copy_from_slice(&h13[..f]);
+                self.h3.copy_from_slice(&h13[f..]);
+            } else {
+                matvec(p, b16, m, lt.w_gate, &self.xn, &mut self.h1);
+                matvec(p, b16, m, lt.w_up, &self.xn, &mut self.h3);
+            }
             k.swiglu_forward(&mut self.g, &self.h1, &self.h3);
             matvec(p, b16, m, lt.w_down, &self.g, &mut self.tmp);
             self.x.iter_mut().zip(&self.tmp).for_each(|(x, o)| *x += o);

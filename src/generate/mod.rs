@@ -78,10 +78,15 @@ pub fn generate(
             dec.capacity()
         )));
     }
+    let bf16_kernels = crate::backend::cpu::CpuBf16Kernels;
+    let mut prefill_kernels = kernels;
     if opts.bf16_weights {
         dec = dec.with_bf16_weights();
+        if crate::backend::cpu::gemm_bf16::available() {
+            prefill_kernels = &bf16_kernels;
+        }
     }
-    logits.extend_from_slice(dec.prefill(kernels, &prompt_ids)?);
+    logits.extend_from_slice(dec.prefill(prefill_kernels, &prompt_ids)?);
     let stop_ids = tokenizer.stop_ids();
     let mut printed = String::new();
     let mut stop = StopReason::MaxTokens;
