@@ -12,14 +12,12 @@ pub use cpu::attention::AttentionShape;
 use crate::error::{Error, Result};
 
 /// The CPU kernels of a matmul precision: `fp32`, or `bf16` (bf16 products with f32
-/// accumulation; needs AVX512_BF16).
+/// accumulation: `vdpbf16ps` on CPUs with AVX512_BF16, a portable emulation with the same
+/// numerics elsewhere, see [`bf16_emulated`]).
 pub fn kernels_for(precision: &str) -> Result<Box<dyn Kernels>> {
     match precision {
         "fp32" => Ok(Box::new(cpu::CpuKernels)),
-        "bf16" if cpu::gemm_bf16::available() => Ok(Box::new(cpu::CpuBf16Kernels)),
-        "bf16" => Err(Error::invalid(
-            "--precision bf16 needs a CPU with AVX512_BF16 (this one has none; use fp32)",
-        )),
+        "bf16" => Ok(Box::new(cpu::CpuBf16Kernels)),
         other => Err(Error::invalid(format!(
             "unknown --precision '{other}' (fp32 or bf16)"
         ))),
@@ -167,4 +165,10 @@ pub trait Kernels: Send + Sync {
     ) -> f64 {
         cpu::loss::cross_entropy_forward_backward(logits, targets, vocab, scale)
     }
+}
+
+/// Whether bf16 matrix multiplies run in portable emulation here (no AVX512_BF16): the same
+/// results as the hardware path, but slower than fp32.
+pub fn bf16_emulated() -> bool {
+    !cpu::gemm_bf16::available()
 }

@@ -354,6 +354,11 @@ impl Trainer {
         };
         cfg.validate()?;
         crate::backend::kernels_for(&cfg.precision)?;
+        if cfg.precision == "bf16" && crate::backend::bf16_emulated() {
+            warnings.push(
+                "this CPU has no AVX512_BF16: bf16 matmuls are emulated (same numerics, slower than fp32)".into(),
+            );
+        }
         // Fail fast on a bad model name or config before any data work.
         if cfg.init_from.is_none() {
             ModelConfig::from_preset_or_path(&cfg.model)?;

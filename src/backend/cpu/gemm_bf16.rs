@@ -945,6 +945,61 @@ mod pack_tests {
     }
 }
 #[cfg(test)]
+mod portable_tests {
+    use super::*;
+
+    #[test]
+    fn the_portable_path_gives_the_same_results_as_the_hardware_path() {
+        for (m, n, k) in [(13usize, 33usize, 7usize), (30, 70, 90)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+                .collect();
+            let am = MatRef {
+                data: &a,
+                rs: k,
+                cs: 1,
+            };
+            let bm = MatRef {
+                data: &b,
+                rs: 1,
+                cs: k,
+            };
+            let mut portable = vec![0.0f32; m * n];
+            run(
+                m,
+                n,
+                k,
+                am,
+                bm,
+                CPtr(portable.as_mut_ptr()),
+                n,
+                false,
+                false,
+                &mut Vec::new(),
+                true,
+            );
+            let r = |x: f32| half::bf16::from_f32(x).to_f64();
+            for i in 0..m {
+                for j in 0..n {
+                    let w: f64 = (0..k).map(|p| r(am.at(i, p)) * r(bm.at(p, j))).sum();
+                    assert!((portable[i * n + j] as f64 - w).abs() < 1e-3 * (1.0 + w.abs()));
+                }
+            }
+            if available() {
+                let mut hw = vec![0.0f32; m * n];
+                gemm_bf16(m, n, k, am, bm, &mut hw, n, false);
+                for (x, y) in hw.iter().zip(&portable) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod pack_a_tests {
     use super::*;
 
