@@ -38,6 +38,7 @@ unsafe fn mm(
     rhs_rs: usize,
     rhs_cs: usize,
 ) {
+    // fp32 heads stay on the `gemm` crate: measured faster than packing these small blocks.
     if !bf16 {
         // SAFETY: forwarded.
         unsafe {

@@ -24,7 +24,7 @@ const KC: usize = 1024;
 const MC_MAX: usize = 192;
 
 /// Rows per task: about four tasks per thread, a multiple of MR.
-fn row_block(m: usize) -> usize {
+pub(crate) fn row_block(m: usize) -> usize {
     let tasks = 4 * rayon::current_num_threads().max(1);
     (m.div_ceil(tasks).div_ceil(MR) * MR).clamp(MR, MC_MAX)
 }
@@ -80,12 +80,12 @@ fn transpose_into(dst: &mut [u32], src: &[u32], rows: usize, pairs: usize, width
 /// AVX-512 packing: f32 -> bf16 conversion with the hardware's round-to-nearest-even
 /// (`vcvtne2ps2bf16`), pair interleaving, and 16 x 16 word transposes in registers.
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(crate) mod simd {
     use std::arch::x86_64::*;
 
     /// Mask of the first `n` (<= 16) lanes.
     #[inline(always)]
-    fn mask(n: usize) -> u16 {
+    pub(crate) fn mask(n: usize) -> u16 {
         if n >= 16 {
             0xffff
         } else {
@@ -113,7 +113,7 @@ mod simd {
     /// in, column `i` out).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: &mut [__m512i; 16]) {
+    pub(crate) fn transpose16(r: &mut [__m512i; 16]) {
         // 1: interleave words of row pairs, per 128-bit lane L (columns 4L..4L+3).
         let mut t = [_mm512_setzero_si512(); 16];
         for i in 0..8 {
@@ -205,9 +205,9 @@ mod simd {
 /// Makes `buf` at least `len` long. Buffers are reused across calls without clearing: the
 /// packers write every word that feeds a result that is kept (stale words only reach padding
 /// rows and columns of the tiles, whose results are discarded).
-fn grow(buf: &mut Vec<u32>, len: usize) {
+pub(crate) fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize) {
     if buf.len() < len {
-        buf.resize(len, 0);
+        buf.resize(len, T::default());
     }
 }
 
@@ -736,10 +736,10 @@ fn run(
 }
 
 #[derive(Clone, Copy)]
-struct CPtr(*mut f32);
+pub(crate) struct CPtr(pub(crate) *mut f32);
 
 impl CPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -75,9 +75,57 @@ fn matmul(
     }
 }
 
+/// Whether fp32 matrix multiplies use handgrad's packed AVX-512 GEMM (`gemm_f32`) rather
+/// than the `gemm` crate: on CPUs with AVX-512F, unless `HANDGRAD_F32_GEMM=gemm-crate` (for
+/// side-by-side measurements).
+pub fn own_f32_gemm() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        super::gemm_f32::available()
+            && std::env::var("HANDGRAD_F32_GEMM").map_or(true, |v| v != "gemm-crate")
+    })
+}
+
+/// `dst[m, n] (+)= lhs · rhs` through the own GEMM when enabled, else the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+fn matmul_any(
+    dst: &mut [f32],
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    // Small products (tests, tiny models) stay on the `gemm` crate, whose single-threaded
+    // path has less overhead than packing.
+    if own_f32_gemm() && m * n * k >= 1 << 20 {
+        use super::gemm_bf16::MatRef;
+        let a = MatRef {
+            data: lhs,
+            rs: lhs_rs,
+            cs: lhs_cs,
+        };
+        let b = MatRef {
+            data: rhs,
+            rs: rhs_rs,
+            cs: rhs_cs,
+        };
+        super::gemm_f32::gemm_f32(m, n, k, a, b, dst, n, accumulate);
+    } else {
+        matmul(
+            dst, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, m, n, k, accumulate,
+        );
+    }
+}
+
 /// Forward. Shapes: `x [rows, d_in]`, `w [d_out, d_in]` -> `y [rows, d_out]` (overwritten).
 pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, d_in: usize, d_out: usize) {
-    matmul(y, x, d_in, 1, w, 1, d_in, rows, d_out, d_in, false);
+    matmul_any(y, x, d_in, 1, w, 1, d_in, rows, d_out, d_in, false);
 }
 
 /// Backward to the input. Shapes: `dy [rows, d_out]`, `w [d_out, d_in]` -> `dx [rows, d_in]`,
@@ -91,7 +139,7 @@ pub fn linear_backward_input(
     d_out: usize,
     accumulate: bool,
 ) {
-    matmul(dx, dy, d_out, 1, w, d_in, 1, rows, d_in, d_out, accumulate);
+    matmul_any(dx, dy, d_out, 1, w, d_in, 1, rows, d_in, d_out, accumulate);
 }
 
 /// Backward to the weight, accumulating. Shapes: `dy [rows, d_out]`, `x [rows, d_in]` ->
@@ -104,7 +152,7 @@ pub fn linear_backward_weight(
     d_in: usize,
     d_out: usize,
 ) {
-    matmul(dw, dy, 1, d_out, x, d_in, 1, d_out, d_in, rows, true);
+    matmul_any(dw, dy, 1, d_out, x, d_in, 1, d_out, d_in, rows, true);
 }
 
 /// A single-threaded strided matmul on raw pointers, for kernels that work on sub-blocks of

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod embedding;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 pub mod gemv;
 pub mod linear;
 pub mod loss;

@@ -1,0 +1,432 @@
+//! fp32 matrix multiply for AVX-512 CPUs, built like [`super::gemm_bf16`] without the
+//! conversion: `B` packed per depth block into 32-column panels (in parallel), `A` per row block into
+//! 12-row panels (k-contiguous operands transposed 16 x 16 in registers), a 12 x 32
+//! micro-kernel of 24 accumulator registers issuing one 512-bit FMA per cycle, reused packing
+//! buffers. Used by the CPU backend when AVX-512F is present (the `gemm` crate otherwise).
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::gemm_bf16::{CPtr, MR, MatRef, NR, grow, row_block};
+
+/// Depth of a packed block: a `KC x NR` panel of `B` is 64 KB, re-read from L2 per `A` panel.
+const KC: usize = 512;
+/// Most rows of `A` packed at once.
+const MC_MAX: usize = 192;
+
+thread_local! {
+    static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether this CPU can run this GEMM.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use crate::backend::cpu::gemm_bf16::simd::{mask, transpose16};
+
+    /// Writes `count` (<= 16) rows of a panel of width `width` at column `col`: element
+    /// `dst[kk * width + col + i]` = `rows[i][kk]` for `kk < count`, from up to 16 source rows
+    /// each valid for `count` floats.
+    ///
+    /// # Safety
+    /// AVX-512F; every row pointer valid for `count` floats; `dst` valid for
+    /// `count * width` floats.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_rows_transposed(
+        dst: *mut f32,
+        width: usize,
+        col: usize,
+        rows: &[*const f32],
+        count: usize,
+    ) {
+        let mut r = [_mm512_setzero_si512(); 16];
+        // SAFETY: masked loads and stores stay within the documented extents.
+        unsafe {
+            for (i, &src) in rows.iter().enumerate().take(16) {
+                r[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask(count), src));
+            }
+            transpose16(&mut r);
+            let m = mask(rows.len());
+            for (kk, v) in r.iter().enumerate().take(count) {
+                _mm512_mask_storeu_epi32(dst.add(kk * width + col) as *mut i32, m, *v);
+            }
+        }
+    }
+
+    /// `C[MR x NR] (+)= A-panel x B-panel` over `kc`, straight into `C` (row stride `ldc`).
+    ///
+    /// # Safety
+    /// AVX-512F; `a` holds `kc * MR` floats, `b` `kc * NR`; `c` valid for the tile.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn micro(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c_out: *mut f32,
+        ldc: usize,
+        add: bool,
+    ) {
+        use super::{MR, NR};
+        let mut c = [[_mm512_setzero_ps(); 2]; MR];
+        // SAFETY: as documented above.
+        unsafe {
+            for kk in 0..kc {
+                let b0 = _mm512_loadu_ps(b.add(kk * NR));
+                let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+                let ap = a.add(kk * MR);
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(r));
+                    cr[0] = _mm512_fmadd_ps(av, b0, cr[0]);
+                    cr[1] = _mm512_fmadd_ps(av, b1, cr[1]);
+                }
+            }
+            for (r, cr) in c.iter().enumerate() {
+                let p = c_out.add(r * ldc);
+                if add {
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), cr[0]));
+                    _mm512_storeu_ps(p.add(16), _mm512_add_ps(_mm512_loadu_ps(p.add(16)), cr[1]));
+                } else {
+                    _mm512_storeu_ps(p, cr[0]);
+                    _mm512_storeu_ps(p.add(16), cr[1]);
+                }
+            }
+        }
+    }
+
+    /// The same product into a local tile (edge tiles).
+    ///
+    /// # Safety
+    /// As [`micro`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn micro_tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        tile: &mut [f32; super::MR * super::NR],
+    ) {
+        // SAFETY: the tile is MR x NR with row stride NR.
+        unsafe { micro(kc, a, b, tile.as_mut_ptr(), super::NR, false) }
+    }
+}
+
+/// Packs `A[i0..i0+mc, p0..p0+kc]` into MR-row panels `[kk][r]` (stale padding, see
+/// `gemm_bf16::grow`).
+fn pack_a(buf: &mut Vec<f32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
+    let panels = mc.div_ceil(MR);
+    grow(buf, panels * kc * MR);
+    for pnl in 0..panels {
+        let base = pnl * kc * MR;
+        let rows = MR.min(mc - pnl * MR);
+        let r0 = i0 + pnl * MR;
+        #[cfg(target_arch = "x86_64")]
+        if a.cs == 1 {
+            for k0 in (0..kc).step_by(16) {
+                let count = 16.min(kc - k0);
+                let mut ptrs = [std::ptr::null::<f32>(); 16];
+                for (r, p) in ptrs.iter_mut().enumerate().take(rows) {
+                    *p = a.data[(r0 + r) * a.rs + p0 + k0..].as_ptr();
+                }
+                // SAFETY: AVX-512F checked by the caller (`available`); each row has `count`
+                // floats from its start; the panel holds `kc * MR` floats.
+                unsafe {
+                    simd::pack_rows_transposed(
+                        buf[base + k0 * MR..].as_mut_ptr(),
+                        MR,
+                        0,
+                        &ptrs[..rows],
+                        count,
+                    )
+                };
+            }
+            continue;
+        }
+        if a.rs == 1 {
+            for kk in 0..kc {
+                let src = &a.data[(p0 + kk) * a.cs + r0..(p0 + kk) * a.cs + r0 + rows];
+                buf[base + kk * MR..base + kk * MR + rows].copy_from_slice(src);
+            }
+        } else {
+            for kk in 0..kc {
+                for r in 0..rows {
+                    buf[base + kk * MR + r] = a.at(r0 + r, p0 + kk);
+                }
+            }
+        }
+    }
+}
+
+/// Packs `B[p0..p0+kc, 0..n]` into NR-column panels `[kk][c]`, panels in parallel.
+fn pack_b(buf: &mut Vec<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
+    let panels = n.div_ceil(NR);
+    grow(buf, panels * kc * NR);
+    let panel = |(pnl, out): (usize, &mut [f32])| {
+        let c0 = pnl * NR;
+        let cols = NR.min(n - c0);
+        #[cfg(target_arch = "x86_64")]
+        if b.rs == 1 {
+            for g in 0..cols.div_ceil(16) {
+                let n_rows = 16.min(cols - 16 * g);
+                for k0 in (0..kc).step_by(16) {
+                    let count = 16.min(kc - k0);
+                    let mut ptrs = [std::ptr::null::<f32>(); 16];
+                    for (c, p) in ptrs.iter_mut().enumerate().take(n_rows) {
+                        *p = b.data[(c0 + 16 * g + c) * b.cs + p0 + k0..].as_ptr();
+                    }
+                    // SAFETY: AVX-512F checked by the caller; each column of B^T has `count`
+                    // floats from its start; the panel holds `kc * NR` floats.
+                    unsafe {
+                        simd::pack_rows_transposed(
+                            out[k0 * NR..].as_mut_ptr(),
+                            NR,
+                            16 * g,
+                            &ptrs[..n_rows],
+                            count,
+                        )
+                    };
+                }
+            }
+            return;
+        }
+        if b.cs == 1 {
+            for kk in 0..kc {
+                let src = &b.data[(p0 + kk) * b.rs + c0..(p0 + kk) * b.rs + c0 + cols];
+                out[kk * NR..kk * NR + cols].copy_from_slice(src);
+            }
+        } else {
+            for kk in 0..kc {
+                for c in 0..cols {
+                    out[kk * NR + c] = b.at(p0 + kk, c0 + c);
+                }
+            }
+        }
+    };
+    buf[..panels * kc * NR]
+        .par_chunks_mut(kc * NR)
+        .enumerate()
+        .for_each(panel);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c_ptr: CPtr,
+    ldc: usize,
+    accumulate: bool,
+    bbuf: &mut Vec<f32>,
+) {
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        pack_b(bbuf, b, p0, kc, n);
+        let first = p0 == 0 && !accumulate;
+        let bref = &*bbuf;
+        let mc_block = row_block(m).min(MC_MAX);
+        let task = |i0: usize| {
+            PACKED_A.with(|cell| {
+                let mut fresh = Vec::new();
+                let mut held = cell.try_borrow_mut();
+                let abuf = match held.as_deref_mut() {
+                    Ok(v) => v,
+                    Err(_) => &mut fresh,
+                };
+                let mc = mc_block.min(m - i0);
+                pack_a(abuf, a, i0, mc, p0, kc);
+                let mut tile = [0.0f32; MR * NR];
+                for (jp, jr) in (0..n).step_by(NR).enumerate() {
+                    let bpanel = &bref[jp * kc * NR..(jp + 1) * kc * NR];
+                    for (ip, ir) in (0..mc).step_by(MR).enumerate() {
+                        let apanel = &abuf[ip * kc * MR..(ip + 1) * kc * MR];
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            if ir + MR <= mc && jr + NR <= n {
+                                // SAFETY: AVX-512F checked by the callers; a full tile at row
+                                // i0+ir, column jr lies inside C in this task's rows.
+                                unsafe {
+                                    simd::micro(
+                                        kc,
+                                        apanel.as_ptr(),
+                                        bpanel.as_ptr(),
+                                        c_ptr.get().add((i0 + ir) * ldc + jr),
+                                        ldc,
+                                        !first,
+                                    )
+                                };
+                                continue;
+                            }
+                            // SAFETY: as above; the tile is local.
+                            unsafe {
+                                simd::micro_tile(kc, apanel.as_ptr(), bpanel.as_ptr(), &mut tile)
+                            };
+                        }
+                        let rows = MR.min(mc - ir);
+                        let cols = NR.min(n - jr);
+                        for r in 0..rows {
+                            // SAFETY: row i0+ir+r < m and columns jr..jr+cols <= n lie in C;
+                            // this task owns rows i0..i0+mc.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    c_ptr.get().add((i0 + ir + r) * ldc + jr),
+                                    cols,
+                                )
+                            };
+                            let src = &tile[r * NR..r * NR + cols];
+                            if first {
+                                dst.copy_from_slice(src);
+                            } else {
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d += s;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        };
+        (0..m).into_par_iter().step_by(mc_block).for_each(task);
+    }
+}
+
+fn check(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) {
+    assert!(
+        a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
+        "gemm_f32: A too small"
+    );
+    assert!(
+        b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
+        "gemm_f32: B too small"
+    );
+}
+
+/// `C[m, n] = (accumulate ? C : 0) + A[m, k] · B[k, n]`, row-major `C` with row stride `ldc`,
+/// on the current rayon pool. Callers must check [`available`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(available(), "gemm_f32 needs AVX-512F");
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm_f32: C too small");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    check(m, n, k, a, b);
+    let c_ptr = CPtr(c.as_mut_ptr());
+    PACKED_B.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, &mut buf),
+        Err(_) => run(m, n, k, a, b, c_ptr, ldc, accumulate, &mut Vec::new()),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_naive_product_in_every_layout() {
+        if !available() {
+            return;
+        }
+        for (m, n, k) in [
+            (1, 1, 1),
+            (13, 33, 7),
+            (97, 65, 600),
+            (12, 32, 512),
+            (5, 70, 1100),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+                .collect();
+            let layouts = [
+                (
+                    MatRef {
+                        data: &a,
+                        rs: k,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: &b,
+                        rs: 1,
+                        cs: k,
+                    },
+                ),
+                (
+                    MatRef {
+                        data: &a,
+                        rs: k,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: &b,
+                        rs: n,
+                        cs: 1,
+                    },
+                ),
+                (
+                    MatRef {
+                        data: &a,
+                        rs: 1,
+                        cs: m,
+                    },
+                    MatRef {
+                        data: &b,
+                        rs: n,
+                        cs: 1,
+                    },
+                ),
+            ];
+            for (li, (am, bm)) in layouts.into_iter().enumerate() {
+                for accumulate in [false, true] {
+                    let mut c = vec![1.0f32; m * n];
+                    gemm_f32(m, n, k, am, bm, &mut c, n, accumulate);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w: f64 = (0..k)
+                                .map(|p| am.at(i, p) as f64 * bm.at(p, j) as f64)
+                                .sum::<f64>()
+                                + if accumulate { 1.0 } else { 0.0 };
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - w).abs() < 1e-4 * (1.0 + w.abs()),
+                                "{m}x{n}x{k} layout {li}: {got} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
