@@ -150,21 +150,29 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, batch {args.batch} x seq {args.seq}")
 
     rows = []
+    details = []
     for precision in ["fp32", "bf16"]:
         torch_s = time_train(Model(d, layers, h, kvh, ffn, vocab), args.batch, args.seq, vocab,
                              precision == "bf16", args.steps)
         hg = handgrad(args, "train", ["--batch", str(args.batch), "--seq", str(args.seq),
                                       "--steps", str(args.steps), "--precision", precision])
         rows.append((f"train step, {precision}", torch_s * 1e3, hg["median_ms"], "ms"))
+        details.append(f"handgrad {precision} step: {hg['gflops']:.1f} GFLOP/s = {100 * hg['mfu']:.1f}% of the "
+                       f"measured {precision} peak {hg['peak_gflops']:.1f} GFLOP/s")
     for precision, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
         torch_tps = time_decode(Model(d, layers, h, kvh, ffn, vocab), d, layers, kvh, h, args.decode_tokens, dtype)
         hg = handgrad(args, "generate", ["--tokens", str(args.decode_tokens), "--weights", precision])
         rows.append((f"decode, {precision} weights", torch_tps, hg["decode_tokens_per_s"], "tok/s"))
+        details.append(f"handgrad {precision} decode: {100 * hg['roofline_fraction']:.1f}% of the roofline "
+                       f"({hg['bandwidth_gb_s']:.1f} GB/s); prefill {hg['prefill_tokens_per_s']:.0f} tok/s")
 
     print(f"\n{'':28} {'PyTorch':>12} {'handgrad':>12} {'speed-up':>9}")
     for name, t, hgv, unit in rows:
         ratio = t / hgv if unit == "ms" else hgv / t
         print(f"{name:28} {t:>9.1f} {unit:<3}{hgv:>9.1f} {unit:<3} {ratio:>8.2f}x")
+    print()
+    for d in details:
+        print(d)
 
 
 if __name__ == "__main__":
