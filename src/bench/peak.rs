@@ -121,7 +121,7 @@ fn measure(flops_per_iter: f64, kernel: fn(usize) -> f32, seconds: f64) -> f64 {
         iters *= 2;
     }
     let threads = rayon::current_num_threads();
-    let best = (0..3)
+    let best = (0..5)
         .map(|_| {
             let t = Instant::now();
             let s: f32 = (0..threads).into_par_iter().map(|_| kernel(iters)).sum();

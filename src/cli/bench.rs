@@ -114,12 +114,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             let kernels = crate::backend::kernels_for(&precision)?;
             let r = pool(threads)?.install(|| {
-                let peak = if precision == "bf16" {
-                    bench::peak::bf16_peak(0.5).unwrap_or(f64::NAN)
-                } else {
-                    bench::peak::fp32_peak(0.5).0
+                // Measured before and after the steps; the higher value counts (a shared host
+                // can steal a core during one measurement).
+                let measure_peak = || {
+                    if precision == "bf16" {
+                        bench::peak::bf16_peak(0.5).unwrap_or(f64::NAN)
+                    } else {
+                        bench::peak::fp32_peak(0.5).0
+                    }
                 };
-                bench::train::run(
+                let before = measure_peak();
+                let mut r = bench::train::run(
                     kernels.as_ref(),
                     &model,
                     &cfg,
@@ -127,8 +132,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     seq,
                     steps,
                     &precision,
-                    peak,
-                )
+                    before,
+                )?;
+                let peak = before.max(measure_peak());
+                r.peak_gflops = peak;
+                r.mfu = r.gflops / peak;
+                Ok::<_, Error>(r)
             })?;
             if as_json {
                 return json(&r);

@@ -482,32 +482,43 @@ mod kernel {
         }
     }
 
-    /// `tile[MR x NR] = sum over pairs of A-panel x B-panel`, f32 accumulate.
+    /// `tile[MR x NR] = sum over pairs of A-panel x B-panel`, f32 accumulate (edge tiles).
     ///
     /// # Safety
-    /// The CPU must support AVX-512F and AVX512_BF16; `a` must hold `pairs * MR` words and `b`
-    /// `pairs * NR` words.
+    /// As [`micro_to_c`] without the `c` requirement.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn micro(pairs: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
-        let mut c = [[_mm512_setzero_ps(); 2]; MR];
-        // SAFETY: reads stay inside the panels as guaranteed by the caller; bf16 vectors are
-        // reinterpretations of 32 bf16 values held in 16 words.
-        unsafe {
-            for q in 0..pairs {
-                let b0: __m512bh =
-                    std::mem::transmute(_mm512_loadu_si512(b.add(q * NR) as *const _));
-                let b1: __m512bh =
-                    std::mem::transmute(_mm512_loadu_si512(b.add(q * NR + 16) as *const _));
-                let ap = a.add(q * MR);
-                for (r, cr) in c.iter_mut().enumerate() {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
-                    cr[0] = _mm512_dpbf16_ps(cr[0], av, b0);
-                    cr[1] = _mm512_dpbf16_ps(cr[1], av, b1);
-                }
-            }
-            for (r, cr) in c.iter().enumerate() {
-                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR), cr[0]);
-                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR + 16), cr[1]);
+        // SAFETY: the tile is an MR x NR block with row stride NR.
+        unsafe { micro_to_c(pairs, a, b, tile.as_mut_ptr(), NR, false) }
+    }
+}
+
+/// Adds (or, for the first depth block, copies) the valid `rows x cols` part of a computed
+/// tile into `C` at `(row, col)`.
+///
+/// # Safety
+/// The block must lie inside `C` (row stride `ldc`) and belong to the calling task.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn store_tile(
+    c: CPtr,
+    ldc: usize,
+    row: usize,
+    col: usize,
+    rows: usize,
+    cols: usize,
+    tile: &[f32; MR * NR],
+    first: bool,
+) {
+    for r in 0..rows {
+        // SAFETY: forwarded from the contract.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(c.get().add((row + r) * ldc + col), cols) };
+        let src = &tile[r * NR..r * NR + cols];
+        if first {
+            dst.copy_from_slice(src);
+        } else {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += s;
             }
         }
     }
@@ -707,22 +718,9 @@ fn run(
                         }
                         let rows = MR.min(mc - ir);
                         let cols = NR.min(n - jr);
-                        for r in 0..rows {
-                            let off = (i0 + ir + r) * ldc + jr;
-                            // SAFETY: row `i0+ir+r < m` and columns `jr..jr+cols <= n` lie inside
-                            // `c` (asserted above); this task owns rows `i0..i0+mc` of C.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(c_ptr.get().add(off), cols)
-                            };
-                            let src = &tile[r * NR..r * NR + cols];
-                            if first {
-                                dst.copy_from_slice(src);
-                            } else {
-                                for (d, s) in dst.iter_mut().zip(src) {
-                                    *d += s;
-                                }
-                            }
-                        }
+                        // SAFETY: rows `i0+ir..+rows < m` and columns `jr..jr+cols <= n` lie in
+                        // C (asserted by the entry point); this task owns rows `i0..i0+mc`.
+                        unsafe { store_tile(c_ptr, ldc, i0 + ir, jr, rows, cols, tile, first) };
                     }
                 }
             });

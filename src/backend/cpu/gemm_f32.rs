@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm_bf16::{CPtr, MR, MatRef, NR, grow, row_block};
+use super::gemm_bf16::{CPtr, MR, MatRef, NR, grow, row_block, store_tile};
 
 /// Depth of a packed block: a `KC x NR` panel of `B` is 64 KB, re-read from L2 per `A` panel.
 const KC: usize = 512;
@@ -277,24 +277,9 @@ fn run(
                         }
                         let rows = MR.min(mc - ir);
                         let cols = NR.min(n - jr);
-                        for r in 0..rows {
-                            // SAFETY: row i0+ir+r < m and columns jr..jr+cols <= n lie in C;
-                            // this task owns rows i0..i0+mc.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    c_ptr.get().add((i0 + ir + r) * ldc + jr),
-                                    cols,
-                                )
-                            };
-                            let src = &tile[r * NR..r * NR + cols];
-                            if first {
-                                dst.copy_from_slice(src);
-                            } else {
-                                for (d, s) in dst.iter_mut().zip(src) {
-                                    *d += s;
-                                }
-                            }
-                        }
+                        // SAFETY: rows `i0+ir..+rows < m` and columns `jr..jr+cols <= n` lie in
+                        // C (asserted by the entry point); this task owns rows `i0..i0+mc`.
+                        unsafe { store_tile(c_ptr, ldc, i0 + ir, jr, rows, cols, &tile, first) };
                     }
                 }
             });

@@ -21,20 +21,24 @@ pub fn to_bf16(xs: &[f32]) -> Vec<u16> {
         .collect()
 }
 
-/// `y[rows] = W[rows, cols] x[cols]`, f32 weights.
-pub fn gemv_f32(y: &mut [f32], w: &[f32], x: &[f32], rows: usize, cols: usize) {
-    assert!(w.len() >= rows * cols && x.len() >= cols && y.len() >= rows);
+/// `y[rows] = W[rows, cols] x[cols]` with rows split across threads; `row_dot(r)` is the dot
+/// product of row `r` with `x`.
+fn gemv_rows(y: &mut [f32], rows: usize, row_dot: impl Fn(usize) -> f32 + Sync) {
     let per = rows_per_task(rows);
     y[..rows]
         .par_chunks_mut(per)
         .enumerate()
         .for_each(|(t, ys)| {
-            let r0 = t * per;
             for (i, yv) in ys.iter_mut().enumerate() {
-                let row = &w[(r0 + i) * cols..(r0 + i + 1) * cols];
-                *yv = dot(row, &x[..cols]);
+                *yv = row_dot(t * per + i);
             }
         });
+}
+
+/// `y[rows] = W[rows, cols] x[cols]`, f32 weights.
+pub fn gemv_f32(y: &mut [f32], w: &[f32], x: &[f32], rows: usize, cols: usize) {
+    assert!(w.len() >= rows * cols && x.len() >= cols && y.len() >= rows);
+    gemv_rows(y, rows, |r| dot(&w[r * cols..(r + 1) * cols], &x[..cols]));
 }
 
 /// Dot product of bf16 weights with f32 inputs (weights widened exactly to f32).
@@ -114,17 +118,9 @@ mod avx512 {
 /// `y[rows] = W[rows, cols] x[cols]`, bf16 weights (as bits).
 pub fn gemv_bf16(y: &mut [f32], w: &[u16], x: &[f32], rows: usize, cols: usize) {
     assert!(w.len() >= rows * cols && x.len() >= cols && y.len() >= rows);
-    let per = rows_per_task(rows);
-    y[..rows]
-        .par_chunks_mut(per)
-        .enumerate()
-        .for_each(|(t, ys)| {
-            let r0 = t * per;
-            for (i, yv) in ys.iter_mut().enumerate() {
-                let row = &w[(r0 + i) * cols..(r0 + i + 1) * cols];
-                *yv = dot_bf16(row, &x[..cols]);
-            }
-        });
+    gemv_rows(y, rows, |r| {
+        dot_bf16(&w[r * cols..(r + 1) * cols], &x[..cols])
+    });
 }
 
 #[cfg(test)]

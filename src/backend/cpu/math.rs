@@ -59,21 +59,9 @@ pub fn max(xs: &[f32]) -> f32 {
 }
 
 /// Replaces every `x` by `e^(x - shift)` and returns their sum, vectorisable.
+#[inline]
 pub fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = xs.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            c[l] = exp(c[l] - shift);
-            acc[l] += c[l];
-        }
-    }
-    let mut s = 0.0;
-    for x in chunks.into_remainder() {
-        *x = exp(*x - shift);
-        s += *x;
-    }
-    s + acc.iter().sum::<f32>()
+    exp_scaled_shift_sum(xs, shift, 1.0)
 }
 
 /// Replaces every `x` by `e^((x - shift) * scale)` and returns their sum, vectorisable.
