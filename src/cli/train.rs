@@ -17,22 +17,24 @@ fn d() -> TrainConfig {
 /// Options of `handgrad train`. Defaults train the `small` preset on the built-in stories.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Model: a preset (tiny, small, stories260k, stories15m, stories42m, stories110m,
-    /// qwen3-0.6b) or a Hugging Face config.json. Presets take the tokenizer's vocabulary.
+    /// Model [default: small]: a preset (tiny, small, stories260k, stories15m, stories42m,
+    /// stories110m, qwen3-0.6b) or a Hugging Face config.json. Presets take the tokenizer's
+    /// vocabulary.
     #[arg(long)]
     model: Option<String>,
     /// Fine-tune: start from this model's weights (Hugging Face folder or .safetensors,
     /// llama2.c .bin, GGUF, or handgrad checkpoint); its tokenizer comes along when it has one.
     #[arg(long, conflicts_with = "model")]
     init_from: Option<String>,
-    /// Training data: `builtin` (generated children's stories with their own tokenizer), a
-    /// token file (llama2.c uint16 or handgrad shard) or a folder of them.
+    /// Training data [default: builtin]: `builtin` (generated children's stories with their own
+    /// tokenizer), a token file (llama2.c uint16 or handgrad shard) or a folder of them.
     #[arg(long)]
     data: Option<String>,
-    /// Tokenizer file (tokenizer.json); by default the one next to the data, if any.
+    /// Tokenizer file (tokenizer.json or llama2.c tokenizer.bin); by default the model's (with
+    /// --init-from) or the one next to the data.
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Optimizer updates in the whole run (on --resume: a new total).
+    /// Optimizer updates in the whole run [default: 1000]; on --resume, a new total.
     #[arg(long)]
     steps: Option<usize>,
     /// Sequences per micro-batch.
@@ -84,8 +86,9 @@ pub struct TrainArgs {
     /// the reported loss is then over that compacted vocabulary, not the full one).
     #[arg(long)]
     vocab_compaction: bool,
-    /// Matmul precision: fp32, or bf16 (bf16 products with f32 accumulation via AVX512_BF16;
-    /// master weights, optimizer, norms, attention and the residual stream stay f32).
+    /// Matmul precision: fp32, or bf16 (bf16 products with f32 accumulation, via AVX512_BF16
+    /// where the CPU has it; master weights, optimizer, norms, softmax, loss and the residual
+    /// stream stay f32).
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// Run folder (default: runs/MODEL-N, the first free N).
