@@ -142,7 +142,7 @@ pub fn fp32_peak(seconds: f64) -> (f64, &'static str) {
 pub fn bf16_peak(seconds: f64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx512_bf16() {
+        if crate::backend::cpu::gemm_bf16::available() {
             // SAFETY: the features were detected at run time.
             return Some(measure(
                 (CHAINS * 32 * 2) as f64,
@@ -153,18 +153,6 @@ pub fn bf16_peak(seconds: f64) -> Option<f64> {
     }
     let _ = seconds;
     None
-}
-
-/// Whether the CPU has AVX-512 with the BF16 extension.
-pub fn has_avx512_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Sustained read bandwidth from memory on all threads of the current pool, in GB/s: the best

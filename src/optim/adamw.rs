@@ -136,13 +136,6 @@ pub fn global_norm(grads: &[f32]) -> f64 {
         .sqrt()
 }
 
-/// Multiplies every gradient by `s`.
-pub fn scale(grads: &mut [f32], s: f32) {
-    grads
-        .par_chunks_mut(CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|x| *x *= s));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

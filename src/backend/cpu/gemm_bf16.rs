@@ -31,7 +31,16 @@ pub(crate) fn row_block(m: usize) -> usize {
 
 /// Whether this CPU can run the bf16 kernels.
 pub fn available() -> bool {
-    crate::bench::peak::has_avx512_bf16()
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// A strided f32 matrix view: element `(i, j)` at `data[i * rs + j * cs]`.
