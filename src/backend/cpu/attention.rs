@@ -12,6 +12,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::SendPtr;
 use super::gemm_bf16::{MatRef, gemm_bf16_serial_raw};
 use super::linear::gemm_strided;
 
@@ -82,22 +83,6 @@ unsafe fn mm(
 
 /// Rows per causal block: blocks above the diagonal are skipped.
 const BLOCK: usize = 64;
-
-/// A raw pointer that may be sent to worker threads; each task writes a disjoint part.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: the pointer is only used by tasks that write disjoint elements (documented at each
-// use), and the allocation outlives the parallel loop that uses it.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 thread_local! {
     /// Per-thread `[seq, seq]` scratch for the backward pass, reused across calls.

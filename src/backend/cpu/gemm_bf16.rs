@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use super::SendPtr;
+
 /// Rows of the micro-tile.
 pub const MR: usize = 12;
 /// Columns of the micro-tile (two vectors of 16 f32).
@@ -509,7 +511,7 @@ mod kernel {
 /// The block must lie inside `C` (row stride `ldc`) and belong to the calling task.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn store_tile(
-    c: CPtr,
+    c: SendPtr,
     ldc: usize,
     row: usize,
     col: usize,
@@ -583,7 +585,7 @@ pub fn gemm_bf16(
         "gemm_bf16: B too small"
     );
     let fast = available();
-    let c_ptr = CPtr(c.as_mut_ptr());
+    let c_ptr = SendPtr(c.as_mut_ptr());
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bbuf) => run(
             m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf, false,
@@ -642,7 +644,7 @@ pub unsafe fn gemm_bf16_serial_raw(
         "gemm_bf16: B too small"
     );
     let fast = available();
-    let c_ptr = CPtr(c);
+    let c_ptr = SendPtr(c);
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bbuf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf, true),
         Err(_) => run(
@@ -669,7 +671,7 @@ fn run(
     k: usize,
     a: MatRef,
     b: MatRef,
-    c_ptr: CPtr,
+    c_ptr: SendPtr,
     ldc: usize,
     accumulate: bool,
     fast: bool,
@@ -741,21 +743,6 @@ fn run(
         }
     }
 }
-
-#[derive(Clone, Copy)]
-pub(crate) struct CPtr(pub(crate) *mut f32);
-
-impl CPtr {
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-// SAFETY: tasks write disjoint row blocks of C through this pointer, and C outlives the
-// parallel loop.
-unsafe impl Send for CPtr {}
-// SAFETY: as above.
-unsafe impl Sync for CPtr {}
 
 #[cfg(test)]
 mod tests {
@@ -981,7 +968,7 @@ mod portable_tests {
                 k,
                 am,
                 bm,
-                CPtr(portable.as_mut_ptr()),
+                SendPtr(portable.as_mut_ptr()),
                 n,
                 false,
                 false,

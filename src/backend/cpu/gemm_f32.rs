@@ -8,7 +8,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm_bf16::{CPtr, MR, MatRef, NR, grow, row_block, store_tile};
+use super::SendPtr;
+use super::gemm_bf16::{MR, MatRef, NR, grow, row_block, store_tile};
 
 /// Depth of a packed block: a `KC x NR` panel of `B` is 64 KB, re-read from L2 per `A` panel.
 const KC: usize = 512;
@@ -227,7 +228,7 @@ fn run(
     k: usize,
     a: MatRef,
     b: MatRef,
-    c_ptr: CPtr,
+    c_ptr: SendPtr,
     ldc: usize,
     accumulate: bool,
     bbuf: &mut Vec<f32>,
@@ -326,7 +327,7 @@ pub fn gemm_f32(
         return;
     }
     check(m, n, k, a, b);
-    let c_ptr = CPtr(c.as_mut_ptr());
+    let c_ptr = SendPtr(c.as_mut_ptr());
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, &mut buf),
         Err(_) => run(m, n, k, a, b, c_ptr, ldc, accumulate, &mut Vec::new()),
