@@ -322,47 +322,66 @@ fn cross_entropy_gradients_and_value() {
     ));
 }
 
+type AttnForward = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32], &AttentionShape);
+type AttnBackward =
+    fn(&mut [f32], &mut [f32], &mut [f32], &[f32], &[f32], &[f32], &[f32], &[f32], &AttentionShape);
+
+/// Runs an attention implementation (forward, then backward with a fixed `dout`) on random
+/// inputs of `s`: returns `[out, probs, dq, dk, dv]`.
+fn run_attention(
+    s: &AttentionShape,
+    seed: u64,
+    fwd: AttnForward,
+    bwd: AttnBackward,
+) -> [Vec<f32>; 5] {
+    let n = s.batch * s.seq;
+    let (qd, kvd) = (s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
+    let q = randn(n * qd, seed, 0.0, 1.0);
+    let k = randn(n * kvd, seed + 1, 0.0, 1.0);
+    let v = randn(n * kvd, seed + 2, 0.0, 1.0);
+    let dout = randn(n * qd, seed + 3, 0.0, 1.0);
+    let mut out = vec![0.0; n * qd];
+    let mut probs = vec![0.0; s.probs_len()];
+    let (mut dq, mut dk, mut dv) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+    fwd(&mut out, &mut probs, &q, &k, &v, s);
+    bwd(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, s);
+    [out, probs, dq, dk, dv]
+}
+
+fn shape(
+    batch: usize,
+    seq: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> AttentionShape {
+    AttentionShape {
+        batch,
+        seq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    }
+}
+
 #[test]
 fn fast_attention_matches_the_reference_on_odd_shapes() {
     use handgrad::backend::cpu::attention::{
         attention_backward_reference, attention_forward_reference,
     };
-    for (batch, seq, n_heads, n_kv_heads, head_dim) in [
-        (1, 1, 2, 1, 4),
-        (2, 37, 4, 2, 6),
-        (1, 70, 3, 3, 128),
-        (3, 33, 8, 2, 16),
+    for s in [
+        shape(1, 1, 2, 1, 4),
+        shape(2, 37, 4, 2, 6),
+        shape(1, 70, 3, 3, 128),
+        shape(3, 33, 8, 2, 16),
     ] {
-        let s = AttentionShape {
-            batch,
-            seq,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        };
-        let n = batch * seq;
-        let (qd, kvd) = (n_heads * head_dim, n_kv_heads * head_dim);
-        let q = randn(n * qd, 30, 0.0, 1.0);
-        let k = randn(n * kvd, 31, 0.0, 1.0);
-        let v = randn(n * kvd, 32, 0.0, 1.0);
-        let dout = randn(n * qd, 33, 0.0, 1.0);
-        let run = |fast: bool| {
-            let mut out = vec![0.0; n * qd];
-            let mut probs = vec![0.0; s.probs_len()];
-            let (mut dq, mut dk, mut dv) =
-                (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-            if fast {
-                attention_forward(&mut out, &mut probs, &q, &k, &v, &s);
-                attention_backward(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s);
-            } else {
-                attention_forward_reference(&mut out, &mut probs, &q, &k, &v, &s);
-                attention_backward_reference(
-                    &mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s,
-                );
-            }
-            [out, probs, dq, dk, dv]
-        };
-        let (fast, slow) = (run(true), run(false));
+        let fast = run_attention(&s, 30, attention_forward, attention_backward);
+        let slow = run_attention(
+            &s,
+            30,
+            attention_forward_reference,
+            attention_backward_reference,
+        );
         for (name, (a, b)) in ["out", "probs", "dq", "dk", "dv"]
             .iter()
             .zip(fast.iter().zip(&slow))
@@ -387,43 +406,21 @@ fn bf16_attention_matches_the_reference_within_bf16_rounding() {
         eprintln!("SKIPPED: no AVX512_BF16 on this CPU");
         return;
     }
-    for (batch, seq, n_heads, n_kv_heads, head_dim) in
-        [(1, 1, 2, 1, 4), (2, 37, 4, 2, 6), (1, 130, 2, 2, 64)]
-    {
-        let s = AttentionShape {
-            batch,
-            seq,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        };
-        let n = batch * seq;
-        let (qd, kvd) = (n_heads * head_dim, n_kv_heads * head_dim);
-        let q = randn(n * qd, 40, 0.0, 1.0);
-        let k = randn(n * kvd, 41, 0.0, 1.0);
-        let v = randn(n * kvd, 42, 0.0, 1.0);
-        let dout = randn(n * qd, 43, 0.0, 1.0);
-        let run = |bf16: bool| {
-            let mut out = vec![0.0; n * qd];
-            let mut probs = vec![0.0; s.probs_len()];
-            let (mut dq, mut dk, mut dv) =
-                (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-            if bf16 {
-                attention_forward_bf16(&mut out, &mut probs, &q, &k, &v, &s);
-                attention_backward_bf16(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s);
-            } else {
-                attention_forward_reference(&mut out, &mut probs, &q, &k, &v, &s);
-                attention_backward_reference(
-                    &mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, &s,
-                );
-            }
-            [out, dq, dk, dv]
-        };
-        let (fast, exact) = (run(true), run(false));
-        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
-            .iter()
-            .zip(fast.iter().zip(&exact))
-        {
+    for s in [
+        shape(1, 1, 2, 1, 4),
+        shape(2, 37, 4, 2, 6),
+        shape(1, 130, 2, 2, 64),
+    ] {
+        let fast = run_attention(&s, 40, attention_forward_bf16, attention_backward_bf16);
+        let exact = run_attention(
+            &s,
+            40,
+            attention_forward_reference,
+            attention_backward_reference,
+        );
+        // Compared as before the refactor: outputs and gradients (not the probabilities).
+        for (name, i) in [("out", 0), ("dq", 2), ("dk", 3), ("dv", 4)] {
+            let (a, b) = (&fast[i], &exact[i]);
             let norm = b.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
             let err = a
                 .iter()
