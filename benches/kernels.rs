@@ -2,15 +2,18 @@
 //! (batch 4 x 256 tokens): `cargo bench`. For whole steps, see `handgrad bench train`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use handgrad::backend::cpu::attention::{AttentionShape, attention_backward, attention_forward};
+use handgrad::backend::cpu::attention::{attention_backward, attention_forward};
 use handgrad::backend::cpu::gemv::{gemv_bf16, gemv_f32, to_bf16};
 use handgrad::backend::cpu::loss::cross_entropy_forward_backward;
 use handgrad::backend::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-use handgrad::backend::cpu::rope::{RopeTable, rope_forward};
+use handgrad::backend::cpu::rope::rope_forward;
 use handgrad::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
-use handgrad::backend::cpu::{CpuBf16Kernels, CpuKernels, gemm_bf16};
-use handgrad::backend::{Kernels, cpu::embedding::embedding_forward};
-use handgrad::model::{ModelConfig, ParamLayout, RopeStyle};
+use handgrad::backend::cpu::{CpuBf16Kernels, CpuKernels, bf16_in_hardware};
+use handgrad::backend::{
+    AttentionShape, Kernels, Matrix, NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable,
+    cpu::embedding::embedding_forward,
+};
+use handgrad::model::{ModelConfig, ParamLayout};
 use handgrad::optim::{AdamW, AdamWConfig};
 
 const N: usize = 1024; // tokens
@@ -35,11 +38,20 @@ fn kernels(c: &mut Criterion) {
         b.iter(|| rmsnorm_forward(&mut out, &mut rstd, &x, &w, D, 1e-5))
     });
     c.bench_function("rmsnorm_backward 1024x768", |b| {
-        b.iter(|| rmsnorm_backward(&mut out, &mut dw, &dy, &x, &w, &rstd, D, false))
+        let saved = NormSaved {
+            x: &x,
+            w: &w,
+            rstd: &rstd,
+        };
+        b.iter(|| rmsnorm_backward(&mut out, &mut dw, &dy, saved, D, false))
     });
     let table = RopeTable::new(64, 256, 10000.0, RopeStyle::RotateHalf);
     c.bench_function("rope_forward 1024x12x64", |b| {
-        b.iter(|| rope_forward(&mut out, 12, &table, |i| i % 256))
+        let pos = Positions {
+            first: 0,
+            period: 256,
+        };
+        b.iter(|| rope_forward(&mut out, 12, &table, pos))
     });
 
     let h1 = data(N * F, 4);
@@ -64,10 +76,27 @@ fn kernels(c: &mut Criterion) {
     let mut probs = vec![0.0; shape.probs_len()];
     let (mut dq, mut dk, mut dv) = (vec![0.0; N * D], vec![0.0; N * D], vec![0.0; N * D]);
     c.bench_function("attention_forward 4x256, 12 heads of 64", |b| {
-        b.iter(|| attention_forward(&mut out, &mut probs, &q, &k, &v, &shape))
+        let x = Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        b.iter(|| attention_forward(&mut out, &mut probs, x, &shape))
     });
     c.bench_function("attention_backward 4x256, 12 heads of 64", |b| {
-        b.iter(|| attention_backward(&mut dq, &mut dk, &mut dv, &dy, &probs, &q, &k, &v, &shape))
+        let x = Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        b.iter(|| {
+            let g = QkvGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+            };
+            attention_backward(g, &dy, &probs, x, &shape)
+        })
     });
 
     let wf = data(F * D, 9);
@@ -75,11 +104,11 @@ fn kernels(c: &mut Criterion) {
     let mut group = c.benchmark_group("linear 1024x768 -> 2048");
     group.sample_size(20);
     group.bench_function("fp32 forward", |b| {
-        b.iter(|| CpuKernels.linear_forward(&mut y, &x, &wf, N, D, F))
+        b.iter(|| CpuKernels.linear_forward(&mut y, &x, Matrix::new(&wf, F, D), N))
     });
-    if gemm_bf16::available() {
+    if bf16_in_hardware() {
         group.bench_function("bf16 forward", |b| {
-            b.iter(|| CpuBf16Kernels.linear_forward(&mut y, &x, &wf, N, D, F))
+            b.iter(|| CpuBf16Kernels.linear_forward(&mut y, &x, Matrix::new(&wf, F, D), N))
         });
     }
     group.finish();

@@ -39,6 +39,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// A compute backend failed (a program did not compile, an evaluation failed).
+    #[error("backend {backend}: {message}")]
+    Backend { backend: String, message: String },
     /// Training was interrupted by the user (Ctrl-C) after saving.
     #[error("interrupted")]
     Interrupted,
@@ -93,6 +96,14 @@ impl Error {
     pub fn config(origin: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Config {
             origin: origin.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A backend failure.
+    pub fn backend(backend: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Backend {
+            backend: backend.into(),
             message: message.into(),
         }
     }

@@ -24,7 +24,7 @@ fn reference(case: &str, key: &str) -> (Vec<u32>, Vec<f32>) {
 
 fn logits_of(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
     let model = Transformer::new(m.cfg.clone());
-    let mut acts = model.activations(1, ids.len());
+    let mut acts = model.activations(&CpuKernels, 1, ids.len());
     model
         .forward(&CpuKernels, &m.params, &mut acts, ids)
         .unwrap();

@@ -5,10 +5,10 @@
 mod common;
 
 use common::{GradReport, check_gradient, randn};
-use handgrad::backend::Kernels;
 use handgrad::backend::cpu::CpuKernels;
+use handgrad::backend::{Kernels, NormSaved};
 use handgrad::model::params::TensorKind;
-use handgrad::model::{Architecture, ModelConfig, RopeStyle, Transformer, VocabCompaction};
+use handgrad::model::{Architecture, Batch, ModelConfig, RopeStyle, Transformer, VocabCompaction};
 
 fn random_params(model: &Transformer, seed: u64) -> Vec<f32> {
     let mut p = vec![0.0f32; model.layout.total()];
@@ -35,20 +35,18 @@ fn gradcheck(model: &Transformer, kernels: &dyn Kernels, seed: u64) -> GradRepor
     };
     let inputs: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab) as u32).collect();
     let targets: Vec<u32> = (0..batch * seq).map(|_| *rng.pick(&allowed)).collect();
-    let mut acts = model.activations(batch, seq);
+    let mut acts = model.activations(kernels, batch, seq);
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+    };
     let mut grads = vec![0.0f32; params.len()];
     model
-        .forward_backward(
-            kernels, &params, &mut grads, &mut acts, &inputs, &targets, 1.0,
-        )
+        .forward_backward(kernels, &params, &mut grads, &mut acts, batch, 1.0)
         .unwrap();
     let mut total = GradReport::default();
     for t in &model.layout.tensors {
-        let mut loss = |p: &[f32]| {
-            model
-                .loss(kernels, p, &mut acts, &inputs, &targets)
-                .unwrap()
-        };
+        let mut loss = |p: &[f32]| model.loss(kernels, p, &mut acts, batch).unwrap();
         let r = check_gradient(
             &t.name,
             &mut params,
@@ -141,20 +139,16 @@ fn tiny_with_compacted_vocabulary() {
 struct OriginalRmsNormBug;
 
 impl Kernels for OriginalRmsNormBug {
-    fn name(&self) -> &'static str {
-        "buggy"
-    }
     fn rmsnorm_backward(
         &self,
         dx: &mut [f32],
         dw: &mut [f32],
         dy: &[f32],
-        x: &[f32],
-        w: &[f32],
-        rstd: &[f32],
+        saved: NormSaved,
         d: usize,
         accumulate: bool,
-    ) {
+    ) -> handgrad::Result<()> {
+        let NormSaved { x, w, rstd } = saved;
         for (row, &r) in rstd.iter().enumerate() {
             let (xr, dyr) = (&x[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
             let dot: f32 = dyr.iter().zip(xr).map(|(a, b)| a * b).sum();
@@ -168,6 +162,7 @@ impl Kernels for OriginalRmsNormBug {
                 dw[i] += dyr[i] * xr[i] * r;
             }
         }
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 mod common;
 
 use handgrad::backend::cpu::CpuKernels;
-use handgrad::generate::Decoder;
+use handgrad::generate::{Decoder, WeightFormat};
 use handgrad::model::{Architecture, ModelConfig, RopeStyle, Transformer};
 
 fn check(cfg: ModelConfig) {
@@ -20,7 +20,7 @@ fn check(cfg: ModelConfig) {
     let seq = 13;
     let vocab = model.cfg.vocab_size;
     let tokens: Vec<u32> = (0..seq).map(|i| ((i * 31 + 7) % vocab) as u32).collect();
-    let mut acts = model.activations(1, seq);
+    let mut acts = model.activations(&CpuKernels, 1, seq);
     model
         .forward(&CpuKernels, &params, &mut acts, &tokens)
         .unwrap();
@@ -42,6 +42,73 @@ fn check(cfg: ModelConfig) {
     );
     // The cache is full now.
     assert!(dec.step(&CpuKernels, 0).is_err());
+
+    // A prompt prefilled in one batched pass, then token by token: the same logits.
+    for split in [2, 7] {
+        let mut dec = Decoder::new(&model, &params, seq).unwrap();
+        let mut logits = dec.prefill(&CpuKernels, &tokens[..split]).unwrap().to_vec();
+        for (t, &tok) in tokens.iter().enumerate().skip(split) {
+            let full = &acts.logits[(t - 1) * vocab..t * vocab];
+            let diff = logits
+                .iter()
+                .zip(full)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                diff < 1e-5,
+                "prefill of {split}: position {t} differs by {diff}"
+            );
+            logits = dec.step(&CpuKernels, tok).unwrap().to_vec();
+        }
+        // A second prefill after the first continues the same sequence.
+        let mut dec2 = Decoder::new(&model, &params, seq).unwrap();
+        dec2.prefill(&CpuKernels, &tokens[..split]).unwrap();
+        let l2 = dec2.prefill(&CpuKernels, &tokens[split..]).unwrap();
+        let full = &acts.logits[(seq - 1) * vocab..seq * vocab];
+        let diff = l2
+            .iter()
+            .zip(full)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "two prefills differ by {diff}");
+    }
+}
+
+/// `--weights bf16` changes what the decoder reads: half the bytes, and logits that differ
+/// from fp32 by bf16 rounding only.
+#[test]
+fn bf16_weights_are_read_when_asked_for() {
+    let model = Transformer::new(ModelConfig::preset("tiny").unwrap());
+    let params = model.layout.init(model.cfg.n_layers, 5);
+    let tokens = [3u32, 9, 27, 17];
+    let mut f32_dec = Decoder::new(&model, &params, 8).unwrap();
+    let mut bf16_dec = Decoder::new(&model, &params, 8)
+        .unwrap()
+        .with_bf16_weights();
+    assert_eq!(f32_dec.weight_format(), WeightFormat::Fp32);
+    assert_eq!(bf16_dec.weight_format(), WeightFormat::Bf16);
+    assert_eq!(
+        2 * bf16_dec.weight_bytes_per_token(),
+        f32_dec.weight_bytes_per_token()
+    );
+    let (mut worst, mut scale) = (0.0f32, 0.0f32);
+    for &t in &tokens {
+        let a = f32_dec.step(&CpuKernels, t).unwrap().to_vec();
+        let b = bf16_dec.step(&CpuKernels, t).unwrap();
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+    }
+    // Different (the bf16 copy is what was read) but close (8 significant bits per weight).
+    assert!(
+        worst > 0.0,
+        "bf16 weights gave bit-identical logits: the copy was not read"
+    );
+    assert!(
+        worst < 2e-2 * scale.max(1e-3),
+        "bf16 logits off by {worst} (scale {scale})"
+    );
 }
 
 #[test]

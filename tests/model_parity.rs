@@ -5,7 +5,7 @@ mod common;
 
 use handgrad::backend::cpu::CpuKernels;
 use handgrad::formats::safetensors::SafetensorsFile;
-use handgrad::model::{ModelConfig, Transformer};
+use handgrad::model::{Batch, ModelConfig, Transformer};
 
 struct Case {
     model: Transformer,
@@ -52,7 +52,11 @@ fn load(name: &str) -> Case {
 fn check(name: &str) {
     let c = load(name);
     let k = CpuKernels;
-    let mut acts = c.model.activations(c.batch, c.seq);
+    let mut acts = c.model.activations(&k, c.batch, c.seq);
+    let batch = Batch {
+        inputs: &c.inputs,
+        targets: &c.targets,
+    };
 
     // Logits within 1e-4 absolute.
     c.model
@@ -71,9 +75,7 @@ fn check(name: &str) {
     let mut grads = vec![0.0f32; c.params.len()];
     let loss = c
         .model
-        .forward_backward(
-            &k, &c.params, &mut grads, &mut acts, &c.inputs, &c.targets, 1.0,
-        )
+        .forward_backward(&k, &c.params, &mut grads, &mut acts, batch, 1.0)
         .unwrap();
     let (_, ref_loss) = c.file.read_f32("loss").unwrap();
     assert!(
@@ -81,10 +83,7 @@ fn check(name: &str) {
         "{name}: loss {loss} vs {}",
         ref_loss[0]
     );
-    let eval_loss = c
-        .model
-        .loss(&k, &c.params, &mut acts, &c.inputs, &c.targets)
-        .unwrap();
+    let eval_loss = c.model.loss(&k, &c.params, &mut acts, batch).unwrap();
     assert!((eval_loss - loss).abs() < 1e-6);
 
     for t in &c.model.layout.tensors {

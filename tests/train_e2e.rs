@@ -6,8 +6,9 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use handgrad::backend::Precision;
 use handgrad::formats::checkpoint::Checkpoint;
-use handgrad::telemetry::{ConsoleMode, Event, EventSink, MemorySink};
+use handgrad::telemetry::{ConsoleMode, EndReason, Event, EventSink, LossKind, MemorySink, Record};
 use handgrad::train::{RunOptions, TrainConfig, train};
 
 fn tiny_config(steps: usize) -> TrainConfig {
@@ -31,7 +32,6 @@ fn options(dir: &std::path::Path) -> (RunOptions, MemorySink) {
     o.threads = 2;
     o.console = ConsoleMode::Quiet;
     o.cache_root = common::test_cache();
-    o.print_sample = false;
     let sink = MemorySink::default();
     o.extra_sinks.push(Box::new(sink.clone()));
     (o, sink)
@@ -63,8 +63,8 @@ fn tiny_model_learns_the_builtin_stories() {
     let run = dir.path().join("run");
     let (opts, sink) = options(&run);
     let out = train(tiny_config(200), opts).unwrap();
-    assert_eq!(out.reason, "completed");
-    let events = sink.events.lock().unwrap().clone();
+    assert_eq!(out.reason, EndReason::Completed);
+    let events = sink.events();
     let losses = step_losses(&events);
     let vals = eval_losses(&events);
     let uniform = (1024f64).ln();
@@ -96,11 +96,42 @@ fn tiny_model_learns_the_builtin_stories() {
     ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
-    // The JSONL log holds the same events with timestamps.
+    // The JSONL log holds the same events (including any said before the run folder existed,
+    // such as building the built-in data), each with its schema version and a time.
     let recs = common::events(&run);
     assert_eq!(recs.len(), events.len());
-    assert!(matches!(recs[0].event, Event::RunStart { .. }));
+    let first_run_event = recs
+        .iter()
+        .find(|r| !matches!(r.event, Event::Info { .. } | Event::Warning { .. }))
+        .unwrap();
+    assert!(matches!(first_run_event.event, Event::RunStart { .. }));
     assert!(matches!(recs.last().unwrap().event, Event::RunEnd { .. }));
+    assert!(recs.iter().all(|r| r.schema == 1 && r.time > 1.6e9));
+    assert!(recs.windows(2).all(|w| w[0].time <= w[1].time));
+    // Step events carry the per-block timings and, on the first update, the process RSS.
+    let steps: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Step { .. }))
+        .collect();
+    let Event::Step {
+        kernels, rss_bytes, ..
+    } = steps[0]
+    else {
+        unreachable!()
+    };
+    let names: Vec<&str> = kernels.iter().map(|k| k.kernel.as_str()).collect();
+    for block in ["sdpa_fwd", "ffn_fwd", "sdpa_bwd", "kv_bwd", "optimizer"] {
+        assert!(names.contains(&block), "{block} missing from {names:?}");
+    }
+    if cfg!(target_os = "linux") {
+        assert!(rss_bytes.is_some_and(|b| b > 1 << 20));
+    }
+    // The sample is an event (the console prints it), with the prompt.
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Sample { text, .. } if text.starts_with("Once upon a time"))
+        )
+    );
 }
 
 #[test]
@@ -116,16 +147,16 @@ fn resume_is_bit_exact() {
     let (mut opts, first_sink) = options(&split_dir);
     opts.stop_after = Some(n);
     let first = train(tiny_config(2 * n), opts).unwrap();
-    assert_eq!(first.reason, "stopped");
+    assert_eq!(first.reason, EndReason::Stopped);
     assert_eq!(first.step, n as u64);
     let (mut opts, second_sink) = options(&split_dir);
     opts.resume = true;
     let second = train(TrainConfig::default(), opts).unwrap();
     assert_eq!(second.step, 2 * n as u64);
 
-    let full = full_sink.events.lock().unwrap().clone();
-    let mut split = first_sink.events.lock().unwrap().clone();
-    split.extend(second_sink.events.lock().unwrap().iter().cloned());
+    let full = full_sink.events();
+    let mut split = first_sink.events();
+    split.extend(second_sink.events());
     let (a, b) = (step_losses(&full), step_losses(&split));
     assert_eq!(a.len(), 2 * n);
     assert_eq!(a, b, "loss sequences differ");
@@ -157,20 +188,17 @@ fn accumulation_and_compaction_resume_exactly_too() {
     let (mut opts, second) = options(&dir.path().join("b"));
     opts.resume = true;
     train(TrainConfig::default(), opts).unwrap();
-    let mut split = first.events.lock().unwrap().clone();
-    split.extend(second.events.lock().unwrap().iter().cloned());
-    assert_eq!(
-        step_losses(&full.events.lock().unwrap()),
-        step_losses(&split)
-    );
-    let kinds: Vec<String> = split
+    let mut split = first.events();
+    split.extend(second.events());
+    assert_eq!(step_losses(&full.events()), step_losses(&split));
+    let kinds: Vec<LossKind> = split
         .iter()
         .filter_map(|e| match e {
-            Event::Step { loss_kind, .. } => Some(loss_kind.clone()),
+            Event::Step { loss_kind, .. } => Some(*loss_kind),
             _ => None,
         })
         .collect();
-    assert!(kinds.iter().all(|k| k == "compacted"));
+    assert!(kinds.iter().all(|k| *k == LossKind::Compacted));
 }
 
 /// Raises the stop flag (as Ctrl-C does) when a given step is reached.
@@ -180,8 +208,11 @@ struct InterruptAt {
 }
 
 impl EventSink for InterruptAt {
-    fn emit(&mut self, e: &Event) -> handgrad::Result<()> {
-        if let Event::Step { step, .. } = e
+    fn name(&self) -> String {
+        "interrupter".into()
+    }
+    fn emit(&mut self, r: &Record) -> handgrad::Result<()> {
+        if let Event::Step { step, .. } = &r.event
             && *step == self.step
         {
             self.flag.store(true, Ordering::SeqCst);
@@ -200,14 +231,14 @@ fn interrupt_saves_and_resume_continues() {
     opts.extra_sinks
         .push(Box::new(InterruptAt { step: 7, flag }));
     let out = train(tiny_config(20), opts).unwrap();
-    assert_eq!(out.reason, "interrupted");
+    assert_eq!(out.reason, EndReason::Interrupted);
     assert_eq!(out.step, 7);
     let ck = Checkpoint::load(&run.join("checkpoints/latest")).unwrap();
     assert_eq!(ck.meta.step, 7);
     let (mut opts, _) = options(&run);
     opts.resume = true;
     let out = train(TrainConfig::default(), opts).unwrap();
-    assert_eq!((out.step, out.reason.as_str()), (20, "completed"));
+    assert_eq!((out.step, out.reason), (20, EndReason::Completed));
 }
 
 #[test]
@@ -236,8 +267,11 @@ fn damaged_latest_checkpoint_is_refused_and_the_previous_one_used() {
     let warnings = Arc::new(Mutex::new(Vec::new()));
     struct Warn(Arc<Mutex<Vec<String>>>);
     impl EventSink for Warn {
-        fn emit(&mut self, e: &Event) -> handgrad::Result<()> {
-            if let Event::Warning { message } = e {
+        fn name(&self) -> String {
+            "warnings".into()
+        }
+        fn emit(&mut self, r: &Record) -> handgrad::Result<()> {
+            if let Event::Warning { message } = &r.event {
                 self.0.lock().unwrap().push(message.clone());
             }
             Ok(())
@@ -256,7 +290,7 @@ fn damaged_latest_checkpoint_is_refused_and_the_previous_one_used() {
             .iter()
             .any(|w| w.contains("previous checkpoint"))
     );
-    let events = sink.events.lock().unwrap();
+    let events = sink.events();
     assert!(events.iter().any(|e| matches!(
         e,
         Event::RunStart {
@@ -268,9 +302,9 @@ fn damaged_latest_checkpoint_is_refused_and_the_previous_one_used() {
 
 #[test]
 fn bf16_matmuls_track_the_fp32_loss_curve_over_200_updates() {
-    if !handgrad::backend::cpu::gemm_bf16::available() {
+    if !handgrad::backend::cpu::bf16_in_hardware() {
         // A CPU feature, not an installable package: skipping is the only option here.
-        eprintln!("SKIPPED: this CPU has no AVX512_BF16, so the bf16 path cannot run");
+        common::skip("this CPU has no AVX512_BF16, so the bf16 path cannot run");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -287,23 +321,20 @@ fn bf16_matmuls_track_the_fp32_loss_curve_over_200_updates() {
         sample_tokens: 0,
         ..TrainConfig::default()
     };
-    let run = |precision: &str| {
-        let (opts, sink) = options(&dir.path().join(precision));
+    let run = |precision: Precision| {
+        let (opts, sink) = options(&dir.path().join(precision.to_string()));
         let out = train(
             TrainConfig {
-                precision: precision.into(),
+                precision,
                 ..cfg.clone()
             },
             opts,
         )
         .unwrap();
-        (
-            step_losses(&sink.events.lock().unwrap()),
-            out.final_val_loss.unwrap(),
-        )
+        (step_losses(&sink.events()), out.final_val_loss.unwrap())
     };
-    let (fp32, val32) = run("fp32");
-    let (bf16, val16) = run("bf16");
+    let (fp32, val32) = run(Precision::Fp32);
+    let (bf16, val16) = run(Precision::Bf16);
     assert_eq!(fp32.len(), 200);
     // Stated tolerance: the mean training loss of every block of 20 updates stays within 0.05
     // nats (about 1%) of the fp32 run, and the final validation losses within 0.03.

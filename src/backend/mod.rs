@@ -1,174 +1,132 @@
-//! Compute backends behind one [`Kernels`] interface.
+//! Compute backends behind one [`Kernels`] interface, chosen by one [`Backend`] value.
 //!
-//! The model's forward and backward (see `model::transformer`) call only the methods of
-//! [`Kernels`]. Each method has a default implementation: the CPU reference kernel of
-//! [`cpu`]. A backend overrides the operations it accelerates; ARCHITECTURE.md maps these
-//! operations onto the ten accelerator kernels of the original ANE design.
+//! The model's forward and backward (`model::transformer`) call only methods of [`Kernels`]:
+//! fine-grained operations and the coarse blocks of the original accelerator design
+//! (`kernels.rs`). Every method has a default (the CPU kernels of [`cpu`], composed by
+//! [`blocks`] for the blocks), so a backend overrides exactly what it accelerates.
+//! [`conformance`] checks any backend against reference kernels.
 
+pub mod blocks;
+pub mod conformance;
 pub mod cpu;
+mod fault;
+pub mod kernels;
+pub mod types;
 
-pub use cpu::attention::AttentionShape;
+use std::fmt;
 
-use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 
-/// The CPU kernels of a matmul precision: `fp32`, or `bf16` (bf16 products with f32
-/// accumulation: `vdpbf16ps` on CPUs with AVX512_BF16, a portable emulation with the same
-/// numerics elsewhere, see [`bf16_emulated`]).
-pub fn kernels_for(precision: &str) -> Result<Box<dyn Kernels>> {
-    match precision {
-        "fp32" => Ok(Box::new(cpu::CpuKernels)),
-        "bf16" => Ok(Box::new(cpu::CpuBf16Kernels)),
-        other => Err(Error::invalid(format!(
-            "unknown --precision '{other}' (fp32 or bf16)"
-        ))),
+pub use blocks::{Attend, AttentionActs, AttentionWeights, FfnActs, FfnWeights, KvCache};
+pub use kernels::{Kernels, LinearOut, Tolerance};
+pub use types::{
+    AttentionShape, CachedAttentionShape, LinearShape, Matrix, ModelDims, NormSaved, Positions,
+    Qkv, QkvGrads, RopeStyle, RopeTable, StepShape,
+};
+
+use crate::error::Result;
+
+/// Which machine computes the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// The CPU (every operation; multi-threaded).
+    #[default]
+    Cpu,
+    /// The fp32 CPU kernels with an injected failure, to test error paths (`HANDGRAD_FAULT=prepare` or
+    /// `HANDGRAD_FAULT=forward:N`, the N-th forward pass). Not for users.
+    #[value(hide = true)]
+    FaultInjection,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::FaultInjection => "fault-injection",
+        })
     }
 }
 
-/// The operations a training step is made of. All tensors are row-major f32 slices; the shapes
-/// are documented on the CPU functions each default method calls.
-#[allow(clippy::too_many_arguments)]
-pub trait Kernels: Send + Sync {
-    /// A short name for reports.
-    fn name(&self) -> &'static str;
+/// The precision of the matrix multiplies. Master weights, optimizer state, norms, softmax,
+/// the loss and the residual stream are f32 in every precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 products.
+    #[default]
+    Fp32,
+    /// bf16 operands, f32 accumulation.
+    Bf16,
+}
 
-    /// `y [rows, d_out] = x [rows, d_in] W^T`, `W [d_out, d_in]`.
-    fn linear_forward(
-        &self,
-        y: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-    ) {
-        cpu::linear::linear_forward(y, x, w, rows, d_in, d_out)
-    }
-
-    /// `dx [rows, d_in] (+)= dy [rows, d_out] W`.
-    fn linear_backward_input(
-        &self,
-        dx: &mut [f32],
-        dy: &[f32],
-        w: &[f32],
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-        accumulate: bool,
-    ) {
-        cpu::linear::linear_backward_input(dx, dy, w, rows, d_in, d_out, accumulate)
-    }
-
-    /// `dW [d_out, d_in] += dy^T x`.
-    fn linear_backward_weight(
-        &self,
-        dw: &mut [f32],
-        dy: &[f32],
-        x: &[f32],
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-    ) {
-        cpu::linear::linear_backward_weight(dw, dy, x, rows, d_in, d_out)
-    }
-
-    /// Causal GQA attention; saves the probabilities.
-    fn attention_forward(
-        &self,
-        out: &mut [f32],
-        probs: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: &AttentionShape,
-    ) {
-        cpu::attention::attention_forward(out, probs, q, k, v, shape)
-    }
-
-    /// Gradients of causal GQA attention with respect to q, k and v.
-    fn attention_backward(
-        &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        dout: &[f32],
-        probs: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: &AttentionShape,
-    ) {
-        cpu::attention::attention_backward(dq, dk, dv, dout, probs, q, k, v, shape)
-    }
-
-    /// Residual add: `out = a + b`.
-    fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
-        cpu::residual::residual_add(out, a, b)
-    }
-
-    /// `g = silu(h1) * h3`.
-    fn swiglu_forward(&self, g: &mut [f32], h1: &[f32], h3: &[f32]) {
-        cpu::swiglu::swiglu_forward(g, h1, h3)
-    }
-
-    /// Gradients of the SwiGLU gate.
-    fn swiglu_backward(
-        &self,
-        dh1: &mut [f32],
-        dh3: &mut [f32],
-        dg: &[f32],
-        h1: &[f32],
-        h3: &[f32],
-    ) {
-        cpu::swiglu::swiglu_backward(dh1, dh3, dg, h1, h3)
-    }
-
-    /// Row-wise RMSNorm; saves `1/rms` per row.
-    fn rmsnorm_forward(
-        &self,
-        out: &mut [f32],
-        rstd: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        d: usize,
-        eps: f32,
-    ) {
-        cpu::rmsnorm::rmsnorm_forward(out, rstd, x, w, d, eps)
-    }
-
-    /// Gradients of RMSNorm (input overwritten or accumulated, gain accumulated).
-    fn rmsnorm_backward(
-        &self,
-        dx: &mut [f32],
-        dw: &mut [f32],
-        dy: &[f32],
-        x: &[f32],
-        w: &[f32],
-        rstd: &[f32],
-        d: usize,
-        accumulate: bool,
-    ) {
-        cpu::rmsnorm::rmsnorm_backward(dx, dw, dy, x, w, rstd, d, accumulate)
-    }
-
-    /// Sum of the cross-entropy losses of the rows.
-    fn cross_entropy_loss(&self, logits: &[f32], targets: &[u32], vocab: usize) -> f64 {
-        cpu::loss::cross_entropy_loss(logits, targets, vocab)
-    }
-
-    /// Loss sum, and `logits` replaced by `scale * dloss/dlogits`.
-    fn cross_entropy_forward_backward(
-        &self,
-        logits: &mut [f32],
-        targets: &[u32],
-        vocab: usize,
-        scale: f32,
-    ) -> f64 {
-        cpu::loss::cross_entropy_forward_backward(logits, targets, vocab, scale)
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
     }
 }
 
-/// Whether bf16 matrix multiplies run in portable emulation here (no AVX512_BF16): the same
-/// results as the hardware path, but slower than fp32.
-pub fn bf16_emulated() -> bool {
-    !cpu::gemm_bf16::available()
+/// A backend and precision, as chosen with `--backend` and `--precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Backend {
+    pub kind: BackendKind,
+    pub precision: Precision,
+}
+
+/// What a run or a benchmark ran on, as recorded in `run_start` and in benchmark results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    pub backend: BackendKind,
+    pub precision: Precision,
+    /// The kernels in use, in words.
+    pub details: String,
+}
+
+impl Backend {
+    /// The CPU in a precision.
+    pub fn cpu(precision: Precision) -> Self {
+        Backend {
+            kind: BackendKind::Cpu,
+            precision,
+        }
+    }
+
+    /// A fresh set of kernels (call [`Kernels::prepare`] before the first step).
+    pub fn kernels(&self) -> Result<Box<dyn Kernels>> {
+        Ok(match (self.kind, self.precision) {
+            (BackendKind::Cpu, Precision::Fp32) => Box::new(cpu::CpuKernels),
+            (BackendKind::Cpu, Precision::Bf16) => Box::new(cpu::CpuBf16Kernels),
+            (BackendKind::FaultInjection, _) => Box::new(fault::FaultKernels::from_env()?),
+        })
+    }
+
+    /// What this backend is, for reports.
+    pub fn info(&self) -> BackendInfo {
+        BackendInfo {
+            backend: self.kind,
+            precision: self.precision,
+            details: cpu::describe(self.precision == Precision::Bf16),
+        }
+    }
+
+    /// Things a user should know about this choice on this machine.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.precision == Precision::Bf16 && !cpu::bf16_in_hardware() {
+            w.push(
+                "this CPU has no AVX512_BF16: bf16 matmuls are emulated (same numerics, slower than fp32)"
+                    .to_string(),
+            );
+        }
+        w
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.precision)
+    }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::backend::Kernels;
 use crate::error::Result;
-use crate::generate::Decoder;
+use crate::generate::{Decoder, WeightFormat};
 use crate::model::{ModelConfig, Transformer};
 use crate::util::rng::Rng;
 
@@ -15,7 +15,7 @@ use crate::util::rng::Rng;
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateBench {
     pub model: String,
-    pub weights: String,
+    pub weights: WeightFormat,
     pub threads: usize,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
@@ -31,15 +31,29 @@ pub struct GenerateBench {
     pub roofline_fraction: f64,
 }
 
-/// Prefills `prompt` random tokens, then decodes `tokens` more greedily.
+/// What to generate.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateRun {
+    /// Prompt tokens, prefilled in one batched pass.
+    pub prompt: usize,
+    /// Tokens decoded one at a time.
+    pub tokens: usize,
+    pub weights: WeightFormat,
+}
+
+/// Prefills `prompt` random tokens, then decodes `tokens` more greedily, with the decoder of
+/// `handgrad generate`.
 pub fn run(
     kernels: &dyn Kernels,
     name: &str,
     cfg: &ModelConfig,
-    prompt: usize,
-    tokens: usize,
-    bf16: bool,
+    r: GenerateRun,
 ) -> Result<GenerateBench> {
+    let GenerateRun {
+        prompt,
+        tokens,
+        weights,
+    } = r;
     let model = Transformer::new(cfg.clone());
     let params = model.layout.init(cfg.n_layers, 3);
     let mut rng = Rng::new(11);
@@ -49,18 +63,11 @@ pub fn run(
     let bandwidth = super::peak::read_bandwidth(1 << 30);
     let run_once = || -> Result<(f64, f64, usize)> {
         let mut dec = Decoder::new(&model, &params, prompt + tokens + 1)?;
-        if bf16 {
+        if weights == WeightFormat::Bf16 {
             dec = dec.with_bf16_weights();
         }
-        // With bf16 weights the prompt also goes through the bf16 matrix multiplies.
-        let bf16_kernels = crate::backend::cpu::CpuBf16Kernels;
-        let prefill_kernels: &dyn Kernels = if bf16 && crate::backend::cpu::gemm_bf16::available() {
-            &bf16_kernels
-        } else {
-            kernels
-        };
         let t = Instant::now();
-        let mut last = argmax(dec.prefill(prefill_kernels, &ids)?);
+        let mut last = argmax(dec.prefill(kernels, &ids)?);
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for _ in 0..tokens {
@@ -78,7 +85,7 @@ pub fn run(
     let roofline = bandwidth * 1e9 / bytes as f64;
     Ok(GenerateBench {
         model: name.into(),
-        weights: if bf16 { "bf16".into() } else { "fp32".into() },
+        weights,
         threads: rayon::current_num_threads(),
         prompt_tokens: ids.len(),
         decode_tokens: tokens,

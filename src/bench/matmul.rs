@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::Kernels;
+use crate::backend::{Kernels, LinearShape, Matrix};
+use crate::error::Result;
 use crate::model::ModelConfig;
 use crate::util::rng::Rng;
 
@@ -46,20 +47,25 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| (r.uniform() - 0.5) as f32).collect()
 }
 
-fn time_it(reps: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm up (page faults, packing buffers)
+fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm up (page faults, packing buffers)
     let mut best = f64::INFINITY;
     for _ in 0..reps {
         let t = Instant::now();
-        f();
+        f()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    best
+    Ok(best)
 }
 
 /// Times the forward, input-gradient and weight-gradient matmuls of every weight shape for
 /// `rows` tokens (best of `reps`).
-pub fn run(k: &dyn Kernels, cfg: &ModelConfig, rows: usize, reps: usize) -> Vec<MatmulResult> {
+pub fn run(
+    k: &dyn Kernels,
+    cfg: &ModelConfig,
+    rows: usize,
+    reps: usize,
+) -> Result<Vec<MatmulResult>> {
     let mut out = Vec::new();
     for (name, d_in, d_out) in weight_shapes(cfg) {
         let x = random(rows * d_in, 1);
@@ -80,16 +86,16 @@ pub fn run(k: &dyn Kernels, cfg: &ModelConfig, rows: usize, reps: usize) -> Vec<
                 gflops: flops / s / 1e9,
             })
         };
-        let s = time_it(reps, || k.linear_forward(&mut y, &x, &w, rows, d_in, d_out));
+        let shape = LinearShape { rows, d_in, d_out };
+        let wm = Matrix::new(&w, d_out, d_in);
+        let s = time_it(reps, || k.linear_forward(&mut y, &x, wm, rows))?;
         push("fwd", rows, d_in, d_out, s);
         let s = time_it(reps, || {
-            k.linear_backward_input(&mut dx, &dy, &w, rows, d_in, d_out, false)
-        });
+            k.linear_backward_input(&mut dx, &dy, &w, shape, false)
+        })?;
         push("dgrad", rows, d_out, d_in, s);
-        let s = time_it(reps, || {
-            k.linear_backward_weight(&mut dw, &dy, &x, rows, d_in, d_out)
-        });
+        let s = time_it(reps, || k.linear_backward_weight(&mut dw, &dy, &x, shape))?;
         push("wgrad", d_out, rows, d_in, s);
     }
-    out
+    Ok(out)
 }

@@ -1,15 +1,16 @@
-//! Full training-step benchmark: forward, loss, backward, clipping and AdamW on random tokens,
-//! with a per-kernel time breakdown.
+//! Full training-step benchmark: the trainer's own step ([`TrainStep`]: forward, loss,
+//! backward, clipping and AdamW) on random tokens, with a per-block time breakdown.
 
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::Kernels;
+use crate::backend::{Backend, BackendInfo};
 use crate::error::Result;
-use crate::model::timing::BreakdownEntry;
+use crate::model::timing::{BreakdownEntry, Section};
 use crate::model::{ModelConfig, Transformer};
-use crate::optim::{AdamW, AdamWConfig, update_scale};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::train::{StepState, TrainStep};
 use crate::util::rng::Rng;
 
 /// Results of `bench train`.
@@ -19,7 +20,7 @@ pub struct TrainBench {
     pub params: usize,
     pub batch: usize,
     pub seq: usize,
-    pub precision: String,
+    pub backend: BackendInfo,
     pub threads: usize,
     pub steps: usize,
     pub median_ms: f64,
@@ -38,52 +39,51 @@ pub struct TrainBench {
     pub breakdown: Vec<BreakdownEntry>,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A model and a batch shape to time.
+#[derive(Debug, Clone)]
+pub struct TrainRun<'a> {
+    pub name: &'a str,
+    pub cfg: &'a ModelConfig,
+    pub batch: usize,
+    pub seq: usize,
+    /// Measured steps (after one warm-up step).
+    pub steps: usize,
+}
+
 /// Runs `steps` measured training steps (after one warm-up step) of a randomly initialised
-/// model on random tokens.
-pub fn run(
-    kernels: &dyn Kernels,
-    name: &str,
-    cfg: &ModelConfig,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    precision: &str,
-    peak_gflops: f64,
-) -> Result<TrainBench> {
+/// model on random tokens. `peak_gflops` is reported with the result (MFU).
+pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBench> {
+    let (cfg, batch, seq, steps) = (r.cfg, r.batch, r.seq, r.steps.max(1));
     let model = Transformer::new(cfg.clone());
-    let mut params = model.layout.init(cfg.n_layers, 1);
-    let mut grads = vec![0.0f32; params.len()];
-    let mut opt = AdamW::new(AdamWConfig::default(), &model.layout);
-    let mut acts = model.activations(batch, seq);
+    let mut kernels = backend.kernels()?;
+    kernels.prepare(&model.step_shape(batch, seq))?;
+    let params = model.layout.init(cfg.n_layers, 1);
+    let opt = AdamW::new(AdamWConfig::default(), &model.layout);
+    let mut state = StepState::new(params, opt, batch * seq);
+    let mut acts = model.activations(kernels.as_ref(), batch, seq);
+    let step = TrainStep {
+        model: &model,
+        kernels: kernels.as_ref(),
+        accum: 1,
+        clip: 1.0,
+        loss_scale: 1.0,
+    };
     let mut rng = Rng::new(7);
-    let n = batch * seq;
-    let mut times = Vec::with_capacity(steps);
-    for step in 0..=steps {
-        let window: Vec<u32> = (0..n + batch)
-            .map(|_| rng.below(cfg.vocab_size as u64) as u32)
-            .collect();
-        let mut inputs = Vec::with_capacity(n);
-        let mut targets = Vec::with_capacity(n);
-        for b in 0..batch {
-            let w = &window[b * (seq + 1)..(b + 1) * (seq + 1)];
-            inputs.extend_from_slice(&w[..seq]);
-            targets.extend_from_slice(&w[1..]);
+    let vocab = cfg.vocab_size as u64;
+    let mut random_batch = |inputs: &mut [u32], targets: &mut [u32]| {
+        for (i, t) in inputs.iter_mut().zip(targets.iter_mut()) {
+            *i = rng.below(vocab) as u32;
+            *t = rng.below(vocab) as u32;
         }
-        if step == 1 {
+    };
+    let mut times = Vec::with_capacity(steps);
+    for s in 0..=steps {
+        if s == 1 {
             acts.timings.reset();
         }
         let t0 = Instant::now();
-        grads.fill(0.0);
-        model.forward_backward(
-            kernels, &params, &mut grads, &mut acts, &inputs, &targets, 1.0,
-        )?;
-        let t_opt = Instant::now();
-        let u = update_scale(&grads, 1, 1.0);
-        opt.step(&mut params, &grads, 3e-4, u.factor);
-        acts.timings
-            .add(crate::model::timing::Section::Optimizer, t_opt);
-        if step > 0 {
+        step.run(&mut state, &mut acts, &mut random_batch, 3e-4)?;
+        if s > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -94,33 +94,30 @@ pub fn run(
     let gflops = flops / median / 1e9;
     let total_step: f64 = times.iter().sum();
     let accounted = acts.timings.total();
-    let mut breakdown: Vec<BreakdownEntry> = acts
-        .timings
-        .entries()
-        .into_iter()
-        .map(|(s, secs)| BreakdownEntry {
-            section: s.to_string(),
-            ms: secs / steps as f64 * 1e3,
-            percent: 100.0 * secs / total_step,
-        })
+    let entry = |section: &str, label: &str, secs: f64| BreakdownEntry {
+        section: section.into(),
+        label: label.into(),
+        ms: secs / steps as f64 * 1e3,
+        percent: 100.0 * secs / total_step,
+    };
+    let mut breakdown: Vec<BreakdownEntry> = Section::ALL
+        .iter()
+        .map(|&s| entry(s.name(), s.label(), acts.timings.get(s)))
         .collect();
-    breakdown.push(BreakdownEntry {
-        section: "other (zeroing, data, untimed)".into(),
-        ms: (total_step - accounted).max(0.0) / steps as f64 * 1e3,
-        percent: 100.0 * (total_step - accounted).max(0.0) / total_step,
-    });
+    let other = (total_step - accounted).max(0.0);
+    breakdown.push(entry("other", "other (zeroing, data, untimed)", other));
     Ok(TrainBench {
-        model: name.to_string(),
-        params: params.len(),
+        model: r.name.to_string(),
+        params: state.params.len(),
         batch,
         seq,
-        precision: precision.to_string(),
+        backend: backend.info(),
         threads: rayon::current_num_threads(),
         steps,
         median_ms: median * 1e3,
         min_ms: sorted[0] * 1e3,
         max_ms: sorted[sorted.len() - 1] * 1e3,
-        tokens_per_s: n as f64 / median,
+        tokens_per_s: (batch * seq) as f64 / median,
         flops_per_step: flops,
         flop_formula: "6 x matmul params (classifier included) x tokens + 12 x layers x heads x seq^2 x head_dim x batch".into(),
         gflops,

@@ -2,9 +2,13 @@
 
 use clap::{Args, Subcommand};
 
-use crate::backend::cpu::CpuKernels;
+use super::backend_args::BackendArgs;
+use crate::backend::{Backend, Precision};
 use crate::bench;
+use crate::bench::generate::GenerateRun;
+use crate::bench::train::TrainRun;
 use crate::error::{Error, Result};
+use crate::generate::WeightFormat;
 use crate::model::ModelConfig;
 
 /// Benchmarks.
@@ -16,61 +20,74 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
-    /// Time full training steps (forward, backward, clipping, AdamW) with a per-kernel breakdown.
-    Train {
-        /// Model preset or config.json.
-        #[arg(long, default_value = "stories110m")]
-        model: String,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        /// Measured steps (after one warm-up step).
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        /// Matmul precision: fp32, or bf16 (fp32 master weights, optimizer and residuals).
-        #[arg(long, default_value = "fp32")]
-        precision: String,
-        /// Worker threads (default: physical cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Time the trainer's training step (forward, backward, clipping, AdamW) with a per-block
+    /// time breakdown.
+    Train(TrainBenchArgs),
     /// Time prefill and decoding (KV cache) against the memory-bandwidth roofline.
-    Generate {
-        #[arg(long, default_value = "stories110m")]
-        model: String,
-        /// Prompt tokens (prefilled in one batched forward pass).
-        #[arg(long, default_value_t = 256)]
-        prompt: usize,
-        /// Tokens decoded one at a time.
-        #[arg(long, default_value_t = 128)]
-        tokens: usize,
-        /// Weights streamed while decoding: fp32 or bf16.
-        #[arg(long, default_value = "fp32")]
-        weights: String,
-        #[arg(long)]
-        threads: Option<usize>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Measure the arithmetic peak (fp32 FMA, bf16 dot) and the matmul throughput of a model's shapes.
-    Matmul {
-        #[arg(long, default_value = "stories110m")]
-        model: String,
-        /// Rows (tokens) of the activations.
-        #[arg(long, default_value_t = 1024)]
-        rows: usize,
-        /// Matmul precision: fp32 or bf16.
-        #[arg(long, default_value = "fp32")]
-        precision: String,
-        #[arg(long)]
-        threads: Option<usize>,
-        #[arg(long)]
-        json: bool,
-    },
+    Generate(GenerateBenchArgs),
+    /// Measure the arithmetic peak (fp32 FMA, bf16 dot) and the matmul throughput of a model's
+    /// shapes.
+    Matmul(MatmulBenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct TrainBenchArgs {
+    /// Model preset or config.json.
+    #[arg(long, default_value = "stories110m")]
+    model: String,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Measured steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Worker threads (default: physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct GenerateBenchArgs {
+    #[arg(long, default_value = "stories110m")]
+    model: String,
+    /// Prompt tokens (prefilled in one batched forward pass).
+    #[arg(long, default_value_t = 256)]
+    prompt: usize,
+    /// Tokens decoded one at a time.
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
+    /// Weights streamed while decoding.
+    #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
+    weights: WeightFormat,
+    /// Backend and precision of the prompt's batched pass [default precision: bf16 with
+    /// --weights bf16 on CPUs with AVX512_BF16, else fp32].
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct MatmulBenchArgs {
+    #[arg(long, default_value = "stories110m")]
+    model: String,
+    /// Rows (tokens) of the activations.
+    #[arg(long, default_value_t = 1024)]
+    rows: usize,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
@@ -81,7 +98,7 @@ fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         .map_err(|e| Error::invalid(format!("cannot start {t} threads: {e}")))
 }
 
-fn json(v: &impl serde::Serialize) -> Result<()> {
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(v).map_err(|e| Error::json("writing results", e))?
@@ -91,192 +108,194 @@ fn json(v: &impl serde::Serialize) -> Result<()> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
-        BenchCommand::Train {
-            model,
-            batch,
-            seq,
-            steps,
-            precision,
-            threads,
-            json: as_json,
-        } => {
-            let cfg = ModelConfig::from_preset_or_path(&model)?;
-            if seq > cfg.max_seq_len {
-                return Err(Error::invalid(format!(
-                    "--seq {seq} exceeds the model's {} positions",
-                    cfg.max_seq_len
-                )));
-            }
-            if batch == 0 || seq == 0 || steps == 0 {
-                return Err(Error::invalid(
-                    "--batch, --seq and --steps must be at least 1",
-                ));
-            }
-            let kernels = crate::backend::kernels_for(&precision)?;
-            let r = pool(threads)?.install(|| {
-                // Measured before and after the steps; the higher value counts (a shared host
-                // can steal a core during one measurement).
-                let measure_peak = || {
-                    if precision == "bf16" {
-                        bench::peak::bf16_peak(0.5).unwrap_or(f64::NAN)
-                    } else {
-                        bench::peak::fp32_peak(0.5).0
-                    }
-                };
-                let before = measure_peak();
-                let mut r = bench::train::run(
-                    kernels.as_ref(),
-                    &model,
-                    &cfg,
-                    batch,
-                    seq,
-                    steps,
-                    &precision,
-                    before,
-                )?;
-                let peak = before.max(measure_peak());
-                r.peak_gflops = peak;
-                r.mfu = r.gflops / peak;
-                Ok::<_, Error>(r)
-            })?;
-            if as_json {
-                return json(&r);
-            }
-            println!(
-                "{}: {} parameters, batch {} x seq {}, {}, {} threads, {} steps",
-                r.model,
-                crate::model::config::human_count(r.params),
-                r.batch,
-                r.seq,
-                r.precision,
-                r.threads,
-                r.steps
-            );
-            println!(
-                "step: median {:.1} ms (min {:.1}, max {:.1}) | {:.0} tokens/s | {:.1} GFLOP/s | MFU {:.1}% of the measured {} peak {:.1} GFLOP/s",
-                r.median_ms,
-                r.min_ms,
-                r.max_ms,
-                r.tokens_per_s,
-                r.gflops,
-                100.0 * r.mfu,
-                r.precision,
-                r.peak_gflops
-            );
-            println!(
-                "FLOPs/step {:.1} G = {}",
-                r.flops_per_step / 1e9,
-                r.flop_formula
-            );
-            if let Some(b) = r.peak_rss_bytes {
-                println!("peak RSS {:.2} GB", b as f64 / 1e9);
-            }
-            println!(
-                "\n{:34} {:>10} {:>7}",
-                "breakdown (mean per step)", "ms", "%"
-            );
-            for e in &r.breakdown {
-                println!("{:34} {:>10.1} {:>6.1}%", e.section, e.ms, e.percent);
-            }
-            Ok(())
-        }
-        BenchCommand::Generate {
-            model,
-            prompt,
-            tokens,
-            weights,
-            threads,
-            json: as_json,
-        } => {
-            let cfg = ModelConfig::from_preset_or_path(&model)?;
-            let bf16 = match weights.as_str() {
-                "fp32" | "f32" => false,
-                "bf16" => true,
-                other => {
-                    return Err(Error::invalid(format!(
-                        "unknown --weights '{other}' (fp32 or bf16)"
-                    )));
-                }
-            };
-            if prompt + tokens + 1 > cfg.max_seq_len {
-                return Err(Error::invalid(format!(
-                    "--prompt + --tokens exceed the model's {} positions",
-                    cfg.max_seq_len
-                )));
-            }
-            let r = pool(threads)?.install(|| {
-                bench::generate::run(&CpuKernels, &model, &cfg, prompt, tokens, bf16)
-            })?;
-            if as_json {
-                return json(&r);
-            }
-            println!("{}: {} weights, {} threads", r.model, r.weights, r.threads);
-            println!(
-                "prefill {} tokens: {:.0} tokens/s",
-                r.prompt_tokens, r.prefill_tokens_per_s
-            );
-            println!(
-                "decode {} tokens: {:.1} tokens/s ({:.1}% of the roofline {:.1} tokens/s = {:.1} GB/s measured read bandwidth / {:.1} MB of weights per token)",
-                r.decode_tokens,
-                r.decode_tokens_per_s,
-                100.0 * r.roofline_fraction,
-                r.roofline_tokens_per_s,
-                r.bandwidth_gb_s,
-                r.weight_bytes_per_token as f64 / 1e6
-            );
-            println!(
-                "prefill / decode speed: {:.1}x",
-                r.prefill_tokens_per_s / r.decode_tokens_per_s
-            );
-            Ok(())
-        }
-        BenchCommand::Matmul {
-            model,
-            rows,
-            precision,
-            threads,
-            json: as_json,
-        } => {
-            let cfg = ModelConfig::from_preset_or_path(&model)?;
-            let kernels = crate::backend::kernels_for(&precision)?;
-            let (peak, isa, bf16, results) = pool(threads)?.install(|| {
-                let (peak, isa) = bench::peak::fp32_peak(1.0);
-                let bf16 = bench::peak::bf16_peak(1.0);
-                (
-                    peak,
-                    isa,
-                    bf16,
-                    bench::matmul::run(kernels.as_ref(), &cfg, rows, 3),
-                )
-            });
-            if as_json {
-                return json(&serde_json::json!({
-                    "fp32_peak_gflops": peak, "fp32_isa": isa, "bf16_peak_gflops": bf16, "matmuls": results
-                }));
-            }
-            println!("fp32 FMA peak ({isa}): {peak:.1} GFLOP/s");
-            match bf16 {
-                Some(b) => println!("bf16 dot peak (vdpbf16ps): {b:.1} GFLOP/s"),
-                None => println!("bf16 dot peak: no AVX512_BF16 on this CPU"),
-            }
-            println!(
-                "\n{:28} {:6} {:>19} {:>9} {:>9} {:>7}",
-                "weight", "pass", "m x k x n", "ms", "GFLOP/s", "% peak"
-            );
-            for r in &results {
-                println!(
-                    "{:28} {:6} {:>5}x{:>6}x{:>6} {:>9.2} {:>9.1} {:>6.1}%",
-                    r.weight,
-                    r.pass,
-                    r.m,
-                    r.k,
-                    r.n,
-                    r.ms,
-                    r.gflops,
-                    100.0 * r.gflops / peak
-                );
-            }
-            Ok(())
-        }
+        BenchCommand::Train(a) => train(a),
+        BenchCommand::Generate(a) => generate(a),
+        BenchCommand::Matmul(a) => matmul(a),
     }
+}
+
+/// The measured arithmetic peak of a precision (GFLOP/s); NaN where it cannot run.
+fn measure_peak(precision: Precision, seconds: f64) -> f64 {
+    match precision {
+        Precision::Bf16 => bench::peak::bf16_peak(seconds).unwrap_or(f64::NAN),
+        Precision::Fp32 => bench::peak::fp32_peak(seconds).0,
+    }
+}
+
+fn train(a: TrainBenchArgs) -> Result<()> {
+    let cfg = ModelConfig::from_preset_or_path(&a.model)?;
+    if a.seq > cfg.max_seq_len {
+        return Err(Error::invalid(format!(
+            "--seq {} exceeds the model's {} positions",
+            a.seq, cfg.max_seq_len
+        )));
+    }
+    if a.batch == 0 || a.seq == 0 || a.steps == 0 {
+        return Err(Error::invalid(
+            "--batch, --seq and --steps must be at least 1",
+        ));
+    }
+    let backend = a.backend.resolve();
+    for w in backend.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let run = TrainRun {
+        name: &a.model,
+        cfg: &cfg,
+        batch: a.batch,
+        seq: a.seq,
+        steps: a.steps,
+    };
+    let r = pool(a.threads)?.install(|| {
+        // Measured before and after the steps; the higher value counts (a shared host can
+        // steal a core during one measurement).
+        let before = measure_peak(backend.precision, 0.5);
+        let mut r = bench::train::run(&backend, &run, before)?;
+        r.peak_gflops = before.max(measure_peak(backend.precision, 0.5));
+        r.mfu = r.gflops / r.peak_gflops;
+        Ok::<_, Error>(r)
+    })?;
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "{}: {} parameters, batch {} x seq {}, {} {} ({}), {} threads, {} steps",
+        r.model,
+        crate::model::config::human_count(r.params),
+        r.batch,
+        r.seq,
+        r.backend.backend,
+        r.backend.precision,
+        r.backend.details,
+        r.threads,
+        r.steps
+    );
+    println!(
+        "step: median {:.1} ms (min {:.1}, max {:.1}) | {:.0} tokens/s | {:.1} GFLOP/s | MFU {:.1}% of the measured {} peak {:.1} GFLOP/s",
+        r.median_ms,
+        r.min_ms,
+        r.max_ms,
+        r.tokens_per_s,
+        r.gflops,
+        100.0 * r.mfu,
+        r.backend.precision,
+        r.peak_gflops
+    );
+    println!(
+        "FLOPs/step {:.1} G = {}",
+        r.flops_per_step / 1e9,
+        r.flop_formula
+    );
+    if let Some(b) = r.peak_rss_bytes {
+        println!("peak RSS {:.2} GB", b as f64 / 1e9);
+    }
+    println!(
+        "\n{:13} {:38} {:>10} {:>7}",
+        "breakdown", "(mean per step)", "ms", "%"
+    );
+    for e in r.breakdown.iter().filter(|e| e.ms > 0.0) {
+        println!(
+            "{:13} {:38} {:>10.1} {:>6.1}%",
+            e.section, e.label, e.ms, e.percent
+        );
+    }
+    Ok(())
+}
+
+fn generate(a: GenerateBenchArgs) -> Result<()> {
+    let cfg = ModelConfig::from_preset_or_path(&a.model)?;
+    if a.prompt + a.tokens + 1 > cfg.max_seq_len {
+        return Err(Error::invalid(format!(
+            "--prompt + --tokens exceed the model's {} positions",
+            cfg.max_seq_len
+        )));
+    }
+    let default_precision =
+        if a.weights == WeightFormat::Bf16 && crate::backend::cpu::bf16_in_hardware() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+    let backend: Backend = a.backend.resolve_with(default_precision);
+    let mut kernels = backend.kernels()?;
+    kernels.prepare(&crate::model::Transformer::new(cfg.clone()).step_shape(1, a.prompt))?;
+    let run = GenerateRun {
+        prompt: a.prompt,
+        tokens: a.tokens,
+        weights: a.weights,
+    };
+    let r =
+        pool(a.threads)?.install(|| bench::generate::run(kernels.as_ref(), &a.model, &cfg, run))?;
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "{}: {} weights, prompt on {backend}, {} threads",
+        r.model, r.weights, r.threads
+    );
+    println!(
+        "prefill {} tokens: {:.0} tokens/s",
+        r.prompt_tokens, r.prefill_tokens_per_s
+    );
+    println!(
+        "decode {} tokens: {:.1} tokens/s ({:.1}% of the roofline {:.1} tokens/s = {:.1} GB/s measured read bandwidth / {:.1} MB of weights per token)",
+        r.decode_tokens,
+        r.decode_tokens_per_s,
+        100.0 * r.roofline_fraction,
+        r.roofline_tokens_per_s,
+        r.bandwidth_gb_s,
+        r.weight_bytes_per_token as f64 / 1e6
+    );
+    println!(
+        "prefill / decode speed: {:.1}x",
+        r.prefill_tokens_per_s / r.decode_tokens_per_s
+    );
+    Ok(())
+}
+
+fn matmul(a: MatmulBenchArgs) -> Result<()> {
+    let cfg = ModelConfig::from_preset_or_path(&a.model)?;
+    let backend = a.backend.resolve();
+    let kernels = backend.kernels()?;
+    let (peak, isa, bf16, results) = pool(a.threads)?.install(|| {
+        let (peak, isa) = bench::peak::fp32_peak(1.0);
+        let bf16 = bench::peak::bf16_peak(1.0);
+        let results = bench::matmul::run(kernels.as_ref(), &cfg, a.rows, 3);
+        (peak, isa, bf16, results)
+    });
+    let results = results?;
+    let own_peak = match backend.precision {
+        Precision::Fp32 => peak,
+        Precision::Bf16 => bf16.unwrap_or(f64::NAN),
+    };
+    if a.json {
+        return print_json(&serde_json::json!({
+            "backend": backend.info(), "fp32_peak_gflops": peak, "fp32_isa": isa,
+            "bf16_peak_gflops": bf16, "matmuls": results
+        }));
+    }
+    println!("fp32 FMA peak ({isa}): {peak:.1} GFLOP/s");
+    match bf16 {
+        Some(b) => println!("bf16 dot peak (vdpbf16ps): {b:.1} GFLOP/s"),
+        None => println!("bf16 dot peak: no AVX512_BF16 on this CPU"),
+    }
+    println!("matmuls on {backend}: {}", backend.info().details);
+    println!(
+        "\n{:28} {:6} {:>19} {:>9} {:>9} {:>7}",
+        "weight", "pass", "m x k x n", "ms", "GFLOP/s", "% peak"
+    );
+    for r in &results {
+        println!(
+            "{:28} {:6} {:>5}x{:>6}x{:>6} {:>9.2} {:>9.1} {:>6.1}%",
+            r.weight,
+            r.pass,
+            r.m,
+            r.k,
+            r.n,
+            r.ms,
+            r.gflops,
+            100.0 * r.gflops / own_peak
+        );
+    }
+    Ok(())
 }

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::backend::cpu::CpuKernels;
+use super::backend_args::BackendArgs;
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::formats::load_model;
-use crate::generate::{GenerateOptions, Sampling, StopReason, generate};
+use crate::generate::{GenerateOptions, Sampling, StopReason, WeightFormat, generate};
 use crate::model::{Transformer, VocabCompaction};
 use crate::tokenizer;
 
@@ -51,8 +52,12 @@ pub struct GenerateArgs {
     seed: u64,
     /// Weights streamed per generated token: fp32, or bf16 (half the memory traffic, so about
     /// twice as fast on memory-bound machines; products still accumulate in f32).
-    #[arg(long, default_value = "fp32")]
-    weights: String,
+    #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
+    weights: WeightFormat,
+    /// Backend and precision of the prompt's batched pass [default precision: bf16 with
+    /// --weights bf16 on CPUs with AVX512_BF16, else fp32].
+    #[command(flatten)]
+    backend: BackendArgs,
     /// Worker threads (default: physical cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -115,8 +120,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         sampling,
         seed: a.seed,
         add_bos: true,
-        bf16_weights: false,
+        weights: a.weights,
     };
+    let default_precision =
+        if a.weights == WeightFormat::Bf16 && crate::backend::cpu::bf16_in_hardware() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+    let backend = a.backend.resolve_with(default_precision);
+    for w in backend.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let mut kernels = backend.kernels()?;
+    kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len.min(a.max_tokens + 1)))?;
     let mut stdout = std::io::stdout();
     print!("{}", a.prompt);
     let _ = stdout.flush();
@@ -125,7 +142,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         generate(
             &model,
             &params,
-            &CpuKernels,
+            kernels.as_ref(),
             tok.as_ref(),
             &opts,
             &mut |s: &str| {
@@ -142,11 +159,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         StopReason::MaxTokens => "--max-tokens reached",
         StopReason::ContextFull => "context full",
     };
+    let decode_rate = g.ids.len() as f64 / g.decode_seconds.max(1e-9);
     eprintln!(
-        "[{} prompt + {} generated tokens in {secs:.2}s, {:.1} tok/s; stopped: {why}]",
+        "[{} prompt + {} generated tokens in {secs:.2}s: prompt {:.0} tok/s, decode {decode_rate:.1} tok/s with {} weights ({:.1} MB read per token); stopped: {why}]",
         g.prompt_ids.len(),
         g.ids.len(),
-        (g.prompt_ids.len() + g.ids.len()) as f64 / secs.max(1e-9)
+        g.prompt_ids.len() as f64 / g.prefill_seconds.max(1e-9),
+        g.weights,
+        g.weight_bytes_per_token as f64 / 1e6,
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `handgrad` command line.
 
+mod backend_args;
 mod bench;
 mod convert;
 mod data;

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
 
+use super::backend_args::BackendArgs;
 use crate::error::{Error, Result};
-use crate::telemetry::ConsoleMode;
-use crate::train::{RunOptions, TrainConfig, train};
+use crate::telemetry::{ConsoleMode, EndReason};
+use crate::train::{ResumeChanges, RunOptions, TrainConfig, train};
 
 fn d() -> TrainConfig {
     TrainConfig::default()
@@ -40,9 +41,9 @@ pub struct TrainArgs {
     /// Sequences per micro-batch.
     #[arg(long, default_value_t = d().batch)]
     batch: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = d().seq)]
-    seq: usize,
+    /// Tokens per sequence [default: 128, or the model's limit when smaller].
+    #[arg(long)]
+    seq: Option<usize>,
     /// Micro-batches accumulated per optimizer update.
     #[arg(long, default_value_t = d().accum)]
     accum: usize,
@@ -86,11 +87,8 @@ pub struct TrainArgs {
     /// the reported loss is then over that compacted vocabulary, not the full one).
     #[arg(long)]
     vocab_compaction: bool,
-    /// Matmul precision: fp32, or bf16 (bf16 products with f32 accumulation, via AVX512_BF16
-    /// where the CPU has it; master weights, optimizer, norms, softmax, loss and the residual
-    /// stream stay f32).
-    #[arg(long, default_value = "fp32")]
-    precision: String,
+    #[command(flatten)]
+    backend: BackendArgs,
     /// Run folder (default: runs/MODEL-N, the first free N).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -155,7 +153,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         tokenizer: a.tokenizer.clone(),
         steps: a.steps.unwrap_or(d().steps),
         batch: a.batch,
-        seq: a.seq,
+        seq: a.seq.unwrap_or(d().seq),
         accum: a.accum,
         lr: a.lr,
         min_lr_ratio: a.min_lr_ratio,
@@ -169,7 +167,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval_batches: a.eval_batches,
         save_every: a.save_every,
         vocab_compaction: a.vocab_compaction,
-        precision: a.precision.clone(),
+        backend: a.backend.resolve().kind,
+        precision: a.backend.resolve().precision,
         val_fraction: a.val_fraction,
         sample_prompt: a.sample_prompt.clone(),
         sample_tokens: a.sample_tokens,
@@ -204,9 +203,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ConsoleMode::auto()
     };
     opts.stop_after = a.stop_after;
+    opts.cap_seq_to_model = a.seq.is_none();
     if a.resume {
         opts.requested_model = a.model.clone();
-        opts.steps_override = a.steps;
+        opts.resume_changes = ResumeChanges {
+            steps: a.steps,
+            backend: a.backend.given(),
+        };
     }
     let flag = Arc::new(AtomicBool::new(false));
     let handler_flag = flag.clone();
@@ -223,8 +226,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     opts.stop_flag = Some(flag);
     let outcome = train(cfg, opts)?;
     let dir = outcome.run_dir.display().to_string();
-    match outcome.reason.as_str() {
-        "interrupted" => {
+    match outcome.reason {
+        EndReason::Interrupted => {
             eprintln!(
                 "saved {dir}/checkpoints/latest at update {}; continue with:",
                 outcome.step
@@ -232,14 +235,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             eprintln!("  handgrad train --resume --run-dir {dir}");
             Err(Error::Interrupted)
         }
-        "stopped" => {
+        EndReason::Stopped => {
             eprintln!(
                 "stopped at update {}; continue with: handgrad train --resume --run-dir {dir}",
                 outcome.step
             );
             Ok(())
         }
-        _ => {
+        EndReason::Completed => {
             if let Some(v) = outcome.best_val_loss {
                 eprintln!("best validation loss {v:.4}");
             }

@@ -3,7 +3,7 @@
 pub mod decoder;
 pub mod sampler;
 
-pub use decoder::Decoder;
+pub use decoder::{Decoder, WeightFormat};
 pub use sampler::{Sampler, Sampling};
 
 use crate::backend::Kernels;
@@ -20,8 +20,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Prepend the tokenizer's BOS id when it has one.
     pub add_bos: bool,
-    /// Read bf16 copies of the weights when decoding (half the memory traffic).
-    pub bf16_weights: bool,
+    /// The weights read per decoded token (bf16: half the memory traffic).
+    pub weights: WeightFormat,
 }
 
 /// Why generation stopped.
@@ -39,6 +39,12 @@ pub struct Generation {
     pub ids: Vec<u32>,
     pub text: String,
     pub stop: StopReason,
+    /// The weights the decoder read per token, and how many bytes of them.
+    pub weights: WeightFormat,
+    pub weight_bytes_per_token: usize,
+    /// Seconds spent on the prompt (one batched pass) and on the generated tokens.
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
 }
 
 /// Generates a continuation of `opts.prompt`, calling `on_text` with each new piece of text as
@@ -78,15 +84,13 @@ pub fn generate(
             dec.capacity()
         )));
     }
-    let bf16_kernels = crate::backend::cpu::CpuBf16Kernels;
-    let mut prefill_kernels = kernels;
-    if opts.bf16_weights {
+    if opts.weights == WeightFormat::Bf16 {
         dec = dec.with_bf16_weights();
-        if crate::backend::cpu::gemm_bf16::available() {
-            prefill_kernels = &bf16_kernels;
-        }
     }
-    logits.extend_from_slice(dec.prefill(prefill_kernels, &prompt_ids)?);
+    let t_prefill = std::time::Instant::now();
+    logits.extend_from_slice(dec.prefill(kernels, &prompt_ids)?);
+    let prefill_seconds = t_prefill.elapsed().as_secs_f64();
+    let t_decode = std::time::Instant::now();
     let stop_ids = tokenizer.stop_ids();
     let mut printed = String::new();
     let mut stop = StopReason::MaxTokens;
@@ -121,5 +125,9 @@ pub fn generate(
         ids,
         text,
         stop,
+        weights: dec.weight_format(),
+        weight_bytes_per_token: dec.weight_bytes_per_token(),
+        prefill_seconds,
+        decode_seconds: t_decode.elapsed().as_secs_f64(),
     })
 }

@@ -1,36 +1,66 @@
 //! Saved activations and backward scratch for one batch shape, allocated once up front.
+//!
+//! The attention state saved between forward and backward is sized by the backend
+//! ([`crate::backend::Kernels::attention_saved_len`]): the CPU keeps the probabilities, a
+//! backend that recomputes them keeps less.
 
 use super::config::ModelConfig;
+use crate::backend::{AttentionActs, FfnActs, ModelDims};
 
-/// What one layer saves in the forward pass for its backward pass.
+/// What one layer saves in the forward pass for its backward pass, for `rows` token rows.
 #[derive(Debug)]
 pub struct LayerActivations {
-    /// Attention RMSNorm output `[n, dim]` and its `1/rms` `[n]`.
+    /// Attention RMSNorm output `[rows, dim]` and its `1/rms` `[rows]`.
     pub xn1: Vec<f32>,
     pub rstd1: Vec<f32>,
-    /// Queries/keys before the per-head norm `[n, q_dim]`/`[n, kv_dim]` (Qwen3 only, else empty).
-    pub q_raw: Vec<f32>,
-    pub k_raw: Vec<f32>,
-    /// `1/rms` of each query / key head `[n * heads]` (Qwen3 only).
-    pub rstd_q: Vec<f32>,
-    pub rstd_k: Vec<f32>,
-    /// Queries and keys as attention sees them (normed, rotated), values. `[n, q_dim]`, `[n, kv_dim]`.
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    /// Attention probabilities `[batch, heads, seq, seq]`.
-    pub probs: Vec<f32>,
-    /// Attention output before `o_proj` `[n, q_dim]`.
-    pub att: Vec<f32>,
-    /// Residual stream after the attention block `[n, dim]`.
+    /// The attention block's taps and saved state.
+    pub attn: AttentionActs,
+    /// Residual stream after the attention block `[rows, dim]`.
     pub x_mid: Vec<f32>,
-    /// FFN RMSNorm output `[n, dim]` and its `1/rms` `[n]`.
+    /// FFN RMSNorm output `[rows, dim]` and its `1/rms` `[rows]`.
     pub xn2: Vec<f32>,
     pub rstd2: Vec<f32>,
-    /// Gate and up projections `[n, ffn]`, and the gated product `[n, ffn]`.
-    pub h1: Vec<f32>,
-    pub h3: Vec<f32>,
-    pub g: Vec<f32>,
+    /// The feed-forward block's taps.
+    pub ffn: FfnActs,
+}
+
+impl LayerActivations {
+    /// Elements of one layer's buffers.
+    pub fn elements(dims: &ModelDims, rows: usize, saved: usize) -> usize {
+        3 * rows * dims.dim + 2 * rows // xn1, x_mid, xn2; rstd1, rstd2
+            + AttentionActs::elements(dims, rows, saved)
+            + FfnActs::elements(dims, rows)
+    }
+
+    /// Zeroed buffers for `rows` rows and `saved` elements of attention state.
+    pub fn new(dims: &ModelDims, rows: usize, saved: usize) -> Self {
+        let z = |len: usize| vec![0.0f32; len];
+        LayerActivations {
+            xn1: z(rows * dims.dim),
+            rstd1: z(rows),
+            attn: AttentionActs::new(dims, rows, saved),
+            x_mid: z(rows * dims.dim),
+            xn2: z(rows * dims.dim),
+            rstd2: z(rows),
+            ffn: FfnActs::new(dims, rows),
+        }
+    }
+
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        self.xn1.len()
+            + self.rstd1.len()
+            + self.attn.len()
+            + self.x_mid.len()
+            + self.xn2.len()
+            + self.rstd2.len()
+            + self.ffn.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// All activation memory for a batch of `batch` sequences of `seq` tokens and a classifier of
@@ -54,7 +84,6 @@ pub struct Activations {
     // Backward scratch.
     pub dx: Vec<f32>,
     pub dxn: Vec<f32>,
-    pub tmp: Vec<f32>,
     pub dq: Vec<f32>,
     pub dk: Vec<f32>,
     pub dv: Vec<f32>,
@@ -72,130 +101,97 @@ pub struct Activations {
 /// The element counts of every buffer, in one place so that [`Activations::bytes_needed`] and
 /// [`Activations::new`] cannot disagree.
 struct Sizes {
+    dims: ModelDims,
     n: usize,
-    dim: usize,
-    q: usize,
-    kv: usize,
-    ffn: usize,
-    probs: usize,
-    qk_norm: bool,
-    heads: usize,
-    kv_heads: usize,
-    layers: usize,
+    saved: usize,
     vocab_out: usize,
     compacted: bool,
 }
 
 impl Sizes {
-    fn new(cfg: &ModelConfig, batch: usize, seq: usize, vocab_out: usize) -> Self {
-        let n = batch * seq;
+    fn new(cfg: &ModelConfig, batch: usize, seq: usize, vocab_out: usize, saved: usize) -> Self {
         Sizes {
-            n,
-            dim: cfg.dim,
-            q: cfg.q_dim(),
-            kv: cfg.kv_dim(),
-            ffn: cfg.ffn_dim,
-            probs: batch * cfg.n_heads * seq * seq,
-            qk_norm: cfg.qk_norm(),
-            heads: cfg.n_heads,
-            kv_heads: cfg.n_kv_heads,
-            layers: cfg.n_layers,
+            dims: cfg.dims(),
+            n: batch * seq,
+            saved,
             vocab_out,
             compacted: vocab_out != cfg.vocab_size,
         }
     }
 
-    fn per_layer(&self) -> usize {
-        let n = self.n;
-        let qk = if self.qk_norm {
-            n * self.q + n * self.kv + n * self.heads + n * self.kv_heads
-        } else {
-            0
-        };
-        2 * n * self.dim + 2 * n // xn1, xn2, rstd1, rstd2
-            + qk
-            + n * self.q * 2 + n * self.kv * 2 // q, att, k, v
-            + self.probs
-            + n * self.dim // x_mid
-            + 3 * n * self.ffn
+    fn scratch(&self) -> usize {
+        let (n, d) = (self.n, &self.dims);
+        2 * n * d.dim // dx, dxn
+            + 2 * n * d.q_dim() + 2 * n * d.kv_dim() // dq, datt, dk, dv
+            + if d.qk_norm { n * d.kv_dim() } else { 0 } // dk_raw
+            + 3 * n * d.ffn_dim // dg, dh1, dh3
     }
 
     fn total(&self) -> usize {
-        let n = self.n;
+        let (n, d) = (self.n, &self.dims);
         let cls = if self.compacted {
-            2 * self.vocab_out * self.dim
+            2 * self.vocab_out * d.dim
         } else {
             0
         };
-        let scratch = 3 * n * self.dim // dx, dxn, tmp
-            + 2 * n * self.q + 2 * n * self.kv // dq, datt, dk, dv
-            + if self.qk_norm { n * self.kv } else { 0 }
-            + 3 * n * self.ffn;
-        (self.layers + 1) * n * self.dim
-            + self.layers * self.per_layer()
-            + n * self.dim + n // xnf, rstdf
+        (d.n_layers + 1) * n * d.dim
+            + d.n_layers * LayerActivations::elements(d, n, self.saved)
+            + n * d.dim + n // xnf, rstdf
             + n * self.vocab_out
             + cls
-            + scratch
+            + self.scratch()
             + n // targets
     }
 }
 
 impl Activations {
-    /// Bytes needed for a batch shape, computed without allocating.
-    pub fn bytes_needed(cfg: &ModelConfig, batch: usize, seq: usize, vocab_out: usize) -> usize {
-        Sizes::new(cfg, batch, seq, vocab_out).total() * 4
+    /// Bytes needed for a batch shape with `saved` elements of attention state per layer,
+    /// computed without allocating.
+    pub fn bytes_needed(
+        cfg: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        vocab_out: usize,
+        saved: usize,
+    ) -> usize {
+        Sizes::new(cfg, batch, seq, vocab_out, saved).total() * 4
     }
 
     /// Allocates everything for a batch shape.
-    pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, vocab_out: usize) -> Self {
-        let s = Sizes::new(cfg, batch, seq, vocab_out);
-        let n = s.n;
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        vocab_out: usize,
+        saved: usize,
+    ) -> Self {
+        let s = Sizes::new(cfg, batch, seq, vocab_out, saved);
+        let (n, d) = (s.n, s.dims);
         let z = |len: usize| vec![0.0f32; len];
         let opt = |on: bool, len: usize| if on { vec![0.0f32; len] } else { Vec::new() };
-        let layers = (0..s.layers)
-            .map(|_| LayerActivations {
-                xn1: z(n * s.dim),
-                rstd1: z(n),
-                q_raw: opt(s.qk_norm, n * s.q),
-                k_raw: opt(s.qk_norm, n * s.kv),
-                rstd_q: opt(s.qk_norm, n * s.heads),
-                rstd_k: opt(s.qk_norm, n * s.kv_heads),
-                q: z(n * s.q),
-                k: z(n * s.kv),
-                v: z(n * s.kv),
-                probs: z(s.probs),
-                att: z(n * s.q),
-                x_mid: z(n * s.dim),
-                xn2: z(n * s.dim),
-                rstd2: z(n),
-                h1: z(n * s.ffn),
-                h3: z(n * s.ffn),
-                g: z(n * s.ffn),
-            })
-            .collect();
         Activations {
             batch,
             seq,
             vocab_out,
-            xs: (0..=s.layers).map(|_| z(n * s.dim)).collect(),
-            layers,
-            xnf: z(n * s.dim),
+            xs: (0..=d.n_layers).map(|_| z(n * d.dim)).collect(),
+            layers: (0..d.n_layers)
+                .map(|_| LayerActivations::new(&d, n, saved))
+                .collect(),
+            xnf: z(n * d.dim),
             rstdf: z(n),
             logits: z(n * vocab_out),
-            cls_w: opt(s.compacted, vocab_out * s.dim),
-            cls_dw: opt(s.compacted, vocab_out * s.dim),
-            dx: z(n * s.dim),
-            dxn: z(n * s.dim),
-            tmp: z(n * s.dim),
-            dq: z(n * s.q),
-            dk: z(n * s.kv),
-            dv: z(n * s.kv),
-            datt: z(n * s.q),
-            dk_raw: opt(s.qk_norm, n * s.kv),
-            dg: z(n * s.ffn),
-            dh1: z(n * s.ffn),
-            dh3: z(n * s.ffn),
+            cls_w: opt(s.compacted, vocab_out * d.dim),
+            cls_dw: opt(s.compacted, vocab_out * d.dim),
+            dx: z(n * d.dim),
+            dxn: z(n * d.dim),
+            dq: z(n * d.q_dim()),
+            dk: z(n * d.kv_dim()),
+            dv: z(n * d.kv_dim()),
+            datt: z(n * d.q_dim()),
+            dk_raw: opt(d.qk_norm, n * d.kv_dim()),
+            dg: z(n * d.ffn_dim),
+            dh1: z(n * d.ffn_dim),
+            dh3: z(n * d.ffn_dim),
             targets: vec![0; n],
             timings: Default::default(),
         }
@@ -203,19 +199,7 @@ impl Activations {
 
     /// Bytes held by this set of buffers.
     pub fn bytes(&self) -> usize {
-        let layer_bytes: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                [
-                    &l.xn1, &l.rstd1, &l.q_raw, &l.k_raw, &l.rstd_q, &l.rstd_k, &l.q, &l.k, &l.v,
-                    &l.probs, &l.att, &l.x_mid, &l.xn2, &l.rstd2, &l.h1, &l.h3, &l.g,
-                ]
-                .iter()
-                .map(|v| v.len())
-                .sum::<usize>()
-            })
-            .sum();
+        let layers: usize = self.layers.iter().map(LayerActivations::len).sum();
         let rest: usize = self.xs.iter().map(Vec::len).sum::<usize>()
             + [
                 &self.xnf,
@@ -225,7 +209,6 @@ impl Activations {
                 &self.cls_dw,
                 &self.dx,
                 &self.dxn,
-                &self.tmp,
                 &self.dq,
                 &self.dk,
                 &self.dv,
@@ -239,7 +222,7 @@ impl Activations {
             .map(|v| v.len())
             .sum::<usize>()
             + self.targets.len();
-        (layer_bytes + rest) * 4
+        (layers + rest) * 4
     }
 }
 
@@ -256,9 +239,12 @@ mod tests {
                 super::super::config::Architecture::Qwen3,
             ] {
                 cfg.arch = arch;
-                for vocab_out in [cfg.vocab_size, 17] {
-                    let a = Activations::new(&cfg, 2, 5, vocab_out);
-                    assert_eq!(a.bytes(), Activations::bytes_needed(&cfg, 2, 5, vocab_out));
+                for (vocab_out, saved) in [(cfg.vocab_size, 0), (17, 2 * 4 * 25)] {
+                    let a = Activations::new(&cfg, 2, 5, vocab_out, saved);
+                    assert_eq!(
+                        a.bytes(),
+                        Activations::bytes_needed(&cfg, 2, 5, vocab_out, saved)
+                    );
                 }
             }
         }

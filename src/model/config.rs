@@ -33,15 +33,7 @@ impl Architecture {
     }
 }
 
-/// How RoPE pairs the dimensions of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RopeStyle {
-    /// Hugging Face convention: dimension `i` is paired with `i + head_dim/2`.
-    RotateHalf,
-    /// llama2.c / Meta convention: dimensions `2i` and `2i+1` form a pair.
-    Interleaved,
-}
+pub use crate::backend::types::RopeStyle;
 
 /// The shape and hyper-parameters of a transformer.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +101,24 @@ impl ModelConfig {
     /// Query heads per key/value head.
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads
+    }
+
+    /// The dimensions as kernels see them.
+    pub fn dims(&self) -> crate::backend::types::ModelDims {
+        crate::backend::types::ModelDims {
+            dim: self.dim,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            ffn_dim: self.ffn_dim,
+            vocab_size: self.vocab_size,
+            max_seq_len: self.max_seq_len,
+            norm_eps: self.norm_eps as f32,
+            qk_norm: self.qk_norm(),
+            rope_theta: self.rope_theta,
+            rope_style: self.rope_style,
+        }
     }
 
     /// A llama2.c-shaped Llama config (interleaved RoPE, theta 1e4, eps 1e-5, tied embedding).

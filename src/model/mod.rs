@@ -7,8 +7,10 @@ pub mod params;
 pub mod rope_layout;
 pub mod timing;
 pub mod transformer;
+pub mod weights;
 
-pub use activations::Activations;
+pub use activations::{Activations, LayerActivations};
 pub use config::{Architecture, ModelConfig, RopeStyle};
 pub use params::{ParamLayout, TensorId, TensorSpec};
-pub use transformer::{Transformer, VocabCompaction};
+pub use transformer::{Batch, LayerIo, Transformer, VocabCompaction};
+pub use weights::{LayerWeights, Weights};

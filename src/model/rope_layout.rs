@@ -79,7 +79,7 @@ mod tests {
                 *p *= 4.0 + (i % 3) as f32; // make attention and norm gains matter
             }
             let tokens: Vec<u32> = (0..12).map(|i| (i * 5 % 64) as u32).collect();
-            let mut acts = a.activations(1, 12);
+            let mut acts = a.activations(&CpuKernels, 1, 12);
             a.forward(&CpuKernels, &params, &mut acts, &tokens).unwrap();
             let reference = acts.logits.clone();
 

@@ -1,48 +1,92 @@
-//! Where the time of a training step goes, accumulated per kernel family.
+//! Where the time of a training step goes, accumulated per block and kernel family. The block
+//! sections carry the names of the original accelerator kernels (`sdpa_fwd`, `ffn_bwd_w13t`,
+//! ...), so a breakdown reads the same on every backend.
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Kernel families of a training step.
+/// Kernel families and blocks of a training step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Section {
     Embedding,
     Norms,
-    Attention,
-    MatmulFwd,
-    MatmulDgrad,
-    MatmulWgrad,
-    Elementwise,
+    SdpaFwd,
+    WoFwd,
+    FfnFwd,
     ClassifierLoss,
+    FfnBwdDown,
+    FfnBwdGateUp,
+    WoBwd,
+    SdpaBwd,
+    QBwd,
+    KvBwd,
+    Elementwise,
+    WeightGrads,
     Optimizer,
 }
 
+/// Number of sections.
+const COUNT: usize = 15;
+
 impl Section {
-    /// Every section, in report order.
-    pub const ALL: [Section; 9] = [
+    /// Every section, in the order a step runs them.
+    pub const ALL: [Section; COUNT] = [
         Section::Embedding,
         Section::Norms,
-        Section::Attention,
-        Section::MatmulFwd,
-        Section::MatmulDgrad,
-        Section::MatmulWgrad,
-        Section::Elementwise,
+        Section::SdpaFwd,
+        Section::WoFwd,
+        Section::FfnFwd,
         Section::ClassifierLoss,
+        Section::FfnBwdDown,
+        Section::FfnBwdGateUp,
+        Section::WoBwd,
+        Section::SdpaBwd,
+        Section::QBwd,
+        Section::KvBwd,
+        Section::Elementwise,
+        Section::WeightGrads,
         Section::Optimizer,
     ];
 
-    /// A short name for reports.
+    /// The key used in events and JSON results.
     pub fn name(self) -> &'static str {
         match self {
             Section::Embedding => "embedding",
-            Section::Norms => "norms (rmsnorm, q/k norm)",
-            Section::Attention => "attention (+rope)",
-            Section::MatmulFwd => "matmul fwd",
-            Section::MatmulDgrad => "matmul dgrad",
-            Section::MatmulWgrad => "matmul wgrad",
-            Section::Elementwise => "swiglu, residuals",
-            Section::ClassifierLoss => "classifier + loss",
+            Section::Norms => "norms",
+            Section::SdpaFwd => "sdpa_fwd",
+            Section::WoFwd => "wo_fwd",
+            Section::FfnFwd => "ffn_fwd",
+            Section::ClassifierLoss => "classifier_loss",
+            Section::FfnBwdDown => "ffn_bwd_w2t",
+            Section::FfnBwdGateUp => "ffn_bwd_w13t",
+            Section::WoBwd => "wo_bwd",
+            Section::SdpaBwd => "sdpa_bwd",
+            Section::QBwd => "q_bwd",
+            Section::KvBwd => "kv_bwd",
+            Section::Elementwise => "elementwise",
+            Section::WeightGrads => "weight_grads",
+            Section::Optimizer => "optimizer",
+        }
+    }
+
+    /// What the section covers, for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Section::Embedding => "embedding (fwd, bwd)",
+            Section::Norms => "rmsnorm (fwd, bwd), q/k norm bwd",
+            Section::SdpaFwd => "sdpa_fwd: q/k/v, q/k norm, rope, attn",
+            Section::WoFwd => "wo_fwd: o_proj + residual",
+            Section::FfnFwd => "ffn_fwd: gate/up, swiglu, down",
+            Section::ClassifierLoss => "classifier + loss (fwd, bwd)",
+            Section::FfnBwdDown => "ffn_bwd_w2t: down dgrad",
+            Section::FfnBwdGateUp => "ffn_bwd_w13t: gate/up dgrad",
+            Section::WoBwd => "wo_bwd: o_proj dgrad",
+            Section::SdpaBwd => "sdpa_bwd: attention bwd",
+            Section::QBwd => "q_bwd: q_proj dgrad",
+            Section::KvBwd => "kv_bwd: k/v_proj dgrad",
+            Section::Elementwise => "swiglu bwd, rope bwd",
+            Section::WeightGrads => "weight gradients (dW)",
             Section::Optimizer => "optimizer (clip, AdamW)",
         }
     }
@@ -51,7 +95,7 @@ impl Section {
 /// Seconds spent per section since the last reset.
 #[derive(Debug, Clone, Default)]
 pub struct StepTimings {
-    seconds: [f64; 9],
+    seconds: [f64; COUNT],
 }
 
 impl StepTimings {
@@ -73,22 +117,45 @@ impl StepTimings {
 
     /// Zeroes every section.
     pub fn reset(&mut self) {
-        self.seconds = [0.0; 9];
+        self.seconds = [0.0; COUNT];
     }
 
-    /// `(name, seconds)` for every section.
-    pub fn entries(&self) -> Vec<(&'static str, f64)> {
+    /// Milliseconds per section (sections that took no time are left out), in step order.
+    pub fn kernel_ms(&self) -> Vec<KernelTime> {
         Section::ALL
             .iter()
-            .map(|&s| (s.name(), self.get(s)))
+            .filter(|&&s| self.get(s) > 0.0)
+            .map(|&s| KernelTime {
+                kernel: s.name().to_string(),
+                ms: self.get(s) * 1e3,
+            })
             .collect()
     }
+}
+
+/// Time of one section, as reported in `step` events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub ms: f64,
 }
 
 /// One line of a time breakdown.
 #[derive(Debug, Clone, Serialize)]
 pub struct BreakdownEntry {
     pub section: String,
+    pub label: String,
     pub ms: f64,
     pub percent: f64,
 }
+
+/// Runs an expression and adds its wall time to a section of a [`StepTimings`].
+macro_rules! timed {
+    ($timings:expr, $section:expr, $body:expr) => {{
+        let start = std::time::Instant::now();
+        let r = $body;
+        $timings.add($section, start);
+        r
+    }};
+}
+pub(crate) use timed;

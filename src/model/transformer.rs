@@ -1,38 +1,54 @@
 //! Whole-model forward and backward of a Llama / Qwen3 transformer over a batch of sequences,
-//! written against the [`Kernels`] interface.
+//! written against the [`Kernels`] interface. The layer forward ([`Transformer::layer_forward`])
+//! is shared by training and by the KV-cache decoder.
 //!
-//! Per layer (pre-norm):
+//! Per layer (pre-norm), with the block method that computes each line:
 //! ```text
-//! xn1 = rmsnorm(x, attn_norm)
-//! q, k, v = xn1 Wq^T, xn1 Wk^T, xn1 Wv^T
-//! q, k = rmsnorm_per_head(q, q_norm), rmsnorm_per_head(k, k_norm)      (Qwen3 only)
-//! q, k = rope(q), rope(k)
-//! att = causal_gqa_attention(q, k, v)
-//! x_mid = x + att Wo^T
-//! xn2 = rmsnorm(x_mid, ffn_norm)
-//! x_out = x_mid + (silu(xn2 Wgate^T) * (xn2 Wup^T)) Wdown^T
+//! xn1   = rmsnorm(x, attn_norm)                                       rmsnorm_forward
+//! q,k,v = xn1 Wq^T, xn1 Wk^T, xn1 Wv^T                                sdpa_forward
+//! q, k  = rmsnorm_per_head(q, q_norm), rmsnorm_per_head(k, k_norm)    (Qwen3 only)
+//! q, k  = rope(q), rope(k)
+//! att   = causal_gqa_attention(q, k, v)
+//! x_mid = x + att Wo^T                                                wo_forward
+//! xn2   = rmsnorm(x_mid, ffn_norm)                                    rmsnorm_forward
+//! x_out = x_mid + (silu(xn2 Wgate^T) * (xn2 Wup^T)) Wdown^T           ffn_forward
 //! ```
 //! then `logits = rmsnorm(x_L, norm) Wcls^T` and mean cross-entropy against the next tokens.
+//! The backward pass runs the same lines in reverse: `ffn_backward_down` (ffnBwdW2t), SwiGLU
+//! backward, `ffn_backward_gate_up` (ffnBwdW13t), RMSNorm backward, `wo_backward` (wotBwd),
+//! `sdpa_backward` (sdpaBwd1+2), RoPE and q/k-norm backward, `q_backward` (qBwd),
+//! `kv_backward` (kvBwd), RMSNorm backward; weight gradients (`linear_backward_weight`) as
+//! each input gradient is formed.
 
 use std::time::Instant;
 
 use super::activations::{Activations, LayerActivations};
 use super::config::ModelConfig;
 use super::params::ParamLayout;
-use super::timing::Section;
-use crate::backend::cpu::embedding::{embedding_backward, embedding_forward};
-use crate::backend::cpu::rope::{RopeTable, rope_backward, rope_forward};
-use crate::backend::{AttentionShape, Kernels};
+use super::timing::{Section, StepTimings, timed};
+use super::weights::{LayerWeights, Weights};
+use crate::backend::blocks::{FfnForward, SdpaForward};
+use crate::backend::{
+    Attend, AttentionShape, Kernels, LinearShape, Matrix, NormSaved, Positions, QkvGrads,
+    RopeTable, StepShape,
+};
 use crate::error::{Error, Result};
 
-/// Runs an expression and adds its wall time to a section of a `StepTimings`.
-macro_rules! timed {
-    ($timings:expr, $section:expr, $body:expr) => {{
-        let start = Instant::now();
-        let r = $body;
-        $timings.add($section, start);
-        r
-    }};
+/// One micro-batch: `batch * seq` input token ids, sequence after sequence, and the next-token
+/// targets in the same layout.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub inputs: &'a [u32],
+    pub targets: &'a [u32],
+}
+
+/// The residual stream into and out of one layer, and where its attention looks.
+pub struct LayerIo<'a> {
+    /// `[rows, dim]`.
+    pub x_in: &'a [f32],
+    /// `[rows, dim]`.
+    pub x_out: &'a mut [f32],
+    pub attend: Attend<'a>,
 }
 
 /// A classifier restricted to the token ids that occur in the data ("vocab compaction").
@@ -102,12 +118,7 @@ impl Transformer {
     /// A model for a (validated) configuration.
     pub fn new(cfg: ModelConfig) -> Self {
         let layout = ParamLayout::new(&cfg);
-        let rope = RopeTable::new(
-            cfg.head_dim,
-            cfg.max_seq_len,
-            cfg.rope_theta,
-            cfg.rope_style,
-        );
+        let rope = RopeTable::for_model(&cfg.dims());
         Transformer {
             cfg,
             layout,
@@ -128,9 +139,27 @@ impl Transformer {
             .map_or(self.cfg.vocab_size, |c| c.len())
     }
 
-    /// Activation buffers for `batch` sequences of `seq` tokens.
-    pub fn activations(&self, batch: usize, seq: usize) -> Activations {
-        Activations::new(&self.cfg, batch, seq, self.vocab_out())
+    /// What a backend prepares for to run `batch` sequences of `seq` tokens.
+    pub fn step_shape(&self, batch: usize, seq: usize) -> StepShape {
+        StepShape {
+            dims: self.cfg.dims(),
+            batch,
+            seq,
+            vocab_out: self.vocab_out(),
+        }
+    }
+
+    /// Activation buffers for `batch` sequences of `seq` tokens, with the attention state the
+    /// backend `k` saves.
+    pub fn activations(&self, k: &dyn Kernels, batch: usize, seq: usize) -> Activations {
+        let saved = k.attention_saved_len(&self.attention_shape(batch, seq));
+        Activations::new(&self.cfg, batch, seq, self.vocab_out(), saved)
+    }
+
+    /// Bytes of [`Transformer::activations`], computed without allocating.
+    pub fn activation_bytes(&self, k: &dyn Kernels, batch: usize, seq: usize) -> usize {
+        let saved = k.attention_saved_len(&self.attention_shape(batch, seq));
+        Activations::bytes_needed(&self.cfg, batch, seq, self.vocab_out(), saved)
     }
 
     fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
@@ -216,165 +245,144 @@ impl Transformer {
         inputs: &[u32],
     ) -> Result<()> {
         self.check_inputs(acts, inputs, params)?;
-        let cfg = &self.cfg;
-        let lay = &self.layout;
-        let (t_len, n) = (acts.seq, acts.batch * acts.seq);
-        let (d, qd, kvd, f, hd) = (
-            cfg.dim,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.ffn_dim,
-            cfg.head_dim,
-        );
-        let eps = cfg.norm_eps as f32;
-        let shape = self.attention_shape(acts.batch, t_len);
-        let pos = |i: usize| i % t_len;
-        let w = |id| lay.view(params, id);
+        self.forward_with(k, &Weights::new(&self.layout, params), acts, inputs)
+    }
 
+    fn forward_with(
+        &self,
+        k: &dyn Kernels,
+        w: &Weights,
+        acts: &mut Activations,
+        inputs: &[u32],
+    ) -> Result<()> {
+        let lay = &self.layout;
+        let (d, n) = (self.cfg.dim, acts.batch * acts.seq);
+        let eps = self.cfg.norm_eps as f32;
         timed!(
             acts.timings,
             Section::Embedding,
-            embedding_forward(&mut acts.xs[0], w(lay.embed), inputs, d)
-        );
-        for (l, lt) in lay.layers.iter().enumerate() {
+            k.embedding_forward(&mut acts.xs[0], w.vector(lay.embed), inputs, d)
+        )?;
+        for (l, la) in acts.layers.iter_mut().enumerate() {
             let (before, after) = acts.xs.split_at_mut(l + 1);
-            let x_in = &before[l];
-            let x_out = &mut after[0];
-            let la: &mut LayerActivations = &mut acts.layers[l];
-            let tm = &mut acts.timings;
-
-            // Attention block.
-            timed!(
-                tm,
-                Section::Norms,
-                k.rmsnorm_forward(&mut la.xn1, &mut la.rstd1, x_in, w(lt.attn_norm), d, eps)
-            );
-            if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
-                timed!(tm, Section::MatmulFwd, {
-                    k.linear_forward(&mut la.q_raw, &la.xn1, w(lt.wq), n, d, qd);
-                    k.linear_forward(&mut la.k_raw, &la.xn1, w(lt.wk), n, d, kvd);
-                });
-                timed!(tm, Section::Norms, {
-                    k.rmsnorm_forward(&mut la.q, &mut la.rstd_q, &la.q_raw, w(qn), hd, eps);
-                    k.rmsnorm_forward(&mut la.k, &mut la.rstd_k, &la.k_raw, w(kn), hd, eps);
-                });
-            } else {
-                timed!(tm, Section::MatmulFwd, {
-                    k.linear_forward(&mut la.q, &la.xn1, w(lt.wq), n, d, qd);
-                    k.linear_forward(&mut la.k, &la.xn1, w(lt.wk), n, d, kvd);
-                });
-            }
-            timed!(
-                tm,
-                Section::MatmulFwd,
-                k.linear_forward(&mut la.v, &la.xn1, w(lt.wv), n, d, kvd)
-            );
-            timed!(tm, Section::Attention, {
-                rope_forward(&mut la.q, cfg.n_heads, &self.rope, pos);
-                rope_forward(&mut la.k, cfg.n_kv_heads, &self.rope, pos);
-                k.attention_forward(&mut la.att, &mut la.probs, &la.q, &la.k, &la.v, &shape);
-            });
-            timed!(
-                tm,
-                Section::MatmulFwd,
-                k.linear_forward(&mut acts.tmp, &la.att, w(lt.wo), n, qd, d)
-            );
-            timed!(
-                tm,
-                Section::Elementwise,
-                k.add(&mut la.x_mid, x_in, &acts.tmp)
-            );
-
-            // Feed-forward block.
-            timed!(
-                tm,
-                Section::Norms,
-                k.rmsnorm_forward(
-                    &mut la.xn2,
-                    &mut la.rstd2,
-                    &la.x_mid,
-                    w(lt.ffn_norm),
-                    d,
-                    eps
-                )
-            );
-            timed!(tm, Section::MatmulFwd, {
-                k.linear_forward(&mut la.h1, &la.xn2, w(lt.w_gate), n, d, f);
-                k.linear_forward(&mut la.h3, &la.xn2, w(lt.w_up), n, d, f);
-            });
-            timed!(
-                tm,
-                Section::Elementwise,
-                k.swiglu_forward(&mut la.g, &la.h1, &la.h3)
-            );
-            timed!(
-                tm,
-                Section::MatmulFwd,
-                k.linear_forward(&mut acts.tmp, &la.g, w(lt.w_down), n, f, d)
-            );
-            timed!(tm, Section::Elementwise, k.add(x_out, &la.x_mid, &acts.tmp));
+            let io = LayerIo {
+                x_in: &before[l],
+                x_out: &mut after[0],
+                attend: Attend::Causal {
+                    batch: acts.batch,
+                    seq: acts.seq,
+                },
+            };
+            self.layer_forward(k, &w.layer(l), la, io, &mut acts.timings)?;
         }
-
-        let x_last = &acts.xs[cfg.n_layers];
         timed!(
             acts.timings,
             Section::Norms,
             k.rmsnorm_forward(
                 &mut acts.xnf,
                 &mut acts.rstdf,
-                x_last,
-                w(lay.final_norm),
+                &acts.xs[self.cfg.n_layers],
+                w.vector(lay.final_norm),
                 d,
                 eps
             )
-        );
-        let cls = w(lay.classifier());
-        timed!(
-            acts.timings,
-            Section::ClassifierLoss,
-            match &self.compaction {
-                None => k.linear_forward(&mut acts.logits, &acts.xnf, cls, n, d, cfg.vocab_size),
-                Some(c) => {
-                    for (row, &id) in acts.cls_w.chunks_exact_mut(d).zip(&c.kept) {
-                        row.copy_from_slice(&cls[id as usize * d..(id as usize + 1) * d]);
-                    }
-                    k.linear_forward(&mut acts.logits, &acts.xnf, &acts.cls_w, n, d, c.len());
+        )?;
+        let t0 = Instant::now();
+        let cls = match &self.compaction {
+            None => w.matrix(lay.classifier()),
+            Some(c) => {
+                let full = w.vector(lay.classifier());
+                for (row, &id) in acts.cls_w.chunks_exact_mut(d).zip(&c.kept) {
+                    row.copy_from_slice(&full[id as usize * d..(id as usize + 1) * d]);
                 }
+                Matrix::new(&acts.cls_w, c.len(), d)
             }
-        );
+        };
+        k.linear_forward(&mut acts.logits, &acts.xnf, cls, n)?;
+        acts.timings.add(Section::ClassifierLoss, t0);
         Ok(())
     }
 
-    /// Forward pass and mean cross-entropy loss against `targets` (no gradients).
+    /// One layer forward over `la`'s rows: training and whole-sequence passes attend causally
+    /// within each sequence, the decoder against its key/value cache.
+    pub fn layer_forward(
+        &self,
+        k: &dyn Kernels,
+        w: &LayerWeights,
+        la: &mut LayerActivations,
+        io: LayerIo,
+        tm: &mut StepTimings,
+    ) -> Result<()> {
+        let dims = self.cfg.dims();
+        let (d, eps, rows) = (dims.dim, dims.norm_eps, la.rstd1.len());
+        let LayerIo {
+            x_in,
+            x_out,
+            attend,
+        } = io;
+        timed!(
+            tm,
+            Section::Norms,
+            k.rmsnorm_forward(&mut la.xn1, &mut la.rstd1, x_in, w.attn_norm, d, eps)
+        )?;
+        let sdpa = SdpaForward {
+            dims: &dims,
+            xn: &la.xn1,
+            w: &w.attn,
+            rope: &self.rope,
+            acts: &mut la.attn,
+            attend,
+        };
+        timed!(tm, Section::SdpaFwd, k.sdpa_forward(sdpa))?;
+        timed!(
+            tm,
+            Section::WoFwd,
+            k.wo_forward(&mut la.x_mid, &la.attn.att, w.attn.wo, x_in, rows)
+        )?;
+        timed!(
+            tm,
+            Section::Norms,
+            k.rmsnorm_forward(&mut la.xn2, &mut la.rstd2, &la.x_mid, w.ffn_norm, d, eps)
+        )?;
+        let ffn = FfnForward {
+            xn: &la.xn2,
+            residual: &la.x_mid,
+            out: x_out,
+            w: &w.ffn,
+            acts: &mut la.ffn,
+            rows,
+        };
+        timed!(tm, Section::FfnFwd, k.ffn_forward(ffn))
+    }
+
+    /// Forward pass and mean cross-entropy loss (no gradients).
     pub fn loss(
         &self,
         k: &dyn Kernels,
         params: &[f32],
         acts: &mut Activations,
-        inputs: &[u32],
-        targets: &[u32],
+        batch: Batch,
     ) -> Result<f64> {
-        self.map_targets(acts, targets)?;
-        self.forward(k, params, acts, inputs)?;
+        self.map_targets(acts, batch.targets)?;
+        self.forward(k, params, acts, batch.inputs)?;
         let n = acts.targets.len();
-        Ok(timed!(
+        let sum = timed!(
             acts.timings,
             Section::ClassifierLoss,
             k.cross_entropy_loss(&acts.logits, &acts.targets, acts.vocab_out)
-        ) / n as f64)
+        )?;
+        Ok(sum / n as f64)
     }
 
     /// Forward and backward. Returns the mean loss over the `batch * seq` targets and *adds*
     /// `loss_scale * d(mean loss)/d(params)` into `grads` (same layout as `params`).
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
         k: &dyn Kernels,
         params: &[f32],
         grads: &mut [f32],
         acts: &mut Activations,
-        inputs: &[u32],
-        targets: &[u32],
+        batch: Batch,
         loss_scale: f32,
     ) -> Result<f64> {
         if grads.len() != params.len() {
@@ -382,57 +390,81 @@ impl Transformer {
                 "gradient buffer does not match the parameters",
             ));
         }
-        self.map_targets(acts, targets)?;
-        self.forward(k, params, acts, inputs)?;
-        let cfg = &self.cfg;
+        self.map_targets(acts, batch.targets)?;
+        self.check_inputs(acts, batch.inputs, params)?;
+        let w = Weights::new(&self.layout, params);
+        self.forward_with(k, &w, acts, batch.inputs)?;
+        let n = acts.batch * acts.seq;
+        let loss_sum = self.classifier_backward(k, &w, grads, acts, loss_scale)?;
         let lay = &self.layout;
-        let (t_len, n) = (acts.seq, acts.batch * acts.seq);
-        let (d, qd, kvd, f, hd) = (
-            cfg.dim,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.ffn_dim,
-            cfg.head_dim,
-        );
-        let shape = self.attention_shape(acts.batch, t_len);
-        let pos = |i: usize| i % t_len;
-        let vocab_out = acts.vocab_out;
-        let w = |id| lay.view(params, id);
+        timed!(
+            acts.timings,
+            Section::Norms,
+            k.rmsnorm_backward(
+                &mut acts.dx,
+                lay.view_mut(grads, lay.final_norm),
+                &acts.dxn,
+                NormSaved {
+                    x: &acts.xs[self.cfg.n_layers],
+                    w: w.vector(lay.final_norm),
+                    rstd: &acts.rstdf,
+                },
+                self.cfg.dim,
+                false,
+            )
+        )?;
+        // `acts.dx` holds d(loss)/d(residual stream) and flows down through the layers.
+        for l in (0..self.cfg.n_layers).rev() {
+            self.layer_backward(k, &w, l, grads, acts)?;
+        }
+        timed!(
+            acts.timings,
+            Section::Embedding,
+            k.embedding_backward(
+                lay.view_mut(grads, lay.embed),
+                &acts.dx,
+                batch.inputs,
+                self.cfg.dim
+            )
+        )?;
+        Ok(loss_sum / n as f64)
+    }
 
-        // Loss, classifier and final norm.
+    /// Loss, `dlogits`, the classifier's input gradient (into `acts.dxn`) and weight gradient.
+    /// Returns the loss sum.
+    fn classifier_backward(
+        &self,
+        k: &dyn Kernels,
+        w: &Weights,
+        grads: &mut [f32],
+        acts: &mut Activations,
+        loss_scale: f32,
+    ) -> Result<f64> {
         let t0 = Instant::now();
+        let lay = &self.layout;
+        let (d, n, vocab_out) = (self.cfg.dim, acts.batch * acts.seq, acts.vocab_out);
         let loss_sum = k.cross_entropy_forward_backward(
             &mut acts.logits,
             &acts.targets,
             vocab_out,
             loss_scale / n as f32,
-        );
+        )?;
         let dlogits = &acts.logits;
         let cls_id = lay.classifier();
+        let s = LinearShape {
+            rows: n,
+            d_in: d,
+            d_out: vocab_out,
+        };
         match &self.compaction {
             None => {
-                k.linear_backward_input(&mut acts.dxn, dlogits, w(cls_id), n, d, vocab_out, false);
-                k.linear_backward_weight(
-                    lay.view_mut(grads, cls_id),
-                    dlogits,
-                    &acts.xnf,
-                    n,
-                    d,
-                    vocab_out,
-                );
+                k.linear_backward_input(&mut acts.dxn, dlogits, w.vector(cls_id), s, false)?;
+                k.linear_backward_weight(lay.view_mut(grads, cls_id), dlogits, &acts.xnf, s)?;
             }
             Some(c) => {
-                k.linear_backward_input(
-                    &mut acts.dxn,
-                    dlogits,
-                    &acts.cls_w,
-                    n,
-                    d,
-                    vocab_out,
-                    false,
-                );
+                k.linear_backward_input(&mut acts.dxn, dlogits, &acts.cls_w, s, false)?;
                 acts.cls_dw.fill(0.0);
-                k.linear_backward_weight(&mut acts.cls_dw, dlogits, &acts.xnf, n, d, vocab_out);
+                k.linear_backward_weight(&mut acts.cls_dw, dlogits, &acts.xnf, s)?;
                 let g = lay.view_mut(grads, cls_id);
                 for (row, &id) in acts.cls_dw.chunks_exact(d).zip(&c.kept) {
                     for (a, b) in g[id as usize * d..(id as usize + 1) * d]
@@ -445,159 +477,184 @@ impl Transformer {
             }
         }
         acts.timings.add(Section::ClassifierLoss, t0);
+        Ok(loss_sum)
+    }
+
+    /// Backward through layer `l`: `acts.dx` enters as the gradient of its output and leaves
+    /// as the gradient of its input; weight gradients are added into `grads`.
+    fn layer_backward(
+        &self,
+        k: &dyn Kernels,
+        weights: &Weights,
+        l: usize,
+        grads: &mut [f32],
+        acts: &mut Activations,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (lay, lt, w) = (&self.layout, &self.layout.layers[l], weights.layer(l));
+        let (n, d, hd) = (acts.batch * acts.seq, cfg.dim, cfg.head_dim);
+        let pos = Positions {
+            first: 0,
+            period: acts.seq,
+        };
+        let shape = self.attention_shape(acts.batch, acts.seq);
+        let la = &acts.layers[l];
+        let x_in = &acts.xs[l];
+        let tm = &mut acts.timings;
+
+        // Feed-forward block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
         timed!(
-            acts.timings,
+            tm,
+            Section::FfnBwdDown,
+            k.ffn_backward_down(&mut acts.dg, &acts.dx, w.ffn.down, n)
+        )?;
+        timed!(
+            tm,
+            Section::WeightGrads,
+            k.linear_backward_weight(
+                lay.view_mut(grads, lt.w_down),
+                &acts.dx,
+                &la.ffn.g,
+                w.ffn.down.linear(n)
+            )
+        )?;
+        timed!(
+            tm,
+            Section::Elementwise,
+            k.swiglu_backward(
+                &mut acts.dh1,
+                &mut acts.dh3,
+                &acts.dg,
+                &la.ffn.h1,
+                &la.ffn.h3
+            )
+        )?;
+        timed!(
+            tm,
+            Section::FfnBwdGateUp,
+            k.ffn_backward_gate_up(&mut acts.dxn, &acts.dh1, &acts.dh3, &w.ffn, n)
+        )?;
+        timed!(tm, Section::WeightGrads, {
+            let (gate, up) = (w.ffn.gate.linear(n), w.ffn.up.linear(n));
+            k.linear_backward_weight(lay.view_mut(grads, lt.w_gate), &acts.dh1, &la.xn2, gate)?;
+            k.linear_backward_weight(lay.view_mut(grads, lt.w_up), &acts.dh3, &la.xn2, up)
+        })?;
+        timed!(
+            tm,
             Section::Norms,
             k.rmsnorm_backward(
                 &mut acts.dx,
-                lay.view_mut(grads, lay.final_norm),
+                lay.view_mut(grads, lt.ffn_norm),
                 &acts.dxn,
-                &acts.xs[cfg.n_layers],
-                w(lay.final_norm),
-                &acts.rstdf,
+                NormSaved {
+                    x: &la.x_mid,
+                    w: w.ffn_norm,
+                    rstd: &la.rstd2
+                },
                 d,
-                false,
+                true,
             )
-        );
+        )?;
 
-        // `acts.dx` holds d(loss)/d(residual stream) and flows down through the layers.
-        for (l, lt) in lay.layers.iter().enumerate().rev() {
-            let la = &acts.layers[l];
-            let x_in = &acts.xs[l];
-            let tm = &mut acts.timings;
-
-            // Feed-forward block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
-            timed!(
-                tm,
-                Section::MatmulDgrad,
-                k.linear_backward_input(&mut acts.dg, &acts.dx, w(lt.w_down), n, f, d, false)
-            );
-            timed!(
-                tm,
-                Section::MatmulWgrad,
-                k.linear_backward_weight(lay.view_mut(grads, lt.w_down), &acts.dx, &la.g, n, f, d)
-            );
-            timed!(
-                tm,
-                Section::Elementwise,
-                k.swiglu_backward(&mut acts.dh1, &mut acts.dh3, &acts.dg, &la.h1, &la.h3)
-            );
-            timed!(tm, Section::MatmulDgrad, {
-                k.linear_backward_input(&mut acts.dxn, &acts.dh1, w(lt.w_gate), n, d, f, false);
-                k.linear_backward_input(&mut acts.dxn, &acts.dh3, w(lt.w_up), n, d, f, true);
-            });
-            timed!(tm, Section::MatmulWgrad, {
-                k.linear_backward_weight(
-                    lay.view_mut(grads, lt.w_gate),
-                    &acts.dh1,
-                    &la.xn2,
-                    n,
-                    d,
-                    f,
-                );
-                k.linear_backward_weight(lay.view_mut(grads, lt.w_up), &acts.dh3, &la.xn2, n, d, f);
-            });
-            timed!(
-                tm,
-                Section::Norms,
-                k.rmsnorm_backward(
-                    &mut acts.dx,
-                    lay.view_mut(grads, lt.ffn_norm),
-                    &acts.dxn,
-                    &la.x_mid,
-                    w(lt.ffn_norm),
-                    &la.rstd2,
-                    d,
-                    true,
-                )
-            );
-
-            // Attention block: x_mid = x_in + o_proj(attention(...)).
-            timed!(
-                tm,
-                Section::MatmulDgrad,
-                k.linear_backward_input(&mut acts.datt, &acts.dx, w(lt.wo), n, qd, d, false)
-            );
-            timed!(
-                tm,
-                Section::MatmulWgrad,
-                k.linear_backward_weight(lay.view_mut(grads, lt.wo), &acts.dx, &la.att, n, qd, d)
-            );
-            timed!(tm, Section::Attention, {
-                k.attention_backward(
-                    &mut acts.dq,
-                    &mut acts.dk,
-                    &mut acts.dv,
-                    &acts.datt,
-                    &la.probs,
-                    &la.q,
-                    &la.k,
-                    &la.v,
-                    &shape,
-                );
-                rope_backward(&mut acts.dq, cfg.n_heads, &self.rope, pos);
-                rope_backward(&mut acts.dk, cfg.n_kv_heads, &self.rope, pos);
-            });
-            // Gradients with respect to the projections' outputs.
-            let (dq_proj, dk_proj): (&[f32], &[f32]) =
-                if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
-                    // `datt` is free again: it receives the gradient before the query norm.
-                    timed!(tm, Section::Norms, {
-                        k.rmsnorm_backward(
-                            &mut acts.datt,
-                            lay.view_mut(grads, qn),
-                            &acts.dq,
-                            &la.q_raw,
-                            w(qn),
-                            &la.rstd_q,
-                            hd,
-                            false,
-                        );
-                        k.rmsnorm_backward(
-                            &mut acts.dk_raw,
-                            lay.view_mut(grads, kn),
-                            &acts.dk,
-                            &la.k_raw,
-                            w(kn),
-                            &la.rstd_k,
-                            hd,
-                            false,
-                        );
-                    });
-                    (&acts.datt, &acts.dk_raw)
-                } else {
-                    (&acts.dq, &acts.dk)
-                };
-            timed!(tm, Section::MatmulDgrad, {
-                k.linear_backward_input(&mut acts.dxn, dq_proj, w(lt.wq), n, d, qd, false);
-                k.linear_backward_input(&mut acts.dxn, dk_proj, w(lt.wk), n, d, kvd, true);
-                k.linear_backward_input(&mut acts.dxn, &acts.dv, w(lt.wv), n, d, kvd, true);
-            });
-            timed!(tm, Section::MatmulWgrad, {
-                k.linear_backward_weight(lay.view_mut(grads, lt.wq), dq_proj, &la.xn1, n, d, qd);
-                k.linear_backward_weight(lay.view_mut(grads, lt.wk), dk_proj, &la.xn1, n, d, kvd);
-                k.linear_backward_weight(lay.view_mut(grads, lt.wv), &acts.dv, &la.xn1, n, d, kvd);
-            });
-            timed!(
-                tm,
-                Section::Norms,
-                k.rmsnorm_backward(
-                    &mut acts.dx,
-                    lay.view_mut(grads, lt.attn_norm),
-                    &acts.dxn,
-                    x_in,
-                    w(lt.attn_norm),
-                    &la.rstd1,
-                    d,
-                    true,
-                )
-            );
-        }
+        // Attention block: x_mid = x_in + o_proj(attention(...)).
         timed!(
-            acts.timings,
-            Section::Embedding,
-            embedding_backward(lay.view_mut(grads, lay.embed), &acts.dx, inputs, d)
-        );
-        Ok(loss_sum / n as f64)
+            tm,
+            Section::WoBwd,
+            k.wo_backward(&mut acts.datt, &acts.dx, w.attn.wo, n)
+        )?;
+        timed!(
+            tm,
+            Section::WeightGrads,
+            k.linear_backward_weight(
+                lay.view_mut(grads, lt.wo),
+                &acts.dx,
+                &la.attn.att,
+                w.attn.wo.linear(n)
+            )
+        )?;
+        let g = QkvGrads {
+            dq: &mut acts.dq,
+            dk: &mut acts.dk,
+            dv: &mut acts.dv,
+        };
+        timed!(
+            tm,
+            Section::SdpaBwd,
+            k.sdpa_backward(g, &acts.datt, &la.attn, &shape)
+        )?;
+        timed!(tm, Section::Elementwise, {
+            k.rope_backward(&mut acts.dq, cfg.n_heads, &self.rope, pos)?;
+            k.rope_backward(&mut acts.dk, cfg.n_kv_heads, &self.rope, pos)
+        })?;
+        // Gradients with respect to the projections' outputs.
+        let (dq_proj, dk_proj): (&[f32], &[f32]) =
+            if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
+                let a = &la.attn;
+                // `datt` is free again: it receives the gradient before the query norm.
+                timed!(tm, Section::Norms, {
+                    let q_saved = NormSaved {
+                        x: &a.q_raw,
+                        w: weights.vector(qn),
+                        rstd: &a.rstd_q,
+                    };
+                    let k_saved = NormSaved {
+                        x: &a.k_raw,
+                        w: weights.vector(kn),
+                        rstd: &a.rstd_k,
+                    };
+                    k.rmsnorm_backward(
+                        &mut acts.datt,
+                        lay.view_mut(grads, qn),
+                        &acts.dq,
+                        q_saved,
+                        hd,
+                        false,
+                    )?;
+                    k.rmsnorm_backward(
+                        &mut acts.dk_raw,
+                        lay.view_mut(grads, kn),
+                        &acts.dk,
+                        k_saved,
+                        hd,
+                        false,
+                    )
+                })?;
+                (&acts.datt, &acts.dk_raw)
+            } else {
+                (&acts.dq, &acts.dk)
+            };
+        timed!(
+            tm,
+            Section::QBwd,
+            k.q_backward(&mut acts.dxn, dq_proj, w.attn.wq, n)
+        )?;
+        timed!(
+            tm,
+            Section::KvBwd,
+            k.kv_backward(&mut acts.dxn, dk_proj, &acts.dv, &w.attn, n)
+        )?;
+        timed!(tm, Section::WeightGrads, {
+            let a = &w.attn;
+            let xn1 = &la.xn1;
+            k.linear_backward_weight(lay.view_mut(grads, lt.wq), dq_proj, xn1, a.wq.linear(n))?;
+            k.linear_backward_weight(lay.view_mut(grads, lt.wk), dk_proj, xn1, a.wk.linear(n))?;
+            k.linear_backward_weight(lay.view_mut(grads, lt.wv), &acts.dv, xn1, a.wv.linear(n))
+        })?;
+        timed!(
+            tm,
+            Section::Norms,
+            k.rmsnorm_backward(
+                &mut acts.dx,
+                lay.view_mut(grads, lt.attn_norm),
+                &acts.dxn,
+                NormSaved {
+                    x: x_in,
+                    w: w.attn_norm,
+                    rstd: &la.rstd1
+                },
+                d,
+                true,
+            )
+        )
     }
 }

@@ -111,13 +111,14 @@ pub struct UpdateScale {
     pub factor: f32,
 }
 
-/// Computes the averaging and clipping factor of accumulated gradients (the sum over
-/// `micro_steps` micro-batches of mean-loss gradients) in one read of the buffer.
-pub fn update_scale(grads: &[f32], micro_steps: usize, clip: f64) -> UpdateScale {
-    let micro = micro_steps.max(1) as f64;
-    let grad_norm = global_norm(grads) / micro;
+/// Computes the averaging and clipping factor of accumulated gradients in one read of the
+/// buffer. `divisor` turns the buffer into the mean gradient: the number of micro-batches whose
+/// mean-loss gradients were summed, times the loss scale they were computed with.
+pub fn update_scale(grads: &[f32], divisor: f64, clip: f64) -> UpdateScale {
+    let divisor = if divisor > 0.0 { divisor } else { 1.0 };
+    let grad_norm = global_norm(grads) / divisor;
     let clipped = clip > 0.0 && grad_norm > clip;
-    let factor = (1.0 / micro) * if clipped { clip / grad_norm } else { 1.0 };
+    let factor = (1.0 / divisor) * if clipped { clip / grad_norm } else { 1.0 };
     UpdateScale {
         grad_norm,
         clipped,
@@ -164,9 +165,9 @@ mod tests {
     #[test]
     fn update_scale_averages_then_clips() {
         let g = [6.0f32, 8.0]; // sum of 2 micro-steps: mean gradient (3, 4), norm 5
-        let u = update_scale(&g, 2, 0.0);
+        let u = update_scale(&g, 2.0, 0.0);
         assert_eq!((u.grad_norm, u.clipped, u.factor), (5.0, false, 0.5));
-        let u = update_scale(&g, 2, 1.0);
+        let u = update_scale(&g, 2.0, 1.0);
         assert!(u.clipped && (u.factor - 0.1).abs() < 1e-7);
     }
 

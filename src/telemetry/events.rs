@@ -1,8 +1,14 @@
 //! Typed training events. They are the interface between the trainer and everything that shows
-//! or records progress; their JSON form (one object per line in `events.jsonl`) is documented in
-//! `docs/events.md` and is stable for scripts.
+//! or records progress; their JSON form (one [`Record`] per line in `events.jsonl`) is
+//! documented in `docs/events.md` and is stable for scripts.
 
 use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendInfo;
+use crate::model::timing::KernelTime;
+
+/// Version of the record format. Fields are only ever added within a version.
+pub const SCHEMA_VERSION: u32 = 1;
 
 /// Parameter counts as reported in `run_start`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -21,7 +27,69 @@ pub struct DataSummary {
     pub split: String,
 }
 
+/// What a loss covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// The full vocabulary.
+    Full,
+    /// Only the token ids kept by vocabulary compaction (lower than a full loss would be).
+    Compacted,
+}
+
+/// Why a checkpoint was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// The periodic `checkpoints/latest` (`--save-every`, `--stop-after`).
+    Latest,
+    /// `checkpoints/best`: the lowest validation loss so far.
+    Best,
+    /// `checkpoints/latest` at the end of the run.
+    Final,
+    /// `checkpoints/latest` after Ctrl-C.
+    Interrupt,
+}
+
+impl CheckpointKind {
+    /// The name used in messages and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckpointKind::Latest => "latest",
+            CheckpointKind::Best => "best",
+            CheckpointKind::Final => "final",
+            CheckpointKind::Interrupt => "interrupt",
+        }
+    }
+}
+
+/// How a run (or this invocation of it) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Every update of `--steps` is done.
+    Completed,
+    /// Ctrl-C: saved and stopped.
+    Interrupted,
+    /// `--stop-after` updates of this invocation are done.
+    Stopped,
+}
+
+impl EndReason {
+    /// The name used in messages and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::Completed => "completed",
+            EndReason::Interrupted => "interrupted",
+            EndReason::Stopped => "stopped",
+        }
+    }
+}
+
 /// One event of a training run.
+// A few events per update: the size of the rare `run_start` does not matter, and boxing it
+// would make every match on it clumsier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
@@ -33,6 +101,8 @@ pub enum Event {
         params: ParamSummary,
         data: DataSummary,
         tokenizer: String,
+        /// The backend and precision of the kernels.
+        backend: BackendInfo,
         /// Tokens consumed by one optimizer update (batch x seq x accum).
         tokens_per_update: usize,
         /// FLOPs of one optimizer update (see DESIGN.md section 4).
@@ -43,6 +113,9 @@ pub enum Event {
         vocab_compacted_to: Option<usize>,
         /// The step a resumed run continues from.
         resumed_from_step: Option<u64>,
+        /// Settings chosen for the user (e.g. a sequence length capped by the model).
+        #[serde(default)]
+        notes: Vec<String>,
     },
     /// One optimizer update finished.
     Step {
@@ -51,8 +124,7 @@ pub enum Event {
         total_steps: u64,
         /// Mean training loss over the update's micro-batches.
         loss: f64,
-        /// `full` or `compacted` (over the compacted vocabulary only).
-        loss_kind: String,
+        loss_kind: LossKind,
         lr: f64,
         /// Global gradient norm before clipping.
         grad_norm: f64,
@@ -61,20 +133,25 @@ pub enum Event {
         ms: f64,
         tokens_per_s: f64,
         tokens_seen: u64,
+        /// Time per kernel block of this update.
+        #[serde(default)]
+        kernels: Vec<KernelTime>,
+        /// Resident memory of the process (every few updates; absent otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rss_bytes: Option<u64>,
     },
     /// Validation loss on the fixed validation windows.
     Eval {
         step: u64,
         val_loss: f64,
-        loss_kind: String,
+        loss_kind: LossKind,
         best_val_loss: f64,
         ms: f64,
     },
     /// A checkpoint was written.
     Checkpoint {
         step: u64,
-        /// `latest`, `best`, `final` or `interrupt`.
-        kind: String,
+        kind: CheckpointKind,
         path: String,
         bytes: u64,
         ms: f64,
@@ -83,15 +160,17 @@ pub enum Event {
     Sample {
         step: u64,
         prompt: String,
+        /// The prompt and its continuation.
         text: String,
     },
+    /// Progress worth telling that is not part of training (building the built-in data).
+    Info { message: String },
     /// Something the user should know that does not stop the run.
     Warning { message: String },
     /// The run ends, with an efficiency report.
     RunEnd {
         step: u64,
-        /// `completed`, `interrupted` or `stopped` (--stop-after).
-        reason: String,
+        reason: EndReason,
         wall_s: f64,
         updates: u64,
         mean_ms_per_update: f64,
@@ -105,13 +184,31 @@ pub enum Event {
     },
 }
 
-/// An event with its time, as written to `events.jsonl`.
+/// An event with its time and format version, as sinks receive it and `events.jsonl` holds it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {
+    /// Version of this format ([`SCHEMA_VERSION`]).
+    #[serde(default = "default_schema")]
+    pub schema: u32,
     /// Unix time in seconds.
     pub time: f64,
     #[serde(flatten)]
     pub event: Event,
+}
+
+fn default_schema() -> u32 {
+    SCHEMA_VERSION
+}
+
+impl Record {
+    /// An event stamped now.
+    pub fn now(event: Event) -> Self {
+        Record {
+            schema: SCHEMA_VERSION,
+            time: unix_now(),
+            event,
+        }
+    }
 }
 
 /// Seconds since the Unix epoch.

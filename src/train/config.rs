@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{Backend, BackendKind, Precision};
 use crate::error::{Error, Result};
 
 /// Everything that defines a training run's numerics and data. Runtime settings that do not
@@ -49,9 +50,11 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Restrict the classifier to token ids present in the data.
     pub vocab_compaction: bool,
+    /// Which backend computes the kernels.
+    pub backend: BackendKind,
     /// Matmul precision: `fp32`, or `bf16` (bf16 products, f32 accumulation; f32 master
-    /// weights, optimizer, norms, attention and residual stream).
-    pub precision: String,
+    /// weights, optimizer, norms, softmax and residual stream).
+    pub precision: Precision,
     /// Fraction of a single data file held out for validation.
     pub val_fraction: f64,
     /// Prompt of the sample printed at the end.
@@ -84,7 +87,8 @@ impl Default for TrainConfig {
             eval_batches: 8,
             save_every: 200,
             vocab_compaction: false,
-            precision: "fp32".into(),
+            backend: BackendKind::Cpu,
+            precision: Precision::Fp32,
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),
             sample_tokens: 160,
@@ -137,6 +141,14 @@ impl TrainConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The backend and precision.
+    pub fn backend(&self) -> Backend {
+        Backend {
+            kind: self.backend,
+            precision: self.precision,
+        }
     }
 
     /// Tokens consumed by one optimizer update.

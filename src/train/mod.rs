@@ -1,7 +1,14 @@
-//! Training: the configuration, the loop, checkpoints and resume.
+//! Training: the configuration, the resolution of a run, the training step, the loop,
+//! checkpoints and resume.
 
 pub mod config;
+pub mod run_dir;
+pub mod setup;
+pub mod step;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{RunOptions, RunPaths, TrainOutcome, default_threads, load_latest, train};
+pub use run_dir::{RunPaths, load_latest};
+pub use setup::ResumeChanges;
+pub use step::{StepState, StepStats, TrainStep};
+pub use trainer::{RunOptions, TrainOutcome, default_threads, train};

@@ -13,72 +13,38 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::SendPtr;
-use super::gemm_bf16::{MatRef, gemm_bf16_serial_raw};
-use super::linear::gemm_strided;
+use super::gemm_bf16::gemm_bf16_serial;
+use super::linear::gemm_crate;
+use super::matrix::{MatMut, MatRef};
+use crate::backend::types::{AttentionShape, CachedAttentionShape, Qkv, QkvGrads};
 
-/// One strided product of a head: f32 through the `gemm` crate, or bf16 products through
-/// [`gemm_bf16_serial_raw`]. Arguments as [`gemm_strided`].
+/// One product of a head, `C (+)= A · B`, on one thread: f32 through the `gemm` crate
+/// (measured faster than packing these small blocks), or bf16 products.
+#[inline]
+fn mm(bf16: bool, c: MatMut, accumulate: bool, a: MatRef, b: MatRef) {
+    if bf16 {
+        gemm_bf16_serial(a, b, c, accumulate)
+    } else {
+        gemm_crate(a, b, c, accumulate, false)
+    }
+}
+
+/// The `rows x cols` block of a destination at element `offset` of a shared tensor with row
+/// stride `rs`.
 ///
 /// # Safety
-/// As [`gemm_strided`].
-#[allow(clippy::too_many_arguments)]
+/// The block must lie inside the allocation behind `base`, and only the calling task may
+/// access it while the returned view lives.
 #[inline]
-unsafe fn mm(
-    bf16: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    scale: f32,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    // fp32 heads stay on the `gemm` crate: measured faster than packing these small blocks.
-    if !bf16 {
-        // SAFETY: forwarded.
-        unsafe {
-            gemm_strided(
-                m, n, k, dst, dst_rs, accumulate, scale, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
-            )
-        };
-        return;
-    }
-    debug_assert_eq!(scale, 1.0);
-    if m == 0 || n == 0 || k == 0 {
-        // SAFETY: forwarded (gemm_strided handles the empty cases).
-        unsafe {
-            gemm_strided(
-                m, n, k, dst, dst_rs, accumulate, scale, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
-            )
-        };
-        return;
-    }
-    // SAFETY: the caller guarantees these element ranges are live and not written during the
-    // call (they are inputs), so shared slices over them are sound.
-    let (a, b) = unsafe {
-        (
-            std::slice::from_raw_parts(lhs, (m - 1) * lhs_rs + (k - 1) * lhs_cs + 1),
-            std::slice::from_raw_parts(rhs, (k - 1) * rhs_rs + (n - 1) * rhs_cs + 1),
-        )
-    };
-    let a = MatRef {
-        data: a,
-        rs: lhs_rs,
-        cs: lhs_cs,
-    };
-    let b = MatRef {
-        data: b,
-        rs: rhs_rs,
-        cs: rhs_cs,
-    };
-    // SAFETY: forwarded from the caller's contract on `dst`.
-    unsafe { gemm_bf16_serial_raw(m, n, k, a, b, dst, dst_rs, accumulate) };
+unsafe fn block<'a>(
+    base: SendPtr,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+) -> MatMut<'a> {
+    // SAFETY: forwarded from the caller.
+    unsafe { MatMut::from_raw(base.get().add(offset), rows, cols, rs) }
 }
 
 /// Rows per causal block: blocks above the diagonal are skipped.
@@ -106,41 +72,19 @@ fn causal_softmax_row(row: &mut [f32], t: usize, scale: f32) {
 /// -> `out [batch*seq, n_heads*head_dim]`, `probs [batch, n_heads, seq, seq]` (softmax of
 /// `q k^T / sqrt(head_dim)` with the causal mask; entries above the diagonal are 0), saved for
 /// the backward pass.
-pub fn attention_forward(
-    out: &mut [f32],
-    probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttentionShape,
-) {
-    forward_impl(false, out, probs, q, k, v, s)
+pub fn attention_forward(out: &mut [f32], probs: &mut [f32], x: Qkv, s: &AttentionShape) {
+    forward_impl(false, out, probs, x, s)
 }
 
-/// [`attention_forward`] with bf16 products (f32 accumulation, f32 softmax); needs
-/// AVX512_BF16 (see `gemm_bf16::available`).
-pub fn attention_forward_bf16(
-    out: &mut [f32],
-    probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttentionShape,
-) {
-    forward_impl(true, out, probs, q, k, v, s)
+/// [`attention_forward`] with bf16 products (f32 accumulation, f32 softmax).
+pub fn attention_forward_bf16(out: &mut [f32], probs: &mut [f32], x: Qkv, s: &AttentionShape) {
+    forward_impl(true, out, probs, x, s)
 }
 
-fn forward_impl(
-    bf16: bool,
-    out: &mut [f32],
-    probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttentionShape,
-) {
+fn forward_impl(bf16: bool, out: &mut [f32], probs: &mut [f32], x: Qkv, s: &AttentionShape) {
     let (t_len, hd, qd, kvd) = (s.seq, s.head_dim, s.q_dim(), s.kv_dim());
-    let n = s.batch * t_len;
+    let n = s.rows();
+    let Qkv { q, k, v } = x;
     assert!(q.len() >= n * qd && out.len() >= n * qd && k.len() >= n * kvd && v.len() >= n * kvd);
     assert!(probs.len() >= s.probs_len());
     let scale = s.scale();
@@ -158,51 +102,28 @@ fn forward_impl(
                 let r1 = (r0 + BLOCK).min(t_len);
                 let rows = r1 - r0;
                 // S[r0..r1, 0..r1] = Q[r0..r1] K[0..r1]^T (scaled inside the softmax)
-                // SAFETY: Q rows r0..r1 (stride qd, hd columns) lie in `q`; K rows 0..r1 lie in
-                // `k` (checked by the asserts); the destination rows lie in this task's chunk.
-                unsafe {
-                    mm(
-                        bf16,
-                        rows,
-                        r1,
-                        hd,
-                        p.as_mut_ptr().add(r0 * t_len),
-                        t_len,
-                        false,
-                        1.0,
-                        qh.as_ptr().add(r0 * qd),
-                        qd,
-                        1,
-                        kh.as_ptr(),
-                        1,
-                        kvd,
-                    );
-                }
+                mm(
+                    bf16,
+                    MatMut::new(&mut p[r0 * t_len..], rows, r1, t_len),
+                    false,
+                    MatRef::new(&qh[r0 * qd..], rows, hd, qd, 1),
+                    MatRef::new(kh, hd, r1, 1, kvd),
+                );
                 for t in r0..r1 {
                     causal_softmax_row(&mut p[t * t_len..(t + 1) * t_len], t, scale);
                 }
                 // O[r0..r1] = P[r0..r1, 0..r1] V[0..r1]
-                // SAFETY: the destination is rows r0..r1 of head h in `out` (stride qd, hd
-                // columns), written by this task only (one task per (batch, head)); V rows
-                // 0..r1 lie in `v`.
-                unsafe {
-                    mm(
-                        bf16,
-                        rows,
-                        hd,
-                        r1,
-                        out_ptr.get().add((b * t_len + r0) * qd + h * hd),
-                        qd,
-                        false,
-                        1.0,
-                        p.as_ptr().add(r0 * t_len),
-                        t_len,
-                        1,
-                        vh.as_ptr(),
-                        kvd,
-                        1,
-                    );
-                }
+                // SAFETY: rows r0..r1 of head h of sequence b in `out` (stride qd, hd columns)
+                // lie inside `out` (asserted) and are written by this task only (one task per
+                // (batch, head)).
+                let o = unsafe { block(out_ptr, (b * t_len + r0) * qd + h * hd, rows, hd, qd) };
+                mm(
+                    bf16,
+                    o,
+                    false,
+                    MatRef::new(&p[r0 * t_len..], rows, r1, t_len, 1),
+                    MatRef::new(vh, r1, hd, kvd, 1),
+                );
             }
         });
 }
@@ -212,52 +133,25 @@ fn forward_impl(
 ///
 /// Per query head: `dP = dO V^T`, `dV += P^T dO`, `dS = P * (dP - rowsum(P * dP)) / sqrt(hd)`,
 /// `dQ = dS K`, `dK += dS^T Q`; one task per (batch, key/value head) sums its group.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    dout: &[f32],
-    probs: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttentionShape,
-) {
-    backward_impl(false, dq, dk, dv, dout, probs, q, k, v, s)
+pub fn attention_backward(g: QkvGrads, dout: &[f32], probs: &[f32], x: Qkv, s: &AttentionShape) {
+    backward_impl(false, g, dout, probs, x, s)
 }
 
 /// [`attention_backward`] with bf16 products (f32 accumulation).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward_bf16(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    g: QkvGrads,
     dout: &[f32],
     probs: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: Qkv,
     s: &AttentionShape,
 ) {
-    backward_impl(true, dq, dk, dv, dout, probs, q, k, v, s)
+    backward_impl(true, g, dout, probs, x, s)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backward_impl(
-    bf16: bool,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    dout: &[f32],
-    probs: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttentionShape,
-) {
+fn backward_impl(bf16: bool, g: QkvGrads, dout: &[f32], probs: &[f32], x: Qkv, s: &AttentionShape) {
     let (t_len, hd, qd, kvd, group) = (s.seq, s.head_dim, s.q_dim(), s.kv_dim(), s.group());
-    let n = s.batch * t_len;
+    let n = s.rows();
+    let (QkvGrads { dq, dk, dv }, Qkv { q, k, v }) = (g, x);
     assert!(q.len() >= n * qd && dq.len() >= n * qd && dout.len() >= n * qd);
     assert!(k.len() >= n * kvd && v.len() >= n * kvd && dk.len() >= n * kvd && dv.len() >= n * kvd);
     assert!(probs.len() >= s.probs_len());
@@ -271,20 +165,19 @@ fn backward_impl(
         let (b, kvh) = (bk / s.n_kv_heads, bk % s.n_kv_heads);
         let kh = &k[b * t_len * kvd + kvh * hd..];
         let vh = &v[b * t_len * kvd + kvh * hd..];
-        // SAFETY (for every write below): this task owns key/value head `kvh` of sequence `b`
-        // in `dk`/`dv` and query heads `kvh*group..(kvh+1)*group` of sequence `b` in `dq`;
-        // no other task touches those elements. All reads stay inside the asserted lengths.
-        let dk_h = unsafe { dk_ptr.get().add(b * t_len * kvd + kvh * hd) };
-        let dv_h = unsafe { dv_ptr.get().add(b * t_len * kvd + kvh * hd) };
+        // Ownership (for every `block` below): this task owns key/value head `kvh` of sequence
+        // `b` in `dk`/`dv` and query heads `kvh*group..(kvh+1)*group` of sequence `b` in `dq`;
+        // no other task touches those elements, and all of them lie inside the asserted lengths.
+        let kv_base = b * t_len * kvd + kvh * hd;
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             if scratch.len() < t_len * t_len {
                 scratch.resize(t_len * t_len, 0.0);
             }
             let ds = &mut scratch[..t_len * t_len];
-            for g in 0..group {
-                let h = kvh * group + g;
-                let first = g == 0;
+            for gi in 0..group {
+                let h = kvh * group + gi;
+                let first = gi == 0;
                 let p = &probs[(b * s.n_heads + h) * t_len * t_len..][..t_len * t_len];
                 let doh = &dout[b * t_len * qd + h * hd..];
                 let qh = &q[b * t_len * qd + h * hd..];
@@ -292,24 +185,13 @@ fn backward_impl(
                     let r1 = (r0 + BLOCK).min(t_len);
                     let rows = r1 - r0;
                     // dP[r0..r1, 0..r1] = dO[r0..r1] V[0..r1]^T
-                    unsafe {
-                        mm(
-                            bf16,
-                            rows,
-                            r1,
-                            hd,
-                            ds.as_mut_ptr().add(r0 * t_len),
-                            t_len,
-                            false,
-                            1.0,
-                            doh.as_ptr().add(r0 * qd),
-                            qd,
-                            1,
-                            vh.as_ptr(),
-                            1,
-                            kvd,
-                        );
-                    }
+                    mm(
+                        bf16,
+                        MatMut::new(&mut ds[r0 * t_len..], rows, r1, t_len),
+                        false,
+                        MatRef::new(&doh[r0 * qd..], rows, hd, qd, 1),
+                        MatRef::new(vh, hd, r1, 1, kvd),
+                    );
                     // dS = P * (dP - rowsum(P * dP)) * scale, zero above the diagonal.
                     for t in r0..r1 {
                         let prow = &p[t * t_len..t * t_len + t + 1];
@@ -321,98 +203,100 @@ fn backward_impl(
                         drow[t + 1..].fill(0.0);
                     }
                     // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
-                    unsafe {
-                        mm(
-                            bf16,
-                            rows,
-                            hd,
-                            r1,
-                            dq_ptr.get().add((b * t_len + r0) * qd + h * hd),
-                            qd,
-                            false,
-                            1.0,
-                            ds.as_ptr().add(r0 * t_len),
-                            t_len,
-                            1,
-                            kh.as_ptr(),
-                            kvd,
-                            1,
-                        );
-                    }
+                    // SAFETY: see the ownership note above.
+                    let dq_blk =
+                        unsafe { block(dq_ptr, (b * t_len + r0) * qd + h * hd, rows, hd, qd) };
+                    mm(
+                        bf16,
+                        dq_blk,
+                        false,
+                        MatRef::new(&ds[r0 * t_len..], rows, r1, t_len, 1),
+                        MatRef::new(kh, r1, hd, kvd, 1),
+                    );
                 }
                 // dV[j] (+)= sum_{t>=j} P[t, j] dO[t];  dK[j] (+)= sum_{t>=j} dS[t, j] Q[t]
                 for r0 in (0..t_len).step_by(BLOCK) {
                     let r1 = (r0 + BLOCK).min(t_len);
-                    let rows = r1 - r0;
-                    let span = t_len - r0;
-                    // SAFETY: see the task-ownership note above; all operands are in bounds.
-                    unsafe {
-                        mm(
-                            bf16,
-                            rows,
-                            hd,
-                            span,
-                            dv_h.add(r0 * kvd),
-                            kvd,
-                            !first,
-                            1.0,
-                            p.as_ptr().add(r0 * t_len + r0),
-                            1,
-                            t_len,
-                            doh.as_ptr().add(r0 * qd),
-                            qd,
-                            1,
-                        );
-                        mm(
-                            bf16,
-                            rows,
-                            hd,
-                            span,
-                            dk_h.add(r0 * kvd),
-                            kvd,
-                            !first,
-                            1.0,
-                            ds.as_ptr().add(r0 * t_len + r0),
-                            1,
-                            t_len,
-                            qh.as_ptr().add(r0 * qd),
-                            qd,
-                            1,
-                        );
-                    }
+                    let (rows, span) = (r1 - r0, t_len - r0);
+                    // SAFETY: see the ownership note above.
+                    let (dv_blk, dk_blk) = unsafe {
+                        (
+                            block(dv_ptr, kv_base + r0 * kvd, rows, hd, kvd),
+                            block(dk_ptr, kv_base + r0 * kvd, rows, hd, kvd),
+                        )
+                    };
+                    mm(
+                        bf16,
+                        dv_blk,
+                        !first,
+                        MatRef::new(&p[r0 * t_len + r0..], rows, span, 1, t_len),
+                        MatRef::new(&doh[r0 * qd..], span, hd, qd, 1),
+                    );
+                    mm(
+                        bf16,
+                        dk_blk,
+                        !first,
+                        MatRef::new(&ds[r0 * t_len + r0..], rows, span, 1, t_len),
+                        MatRef::new(&qh[r0 * qd..], span, hd, qd, 1),
+                    );
                 }
             }
         });
     });
 }
 
-/// Shapes of one attention call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
+/// Attention of new query rows against a key/value cache (decoding). Shapes: `q [rows,
+/// n_heads*head_dim]`, `k_cache, v_cache [start + rows, n_kv_heads*head_dim]` (the new rows
+/// already written) -> `out [rows, n_heads*head_dim]`. Query row `i` (position `start + i`)
+/// attends to cache positions `0..=start + i`; heads run in parallel when there is enough work.
+pub fn attention_cached(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    s: &CachedAttentionShape,
+) {
+    let heads = s.heads();
+    let (hd, qd, kvd, group) = (s.head_dim, heads.q_dim(), heads.kv_dim(), heads.group());
+    let len = s.start + s.rows;
+    assert!(q.len() >= s.rows * qd && out.len() >= s.rows * qd);
+    assert!(k_cache.len() >= len * kvd && v_cache.len() >= len * kvd);
+    let scale = heads.scale();
+    // One task per (row, head): its output slice of `hd` floats.
+    let task = |(idx, o): (usize, &mut [f32])| {
+        let (i, h) = (idx / s.n_heads, idx % s.n_heads);
+        let kvh = h / group;
+        let visible = s.start + i + 1;
+        let qh = &q[i * qd + h * hd..][..hd];
+        SCORES.with(|cell| {
+            let mut scores = cell.borrow_mut();
+            if scores.len() < visible {
+                scores.resize(visible, 0.0);
+            }
+            let scores = &mut scores[..visible];
+            for (j, sc) in scores.iter_mut().enumerate() {
+                *sc = super::math::dot(qh, &k_cache[j * kvd + kvh * hd..][..hd]);
+            }
+            let max = super::math::max(scores);
+            let sum = super::math::exp_scaled_shift_sum(scores, max, scale);
+            let inv = 1.0 / sum;
+            o.fill(0.0);
+            for (j, &sc) in scores.iter().enumerate() {
+                axpy(o, sc * inv, &v_cache[j * kvd + kvh * hd..][..hd]);
+            }
+        });
+    };
+    let out = &mut out[..s.rows * qd];
+    if s.rows * len * qd >= 1 << 15 {
+        out.par_chunks_mut(hd).enumerate().for_each(task);
+    } else {
+        out.chunks_mut(hd).enumerate().for_each(task);
+    }
 }
 
-impl AttentionShape {
-    fn q_dim(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-    fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-    fn group(&self) -> usize {
-        self.n_heads / self.n_kv_heads
-    }
-    /// Elements of the saved probabilities `[batch, n_heads, seq, seq]`.
-    pub fn probs_len(&self) -> usize {
-        self.batch * self.n_heads * self.seq * self.seq
-    }
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
-    }
+thread_local! {
+    /// Per-thread attention scores of one query row while decoding.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[inline]
@@ -444,14 +328,8 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// -> `out [batch*seq, n_heads*head_dim]`, `probs [batch, n_heads, seq, seq]` (softmax of
 /// `q k^T / sqrt(head_dim)` with the causal mask; entries above the diagonal are 0), saved for
 /// the backward pass.
-pub fn attention_forward_reference(
-    out: &mut [f32],
-    probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttentionShape,
-) {
+pub fn attention_forward_reference(out: &mut [f32], probs: &mut [f32], x: Qkv, s: &AttentionShape) {
+    let Qkv { q, k, v } = x;
     let (t_len, hd, qd, kvd) = (s.seq, s.head_dim, s.q_dim(), s.kv_dim());
     let scale = s.scale();
     let heads: Vec<Vec<f32>> = probs
@@ -503,18 +381,14 @@ pub fn attention_forward_reference(
 ///
 /// Per query head: `dP = dO V^T`, `dV += P^T dO`, `dS = P * (dP - rowsum(P * dP)) / sqrt(hd)`,
 /// `dQ = dS K`, `dK += dS^T Q`; the key/value gradients of a group sum over its query heads.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward_reference(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    g: QkvGrads,
     dout: &[f32],
     probs: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: Qkv,
     s: &AttentionShape,
 ) {
+    let (QkvGrads { dq, dk, dv }, Qkv { q, k, v }) = (g, x);
     let (t_len, hd, qd, kvd, group) = (s.seq, s.head_dim, s.q_dim(), s.kv_dim(), s.group());
     let scale = s.scale();
     // One task per (batch, kv head): it owns that head's dK/dV and its group's dQ.

@@ -14,6 +14,8 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
+pub use super::matrix::MatRef;
+use super::matrix::{MatMut, Product, TileAt};
 
 /// Rows of the micro-tile.
 pub const MR: usize = 12;
@@ -42,21 +44,6 @@ pub fn available() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
-    }
-}
-
-/// A strided f32 matrix view: element `(i, j)` at `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl MatRef<'_> {
-    #[inline(always)]
-    pub fn at(&self, i: usize, j: usize) -> f32 {
-        self.data[i * self.rs + j * self.cs]
     }
 }
 
@@ -504,27 +491,24 @@ mod kernel {
     }
 }
 
-/// Adds (or, for the first depth block, copies) the valid `rows x cols` part of a computed
-/// tile into `C` at `(row, col)`.
+/// Adds (or, for the first depth block, copies) the valid part of a computed tile into `C`
+/// (row stride `ldc`) at `at`.
 ///
 /// # Safety
-/// The block must lie inside `C` (row stride `ldc`) and belong to the calling task.
-#[allow(clippy::too_many_arguments)]
+/// The block must lie inside `C` and belong to the calling task.
 pub(crate) unsafe fn store_tile(
     c: SendPtr,
     ldc: usize,
-    row: usize,
-    col: usize,
-    rows: usize,
-    cols: usize,
+    at: TileAt,
     tile: &[f32; MR * NR],
     first: bool,
 ) {
-    for r in 0..rows {
+    for r in 0..at.rows {
         // SAFETY: forwarded from the contract.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(c.get().add((row + r) * ldc + col), cols) };
-        let src = &tile[r * NR..r * NR + cols];
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(c.get().add((at.row + r) * ldc + at.col), at.cols)
+        };
+        let src = &tile[r * NR..r * NR + at.cols];
         if first {
             dst.copy_from_slice(src);
         } else {
@@ -551,138 +535,39 @@ fn micro_portable(pairs: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR])
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-/// `C[m, n] = (accumulate ? C : 0) + A[m, k] · B[k, n]` with bf16 products; `c` is row-major
-/// with row stride `ldc`. Runs on the current rayon pool.
-pub fn gemm_bf16(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: MatRef,
-    b: MatRef,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
+/// `C [m, n] = (accumulate ? C : 0) + A [m, k] · B [k, n]` with bf16 products, on the
+/// current rayon pool.
+pub fn gemm_bf16(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
+    if let Some(p) = Product::new("gemm_bf16", a, b, c, accumulate) {
+        with_packed_b(|bbuf| run(&p, available(), bbuf, false));
     }
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm_bf16: C too small");
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
-            }
-        }
-        return;
+}
+
+/// Single-threaded [`gemm_bf16`], for kernels that run one product per task on sub-blocks of
+/// shared tensors (attention heads).
+pub fn gemm_bf16_serial(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
+    if let Some(p) = Product::new("gemm_bf16", a, b, c, accumulate) {
+        with_packed_b(|bbuf| run(&p, available(), bbuf, true));
     }
-    assert!(
-        a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
-        "gemm_bf16: A too small"
-    );
-    assert!(
-        b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
-        "gemm_bf16: B too small"
-    );
-    let fast = available();
-    let c_ptr = SendPtr(c.as_mut_ptr());
+}
+
+/// Runs `f` with this thread's packed-`B` buffer (a fresh one if it is in use).
+fn with_packed_b(f: impl FnOnce(&mut Vec<u32>)) {
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut bbuf) => run(
-            m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf, false,
-        ),
-        Err(_) => run(
-            m,
-            n,
-            k,
-            a,
-            b,
-            c_ptr,
-            ldc,
-            accumulate,
-            fast,
-            &mut Vec::new(),
-            false,
-        ),
+        Ok(mut bbuf) => f(&mut bbuf),
+        Err(_) => f(&mut Vec::new()),
     });
 }
 
-/// Single-threaded [`gemm_bf16`] writing through a raw pointer, for kernels that run one
-/// product per task on sub-blocks of shared tensors (attention heads).
-///
-/// # Safety
-/// `c` must be valid for writes of the `m x n` block with row stride `ldc`, and no other
-/// thread may access that block during the call; it must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_bf16_serial_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: MatRef,
-    b: MatRef,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                // SAFETY: row `i` of the block is valid for `n` floats (caller's contract).
-                unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
-            }
-        }
-        return;
-    }
-    assert!(
-        a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
-        "gemm_bf16: A too small"
-    );
-    assert!(
-        b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
-        "gemm_bf16: B too small"
-    );
-    let fast = available();
-    let c_ptr = SendPtr(c);
-    PACKED_B.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut bbuf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, fast, &mut bbuf, true),
-        Err(_) => run(
-            m,
-            n,
-            k,
-            a,
-            b,
-            c_ptr,
-            ldc,
-            accumulate,
-            fast,
-            &mut Vec::new(),
-            true,
-        ),
-    });
-}
-
-/// The blocked loops of [`gemm_bf16`] (arguments validated there).
-#[allow(clippy::too_many_arguments)]
-fn run(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: MatRef,
-    b: MatRef,
-    c_ptr: SendPtr,
-    ldc: usize,
-    accumulate: bool,
-    fast: bool,
-    bbuf: &mut Vec<u32>,
-    serial: bool,
-) {
+/// The blocked loops of [`gemm_bf16`]; `fast` selects the AVX512_BF16 micro-kernel.
+fn run(p: &Product, fast: bool, bbuf: &mut Vec<u32>, serial: bool) {
+    let (m, n, k) = (p.m(), p.n(), p.k());
+    let (a, c_ptr, ldc) = (p.a, p.c, p.ldc);
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         let pairs = kc.div_ceil(2);
-        pack_b(bbuf, b, p0, kc, 0, n, serial);
-        let first = p0 == 0 && !accumulate;
+        pack_b(bbuf, p.b, p0, kc, 0, n, serial);
+        let first = p0 == 0 && !p.accumulate;
         let bref = &*bbuf;
         let mc_block = if serial { MC_MAX } else { row_block(m) };
         let task = |i0: usize| {
@@ -704,7 +589,8 @@ fn run(
                         #[cfg(target_arch = "x86_64")]
                         if fast && ir + MR <= mc && jr + NR <= n {
                             // SAFETY: CPU features checked; a full MR x NR tile at row i0+ir,
-                            // column jr lies inside C (asserted above) in this task's rows.
+                            // column jr lies inside C (checked by `Product::new`) in this
+                            // task's rows.
                             unsafe {
                                 kernel::micro_to_c(
                                     pairs,
@@ -727,11 +613,15 @@ fn run(
                         } else {
                             micro_portable(pairs, apanel, bpanel, tile);
                         }
-                        let rows = MR.min(mc - ir);
-                        let cols = NR.min(n - jr);
-                        // SAFETY: rows `i0+ir..+rows < m` and columns `jr..jr+cols <= n` lie in
-                        // C (asserted by the entry point); this task owns rows `i0..i0+mc`.
-                        unsafe { store_tile(c_ptr, ldc, i0 + ir, jr, rows, cols, tile, first) };
+                        let at = TileAt {
+                            row: i0 + ir,
+                            col: jr,
+                            rows: MR.min(mc - ir),
+                            cols: NR.min(n - jr),
+                        };
+                        // SAFETY: the tile lies in C (checked by `Product::new`); this task
+                        // owns rows `i0..i0+mc`.
+                        unsafe { store_tile(c_ptr, ldc, at, tile, first) };
                     }
                 }
             });
@@ -779,64 +669,24 @@ mod tests {
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
                 .collect();
             // Every layout the model uses: x W^T (A rows, B^T), dy W (both rows), dy^T x.
-            let layouts = [
-                (
-                    MatRef {
-                        data: &a,
-                        rs: k,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: &b,
-                        rs: 1,
-                        cs: k,
-                    },
-                ),
-                (
-                    MatRef {
-                        data: &a,
-                        rs: k,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: &b,
-                        rs: n,
-                        cs: 1,
-                    },
-                ),
-                (
-                    MatRef {
-                        data: &a,
-                        rs: 1,
-                        cs: m,
-                    },
-                    MatRef {
-                        data: &b,
-                        rs: n,
-                        cs: 1,
-                    },
-                ),
-                (
-                    MatRef {
-                        data: &a,
-                        rs: 2 * k,
-                        cs: 2,
-                    },
-                    MatRef {
-                        data: &b,
-                        rs: 1,
-                        cs: k,
-                    },
-                ),
+            let mut layouts = vec![
+                (MatRef::row_major(&a, m, k), MatRef::transposed(&b, k, n)),
+                (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n)),
+                (MatRef::transposed(&a, m, k), MatRef::row_major(&b, k, n)),
             ];
+            if m >= 2 && k >= 2 {
+                // Every other row and column of A: strides that are neither 1 nor the width.
+                layouts.push((
+                    MatRef::new(&a, m / 2, k / 2, 2 * k, 2),
+                    MatRef::transposed(&b, k / 2, n),
+                ));
+            }
             for (li, (am, bm)) in layouts.into_iter().enumerate() {
-                if li == 3 && a.len() < 2 * m * k {
-                    continue;
-                }
+                let (m, n, k) = (am.rows, bm.cols, am.cols);
                 let want = naive(m, n, k, am, bm);
                 for accumulate in [false, true] {
                     let mut c = vec![1.0f32; m * n];
-                    gemm_bf16(m, n, k, am, bm, &mut c, n, accumulate);
+                    gemm_bf16(am, bm, MatMut::row_major(&mut c, m, n), accumulate);
                     for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
                         let w = w + if accumulate { 1.0 } else { 0.0 };
                         assert!(
@@ -850,27 +700,6 @@ mod tests {
     }
 }
 
-/// Throughput of the micro-kernel alone on one thread (packed panels resident in cache), in
-/// GFLOP/s: the ceiling of this GEMM on this machine, for benchmark reports.
-pub fn micro_kernel_gflops(iters: usize) -> Option<f64> {
-    if !available() {
-        return None;
-    }
-    let pairs = KC / 2;
-    let a = vec![0x3f80_3f80u32; pairs * MR];
-    let b = vec![0x3f80_3f80u32; pairs * NR];
-    let mut c = vec![0.0f32; MR * NR];
-    let t = std::time::Instant::now();
-    for _ in 0..iters {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: features checked by `available()`; panels and tile sized as required.
-        unsafe {
-            kernel::micro_to_c(pairs, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), NR, true)
-        };
-    }
-    std::hint::black_box(&c);
-    Some((2 * MR * NR * 2 * pairs * iters) as f64 / t.elapsed().as_secs_f64() / 1e9)
-}
 #[cfg(test)]
 mod simd_tests {
     #[test]
@@ -896,17 +725,9 @@ mod pack_tests {
         for (k, n, layout) in [(7usize, 33usize, 0), (7, 33, 1), (40, 70, 0), (40, 70, 1)] {
             let b: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
             let bm = if layout == 0 {
-                MatRef {
-                    data: &b,
-                    rs: n,
-                    cs: 1,
-                }
+                MatRef::row_major(&b, k, n)
             } else {
-                MatRef {
-                    data: &b,
-                    rs: 1,
-                    cs: k,
-                }
+                MatRef::transposed(&b, k, n)
             };
             let mut fast = Vec::new();
             pack_b(&mut fast, bm, 0, k, 0, n, false);
@@ -951,30 +772,18 @@ mod portable_tests {
             let b: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
                 .collect();
-            let am = MatRef {
-                data: &a,
-                rs: k,
-                cs: 1,
-            };
-            let bm = MatRef {
-                data: &b,
-                rs: 1,
-                cs: k,
-            };
+            let am = MatRef::row_major(&a, m, k);
+            let bm = MatRef::transposed(&b, k, n);
             let mut portable = vec![0.0f32; m * n];
-            run(
-                m,
-                n,
-                k,
+            let p = Product::new(
+                "test",
                 am,
                 bm,
-                SendPtr(portable.as_mut_ptr()),
-                n,
+                MatMut::row_major(&mut portable, m, n),
                 false,
-                false,
-                &mut Vec::new(),
-                true,
-            );
+            )
+            .unwrap();
+            run(&p, false, &mut Vec::new(), true);
             let r = |x: f32| half::bf16::from_f32(x).to_f64();
             for i in 0..m {
                 for j in 0..n {
@@ -984,7 +793,7 @@ mod portable_tests {
             }
             if available() {
                 let mut hw = vec![0.0f32; m * n];
-                gemm_bf16(m, n, k, am, bm, &mut hw, n, false);
+                gemm_bf16(am, bm, MatMut::row_major(&mut hw, m, n), false);
                 for (x, y) in hw.iter().zip(&portable) {
                     assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
                 }
@@ -1002,7 +811,7 @@ mod pack_a_tests {
         for (m, k) in [(13usize, 7usize), (30, 40), (5, 33)] {
             let a: Vec<f32> = (0..m * k).map(|i| i as f32).collect();
             for (rs, cs) in [(k, 1), (1, m)] {
-                let am = MatRef { data: &a, rs, cs };
+                let am = MatRef::new(&a, m, k, rs, cs);
                 let (mut buf, mut tmp) = (Vec::new(), Vec::new());
                 pack_a(&mut buf, &mut tmp, am, 0, m, 0, k);
                 let pairs = k.div_ceil(2);

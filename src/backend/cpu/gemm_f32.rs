@@ -8,8 +8,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::SendPtr;
-use super::gemm_bf16::{MR, MatRef, NR, grow, row_block, store_tile};
+use super::gemm_bf16::{MR, NR, grow, row_block, store_tile};
+use super::matrix::{MatMut, MatRef, Product, TileAt};
 
 /// Depth of a packed block: a `KC x NR` panel of `B` is 64 KB, re-read from L2 per `A` panel.
 const KC: usize = 512;
@@ -221,22 +221,13 @@ fn pack_b(buf: &mut Vec<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
         .for_each(panel);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: MatRef,
-    b: MatRef,
-    c_ptr: SendPtr,
-    ldc: usize,
-    accumulate: bool,
-    bbuf: &mut Vec<f32>,
-) {
+fn run(p: &Product, bbuf: &mut Vec<f32>) {
+    let (m, n, k) = (p.m(), p.n(), p.k());
+    let (a, c_ptr, ldc) = (p.a, p.c, p.ldc);
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
-        pack_b(bbuf, b, p0, kc, n);
-        let first = p0 == 0 && !accumulate;
+        pack_b(bbuf, p.b, p0, kc, n);
+        let first = p0 == 0 && !p.accumulate;
         let bref = &*bbuf;
         let mc_block = row_block(m).min(MC_MAX);
         let task = |i0: usize| {
@@ -276,11 +267,15 @@ fn run(
                                 simd::micro_tile(kc, apanel.as_ptr(), bpanel.as_ptr(), &mut tile)
                             };
                         }
-                        let rows = MR.min(mc - ir);
-                        let cols = NR.min(n - jr);
-                        // SAFETY: rows `i0+ir..+rows < m` and columns `jr..jr+cols <= n` lie in
-                        // C (asserted by the entry point); this task owns rows `i0..i0+mc`.
-                        unsafe { store_tile(c_ptr, ldc, i0 + ir, jr, rows, cols, &tile, first) };
+                        let at = TileAt {
+                            row: i0 + ir,
+                            col: jr,
+                            rows: MR.min(mc - ir),
+                            cols: NR.min(n - jr),
+                        };
+                        // SAFETY: the tile's rows `< m` and columns `<= n` lie in C (checked
+                        // by `Product::new`); this task owns rows `i0..i0+mc`.
+                        unsafe { store_tile(c_ptr, ldc, at, &tile, first) };
                     }
                 }
             });
@@ -289,48 +284,16 @@ fn run(
     }
 }
 
-fn check(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) {
-    assert!(
-        a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
-        "gemm_f32: A too small"
-    );
-    assert!(
-        b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
-        "gemm_f32: B too small"
-    );
-}
-
-/// `C[m, n] = (accumulate ? C : 0) + A[m, k] · B[k, n]`, row-major `C` with row stride `ldc`,
-/// on the current rayon pool. Callers must check [`available`].
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: MatRef,
-    b: MatRef,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
+/// `C [m, n] = (accumulate ? C : 0) + A [m, k] · B [k, n]` on the current rayon pool.
+/// Callers must check [`available`].
+pub fn gemm_f32(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
+    let Some(p) = Product::new("gemm_f32", a, b, c, accumulate) else {
         return;
-    }
+    };
     assert!(available(), "gemm_f32 needs AVX-512F");
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm_f32: C too small");
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    check(m, n, k, a, b);
-    let c_ptr = SendPtr(c.as_mut_ptr());
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => run(m, n, k, a, b, c_ptr, ldc, accumulate, &mut buf),
-        Err(_) => run(m, n, k, a, b, c_ptr, ldc, accumulate, &mut Vec::new()),
+        Ok(mut buf) => run(&p, &mut buf),
+        Err(_) => run(&p, &mut Vec::new()),
     });
 }
 
@@ -357,47 +320,14 @@ mod tests {
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
                 .collect();
             let layouts = [
-                (
-                    MatRef {
-                        data: &a,
-                        rs: k,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: &b,
-                        rs: 1,
-                        cs: k,
-                    },
-                ),
-                (
-                    MatRef {
-                        data: &a,
-                        rs: k,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: &b,
-                        rs: n,
-                        cs: 1,
-                    },
-                ),
-                (
-                    MatRef {
-                        data: &a,
-                        rs: 1,
-                        cs: m,
-                    },
-                    MatRef {
-                        data: &b,
-                        rs: n,
-                        cs: 1,
-                    },
-                ),
+                (MatRef::row_major(&a, m, k), MatRef::transposed(&b, k, n)),
+                (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n)),
+                (MatRef::transposed(&a, m, k), MatRef::row_major(&b, k, n)),
             ];
             for (li, (am, bm)) in layouts.into_iter().enumerate() {
                 for accumulate in [false, true] {
                     let mut c = vec![1.0f32; m * n];
-                    gemm_f32(m, n, k, am, bm, &mut c, n, accumulate);
+                    gemm_f32(am, bm, MatMut::row_major(&mut c, m, n), accumulate);
                     for i in 0..m {
                         for j in 0..n {
                             let w: f64 = (0..k)

@@ -21,24 +21,70 @@ pub fn to_bf16(xs: &[f32]) -> Vec<u16> {
         .collect()
 }
 
-/// `y[rows] = W[rows, cols] x[cols]` with rows split across threads; `row_dot(r)` is the dot
-/// product of row `r` with `x`.
-fn gemv_rows(y: &mut [f32], rows: usize, row_dot: impl Fn(usize) -> f32 + Sync) {
-    let per = rows_per_task(rows);
-    y[..rows]
-        .par_chunks_mut(per)
-        .enumerate()
-        .for_each(|(t, ys)| {
-            for (i, yv) in ys.iter_mut().enumerate() {
-                *yv = row_dot(t * per + i);
-            }
-        });
+/// The weights of one matrix-vector product: f32, or bf16 bits.
+#[derive(Clone, Copy)]
+pub enum GemvWeights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl GemvWeights<'_> {
+    /// Dot product of row `r` (of `cols` weights) with `x`.
+    #[inline]
+    fn row_dot(&self, r: usize, cols: usize, x: &[f32]) -> f32 {
+        match self {
+            GemvWeights::F32(w) => dot(&w[r * cols..(r + 1) * cols], &x[..cols]),
+            GemvWeights::Bf16(w) => dot_bf16(&w[r * cols..(r + 1) * cols], &x[..cols]),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            GemvWeights::F32(w) => w.len(),
+            GemvWeights::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// One product of [`gemv_many`]: `y [rows] = W [rows, cols] x`, with `rows = y.len()`.
+pub struct GemvOut<'a> {
+    pub y: &'a mut [f32],
+    pub w: GemvWeights<'a>,
+}
+
+/// Several matrix-vector products of the same input `x [cols]` in one parallel pass (the q, k
+/// and v projections of a token): the rows of all outputs are split into tasks together, so
+/// the threads meet once instead of once per matrix.
+pub fn gemv_many(outs: &mut [GemvOut], x: &[f32], cols: usize) {
+    assert!(x.len() >= cols);
+    let total: usize = outs.iter().map(|o| o.y.len()).sum();
+    let per = rows_per_task(total);
+    let mut tasks: Vec<(GemvWeights, usize, &mut [f32])> = Vec::new();
+    for o in outs.iter_mut() {
+        let rows = o.y.len();
+        assert!(o.w.len() >= rows * cols, "gemv: weights too small");
+        let w = o.w;
+        for (t, ys) in o.y.chunks_mut(per).enumerate() {
+            tasks.push((w, t * per, ys));
+        }
+    }
+    tasks.par_iter_mut().for_each(|(w, first, ys)| {
+        for (i, yv) in ys.iter_mut().enumerate() {
+            *yv = w.row_dot(*first + i, cols, x);
+        }
+    });
 }
 
 /// `y[rows] = W[rows, cols] x[cols]`, f32 weights.
 pub fn gemv_f32(y: &mut [f32], w: &[f32], x: &[f32], rows: usize, cols: usize) {
-    assert!(w.len() >= rows * cols && x.len() >= cols && y.len() >= rows);
-    gemv_rows(y, rows, |r| dot(&w[r * cols..(r + 1) * cols], &x[..cols]));
+    gemv_many(
+        &mut [GemvOut {
+            y: &mut y[..rows],
+            w: GemvWeights::F32(w),
+        }],
+        x,
+        cols,
+    );
 }
 
 /// Dot product of bf16 weights with f32 inputs (weights widened exactly to f32).
@@ -117,10 +163,14 @@ mod avx512 {
 
 /// `y[rows] = W[rows, cols] x[cols]`, bf16 weights (as bits).
 pub fn gemv_bf16(y: &mut [f32], w: &[u16], x: &[f32], rows: usize, cols: usize) {
-    assert!(w.len() >= rows * cols && x.len() >= cols && y.len() >= rows);
-    gemv_rows(y, rows, |r| {
-        dot_bf16(&w[r * cols..(r + 1) * cols], &x[..cols])
-    });
+    gemv_many(
+        &mut [GemvOut {
+            y: &mut y[..rows],
+            w: GemvWeights::Bf16(w),
+        }],
+        x,
+        cols,
+    );
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! CPU kernels: each operation is a forward/backward pair over flat slices, with the shapes
-//! documented on the function.
+//! documented on the function. [`CpuKernels`] (fp32) and [`CpuBf16Kernels`] (bf16 matrix
+//! multiplies) implement [`Kernels`]; both inherit every block method's default composition.
 
 pub mod attention;
 pub mod embedding;
@@ -9,12 +10,17 @@ pub mod gemv;
 pub mod linear;
 pub mod loss;
 pub mod math;
+pub mod matrix;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
 
-use super::Kernels;
+use self::gemv::{GemvOut, GemvWeights, gemv_many};
+use self::matrix::{MatMut, MatRef};
+use super::kernels::{Kernels, LinearOut, Tolerance};
+use super::types::{AttentionShape, LinearShape, Matrix, Qkv, QkvGrads};
+use crate::error::Result;
 
 /// A raw pointer to f32 data that parallel tasks may share, each writing a disjoint part (the
 /// columns of one attention head, the rows of one GEMM block).
@@ -34,48 +40,118 @@ unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
-/// The CPU backend (the reference kernels, multi-threaded with rayon).
+/// Whether this CPU runs bf16 products in hardware (AVX512_BF16); elsewhere they are emulated
+/// with the same numerics, more slowly than fp32.
+pub fn bf16_in_hardware() -> bool {
+    gemm_bf16::available()
+}
+
+/// A short description of the CPU kernels of a precision, for run headers and reports.
+pub fn describe(bf16: bool) -> String {
+    let f32_gemm = if gemm_f32::available() {
+        "packed AVX-512 fp32 GEMM (the gemm crate for small products)"
+    } else {
+        "fp32 GEMM of the gemm crate"
+    };
+    if !bf16 {
+        return f32_gemm.to_string();
+    }
+    if bf16_in_hardware() {
+        "packed AVX512_BF16 GEMM (bf16 products, f32 accumulation)".to_string()
+    } else {
+        "bf16 products emulated without AVX512_BF16 (same numerics, slower than fp32)".to_string()
+    }
+}
+
+/// The weights a matrix-vector product reads: the bf16 copy when there is one.
+fn gemv_weights<'a>(w: &Matrix<'a>) -> GemvWeights<'a> {
+    match w.bf16 {
+        Some(b) => GemvWeights::Bf16(b),
+        None => GemvWeights::F32(w.f32),
+    }
+}
+
+/// One token row: matrix-vector products, several matrices in one pass.
+fn gemv_outputs(x: &[f32], outs: &mut [LinearOut]) {
+    let Some(first) = outs.first() else {
+        return;
+    };
+    let cols = first.w.cols;
+    let mut gemvs: Vec<GemvOut> = outs
+        .iter_mut()
+        .map(|o| GemvOut {
+            y: &mut o.y[..o.w.rows],
+            w: gemv_weights(&o.w),
+        })
+        .collect();
+    gemv_many(&mut gemvs, x, cols);
+}
+
+/// The CPU backend in fp32 (the reference kernels, multi-threaded with rayon). Products of a
+/// single token row (decoding) are matrix-vector products, which read a matrix's bf16 copy
+/// when the caller keeps one (`generate --weights bf16`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuKernels;
 
 impl Kernels for CpuKernels {
-    fn name(&self) -> &'static str {
-        "cpu"
+    fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
+        if rows == 1 {
+            gemv_outputs(x, &mut [LinearOut { y, w }]);
+        } else {
+            linear::linear_forward(y, x, w.f32, w.linear(rows));
+        }
+        Ok(())
+    }
+
+    fn linear_forward_multi(&self, x: &[f32], rows: usize, outs: &mut [LinearOut]) -> Result<()> {
+        if rows == 1 && outs.iter().all(|o| o.w.cols == outs[0].w.cols) {
+            gemv_outputs(x, outs);
+            return Ok(());
+        }
+        for o in outs.iter_mut() {
+            self.linear_forward(o.y, x, o.w, rows)?;
+        }
+        Ok(())
     }
 }
 
-/// The CPU backend with bf16 matrix multiplies (f32 accumulation) for the linear layers, on
-/// CPUs with AVX512_BF16. Everything else, including attention, norms, the loss, master
-/// weights and the optimizer, stays f32.
+/// The CPU backend with bf16 matrix multiplies (f32 accumulation) for the linear layers and
+/// the attention products, through `vdpbf16ps` on CPUs with AVX512_BF16 (emulated elsewhere).
+/// Norms, softmax, the loss, master weights and the optimizer stay f32. A single token row
+/// (decoding) is a matrix-vector product as in [`CpuKernels`]: with bf16 weights when the
+/// caller keeps a bf16 copy, else f32.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBf16Kernels;
 
 impl Kernels for CpuBf16Kernels {
-    fn name(&self) -> &'static str {
-        "cpu-bf16"
+    fn tolerance(&self) -> Tolerance {
+        Tolerance::BF16
     }
 
-    fn linear_forward(
-        &self,
-        y: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-    ) {
-        use gemm_bf16::{MatRef, gemm_bf16};
-        let a = MatRef {
-            data: x,
-            rs: d_in,
-            cs: 1,
-        };
-        let b = MatRef {
-            data: w,
-            rs: 1,
-            cs: d_in,
-        };
-        gemm_bf16(rows, d_out, d_in, a, b, y, d_out, false);
+    fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
+        if rows == 1 {
+            gemv_outputs(x, &mut [LinearOut { y, w }]);
+            return Ok(());
+        }
+        let s = w.linear(rows);
+        gemm_bf16::gemm_bf16(
+            MatRef::row_major(x, s.rows, s.d_in),
+            MatRef::transposed(w.f32, s.d_in, s.d_out),
+            MatMut::row_major(y, s.rows, s.d_out),
+            false,
+        );
+        Ok(())
+    }
+
+    fn linear_forward_multi(&self, x: &[f32], rows: usize, outs: &mut [LinearOut]) -> Result<()> {
+        if rows == 1 && outs.iter().all(|o| o.w.cols == outs[0].w.cols) {
+            gemv_outputs(x, outs);
+            return Ok(());
+        }
+        for o in outs.iter_mut() {
+            self.linear_forward(o.y, x, o.w, rows)?;
+        }
+        Ok(())
     }
 
     fn linear_backward_input(
@@ -83,50 +159,16 @@ impl Kernels for CpuBf16Kernels {
         dx: &mut [f32],
         dy: &[f32],
         w: &[f32],
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
+        s: LinearShape,
         accumulate: bool,
-    ) {
-        use gemm_bf16::{MatRef, gemm_bf16};
-        let a = MatRef {
-            data: dy,
-            rs: d_out,
-            cs: 1,
-        };
-        let b = MatRef {
-            data: w,
-            rs: d_in,
-            cs: 1,
-        };
-        gemm_bf16(rows, d_in, d_out, a, b, dx, d_in, accumulate);
-    }
-
-    fn attention_forward(
-        &self,
-        out: &mut [f32],
-        probs: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: &super::AttentionShape,
-    ) {
-        attention::attention_forward_bf16(out, probs, q, k, v, shape)
-    }
-
-    fn attention_backward(
-        &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        dout: &[f32],
-        probs: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: &super::AttentionShape,
-    ) {
-        attention::attention_backward_bf16(dq, dk, dv, dout, probs, q, k, v, shape)
+    ) -> Result<()> {
+        gemm_bf16::gemm_bf16(
+            MatRef::row_major(dy, s.rows, s.d_out),
+            MatRef::row_major(w, s.d_out, s.d_in),
+            MatMut::row_major(dx, s.rows, s.d_in),
+            accumulate,
+        );
+        Ok(())
     }
 
     fn linear_backward_weight(
@@ -134,21 +176,37 @@ impl Kernels for CpuBf16Kernels {
         dw: &mut [f32],
         dy: &[f32],
         x: &[f32],
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-    ) {
-        use gemm_bf16::{MatRef, gemm_bf16};
-        let a = MatRef {
-            data: dy,
-            rs: 1,
-            cs: d_out,
-        };
-        let b = MatRef {
-            data: x,
-            rs: d_in,
-            cs: 1,
-        };
-        gemm_bf16(d_out, d_in, rows, a, b, dw, d_in, true);
+        s: LinearShape,
+    ) -> Result<()> {
+        gemm_bf16::gemm_bf16(
+            MatRef::transposed(dy, s.d_out, s.rows),
+            MatRef::row_major(x, s.rows, s.d_in),
+            MatMut::row_major(dw, s.d_out, s.d_in),
+            true,
+        );
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        saved: &mut [f32],
+        x: Qkv,
+        s: &AttentionShape,
+    ) -> Result<()> {
+        attention::attention_forward_bf16(out, saved, x, s);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        g: QkvGrads,
+        dout: &[f32],
+        saved: &[f32],
+        x: Qkv,
+        s: &AttentionShape,
+    ) -> Result<()> {
+        attention::attention_backward_bf16(g, dout, saved, x, s);
+        Ok(())
     }
 }

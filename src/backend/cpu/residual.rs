@@ -1,4 +1,4 @@
-//! Residual connections: `out = a + b`. The backward pass needs no kernel of its own: the
+//! Residual connections: `x += branch`. The backward pass needs no kernel of its own: the
 //! gradient of a sum flows unchanged to both inputs, which the model realises by accumulating
 //! into the residual-stream gradient (`rmsnorm_backward(..., accumulate = true)`).
 
@@ -6,14 +6,14 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
 
-/// Forward. Shapes: `a, b, out [rows, dim]`; `out = a + b`.
-pub fn residual_add(out: &mut [f32], a: &[f32], b: &[f32]) {
-    debug_assert!(out.len() == a.len() && a.len() == b.len());
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                *o = x + y;
+/// Forward, in place. Shapes: `acc, x [rows, dim]`; `acc = acc + x`.
+pub fn residual_add(acc: &mut [f32], x: &[f32]) {
+    debug_assert_eq!(acc.len(), x.len());
+    acc.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(a, x)| {
+            for (a, &v) in a.iter_mut().zip(x) {
+                *a += v;
             }
         });
 }

@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use crate::backend::types::NormSaved;
+
 /// Rows per parallel task; small enough to balance, large enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 
@@ -38,7 +40,7 @@ pub fn rmsnorm_forward(
         });
 }
 
-/// Backward. Shapes: `dy, x [rows, d]`, `w [d]`, `rstd [rows]` (from the forward) ->
+/// Backward. Shapes: `dy [rows, d]`; from the forward `x [rows, d]`, `w [d]`, `rstd [rows]` ->
 /// `dx [rows, d]`, `dw [d]` (accumulated).
 ///
 /// With `r = rstd` and `xhat = x * r`:
@@ -46,17 +48,15 @@ pub fn rmsnorm_forward(
 ///       `= r * (w_i dy_i - x_i r^2 / d * sum_j w_j dy_j x_j)`
 /// and `dw_i += sum_rows dy_i xhat_i`. When `accumulate` is true `dx` is added to (this is how
 /// the residual stream's gradient flows through a pre-norm block), otherwise overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     dx: &mut [f32],
     dw: &mut [f32],
     dy: &[f32],
-    x: &[f32],
-    w: &[f32],
-    rstd: &[f32],
+    saved: NormSaved,
     d: usize,
     accumulate: bool,
 ) {
+    let NormSaved { x, w, rstd } = saved;
     debug_assert_eq!(dx.len(), x.len());
     debug_assert_eq!(dy.len(), x.len());
     // dx in parallel over row blocks; dw partial sums per block, reduced in a fixed order so the

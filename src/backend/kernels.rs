@@ -1,0 +1,356 @@
+//! The [`Kernels`] interface: everything a training step or a forward pass computes, in two
+//! grains.
+//!
+//! * **Operations** (`linear_forward`, `rmsnorm_backward`, `attention_forward`, ...): one
+//!   kernel each, the CPU's unit of work.
+//! * **Blocks** (`sdpa_forward`, `wo_forward`, `ffn_forward`, `ffn_backward_down`,
+//!   `ffn_backward_gate_up`, `wo_backward`, `sdpa_backward`, `q_backward`, `kv_backward`): the
+//!   original system's ten accelerator kernels (ARCHITECTURE.md has the table). Their default
+//!   bodies compose the operations (`backend::blocks`), so the CPU runs exactly the operations
+//!   it always ran, and an accelerator overrides a whole block.
+//!
+//! Every method returns a [`Result`]: a backend whose program fails to compile or evaluate
+//! reports it, and the error reaches the user. Lifecycle: [`Kernels::prepare`] is called once
+//! per model and batch shape before the first step, so a backend compiles its programs and
+//! allocates its buffers up front and fails there, not in the middle of a run. Saved state:
+//! [`Kernels::attention_saved_len`] sizes what the attention block keeps between forward and
+//! backward (the CPU keeps the probabilities; a backend that recomputes them keeps less).
+//!
+//! All tensors are row-major f32 slices; shapes are documented on the CPU functions each
+//! default calls (`backend::cpu`).
+
+use super::blocks::{self, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
+use super::cpu;
+use super::types::{
+    AttentionShape, CachedAttentionShape, LinearShape, Matrix, NormSaved, Positions, Qkv, QkvGrads,
+    RopeTable, StepShape,
+};
+use crate::error::Result;
+
+/// One output of [`Kernels::linear_forward_multi`]: `y [rows, w.rows] = x w^T`.
+pub struct LinearOut<'a> {
+    pub y: &'a mut [f32],
+    pub w: Matrix<'a>,
+}
+
+/// How closely a backend matches the reference kernels, as the conformance suite checks it:
+/// the largest absolute difference of any output element, divided by the largest absolute
+/// reference value of that output, must not exceed `rel`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerance {
+    pub rel: f64,
+}
+
+impl Tolerance {
+    /// f32 arithmetic in another order (blocked GEMMs, vectorised sums).
+    pub const FP32: Tolerance = Tolerance { rel: 1e-5 };
+    /// bf16-rounded operands with f32 accumulation (8 significant bits per operand).
+    pub const BF16: Tolerance = Tolerance { rel: 2e-2 };
+}
+
+/// The operations and blocks of a transformer step. See the module documentation.
+pub trait Kernels: Send + Sync {
+    // ---- lifecycle -------------------------------------------------------------------
+
+    /// Prepares for steps of one shape: compiles programs, allocates buffers. Called once
+    /// before the first step; an error here stops a run before anything is written.
+    fn prepare(&mut self, shape: &StepShape) -> Result<()> {
+        let _ = shape;
+        Ok(())
+    }
+
+    /// Elements of the attention state [`Kernels::attention_forward`] saves for
+    /// [`Kernels::attention_backward`] (`AttentionActs::saved`). The CPU saves the
+    /// probabilities `[batch, heads, seq, seq]`.
+    fn attention_saved_len(&self, shape: &AttentionShape) -> usize {
+        shape.probs_len()
+    }
+
+    /// How closely this backend matches the reference kernels (checked by
+    /// `backend::conformance`).
+    fn tolerance(&self) -> Tolerance {
+        Tolerance::FP32
+    }
+
+    // ---- operations ------------------------------------------------------------------
+
+    /// `out [n, dim] = table[ids]`.
+    fn embedding_forward(
+        &self,
+        out: &mut [f32],
+        table: &[f32],
+        ids: &[u32],
+        dim: usize,
+    ) -> Result<()> {
+        cpu::embedding::embedding_forward(out, table, ids, dim);
+        Ok(())
+    }
+
+    /// `dtable[ids] += dout`.
+    fn embedding_backward(
+        &self,
+        dtable: &mut [f32],
+        dout: &[f32],
+        ids: &[u32],
+        dim: usize,
+    ) -> Result<()> {
+        cpu::embedding::embedding_backward(dtable, dout, ids, dim);
+        Ok(())
+    }
+
+    /// Row-wise RMSNorm; saves `1/rms` per row.
+    fn rmsnorm_forward(
+        &self,
+        out: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        cpu::rmsnorm::rmsnorm_forward(out, rstd, x, w, d, eps);
+        Ok(())
+    }
+
+    /// Gradients of RMSNorm: the input's overwritten (or added when `accumulate`), the gain's
+    /// accumulated.
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dy: &[f32],
+        saved: NormSaved,
+        d: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        cpu::rmsnorm::rmsnorm_backward(dx, dw, dy, saved, d, accumulate);
+        Ok(())
+    }
+
+    /// RoPE in place on `x [rows, heads * head_dim]`.
+    fn rope_forward(
+        &self,
+        x: &mut [f32],
+        heads: usize,
+        rope: &RopeTable,
+        pos: Positions,
+    ) -> Result<()> {
+        cpu::rope::rope_forward(x, heads, rope, pos);
+        Ok(())
+    }
+
+    /// RoPE backward (the inverse rotation) in place.
+    fn rope_backward(
+        &self,
+        dx: &mut [f32],
+        heads: usize,
+        rope: &RopeTable,
+        pos: Positions,
+    ) -> Result<()> {
+        cpu::rope::rope_backward(dx, heads, rope, pos);
+        Ok(())
+    }
+
+    /// Residual add in place: `acc += x`.
+    fn residual_add(&self, acc: &mut [f32], x: &[f32]) -> Result<()> {
+        cpu::residual::residual_add(acc, x);
+        Ok(())
+    }
+
+    /// `g = silu(h1) * h3`.
+    fn swiglu_forward(&self, g: &mut [f32], h1: &[f32], h3: &[f32]) -> Result<()> {
+        cpu::swiglu::swiglu_forward(g, h1, h3);
+        Ok(())
+    }
+
+    /// Gradients of the SwiGLU gate (overwritten).
+    fn swiglu_backward(
+        &self,
+        dh1: &mut [f32],
+        dh3: &mut [f32],
+        dg: &[f32],
+        h1: &[f32],
+        h3: &[f32],
+    ) -> Result<()> {
+        cpu::swiglu::swiglu_backward(dh1, dh3, dg, h1, h3);
+        Ok(())
+    }
+
+    /// `y [rows, w.rows] = x [rows, w.cols] w^T`.
+    fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
+        cpu::linear::linear_forward(y, x, w.f32, w.linear(rows));
+        Ok(())
+    }
+
+    /// Several products of the same input (the q, k and v projections; gate and up).
+    fn linear_forward_multi(&self, x: &[f32], rows: usize, outs: &mut [LinearOut]) -> Result<()> {
+        for o in outs.iter_mut() {
+            self.linear_forward(o.y, x, o.w, rows)?;
+        }
+        Ok(())
+    }
+
+    /// `dx [rows, d_in] (+)= dy [rows, d_out] W`, `W [d_out, d_in]`.
+    fn linear_backward_input(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        w: &[f32],
+        s: LinearShape,
+        accumulate: bool,
+    ) -> Result<()> {
+        cpu::linear::linear_backward_input(dx, dy, w, s, accumulate);
+        Ok(())
+    }
+
+    /// `dW [d_out, d_in] += dy^T x`.
+    fn linear_backward_weight(
+        &self,
+        dw: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        s: LinearShape,
+    ) -> Result<()> {
+        cpu::linear::linear_backward_weight(dw, dy, x, s);
+        Ok(())
+    }
+
+    /// Causal GQA attention; fills the saved state (`attention_saved_len` elements).
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        saved: &mut [f32],
+        x: Qkv,
+        s: &AttentionShape,
+    ) -> Result<()> {
+        cpu::attention::attention_forward(out, saved, x, s);
+        Ok(())
+    }
+
+    /// Gradients of causal GQA attention with respect to q, k and v (overwritten).
+    fn attention_backward(
+        &self,
+        g: QkvGrads,
+        dout: &[f32],
+        saved: &[f32],
+        x: Qkv,
+        s: &AttentionShape,
+    ) -> Result<()> {
+        cpu::attention::attention_backward(g, dout, saved, x, s);
+        Ok(())
+    }
+
+    /// New query rows against a key/value cache (decoding); nothing is saved.
+    fn attention_cached(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        s: &CachedAttentionShape,
+    ) -> Result<()> {
+        cpu::attention::attention_cached(out, q, k_cache, v_cache, s);
+        Ok(())
+    }
+
+    /// Sum of the cross-entropy losses of the rows of `logits [rows, vocab]`.
+    fn cross_entropy_loss(&self, logits: &[f32], targets: &[u32], vocab: usize) -> Result<f64> {
+        Ok(cpu::loss::cross_entropy_loss(logits, targets, vocab))
+    }
+
+    /// Loss sum, and `logits` replaced by `scale * dloss/dlogits`.
+    fn cross_entropy_forward_backward(
+        &self,
+        logits: &mut [f32],
+        targets: &[u32],
+        vocab: usize,
+        scale: f32,
+    ) -> Result<f64> {
+        Ok(cpu::loss::cross_entropy_forward_backward(
+            logits, targets, vocab, scale,
+        ))
+    }
+
+    // ---- blocks (the original's accelerator kernels) ------------------------------------
+
+    /// sdpaFwd: q/k/v projections of the normed input, Qwen3's q/k norm, RoPE and causal
+    /// attention; saves q, k, v (the "taps") and the attention state.
+    fn sdpa_forward(&self, a: SdpaForward) -> Result<()> {
+        blocks::sdpa_forward(self, a)
+    }
+
+    /// woFwd: `out [rows, dim] = residual + att Wo^T`.
+    fn wo_forward(
+        &self,
+        out: &mut [f32],
+        att: &[f32],
+        wo: Matrix,
+        residual: &[f32],
+        rows: usize,
+    ) -> Result<()> {
+        blocks::wo_forward(self, out, att, wo, residual, rows)
+    }
+
+    /// ffnFused: `out = residual + W2 (silu(W1 xn) * W3 xn)`; saves h1, h3 and the gate.
+    fn ffn_forward(&self, a: FfnForward) -> Result<()> {
+        blocks::ffn_forward(self, a)
+    }
+
+    /// ffnBwdW2t: `dg [rows, ffn] = dy W2`.
+    fn ffn_backward_down(
+        &self,
+        dg: &mut [f32],
+        dy: &[f32],
+        down: Matrix,
+        rows: usize,
+    ) -> Result<()> {
+        self.linear_backward_input(dg, dy, down.f32, down.linear(rows), false)
+    }
+
+    /// ffnBwdW13t: `dxn [rows, dim] = dh1 W1 + dh3 W3`.
+    fn ffn_backward_gate_up(
+        &self,
+        dxn: &mut [f32],
+        dh1: &[f32],
+        dh3: &[f32],
+        w: &FfnWeights,
+        rows: usize,
+    ) -> Result<()> {
+        blocks::ffn_backward_gate_up(self, dxn, dh1, dh3, w, rows)
+    }
+
+    /// wotBwd: `datt [rows, q_dim] = dy Wo`.
+    fn wo_backward(&self, datt: &mut [f32], dy: &[f32], wo: Matrix, rows: usize) -> Result<()> {
+        self.linear_backward_input(datt, dy, wo.f32, wo.linear(rows), false)
+    }
+
+    /// sdpaBwd1 + sdpaBwd2: gradients of the attention core with respect to the rotated q, k
+    /// and v, from the saved taps and state.
+    fn sdpa_backward(
+        &self,
+        g: QkvGrads,
+        datt: &[f32],
+        acts: &AttentionActs,
+        s: &AttentionShape,
+    ) -> Result<()> {
+        self.attention_backward(g, datt, &acts.saved, acts.qkv(), s)
+    }
+
+    /// qBwd: `dxn [rows, dim] = dq Wq`.
+    fn q_backward(&self, dxn: &mut [f32], dq: &[f32], wq: Matrix, rows: usize) -> Result<()> {
+        self.linear_backward_input(dxn, dq, wq.f32, wq.linear(rows), false)
+    }
+
+    /// kvBwd: `dxn += dk Wk + dv Wv`.
+    fn kv_backward(
+        &self,
+        dxn: &mut [f32],
+        dk: &[f32],
+        dv: &[f32],
+        w: &AttentionWeights,
+        rows: usize,
+    ) -> Result<()> {
+        self.linear_backward_input(dxn, dk, w.wk.f32, w.wk.linear(rows), true)?;
+        self.linear_backward_input(dxn, dv, w.wv.f32, w.wv.linear(rows), true)
+    }
+}

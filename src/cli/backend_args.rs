@@ -1,0 +1,38 @@
+//! `--backend` and `--precision`, shared by `train`, `generate` and `bench`.
+
+use clap::Args;
+
+use crate::backend::{Backend, BackendKind, Precision};
+
+/// The compute backend options of a command.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct BackendArgs {
+    /// Compute backend [default: cpu].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Matmul precision [default: fp32]: fp32, or bf16 (bf16 products with f32 accumulation,
+    /// via AVX512_BF16 where the CPU has it, emulated elsewhere; master weights, optimizer,
+    /// norms, softmax, loss and the residual stream stay f32).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+}
+
+impl BackendArgs {
+    /// The backend asked for, with defaults for what was not given.
+    pub fn resolve(&self) -> Backend {
+        self.resolve_with(Precision::Fp32)
+    }
+
+    /// As [`BackendArgs::resolve`] with another default precision.
+    pub fn resolve_with(&self, default_precision: Precision) -> Backend {
+        Backend {
+            kind: self.backend.unwrap_or_default(),
+            precision: self.precision.unwrap_or(default_precision),
+        }
+    }
+
+    /// The backend, only if the user gave `--backend` or `--precision`.
+    pub fn given(&self) -> Option<Backend> {
+        (self.backend.is_some() || self.precision.is_some()).then(|| self.resolve())
+    }
+}

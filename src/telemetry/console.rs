@@ -1,0 +1,272 @@
+//! The console renderer: a progress bar on a terminal, plain lines otherwise, on stderr; the
+//! generated sample goes to stdout.
+
+use std::io::{IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::events::{CheckpointKind, Event, LossKind, Record};
+use super::sinks::EventSink;
+use crate::error::Result;
+use crate::model::config::human_count;
+
+/// How the console shows progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleMode {
+    /// A progress bar (terminals).
+    Bar,
+    /// One line every so often (logs, pipes).
+    Lines,
+    /// Nothing but warnings and the final sample.
+    Quiet,
+}
+
+impl ConsoleMode {
+    /// A bar on a terminal, lines otherwise.
+    pub fn auto() -> Self {
+        if std::io::stderr().is_terminal() {
+            ConsoleMode::Bar
+        } else {
+            ConsoleMode::Lines
+        }
+    }
+}
+
+/// Renders events for people.
+pub struct ConsoleSink {
+    mode: ConsoleMode,
+    bar: Option<ProgressBar>,
+    last_line: std::time::Instant,
+}
+
+impl ConsoleSink {
+    /// A console renderer.
+    pub fn new(mode: ConsoleMode) -> Self {
+        ConsoleSink {
+            mode,
+            bar: None,
+            last_line: std::time::Instant::now(),
+        }
+    }
+
+    /// A line on stderr that does not tear the progress bar.
+    fn println(&self, s: &str) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+
+    fn run_start(&mut self, e: &Event) {
+        let Event::RunStart {
+            run_dir,
+            params,
+            data,
+            backend,
+            tokens_per_update,
+            activation_bytes,
+            threads,
+            vocab_compacted_to,
+            resumed_from_step,
+            notes,
+            train,
+            ..
+        } = e
+        else {
+            return;
+        };
+        let total = train.get("steps").and_then(|s| s.as_u64()).unwrap_or(0);
+        let mut s = format!(
+            "run {run_dir}: {} parameters ({} non-embedding), {} tokens/update, {} threads, activations {}",
+            human_count(params.total),
+            human_count(params.non_embedding),
+            tokens_per_update,
+            threads,
+            human_bytes(*activation_bytes as f64),
+        );
+        s += &format!(
+            "\nbackend {} {}: {}",
+            backend.backend, backend.precision, backend.details
+        );
+        s += &format!(
+            "\ndata {}: {} train / {} val tokens, split {}",
+            data.source, data.train_tokens, data.val_tokens, data.split
+        );
+        if let Some(v) = vocab_compacted_to {
+            s += &format!(
+                "\nvocabulary compaction: classifier over {v} ids (losses are compacted, not full-vocabulary)"
+            );
+        }
+        for n in notes {
+            s += &format!("\nnote: {n}");
+        }
+        if let Some(st) = resumed_from_step {
+            s += &format!("\nresuming at update {st}");
+        }
+        eprintln!("{s}");
+        if self.mode == ConsoleMode::Bar {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner:.green} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} (eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_position(resumed_from_step.unwrap_or(0));
+            self.bar = Some(bar);
+        }
+    }
+
+    fn step(&mut self, e: &Event) {
+        let Event::Step {
+            step,
+            total_steps,
+            loss,
+            lr,
+            grad_norm,
+            ms,
+            tokens_per_s,
+            ..
+        } = e
+        else {
+            return;
+        };
+        let msg = format!(
+            "loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.2} | {ms:.0} ms | {:.1}k tok/s",
+            tokens_per_s / 1e3
+        );
+        match &self.bar {
+            Some(b) => {
+                b.set_position(*step);
+                b.set_message(msg);
+            }
+            None => {
+                let due = self.last_line.elapsed().as_secs_f64() >= 5.0;
+                if due || *step == 1 || step == total_steps || step % 100 == 0 {
+                    self.last_line = std::time::Instant::now();
+                    eprintln!("step {step}/{total_steps} | {msg}");
+                }
+            }
+        }
+    }
+
+    fn run_end(&mut self, e: &Event) {
+        let Event::RunEnd {
+            reason,
+            wall_s,
+            updates,
+            mean_ms_per_update,
+            median_ms_per_update,
+            tokens_per_s,
+            gflops_per_s,
+            peak_rss_bytes,
+            ..
+        } = e
+        else {
+            return;
+        };
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let rss = peak_rss_bytes
+            .map(|b| format!(" | peak memory {}", human_bytes(b as f64)))
+            .unwrap_or_default();
+        eprintln!(
+            "{}: {updates} updates in {wall_s:.1}s | {mean_ms_per_update:.1} ms/update mean, {median_ms_per_update:.1} median | {:.1}k tok/s | {gflops_per_s:.1} GFLOP/s{rss}",
+            reason.name(),
+            tokens_per_s / 1e3
+        );
+    }
+
+    fn sample(&self, prompt_and_text: &str) {
+        if let Some(b) = &self.bar {
+            b.suspend(|| print_sample(prompt_and_text));
+        } else {
+            print_sample(prompt_and_text);
+        }
+    }
+}
+
+fn print_sample(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "--- sample (temperature 0.8, top-k 50) ---");
+    let _ = writeln!(out, "{text}");
+    let _ = writeln!(out, "---");
+    let _ = out.flush();
+}
+
+/// Bytes for people: KB, MB or GB.
+pub fn human_bytes(b: f64) -> String {
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.0} KB", b / 1e3)
+    }
+}
+
+impl EventSink for ConsoleSink {
+    fn name(&self) -> String {
+        "console".into()
+    }
+
+    fn emit(&mut self, record: &Record) -> Result<()> {
+        let event = &record.event;
+        if self.mode == ConsoleMode::Quiet {
+            match event {
+                Event::Warning { message } => eprintln!("warning: {message}"),
+                Event::Sample { text, .. } => self.sample(text),
+                _ => {}
+            }
+            return Ok(());
+        }
+        match event {
+            Event::RunStart { .. } => self.run_start(event),
+            Event::Step { .. } => self.step(event),
+            Event::Eval {
+                step,
+                val_loss,
+                loss_kind,
+                best_val_loss,
+                ..
+            } => {
+                let kind = match loss_kind {
+                    LossKind::Full => "",
+                    LossKind::Compacted => " (compacted)",
+                };
+                self.println(&format!(
+                    "step {step}: val loss {val_loss:.4}{kind} (best {best_val_loss:.4})"
+                ));
+            }
+            Event::Checkpoint {
+                kind,
+                path,
+                bytes,
+                ms,
+                ..
+            } => {
+                if *kind != CheckpointKind::Best {
+                    self.println(&format!(
+                        "saved {} checkpoint {path} ({}, {ms:.0} ms)",
+                        kind.name(),
+                        human_bytes(*bytes as f64)
+                    ));
+                }
+            }
+            Event::Sample { text, .. } => self.sample(text),
+            Event::Info { message } => self.println(message),
+            Event::Warning { message } => self.println(&format!("warning: {message}")),
+            Event::RunEnd { .. } => self.run_end(event),
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! The run folder: its paths, finding the checkpoint to resume from, and writing the files a
+//! fresh run starts with.
+
+use std::path::{Path, PathBuf};
+
+use super::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::formats::checkpoint::Checkpoint;
+use crate::model::ModelConfig;
+use crate::tokenizer::Tokenizer;
+use crate::util::fsutil::{create_dir_all, write_atomic};
+
+/// Paths inside a run directory.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn checkpoints(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+    pub fn latest(&self) -> PathBuf {
+        self.checkpoints().join("latest")
+    }
+    pub fn latest_prev(&self) -> PathBuf {
+        self.checkpoints().join("latest.prev")
+    }
+    pub fn best(&self) -> PathBuf {
+        self.checkpoints().join("best")
+    }
+    pub fn events(&self) -> PathBuf {
+        self.dir.join("events.jsonl")
+    }
+
+    /// Whether the folder already holds a run.
+    pub fn holds_run(&self) -> bool {
+        self.latest().exists() || self.events().exists()
+    }
+}
+
+/// Loads the newest valid "latest" checkpoint of a run: `latest`, or `latest.prev` (with a
+/// warning) when `latest` is damaged or missing.
+pub fn load_latest(paths: &RunPaths, warnings: &mut Vec<String>) -> Result<(Checkpoint, PathBuf)> {
+    let latest = paths.latest();
+    match Checkpoint::load(&latest) {
+        Ok(c) => Ok((c, latest)),
+        Err(e) => {
+            let prev = paths.latest_prev();
+            if prev.exists() {
+                let c = Checkpoint::load(&prev)?;
+                warnings.push(format!(
+                    "{e}; resuming from the previous checkpoint {}",
+                    prev.display()
+                ));
+                Ok((c, prev))
+            } else if !latest.exists() {
+                Err(Error::checkpoint(
+                    &latest,
+                    format!("no checkpoint to resume from in {}", paths.dir.display()),
+                ))
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+fn check_writable(dir: &Path) -> Result<()> {
+    create_dir_all(dir)?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| Error::io("writing into the run folder", dir, e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize, what: &str) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::json(what, e))?;
+    write_atomic(path, |f| std::io::Write::write_all(f, &bytes))
+}
+
+/// Makes the run folder ready: refuses to overwrite another run (unless resuming), checks that
+/// it can be written, and writes `train_config.json` (and, for a fresh run, `config.json` and
+/// the tokenizer file).
+pub fn prepare(
+    paths: &RunPaths,
+    resume: bool,
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    tokenizer: Option<&dyn Tokenizer>,
+) -> Result<()> {
+    if !resume && paths.holds_run() {
+        return Err(Error::invalid(format!(
+            "{} already holds a training run; continue it with --resume or choose another --run-dir",
+            paths.dir.display()
+        )));
+    }
+    check_writable(&paths.dir)?;
+    create_dir_all(&paths.checkpoints())?;
+    write_json(
+        &paths.dir.join("train_config.json"),
+        cfg,
+        "encoding the training config",
+    )?;
+    if !resume {
+        write_json(
+            &paths.dir.join("config.json"),
+            &model.to_hf_json(),
+            "encoding config.json",
+        )?;
+        if let Some(t) = tokenizer {
+            write_atomic(&paths.dir.join(t.file_name()), |f| {
+                std::io::Write::write_all(f, t.file_bytes())
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! One training step — forward and backward over the micro-batches of an update, gradient
+//! averaging and clipping, AdamW — shared by the trainer and `bench train`, so the benchmark
+//! times the trainer's own code.
+
+use std::time::Instant;
+
+use crate::backend::Kernels;
+use crate::error::Result;
+use crate::model::timing::Section;
+use crate::model::{Activations, Batch, Transformer};
+use crate::optim::{AdamW, UpdateScale, update_scale};
+
+/// The numbers one step works on: parameters, gradients, optimizer state, and the token
+/// buffers of a micro-batch.
+pub struct StepState {
+    pub params: Vec<f32>,
+    pub grads: Vec<f32>,
+    pub opt: AdamW,
+    /// `[batch * seq]` input ids of the current micro-batch.
+    pub inputs: Vec<u32>,
+    /// `[batch * seq]` next-token targets.
+    pub targets: Vec<u32>,
+}
+
+impl StepState {
+    /// State for `params`, with zeroed gradients and token buffers for `tokens` per micro-batch.
+    pub fn new(params: Vec<f32>, opt: AdamW, tokens: usize) -> Self {
+        StepState {
+            grads: vec![0.0; params.len()],
+            params,
+            opt,
+            inputs: vec![0; tokens],
+            targets: vec![0; tokens],
+        }
+    }
+}
+
+/// What one update of a step does, beyond the model and the kernels.
+pub struct TrainStep<'a> {
+    pub model: &'a Transformer,
+    pub kernels: &'a dyn Kernels,
+    /// Micro-batches per update.
+    pub accum: usize,
+    /// Global gradient-norm clip (0: none).
+    pub clip: f64,
+    /// Factor the loss is multiplied by before the backward pass (1: none); the gradient is
+    /// divided by it again before clipping and the update.
+    pub loss_scale: f32,
+}
+
+/// What one update measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the update's micro-batches.
+    pub loss: f64,
+    /// Global norm of the mean gradient, before clipping.
+    pub grad_norm: f64,
+    pub clipped: bool,
+    /// False when the loss or the gradient was not finite: the update was not applied.
+    pub applied: bool,
+}
+
+impl TrainStep<'_> {
+    /// Runs one optimizer update. `next_batch` fills `inputs` and `targets` of the state for
+    /// each micro-batch; `lr` is this update's learning rate. A non-finite loss or gradient
+    /// leaves the parameters and optimizer untouched (`applied: false`).
+    pub fn run(
+        &self,
+        state: &mut StepState,
+        acts: &mut Activations,
+        next_batch: &mut dyn FnMut(&mut [u32], &mut [u32]),
+        lr: f64,
+    ) -> Result<StepStats> {
+        state.grads.fill(0.0);
+        let mut loss_sum = 0.0;
+        for _ in 0..self.accum.max(1) {
+            next_batch(&mut state.inputs, &mut state.targets);
+            let batch = Batch {
+                inputs: &state.inputs,
+                targets: &state.targets,
+            };
+            loss_sum += self.model.forward_backward(
+                self.kernels,
+                &state.params,
+                &mut state.grads,
+                acts,
+                batch,
+                self.loss_scale,
+            )?;
+        }
+        let t_opt = Instant::now();
+        let micro = self.accum.max(1);
+        let loss = loss_sum / micro as f64;
+        let UpdateScale {
+            grad_norm,
+            clipped,
+            factor,
+        } = update_scale(
+            &state.grads,
+            micro as f64 * self.loss_scale as f64,
+            self.clip,
+        );
+        let applied = loss.is_finite() && grad_norm.is_finite();
+        if applied {
+            state.opt.step(&mut state.params, &state.grads, lr, factor);
+        }
+        acts.timings.add(Section::Optimizer, t_opt);
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            clipped,
+            applied,
+        })
+    }
+}
