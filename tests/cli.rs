@@ -6,7 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::handgrad;
+use common::{handgrad, handgrad_env};
+use handgrad::formats::checkpoint::Checkpoint;
 
 /// Every file of a folder with its contents.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -106,6 +107,35 @@ fn default_train_command_runs_shortened_and_generate_continues_a_prompt() {
         dir.path(),
     );
     assert_eq!(again.stdout, o.stdout);
+    // --weights bf16 is honoured: the decoder reads half the bytes per token.
+    let summary = |o: &common::Output| o.stderr.lines().last().unwrap_or("").to_string();
+    let fp32_line = summary(&o);
+    let o = handgrad(
+        &[
+            "generate",
+            "--run-dir",
+            "runs/small-1",
+            "--prompt",
+            "Lily saw",
+            "--max-tokens",
+            "20",
+            "--weights",
+            "bf16",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let bf16_line = summary(&o);
+    let mb = |line: &str| -> f64 {
+        let before = line.split(" MB read per token").next().unwrap();
+        before.rsplit('(').next().unwrap().parse().unwrap()
+    };
+    assert!(fp32_line.contains("with fp32 weights"), "{fp32_line}");
+    assert!(bf16_line.contains("with bf16 weights"), "{bf16_line}");
+    assert!(
+        (mb(&fp32_line) - 2.0 * mb(&bf16_line)).abs() < 0.11,
+        "{fp32_line} / {bf16_line}"
+    );
     // info on a checkpoint.
     let o = handgrad(&["info", "runs/small-1/checkpoints/latest"], dir.path());
     assert_eq!(o.code, 0, "{}", o.stderr);
@@ -279,4 +309,136 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
         handgrad::formats::checkpoint::Checkpoint::load(&dir.path().join("run/checkpoints/latest"))
             .unwrap();
     assert!(ck.meta.step >= 1);
+}
+
+#[test]
+fn a_preset_shorter_than_the_default_sequence_trains_at_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = handgrad(
+        &[
+            "train",
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--plain",
+            "--sample-tokens",
+            "0",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("note: sequences of 64 tokens, the model's limit"),
+        "{}",
+        o.stderr
+    );
+    // Asked for explicitly, a too-long sequence is still an error.
+    let o = handgrad(
+        &[
+            "train",
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--seq",
+            "128",
+            "--run-dir",
+            "x",
+        ],
+        dir.path(),
+    );
+    assert_one_line_error(&o, "exceeds the model's 64 positions");
+}
+
+#[test]
+fn backend_errors_reach_the_user_as_one_line_with_the_run_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train = [
+        "train",
+        "--model",
+        "tiny",
+        "--seq",
+        "16",
+        "--batch",
+        "2",
+        "--sample-tokens",
+        "0",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "2",
+        "--quiet",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        train.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |args: &[String], fault: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        handgrad_env(&args, d, &[("HANDGRAD_FAULT", fault)])
+    };
+    // A backend that fails while preparing: nothing is written.
+    let o = run(
+        &with(&[
+            "--steps",
+            "4",
+            "--run-dir",
+            "new",
+            "--backend",
+            "fault-injection",
+        ]),
+        "prepare",
+    );
+    assert_one_line_error(&o, "injected failure while preparing");
+    assert!(!d.join("new").exists(), "the run folder was created");
+
+    // A healthy run, then a resume on a failing backend: the run folder is unchanged.
+    let o = run(&with(&["--steps", "4", "--run-dir", "run"]), "prepare");
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let before = snapshot(&d.join("run"));
+    let o = run(
+        &with(&[
+            "--run-dir",
+            "run",
+            "--resume",
+            "--steps",
+            "8",
+            "--backend",
+            "fault-injection",
+        ]),
+        "prepare",
+    );
+    assert_one_line_error(&o, "injected failure while preparing");
+    assert_eq!(snapshot(&d.join("run")), before);
+
+    // A backend that fails in the 7th forward pass (update 7): one error line, and the last
+    // checkpoint (update 6) is intact and resumable.
+    let o = run(
+        &with(&[
+            "--steps",
+            "10",
+            "--run-dir",
+            "mid",
+            "--backend",
+            "fault-injection",
+        ]),
+        "forward:7",
+    );
+    assert_one_line_error(&o, "injected failure in forward pass 7");
+    let ck = Checkpoint::load(&d.join("mid/checkpoints/latest")).unwrap();
+    assert_eq!(ck.meta.step, 6);
+    let o = run(
+        &with(&["--run-dir", "mid", "--resume", "--backend", "cpu"]),
+        "prepare",
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        Checkpoint::load(&d.join("mid/checkpoints/latest"))
+            .unwrap()
+            .meta
+            .step,
+        10
+    );
 }

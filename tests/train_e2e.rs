@@ -353,3 +353,52 @@ fn bf16_matmuls_track_the_fp32_loss_curve_over_200_updates() {
     );
     assert!(fp32[199] < fp32[0] - 3.0, "the run must actually learn");
 }
+
+/// A renderer that breaks after a few events.
+struct BreaksAfter(usize);
+
+impl EventSink for BreaksAfter {
+    fn name(&self) -> String {
+        "flaky dashboard".into()
+    }
+    fn emit(&mut self, _: &Record) -> handgrad::Result<()> {
+        if self.0 == 0 {
+            return Err(handgrad::Error::invalid("terminal went away"));
+        }
+        self.0 -= 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_sink_is_detached_with_a_warning_and_the_run_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let (mut opts, sink) = options(&run);
+    opts.extra_sinks.push(Box::new(BreaksAfter(3)));
+    let out = train(tiny_config(12), opts).unwrap();
+    assert_eq!((out.step, out.reason), (12, EndReason::Completed));
+    let events = sink.events();
+    let warnings: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Warning { message } => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("flaky dashboard") && warnings[0].contains("terminal went away"),
+        "{}",
+        warnings[0]
+    );
+    // Checkpoints and the event log carried on.
+    assert_eq!(
+        Checkpoint::load(&run.join("checkpoints/latest"))
+            .unwrap()
+            .meta
+            .step,
+        12
+    );
+    assert_eq!(common::events(&run).len(), events.len());
+}

@@ -116,10 +116,16 @@ pub struct Output {
 
 /// Runs the `handgrad` binary with arguments, in `cwd`, with the shared test cache.
 pub fn handgrad(args: &[&str], cwd: &std::path::Path) -> Output {
+    handgrad_env(args, cwd, &[])
+}
+
+/// [`handgrad`] with extra environment variables.
+pub fn handgrad_env(args: &[&str], cwd: &std::path::Path, env: &[(&str, &str)]) -> Output {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_handgrad"))
         .args(args)
         .current_dir(cwd)
         .env("HANDGRAD_CACHE", test_cache())
+        .envs(env.iter().copied())
         .output()
         .expect("failed to start handgrad");
     Output {

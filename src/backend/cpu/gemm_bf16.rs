@@ -218,7 +218,6 @@ thread_local! {
 
 /// Packs `A[i0..i0+mc, p0..p0+kc]` into MR-row panels: for each panel, for each k-pair `q`,
 /// MR words `(A[r, p0+2q], A[r, p0+2q+1])`. Rows past the block and k past `kc` are zero.
-#[allow(clippy::too_many_arguments)]
 fn pack_a(
     buf: &mut Vec<u32>,
     tmp: &mut Vec<u32>,

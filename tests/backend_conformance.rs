@@ -1,0 +1,75 @@
+//! The backend conformance suite (`backend::conformance`) on every backend there is, and a
+//! proof that it catches a wrong kernel.
+
+use handgrad::backend::conformance::{self, standard_cases};
+use handgrad::backend::cpu::{CpuBf16Kernels, CpuKernels};
+use handgrad::backend::{AttentionWeights, Backend, BackendKind, Kernels, Precision};
+
+fn assert_conforms(label: &str, k: &mut dyn Kernels) {
+    let report = conformance::run(k, &standard_cases()).unwrap();
+    eprintln!("{label}:\n{}", report.summary());
+    let failures = report.failures();
+    assert!(
+        failures.is_empty(),
+        "{label}: {} of {} checks fail:\n{}",
+        failures.len(),
+        report.checks.len(),
+        failures
+            .iter()
+            .map(|c| format!("  {} / {}: error {:.3e}", c.case, c.what, c.error))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn cpu_fp32_conforms() {
+    assert_conforms("cpu fp32", &mut CpuKernels);
+}
+
+#[test]
+fn cpu_bf16_conforms() {
+    // Without AVX512_BF16 this checks the portable emulation, which has the same numerics.
+    assert_conforms("cpu bf16", &mut CpuBf16Kernels);
+}
+
+#[test]
+fn every_backend_choice_conforms() {
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let b = Backend {
+            kind: BackendKind::Cpu,
+            precision,
+        };
+        let mut k = b.kernels().unwrap();
+        assert_conforms(&b.to_string(), k.as_mut());
+    }
+}
+
+/// The original system's kvBwd-style slip: the value gradient overwrites the key gradient's
+/// contribution instead of adding to it.
+struct ForgetsToAccumulate;
+
+impl Kernels for ForgetsToAccumulate {
+    fn kv_backward(
+        &self,
+        dxn: &mut [f32],
+        dk: &[f32],
+        dv: &[f32],
+        w: &AttentionWeights,
+        rows: usize,
+    ) -> handgrad::Result<()> {
+        self.linear_backward_input(dxn, dk, w.wk.f32, w.wk.linear(rows), true)?;
+        self.linear_backward_input(dxn, dv, w.wv.f32, w.wv.linear(rows), false)
+    }
+}
+
+#[test]
+fn the_suite_catches_a_wrong_block() {
+    let report = conformance::run(&mut ForgetsToAccumulate, &standard_cases()).unwrap();
+    let failed: Vec<_> = report.failures().iter().map(|c| c.what.clone()).collect();
+    assert!(!failed.is_empty(), "a wrong kv_backward passed the suite");
+    assert!(
+        failed.iter().all(|w| w.contains("kv_backward")),
+        "only kv_backward is wrong, but these failed: {failed:?}"
+    );
+}
