@@ -162,6 +162,13 @@ fn info_prints_known_parameter_counts() {
         o.stdout
     );
     assert!(o.stdout.contains("q/k norm          yes"));
+    // The shapes as config.json, for scripts (tools/peers/compare_pytorch.py reads them).
+    let o = handgrad(&["info", "--model", "stories110m", "--json"], dir.path());
+    let c: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        (c["hidden_size"].as_u64(), c["num_hidden_layers"].as_u64()),
+        (Some(768), Some(12))
+    );
 }
 
 fn write_u16(path: &Path, ids: &[u16]) {

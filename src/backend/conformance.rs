@@ -236,12 +236,19 @@ impl Checker<'_> {
 
     /// Every fine-grained operation.
     fn operations(&mut self, k: &dyn Kernels) -> Result<()> {
-        let r = &Reference;
-        let d = self.case.dims;
-        let n = self.rows();
-        let (dim, qd, kvd, f, v) = (d.dim, d.q_dim(), d.kv_dim(), d.ffn_dim, d.vocab_size);
+        self.embedding(k)?;
+        self.norms(k)?;
+        self.rope(k)?;
+        self.elementwise(k)?;
+        self.linear(k)?;
+        self.attention(k)?;
+        self.loss(k)
+    }
 
-        // Embedding.
+    /// Embedding forward and backward.
+    fn embedding(&mut self, k: &dyn Kernels) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let (dim, v) = (d.dim, d.vocab_size);
         let table = random(v * dim, 1, 1.0);
         let ids: Vec<u32> = (0..n).map(|i| ((i * 7 + 3) % v) as u32).collect();
         let run = |kk: &dyn Kernels| -> Result<Vec<f32>> {
@@ -258,7 +265,13 @@ impl Checker<'_> {
         };
         self.compare("embedding_backward", &run(k)?, &run(r)?);
 
-        // RMSNorm over rows of `dim` and per head.
+        Ok(())
+    }
+
+    /// RMSNorm over rows of `dim` and per head, forward and backward.
+    fn norms(&mut self, k: &dyn Kernels) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let dim = d.dim;
         for (label, width, rows) in [
             ("rmsnorm", dim, n),
             ("rmsnorm per head", d.head_dim, n * d.n_heads),
@@ -296,7 +309,13 @@ impl Checker<'_> {
             }
         }
 
-        // RoPE at positions of a batch and after a cache.
+        Ok(())
+    }
+
+    /// RoPE at the positions of a batch and after a cache.
+    fn rope(&mut self, k: &dyn Kernels) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let qd = d.q_dim();
         let rope = RopeTable::for_model(&d);
         let x = random(n * qd, 9, 1.0);
         for (label, pos) in [
@@ -339,7 +358,13 @@ impl Checker<'_> {
             );
         }
 
-        // Residual add and SwiGLU.
+        Ok(())
+    }
+
+    /// Residual add and SwiGLU.
+    fn elementwise(&mut self, k: &dyn Kernels) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let (dim, f) = (d.dim, d.ffn_dim);
         let (a, b) = (random(n * dim, 10, 1.0), random(n * dim, 11, 1.0));
         let run = |kk: &dyn Kernels| -> Result<Vec<f32>> {
             let mut acc = a.clone();
@@ -361,7 +386,13 @@ impl Checker<'_> {
         };
         self.compare("swiglu forward and backward", &run(k)?, &run(r)?);
 
-        // Linear layers.
+        Ok(())
+    }
+
+    /// Linear layers of the model's shapes, one and several at a time.
+    fn linear(&mut self, k: &dyn Kernels) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let (dim, qd, kvd, f, v) = (d.dim, d.q_dim(), d.kv_dim(), d.ffn_dim, d.vocab_size);
         for (label, d_in, d_out) in [
             ("dim -> ffn", dim, f),
             ("ffn -> dim", f, dim),
@@ -425,7 +456,13 @@ impl Checker<'_> {
         };
         self.compare("linear_forward_multi", &run(k)?, &run(r)?);
 
-        // Attention (each backend's backward reads its own saved state).
+        Ok(())
+    }
+
+    /// Attention, causal and against a cache (each backend's backward reads its own saved state).
+    fn attention(&mut self, k: &dyn Kernels) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let (qd, kvd) = (d.q_dim(), d.kv_dim());
         let s = self.attention_shape();
         let (q, kk_, vv) = (
             random(n * qd, 23, 1.0),
@@ -479,7 +516,13 @@ impl Checker<'_> {
         };
         self.compare("attention_cached", &run(k)?, &run(r)?);
 
-        // Cross-entropy.
+        Ok(())
+    }
+
+    /// Cross-entropy, with and without the gradient.
+    fn loss(&mut self, k: &dyn Kernels) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let v = d.vocab_size;
         let logits = random(n * v, 27, 2.0);
         let targets: Vec<u32> = (0..n).map(|i| ((i * 13 + 1) % v) as u32).collect();
         let run = |kk: &dyn Kernels| -> Result<Vec<f32>> {
@@ -496,57 +539,29 @@ impl Checker<'_> {
 
     /// Every block method.
     fn blocks(&mut self, k: &dyn Kernels) -> Result<()> {
-        let r = &Reference;
-        let d = self.case.dims;
-        let n = self.rows();
-        let (dim, qd, kvd, f, hd) = (d.dim, d.q_dim(), d.kv_dim(), d.ffn_dim, d.head_dim);
-        let rope = RopeTable::for_model(&d);
-        let mats = [
-            random(qd * dim, 31, 0.15),
-            random(kvd * dim, 32, 0.15),
-            random(kvd * dim, 33, 0.15),
-            random(dim * qd, 34, 0.15),
-        ];
-        let gains = [
-            random(hd, 35, 0.3)
-                .iter()
-                .map(|g| 1.0 + g)
-                .collect::<Vec<_>>(),
-            random(hd, 36, 0.3)
-                .iter()
-                .map(|g| 1.0 + g)
-                .collect::<Vec<_>>(),
-        ];
-        let aw = AttentionWeights {
-            wq: Matrix::new(&mats[0], qd, dim),
-            wk: Matrix::new(&mats[1], kvd, dim),
-            wv: Matrix::new(&mats[2], kvd, dim),
-            wo: Matrix::new(&mats[3], dim, qd),
-            q_norm: d.qk_norm.then_some(gains[0].as_slice()),
-            k_norm: d.qk_norm.then_some(gains[1].as_slice()),
-        };
-        let ffn_mats = [
-            random(f * dim, 37, 0.15),
-            random(f * dim, 38, 0.15),
-            random(dim * f, 39, 0.15),
-        ];
-        let fw = FfnWeights {
-            gate: Matrix::new(&ffn_mats[0], f, dim),
-            up: Matrix::new(&ffn_mats[1], f, dim),
-            down: Matrix::new(&ffn_mats[2], dim, f),
-        };
-        let xn = random(n * dim, 40, 1.0);
-        let s = self.attention_shape();
+        let data = BlockData::new(&self.case.dims, self.rows());
+        self.sdpa_blocks(k, &data)?;
+        self.sdpa_cached(k, &data)?;
+        self.forward_blocks(k, &data)?;
+        self.backward_blocks(k, &data)
+    }
 
+    /// sdpa_forward (causal), then sdpa_backward from each backend's own taps.
+    fn sdpa_blocks(&mut self, k: &dyn Kernels, data: &BlockData) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let (qd, kvd) = (d.q_dim(), d.kv_dim());
+        let aw = data.attention(&d);
+        let (xn, rope) = (&data.xn, &data.rope);
+        let s = self.attention_shape();
         // sdpa_forward (causal), then sdpa_backward from each backend's own taps.
         let datt = random(n * qd, 41, 1.0);
         let run = |kk: &dyn Kernels| -> Result<(AttentionActs, Vec<f32>)> {
             let mut acts = AttentionActs::new(&d, n, kk.attention_saved_len(&s));
             kk.sdpa_forward(SdpaForward {
                 dims: &d,
-                xn: &xn,
+                xn,
                 w: &aw,
-                rope: &rope,
+                rope,
                 acts: &mut acts,
                 attend: Attend::Causal {
                     batch: self.case.batch,
@@ -579,7 +594,15 @@ impl Checker<'_> {
         }
         self.compare("sdpa_backward", &kg, &rg);
 
-        // sdpa_forward against a cache (decoding): the second half of sequence 0 after the first.
+        Ok(())
+    }
+
+    /// sdpa_forward against a cache (decoding): the second half of sequence 0 after the first.
+    fn sdpa_cached(&mut self, k: &dyn Kernels, data: &BlockData) -> Result<()> {
+        let (r, d) = (&Reference, self.case.dims);
+        let (dim, kvd) = (d.dim, d.kv_dim());
+        let aw = data.attention(&d);
+        let (xn, rope) = (&data.xn, &data.rope);
         let t = self.case.seq;
         let start = t / 2;
         let rows = t - start;
@@ -595,7 +618,7 @@ impl Checker<'_> {
                     dims: &d,
                     xn: &xn[first * dim..(first + len) * dim],
                     w: &aw,
-                    rope: &rope,
+                    rope,
                     acts: &mut acts,
                     attend: Attend::Cached {
                         cache: KvCache {
@@ -617,7 +640,15 @@ impl Checker<'_> {
             &run(r)?,
         );
 
-        // wo_forward, ffn_forward.
+        Ok(())
+    }
+
+    /// wo_forward and ffn_forward.
+    fn forward_blocks(&mut self, k: &dyn Kernels, data: &BlockData) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let (dim, qd) = (d.dim, d.q_dim());
+        let (aw, fw) = (data.attention(&d), data.ffn(&d));
+        let xn = &data.xn;
         let (att, residual) = (random(n * qd, 42, 1.0), random(n * dim, 43, 1.0));
         let run = |kk: &dyn Kernels| -> Result<Vec<f32>> {
             let mut out = vec![0.0; n * dim];
@@ -629,7 +660,7 @@ impl Checker<'_> {
             let mut out = vec![0.0; n * dim];
             let mut acts = FfnActs::new(&d, n);
             kk.ffn_forward(FfnForward {
-                xn: &xn,
+                xn,
                 residual: &residual,
                 out: &mut out,
                 w: &fw,
@@ -640,7 +671,14 @@ impl Checker<'_> {
         };
         self.compare("ffn_forward (output and taps)", &run(k)?, &run(r)?);
 
-        // The backward blocks.
+        Ok(())
+    }
+
+    /// The backward blocks.
+    fn backward_blocks(&mut self, k: &dyn Kernels, data: &BlockData) -> Result<()> {
+        let (r, d, n) = (&Reference, self.case.dims, self.rows());
+        let (dim, qd, kvd, f) = (d.dim, d.q_dim(), d.kv_dim(), d.ffn_dim);
+        let (aw, fw) = (data.attention(&d), data.ffn(&d));
         let (dy, dh1, dh3) = (
             random(n * dim, 44, 1.0),
             random(n * f, 45, 1.0),
@@ -673,6 +711,63 @@ impl Checker<'_> {
         };
         self.compare("wo_backward, q_backward, kv_backward", &run(k)?, &run(r)?);
         Ok(())
+    }
+}
+
+/// Random weights and inputs of the block checks, owned.
+struct BlockData {
+    /// wq, wk, wv, wo, w_gate, w_up, w_down.
+    mats: [Vec<f32>; 7],
+    /// q/k norm gains.
+    gains: [Vec<f32>; 2],
+    xn: Vec<f32>,
+    rope: RopeTable,
+}
+
+impl BlockData {
+    fn new(d: &ModelDims, rows: usize) -> Self {
+        let (dim, qd, kvd, f) = (d.dim, d.q_dim(), d.kv_dim(), d.ffn_dim);
+        let gain = |seed| {
+            random(d.head_dim, seed, 0.3)
+                .iter()
+                .map(|g| 1.0 + g)
+                .collect::<Vec<_>>()
+        };
+        BlockData {
+            mats: [
+                random(qd * dim, 31, 0.15),
+                random(kvd * dim, 32, 0.15),
+                random(kvd * dim, 33, 0.15),
+                random(dim * qd, 34, 0.15),
+                random(f * dim, 37, 0.15),
+                random(f * dim, 38, 0.15),
+                random(dim * f, 39, 0.15),
+            ],
+            gains: [gain(35), gain(36)],
+            xn: random(rows * dim, 40, 1.0),
+            rope: RopeTable::for_model(d),
+        }
+    }
+
+    fn attention(&self, d: &ModelDims) -> AttentionWeights<'_> {
+        let (dim, qd, kvd) = (d.dim, d.q_dim(), d.kv_dim());
+        AttentionWeights {
+            wq: Matrix::new(&self.mats[0], qd, dim),
+            wk: Matrix::new(&self.mats[1], kvd, dim),
+            wv: Matrix::new(&self.mats[2], kvd, dim),
+            wo: Matrix::new(&self.mats[3], dim, qd),
+            q_norm: d.qk_norm.then_some(self.gains[0].as_slice()),
+            k_norm: d.qk_norm.then_some(self.gains[1].as_slice()),
+        }
+    }
+
+    fn ffn(&self, d: &ModelDims) -> FfnWeights<'_> {
+        let (dim, f) = (d.dim, d.ffn_dim);
+        FfnWeights {
+            gate: Matrix::new(&self.mats[4], f, dim),
+            up: Matrix::new(&self.mats[5], f, dim),
+            down: Matrix::new(&self.mats[6], dim, f),
+        }
     }
 }
 

@@ -64,48 +64,8 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let path = match (&a.run_dir, &a.checkpoint, &a.model) {
-        (Some(dir), None, None) => {
-            dir.join("checkpoints")
-                .join(if a.best { "best" } else { "latest" })
-        }
-        (None, Some(p), None) | (None, None, Some(p)) => p.clone(),
-        _ => {
-            return Err(Error::invalid(
-                "give one of --run-dir, --checkpoint or --model",
-            ));
-        }
-    };
     let sampling = Sampling::from_settings(a.temperature, a.top_k, a.top_p)?;
-    let loaded = load_model(&path)?;
-    for w in &loaded.warnings {
-        eprintln!("warning: {w}");
-    }
-    let tok = match (&a.tokenizer, &loaded.tokenizer) {
-        (Some(p), _) => tokenizer::load(p)?,
-        (None, Some(t)) => t.load(&path)?,
-        (None, None) => {
-            return Err(Error::invalid(format!(
-                "{} comes without a tokenizer; pass --tokenizer (tokenizer.json or tokenizer.bin)",
-                path.display()
-            )));
-        }
-    };
-    if tok.vocab_size() > loaded.cfg.vocab_size {
-        return Err(Error::invalid(format!(
-            "the tokenizer has {} ids but the model only {}",
-            tok.vocab_size(),
-            loaded.cfg.vocab_size
-        )));
-    }
-    let mut model = Transformer::new(loaded.cfg.clone());
-    if let Some(kept) = &loaded.vocab_kept {
-        model.set_compaction(Some(VocabCompaction::from_kept(
-            kept.clone(),
-            model.cfg.vocab_size,
-        )));
-    }
-    let params = loaded.params;
+    let (model, params, tok) = load(&a)?;
     let threads = a
         .threads
         .unwrap_or_else(crate::train::default_threads)
@@ -134,9 +94,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let mut kernels = backend.kernels()?;
     kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len.min(a.max_tokens + 1)))?;
-    let mut stdout = std::io::stdout();
     print!("{}", a.prompt);
-    let _ = stdout.flush();
+    let _ = std::io::stdout().flush();
     let t0 = std::time::Instant::now();
     let g = pool.install(|| {
         generate(
@@ -153,7 +112,57 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     })?;
     println!();
     let _ = std::io::stdout().flush();
-    let secs = t0.elapsed().as_secs_f64();
+    summarize(&g, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The model, its parameters and the tokenizer the flags name.
+fn load(a: &GenerateArgs) -> Result<(Transformer, Vec<f32>, Box<dyn tokenizer::Tokenizer>)> {
+    let path = match (&a.run_dir, &a.checkpoint, &a.model) {
+        (Some(dir), None, None) => {
+            dir.join("checkpoints")
+                .join(if a.best { "best" } else { "latest" })
+        }
+        (None, Some(p), None) | (None, None, Some(p)) => p.clone(),
+        _ => {
+            return Err(Error::invalid(
+                "give one of --run-dir, --checkpoint or --model",
+            ));
+        }
+    };
+    let loaded = load_model(&path)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let tok = match (&a.tokenizer, &loaded.tokenizer) {
+        (Some(p), _) => tokenizer::load(p)?,
+        (None, Some(t)) => t.load(&path)?,
+        (None, None) => {
+            return Err(Error::invalid(format!(
+                "{} comes without a tokenizer; pass --tokenizer (tokenizer.json or tokenizer.bin)",
+                path.display()
+            )));
+        }
+    };
+    if tok.vocab_size() > loaded.cfg.vocab_size {
+        return Err(Error::invalid(format!(
+            "the tokenizer has {} ids but the model only {}",
+            tok.vocab_size(),
+            loaded.cfg.vocab_size
+        )));
+    }
+    let mut model = Transformer::new(loaded.cfg.clone());
+    if let Some(kept) = &loaded.vocab_kept {
+        model.set_compaction(Some(VocabCompaction::from_kept(
+            kept.clone(),
+            model.cfg.vocab_size,
+        )));
+    }
+    Ok((model, loaded.params, tok))
+}
+
+/// One line on stderr: token counts, speeds, the weights read, why it stopped.
+fn summarize(g: &crate::generate::Generation, secs: f64) {
     let why = match g.stop {
         StopReason::EndOfSequence => "end of text",
         StopReason::MaxTokens => "--max-tokens reached",
@@ -168,5 +177,4 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         g.weights,
         g.weight_bytes_per_token as f64 / 1e6,
     );
-    Ok(())
 }

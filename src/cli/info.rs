@@ -15,6 +15,9 @@ pub struct InfoArgs {
     /// A model preset or config.json to describe.
     #[arg(long)]
     model: Option<String>,
+    /// With --model: print the Hugging Face config.json instead of a summary.
+    #[arg(long, requires = "model")]
+    json: bool,
     /// A file or folder to describe: a model (Hugging Face folder, .safetensors, llama2.c .bin,
     /// GGUF, handgrad checkpoint) or a token file.
     file: Option<PathBuf>,
@@ -24,7 +27,13 @@ pub fn run(a: InfoArgs) -> Result<()> {
     match (&a.model, &a.file) {
         (Some(spec), None) => {
             let cfg = ModelConfig::from_preset_or_path(spec)?;
-            println!("{}", cfg.describe());
+            if a.json {
+                let text = serde_json::to_string_pretty(&cfg.to_hf_json())
+                    .map_err(|e| Error::json("writing config.json", e))?;
+                println!("{text}");
+            } else {
+                println!("{}", cfg.describe());
+            }
             Ok(())
         }
         (None, Some(path)) => describe_file(path),

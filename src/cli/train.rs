@@ -142,6 +142,16 @@ fn default_run_dir(model: &str) -> PathBuf {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let cfg = train_config(&a);
+    let mut opts = run_options(&a, &cfg)?;
+    opts.stop_flag = Some(ctrl_c_flag());
+    let outcome = train(cfg, opts)?;
+    report(&outcome)
+}
+
+/// The training configuration the flags ask for.
+fn train_config(a: &TrainArgs) -> TrainConfig {
+    let backend = a.backend.resolve();
     let mut cfg = TrainConfig {
         model: a
             .model
@@ -167,8 +177,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval_batches: a.eval_batches,
         save_every: a.save_every,
         vocab_compaction: a.vocab_compaction,
-        backend: a.backend.resolve().kind,
-        precision: a.backend.resolve().precision,
+        backend: backend.kind,
+        precision: backend.precision,
         val_fraction: a.val_fraction,
         sample_prompt: a.sample_prompt.clone(),
         sample_tokens: a.sample_tokens,
@@ -178,6 +188,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // Short runs: keep warmup to a tenth of the run unless the user chose otherwise.
         cfg.warmup = cfg.warmup.min(cfg.steps / 10);
     }
+    cfg
+}
+
+/// The settings of this invocation.
+fn run_options(a: &TrainArgs, cfg: &TrainConfig) -> Result<RunOptions> {
     let run_dir = match (&a.run_dir, a.resume) {
         (Some(p), _) => p.clone(),
         (None, true) => {
@@ -211,6 +226,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             backend: a.backend.given(),
         };
     }
+    Ok(opts)
+}
+
+/// A flag raised by the first Ctrl-C (the trainer saves and stops); a second one exits.
+fn ctrl_c_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let handler_flag = flag.clone();
     // Best effort: a second handler cannot be installed in the same process (tests).
@@ -223,8 +243,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             "\ninterrupt: finishing this update and saving a checkpoint (Ctrl-C again to quit at once)"
         );
     });
-    opts.stop_flag = Some(flag);
-    let outcome = train(cfg, opts)?;
+    flag
+}
+
+/// What to do next, after the run (the trainer has finished: plain lines are safe).
+fn report(outcome: &crate::train::TrainOutcome) -> Result<()> {
     let dir = outcome.run_dir.display().to_string();
     match outcome.reason {
         EndReason::Interrupted => {

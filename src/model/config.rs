@@ -245,146 +245,34 @@ impl ModelConfig {
 
     /// Parses a Hugging Face config object. `origin` names the source in error messages.
     pub fn from_hf_json(value: &Value, origin: &str) -> Result<Self> {
-        let err = |msg: String| Error::config(origin, msg);
         let obj = value
             .as_object()
-            .ok_or_else(|| err("expected a JSON object".into()))?;
-        let arch_name = obj
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .and_then(|a| a.first())
-            .and_then(|a| a.as_str())
-            .map(str::to_string)
-            .or_else(|| {
-                obj.get("model_type")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-            .ok_or_else(|| {
-                err("field `architectures` (or `model_type`) is missing: cannot tell the model family".into())
-            })?;
-        let arch = match arch_name.as_str() {
-            "LlamaForCausalLM" | "llama" => Architecture::Llama,
-            "Qwen3ForCausalLM" | "qwen3" => Architecture::Qwen3,
-            other => {
-                return Err(err(format!(
-                    "field `architectures`: unsupported architecture '{other}' (supported: LlamaForCausalLM, Qwen3ForCausalLM)"
-                )));
-            }
-        };
-        let usize_field = |name: &str| -> Result<Option<usize>> {
-            match obj.get(name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                    err(format!(
-                        "field `{name}` must be a non-negative integer, got {v}"
-                    ))
-                }),
-            }
-        };
-        let required = |name: &str| -> Result<usize> {
-            usize_field(name)?.ok_or_else(|| err(format!("field `{name}` is missing")))
-        };
-        let float_field = |name: &str| -> Result<Option<f64>> {
-            match obj.get(name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| err(format!("field `{name}` must be a number, got {v}"))),
-            }
-        };
-        let token_field = |name: &str| -> Result<Option<u32>> {
-            match obj.get(name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Array(a)) => Ok(a.first().and_then(|x| x.as_u64()).map(|x| x as u32)),
-                Some(v) => v
-                    .as_u64()
-                    .map(|x| Some(x as u32))
-                    .ok_or_else(|| err(format!("field `{name}` must be a token id, got {v}"))),
-            }
-        };
-
-        let dim = required("hidden_size")?;
-        let n_layers = required("num_hidden_layers")?;
-        let n_heads = required("num_attention_heads")?;
-        let n_kv_heads = usize_field("num_key_value_heads")?.unwrap_or(n_heads);
-        let head_dim = match usize_field("head_dim")? {
-            Some(h) => h,
-            None if n_heads > 0 && dim % n_heads == 0 => dim / n_heads,
-            None => {
-                return Err(err(format!(
-                    "field `head_dim` is missing and `num_attention_heads` ({n_heads}) does not divide `hidden_size` ({dim})"
-                )));
-            }
-        };
-        let ffn_dim = required("intermediate_size")?;
-        let vocab_size = required("vocab_size")?;
-        let max_seq_len = usize_field("max_position_embeddings")?.unwrap_or(2048);
-        let norm_eps = float_field("rms_norm_eps")?.unwrap_or(1e-6);
-        // transformers v4 writes `rope_theta`; v5 nests it in `rope_parameters`.
-        let rope_theta = match float_field("rope_theta")? {
-            Some(t) => t,
-            None => obj
-                .get("rope_parameters")
-                .and_then(|p| p.get("rope_theta"))
-                .and_then(|t| t.as_f64())
-                .unwrap_or(10000.0),
-        };
-        for scaling in ["rope_scaling", "rope_parameters"] {
-            if let Some(kind) = obj
-                .get(scaling)
-                .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-                .and_then(|t| t.as_str())
-                && kind != "default"
-            {
-                return Err(err(format!(
-                    "field `{scaling}`: RoPE scaling '{kind}' is not supported (only plain RoPE)"
-                )));
-            }
-        }
-        for flag in ["attention_bias", "mlp_bias"] {
-            if obj.get(flag).and_then(|b| b.as_bool()) == Some(true) {
-                return Err(err(format!("field `{flag}`: biases are not supported")));
-            }
-        }
-        if let Some(act) = obj.get("hidden_act").and_then(|a| a.as_str())
-            && act != "silu"
-        {
-            return Err(err(format!(
-                "field `hidden_act`: activation '{act}' is not supported (only silu / SwiGLU)"
-            )));
-        }
-        let rope_style = match obj.get("handgrad_rope_style").and_then(|s| s.as_str()) {
-            None | Some("rotate_half") => RopeStyle::RotateHalf,
-            Some("interleaved") => RopeStyle::Interleaved,
-            Some(other) => {
-                return Err(err(format!(
-                    "field `handgrad_rope_style`: unknown value '{other}' (rotate_half or interleaved)"
-                )));
-            }
-        };
-        let tie_embeddings = obj
-            .get("tie_word_embeddings")
-            .and_then(|t| t.as_bool())
-            // transformers defaults to tied embeddings when the field is absent.
-            .unwrap_or(true);
+            .ok_or_else(|| Error::config(origin, "expected a JSON object"))?;
+        let f = HfFields { obj, origin };
+        let arch = f.architecture()?;
+        f.reject_unsupported()?;
+        let dim = f.required("hidden_size")?;
+        let n_heads = f.required("num_attention_heads")?;
         let cfg = ModelConfig {
             arch,
             dim,
-            n_layers,
+            n_layers: f.required("num_hidden_layers")?,
             n_heads,
-            n_kv_heads,
-            head_dim,
-            ffn_dim,
-            vocab_size,
-            max_seq_len,
-            norm_eps,
-            rope_theta,
-            rope_style,
-            tie_embeddings,
-            bos_token_id: token_field("bos_token_id")?,
-            eos_token_id: token_field("eos_token_id")?,
+            n_kv_heads: f.integer("num_key_value_heads")?.unwrap_or(n_heads),
+            head_dim: f.head_dim(dim, n_heads)?,
+            ffn_dim: f.required("intermediate_size")?,
+            vocab_size: f.required("vocab_size")?,
+            max_seq_len: f.integer("max_position_embeddings")?.unwrap_or(2048),
+            norm_eps: f.float("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta: f.rope_theta()?,
+            rope_style: f.rope_style()?,
+            // transformers defaults to tied embeddings when the field is absent.
+            tie_embeddings: obj
+                .get("tie_word_embeddings")
+                .and_then(|t| t.as_bool())
+                .unwrap_or(true),
+            bos_token_id: f.token("bos_token_id")?,
+            eos_token_id: f.token("eos_token_id")?,
         };
         cfg.validate(origin)?;
         Ok(cfg)
@@ -588,6 +476,141 @@ impl ModelConfig {
             human_count(c.non_embedding)
         );
         s
+    }
+}
+
+/// Typed access to the fields of a Hugging Face `config.json`, with errors naming the field.
+struct HfFields<'a> {
+    obj: &'a Map<String, Value>,
+    origin: &'a str,
+}
+
+impl HfFields<'_> {
+    fn err(&self, msg: String) -> Error {
+        Error::config(self.origin, msg)
+    }
+
+    fn integer(&self, name: &str) -> Result<Option<usize>> {
+        match self.obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(format!(
+                    "field `{name}` must be a non-negative integer, got {v}"
+                ))
+            }),
+        }
+    }
+
+    fn required(&self, name: &str) -> Result<usize> {
+        self.integer(name)?
+            .ok_or_else(|| self.err(format!("field `{name}` is missing")))
+    }
+
+    fn float(&self, name: &str) -> Result<Option<f64>> {
+        match self.obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("field `{name}` must be a number, got {v}"))),
+        }
+    }
+
+    fn token(&self, name: &str) -> Result<Option<u32>> {
+        match self.obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) => Ok(a.first().and_then(|x| x.as_u64()).map(|x| x as u32)),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as u32))
+                .ok_or_else(|| self.err(format!("field `{name}` must be a token id, got {v}"))),
+        }
+    }
+
+    fn architecture(&self) -> Result<Architecture> {
+        let name = self
+            .obj
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first())
+            .and_then(|a| a.as_str())
+            .or_else(|| self.obj.get("model_type").and_then(|m| m.as_str()))
+            .ok_or_else(|| {
+                self.err(
+                    "field `architectures` (or `model_type`) is missing: cannot tell the model family"
+                        .into(),
+                )
+            })?;
+        match name {
+            "LlamaForCausalLM" | "llama" => Ok(Architecture::Llama),
+            "Qwen3ForCausalLM" | "qwen3" => Ok(Architecture::Qwen3),
+            other => Err(self.err(format!(
+                "field `architectures`: unsupported architecture '{other}' (supported: LlamaForCausalLM, Qwen3ForCausalLM)"
+            ))),
+        }
+    }
+
+    /// RoPE scaling, biases and activations other than SiLU are refused.
+    fn reject_unsupported(&self) -> Result<()> {
+        for scaling in ["rope_scaling", "rope_parameters"] {
+            if let Some(kind) = self
+                .obj
+                .get(scaling)
+                .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+                .and_then(|t| t.as_str())
+                && kind != "default"
+            {
+                return Err(self.err(format!(
+                    "field `{scaling}`: RoPE scaling '{kind}' is not supported (only plain RoPE)"
+                )));
+            }
+        }
+        for flag in ["attention_bias", "mlp_bias"] {
+            if self.obj.get(flag).and_then(|b| b.as_bool()) == Some(true) {
+                return Err(self.err(format!("field `{flag}`: biases are not supported")));
+            }
+        }
+        if let Some(act) = self.obj.get("hidden_act").and_then(|a| a.as_str())
+            && act != "silu"
+        {
+            return Err(self.err(format!(
+                "field `hidden_act`: activation '{act}' is not supported (only silu / SwiGLU)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn head_dim(&self, dim: usize, n_heads: usize) -> Result<usize> {
+        match self.integer("head_dim")? {
+            Some(h) => Ok(h),
+            None if n_heads > 0 && dim.is_multiple_of(n_heads) => Ok(dim / n_heads),
+            None => Err(self.err(format!(
+                "field `head_dim` is missing and `num_attention_heads` ({n_heads}) does not divide `hidden_size` ({dim})"
+            ))),
+        }
+    }
+
+    /// transformers v4 writes `rope_theta`; v5 nests it in `rope_parameters`.
+    fn rope_theta(&self) -> Result<f64> {
+        Ok(match self.float("rope_theta")? {
+            Some(t) => t,
+            None => self
+                .obj
+                .get("rope_parameters")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+                .unwrap_or(10000.0),
+        })
+    }
+
+    fn rope_style(&self) -> Result<RopeStyle> {
+        match self.obj.get("handgrad_rope_style").and_then(|s| s.as_str()) {
+            None | Some("rotate_half") => Ok(RopeStyle::RotateHalf),
+            Some("interleaved") => Ok(RopeStyle::Interleaved),
+            Some(other) => Err(self.err(format!(
+                "field `handgrad_rope_style`: unknown value '{other}' (rotate_half or interleaved)"
+            ))),
+        }
     }
 }
 

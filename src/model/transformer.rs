@@ -490,19 +490,25 @@ impl Transformer {
         grads: &mut [f32],
         acts: &mut Activations,
     ) -> Result<()> {
-        let cfg = &self.cfg;
-        let (lay, lt, w) = (&self.layout, &self.layout.layers[l], weights.layer(l));
-        let (n, d, hd) = (acts.batch * acts.seq, cfg.dim, cfg.head_dim);
-        let pos = Positions {
-            first: 0,
-            period: acts.seq,
-        };
-        let shape = self.attention_shape(acts.batch, acts.seq);
-        let la = &acts.layers[l];
-        let x_in = &acts.xs[l];
-        let tm = &mut acts.timings;
+        let w = weights.layer(l);
+        self.ffn_backward(k, &w, l, grads, acts)?;
+        self.attention_backward(k, weights, &w, l, grads, acts)
+    }
 
-        // Feed-forward block: x_out = x_mid + down(swiglu(gate(xn2), up(xn2))).
+    /// Feed-forward block of layer `l`: `x_out = x_mid + down(swiglu(gate(xn2), up(xn2)))`.
+    /// `acts.dx` goes from d/d(x_out) to d/d(x_mid).
+    fn ffn_backward(
+        &self,
+        k: &dyn Kernels,
+        w: &LayerWeights,
+        l: usize,
+        grads: &mut [f32],
+        acts: &mut Activations,
+    ) -> Result<()> {
+        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let n = acts.batch * acts.seq;
+        let la = &acts.layers[l];
+        let tm = &mut acts.timings;
         timed!(
             tm,
             Section::FfnBwdDown,
@@ -551,12 +557,34 @@ impl Transformer {
                     w: w.ffn_norm,
                     rstd: &la.rstd2
                 },
-                d,
+                self.cfg.dim,
                 true,
             )
-        )?;
+        )
+    }
 
-        // Attention block: x_mid = x_in + o_proj(attention(...)).
+    /// Attention block of layer `l`: `x_mid = x_in + o_proj(attention(...))`. `acts.dx` goes
+    /// from d/d(x_mid) to d/d(x_in).
+    fn attention_backward(
+        &self,
+        k: &dyn Kernels,
+        weights: &Weights,
+        w: &LayerWeights,
+        l: usize,
+        grads: &mut [f32],
+        acts: &mut Activations,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let (n, d, hd) = (acts.batch * acts.seq, cfg.dim, cfg.head_dim);
+        let pos = Positions {
+            first: 0,
+            period: acts.seq,
+        };
+        let shape = self.attention_shape(acts.batch, acts.seq);
+        let la = &acts.layers[l];
+        let x_in = &acts.xs[l];
+        let tm = &mut acts.timings;
         timed!(
             tm,
             Section::WoBwd,

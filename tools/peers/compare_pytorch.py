@@ -6,10 +6,11 @@ preset), times one full training step (forward, loss, backward, fused AdamW) in 
 bf16 autocast, and greedy decoding with a KV cache; runs `handgrad bench train` and
 `handgrad bench generate` with the same settings in the same invocation; prints the ratios.
 
-Not part of CI (PyTorch is large). Usage:
+The model's shapes come from `handgrad info --model NAME --json`, so the two sides cannot
+disagree. Not part of CI (PyTorch is large). Usage:
     pip install torch
     cargo build --release
-    python3 bench/compare_pytorch.py --model stories110m --batch 4 --seq 256 --threads 2
+    python3 tools/peers/compare_pytorch.py --model stories110m --batch 4 --seq 256 --threads 2
 """
 
 import argparse
@@ -25,12 +26,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PRESETS = {
-    # dim, layers, heads, kv_heads, ffn, vocab
-    "stories15m": (288, 6, 6, 6, 768, 32000),
-    "stories42m": (512, 8, 8, 8, 1376, 32000),
-    "stories110m": (768, 12, 12, 12, 2048, 32000),
-}
+EXE = os.path.join(os.path.dirname(__file__), "..", "..", "target", "release", "handgrad")
+
+
+def run_handgrad(cmd):
+    out = subprocess.run([EXE] + cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"handgrad {' '.join(cmd)} failed:\n{out.stderr}")
+    return json.loads(out.stdout)
+
+
+def shapes(model):
+    """(dim, layers, heads, kv_heads, ffn, vocab) of a handgrad preset or config.json."""
+    c = run_handgrad(["info", "--model", model, "--json"])
+    if c["head_dim"] * c["num_attention_heads"] != c["hidden_size"]:
+        sys.exit(f"{model}: this script models head_dim = hidden_size / heads only")
+    return (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+            c["num_key_value_heads"], c["intermediate_size"], c["vocab_size"])
 
 
 class Block(nn.Module):
@@ -127,17 +139,12 @@ def time_decode(model, d, layers, kvh, h, tokens, dtype):
 
 
 def handgrad(args, sub, extra):
-    exe = os.path.join(os.path.dirname(__file__), "..", "target", "release", "handgrad")
-    cmd = [exe, "bench", sub, "--model", args.model, "--threads", str(args.threads), "--json"] + extra
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    return json.loads(out.stdout)
+    return run_handgrad(["bench", sub, "--model", args.model, "--threads", str(args.threads), "--json"] + extra)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="stories110m", choices=sorted(PRESETS))
+    ap.add_argument("--model", default="stories110m", help="a handgrad preset or config.json")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -146,7 +153,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    d, layers, h, kvh, ffn, vocab = PRESETS[args.model]
+    d, layers, h, kvh, ffn, vocab = shapes(args.model)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, batch {args.batch} x seq {args.seq}")
 
     rows = []
