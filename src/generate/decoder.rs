@@ -120,6 +120,11 @@ impl<'m> Decoder<'m> {
         self.model.cfg.matmul_params() * per
     }
 
+    /// Time spent per block since the decoder was made.
+    pub fn timings(&self) -> &StepTimings {
+        &self.timings
+    }
+
     /// Positions decoded so far.
     pub fn position(&self) -> usize {
         self.pos

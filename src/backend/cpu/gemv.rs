@@ -122,6 +122,9 @@ fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    /// How far ahead (in bf16 elements) the weights are prefetched.
+    const PREFETCH: usize = 1024;
+
     /// Four independent accumulators of 16 lanes; bf16 widened by a 16-bit shift.
     ///
     /// # Safety
@@ -137,6 +140,12 @@ mod avx512 {
         // (or `i + 16 <= n`), inside both slices.
         unsafe {
             while i + 64 <= n {
+                // Ask for the weights 2 KB ahead (the rest of this row or the next one) now:
+                // a prefetch never faults, and `wrapping_add` keeps the address arithmetic
+                // defined past the end of the slice.
+                let ahead = wp.wrapping_add(i + PREFETCH) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                 for (j, a) in acc.iter_mut().enumerate() {
                     let wv = _mm256_loadu_si256(wp.add(i + 16 * j) as *const __m256i);
                     let wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wv), 16));
