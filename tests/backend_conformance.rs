@@ -73,3 +73,14 @@ fn the_suite_catches_a_wrong_block() {
         "only kv_backward is wrong, but these failed: {failed:?}"
     );
 }
+
+#[test]
+fn ane_sim_conforms() {
+    let mut k = Backend {
+        kind: BackendKind::AneSim,
+        precision: Precision::Fp32,
+    }
+    .kernels()
+    .unwrap();
+    assert_conforms("ane-sim", k.as_mut());
+}

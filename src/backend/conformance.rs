@@ -89,7 +89,7 @@ pub fn standard_cases() -> Vec<Case> {
         Case::new("GQA 6/2", 48, (6, 2), 8, 100, 41, false, (1, 37)),
         Case::new(
             "head_dim 128, Qwen3",
-            96,
+            160,
             (2, 1),
             128,
             64,

@@ -46,6 +46,11 @@ impl Tolerance {
     pub const FP32: Tolerance = Tolerance { rel: 1e-5 };
     /// bf16-rounded operands with f32 accumulation (8 significant bits per operand).
     pub const BF16: Tolerance = Tolerance { rel: 2e-2 };
+    /// Every intermediate rounded to fp16 (unit roundoff u = 2^-11 = 4.9e-4), fp32
+    /// accumulation inside products and sums. The longest chain, sdpaFwd (inputs, projection,
+    /// q/k norm, RoPE, scores, scale, mask, softmax, P V, each rounded), takes about 20
+    /// roundings, so its error stays within 20 u = 1e-2 of the largest value.
+    pub const FP16: Tolerance = Tolerance { rel: 1e-2 };
 }
 
 /// The operations and blocks of a transformer step. See the module documentation.
@@ -70,6 +75,12 @@ pub trait Kernels: Send + Sync {
     /// `backend::conformance`).
     fn tolerance(&self) -> Tolerance {
         Tolerance::FP32
+    }
+
+    /// Things the user should know about the prepared kernels (e.g. hardware rules their
+    /// programs break), said once after `prepare`.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
     }
 
     // ---- operations ------------------------------------------------------------------

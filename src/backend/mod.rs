@@ -6,6 +6,7 @@
 //! [`blocks`] for the blocks), so a backend overrides exactly what it accelerates.
 //! [`conformance`] checks any backend against reference kernels.
 
+pub mod ane;
 pub mod blocks;
 pub mod conformance;
 pub mod cpu;
@@ -33,6 +34,9 @@ pub enum BackendKind {
     /// The CPU (every operation; multi-threaded).
     #[default]
     Cpu,
+    /// The ten Apple Neural Engine kernels as MIL programs run by handgrad's simulator (fp16),
+    /// the rest on the CPU: verifies the ANE path on any machine; slow.
+    AneSim,
     /// The fp32 CPU kernels with an injected failure, to test error paths (`HANDGRAD_FAULT=prepare` or
     /// `HANDGRAD_FAULT=forward:N`, the N-th forward pass). Not for users.
     #[value(hide = true)]
@@ -43,6 +47,7 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendKind::Cpu => "cpu",
+            BackendKind::AneSim => "ane-sim",
             BackendKind::FaultInjection => "fault-injection",
         })
     }
@@ -99,6 +104,14 @@ impl Backend {
         Ok(match (self.kind, self.precision) {
             (BackendKind::Cpu, Precision::Fp32) => Box::new(cpu::CpuKernels),
             (BackendKind::Cpu, Precision::Bf16) => Box::new(cpu::CpuBf16Kernels),
+            (BackendKind::AneSim, Precision::Fp32) => {
+                Box::new(ane::AneSimKernels::new(ane::mil::Target::Ios18))
+            }
+            (BackendKind::AneSim, Precision::Bf16) => {
+                return Err(crate::Error::invalid(
+                    "--backend ane-sim computes in fp16 on the Neural Engine's terms; --precision bf16 is a CPU option (drop it)",
+                ));
+            }
             (BackendKind::FaultInjection, _) => Box::new(fault::FaultKernels::from_env()?),
         })
     }
@@ -108,7 +121,10 @@ impl Backend {
         BackendInfo {
             backend: self.kind,
             precision: self.precision,
-            details: cpu::describe(self.precision == Precision::Bf16),
+            details: match self.kind {
+                BackendKind::AneSim => "the ten ANE kernels as MIL (ios18 form) in handgrad's fp16 simulator; embedding, norms, residuals, weight gradients, classifier and AdamW on the CPU in f32".to_string(),
+                _ => cpu::describe(self.precision == Precision::Bf16),
+            },
         }
     }
 

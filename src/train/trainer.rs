@@ -208,6 +208,7 @@ impl Trainer {
         // 4. The kernels, prepared once for this shape: a backend fails here, not mid-run.
         let mut kernels = backend.kernels()?;
         kernels.prepare(&model.step_shape(cfg.batch, cfg.seq))?;
+        warnings.extend(kernels.warnings());
 
         // 5. Parameters, optimizer and data position.
         let (state, sampler, counters) = initial_state(&cfg, &model, &data.data, resume, init)?;
