@@ -1,12 +1,16 @@
 //! The backend conformance suite (`backend::conformance`) on every backend there is, and a
 //! proof that it catches a wrong kernel.
 
-use handgrad::backend::conformance::{self, standard_cases};
+use handgrad::backend::conformance::{self, ane_cases, standard_cases};
 use handgrad::backend::cpu::{CpuBf16Kernels, CpuKernels};
 use handgrad::backend::{AttentionWeights, Backend, BackendKind, Kernels, Precision};
 
 fn assert_conforms(label: &str, k: &mut dyn Kernels) {
-    let report = conformance::run(k, &standard_cases()).unwrap();
+    assert_conforms_on(label, k, &standard_cases());
+}
+
+fn assert_conforms_on(label: &str, k: &mut dyn Kernels, cases: &[conformance::Case]) {
+    let report = conformance::run(k, cases).unwrap();
     eprintln!("{label}:\n{}", report.summary());
     let failures = report.failures();
     assert!(
@@ -82,5 +86,7 @@ fn ane_sim_conforms() {
     }
     .kernels()
     .unwrap();
-    assert_conforms("ane-sim", k.as_mut());
+    let mut cases = standard_cases();
+    cases.extend(ane_cases());
+    assert_conforms_on("ane-sim", k.as_mut(), &cases);
 }

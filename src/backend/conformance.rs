@@ -120,6 +120,34 @@ pub fn standard_cases() -> Vec<Case> {
     ]
 }
 
+/// Shapes of the Apple Neural Engine work: the `tiny` preset, and Llama and Qwen3 layers with
+/// GQA and head_dim 128 (the Qwen3-0.6B head).
+pub fn ane_cases() -> Vec<Case> {
+    vec![
+        Case::new("tiny preset", 16, (4, 2), 4, 40, 64, false, (2, 16)),
+        Case::new(
+            "Llama GQA, head_dim 128",
+            256,
+            (4, 2),
+            128,
+            320,
+            67,
+            false,
+            (1, 48),
+        ),
+        Case::new(
+            "Qwen3 GQA, head_dim 128",
+            256,
+            (4, 2),
+            128,
+            256,
+            71,
+            true,
+            (2, 32),
+        ),
+    ]
+}
+
 /// One comparison.
 #[derive(Debug, Clone)]
 pub struct Check {

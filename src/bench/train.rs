@@ -37,6 +37,8 @@ pub struct TrainBench {
     pub mfu: f64,
     pub peak_rss_bytes: Option<u64>,
     pub breakdown: Vec<BreakdownEntry>,
+    /// What the backend said about its prepared kernels.
+    pub warnings: Vec<String>,
 }
 
 /// A model and a batch shape to time.
@@ -57,6 +59,7 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
     let model = Transformer::new(cfg.clone());
     let mut kernels = backend.kernels()?;
     kernels.prepare(&model.step_shape(batch, seq))?;
+    let warnings = kernels.warnings();
     let params = model.layout.init(cfg.n_layers, 1);
     let opt = AdamW::new(AdamWConfig::default(), &model.layout);
     let mut state = StepState::new(params, opt, batch * seq);
@@ -125,5 +128,6 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         mfu: gflops / peak_gflops,
         peak_rss_bytes: crate::util::mem::peak_rss_bytes(),
         breakdown,
+        warnings,
     })
 }

@@ -158,6 +158,9 @@ fn train(a: TrainBenchArgs) -> Result<()> {
     if a.json {
         return print_json(&r);
     }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     println!(
         "{}: {} parameters, batch {} x seq {}, {} {} ({}), {} threads, {} steps",
         r.model,
@@ -190,12 +193,12 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         println!("peak RSS {:.2} GB", b as f64 / 1e9);
     }
     println!(
-        "\n{:13} {:38} {:>10} {:>7}",
+        "\n{:16} {:38} {:>10} {:>7}",
         "breakdown", "(mean per step)", "ms", "%"
     );
     for e in r.breakdown.iter().filter(|e| e.ms > 0.0) {
         println!(
-            "{:13} {:38} {:>10.1} {:>6.1}%",
+            "{:16} {:38} {:>10.1} {:>6.1}%",
             e.section, e.label, e.ms, e.percent
         );
     }

@@ -1,5 +1,6 @@
 //! The `handgrad` command line.
 
+mod ane;
 mod backend_args;
 mod bench;
 mod convert;
@@ -36,6 +37,8 @@ enum Command {
     Tokenizer(tokenizer::TokenizerArgs),
     /// Benchmark training steps, matmuls and generation on this machine.
     Bench(bench::BenchArgs),
+    /// Apple Neural Engine programs: emit the ten kernels of a model as MIL, check MIL files.
+    Ane(ane::AneArgs),
     /// Download datasets (TinyStories).
     Data(data::DataArgs),
     /// Tokenize text corpora into token shards for training.
@@ -57,6 +60,7 @@ pub fn main() -> i32 {
         Command::Prepare(a) => prepare::run(a),
         Command::Data(a) => data::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Ane(a) => ane::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -89,6 +89,11 @@ pub struct TrainArgs {
     vocab_compaction: bool,
     #[command(flatten)]
     backend: BackendArgs,
+    /// Loss scaling: auto (dynamic on fp16 backends such as ane-sim, none on the CPU), none,
+    /// static[:SCALE] (a fixed factor), or dynamic[:SCALE] (start at SCALE, default 256; an
+    /// overflowing update is skipped and the scale halved; 200 clean updates double it).
+    #[arg(long, default_value = "auto")]
+    loss_scale: crate::train::LossScale,
     /// Run folder (default: runs/MODEL-N, the first free N).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -179,6 +184,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         vocab_compaction: a.vocab_compaction,
         backend: backend.kind,
         precision: backend.precision,
+        loss_scale: a.loss_scale,
         val_fraction: a.val_fraction,
         sample_prompt: a.sample_prompt.clone(),
         sample_tokens: a.sample_tokens,

@@ -67,6 +67,9 @@ pub struct CheckpointMeta {
     pub train_seconds: f64,
     /// Unix time of writing.
     pub written_unix: f64,
+    /// The loss scaler's state, when the run scales its loss.
+    #[serde(default)]
+    pub loss_scale: Option<crate::train::loss_scale::ScalerState>,
 }
 
 /// A checkpoint in memory.
@@ -305,6 +308,7 @@ mod tests {
                 vocab_kept: None,
                 train_seconds: 1.0,
                 written_unix: 0.0,
+                loss_scale: None,
             },
             tokenizer: b"{\"tok\": 1}".to_vec(),
             params: vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE],

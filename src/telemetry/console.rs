@@ -127,15 +127,23 @@ impl ConsoleSink {
             grad_norm,
             ms,
             tokens_per_s,
+            loss_scale,
+            skipped,
             ..
         } = e
         else {
             return;
         };
-        let msg = format!(
+        let mut msg = format!(
             "loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.2} | {ms:.0} ms | {:.1}k tok/s",
             tokens_per_s / 1e3
         );
+        if let Some(s) = loss_scale {
+            msg += &format!(" | scale {s}");
+        }
+        if *skipped {
+            msg += " | skipped (overflow)";
+        }
         match &self.bar {
             Some(b) => {
                 b.set_position(*step);

@@ -122,11 +122,13 @@ pub enum Event {
         /// Updates completed (1-based).
         step: u64,
         total_steps: u64,
-        /// Mean training loss over the update's micro-batches.
+        /// Mean training loss over the update's micro-batches (`null` in JSON when not finite).
+        #[serde(deserialize_with = "nullable_f64")]
         loss: f64,
         loss_kind: LossKind,
         lr: f64,
-        /// Global gradient norm before clipping.
+        /// Global gradient norm before clipping (`null` in JSON when not finite: an overflow).
+        #[serde(deserialize_with = "nullable_f64")]
         grad_norm: f64,
         clipped: bool,
         /// Wall time of the whole update (forward, backward, optimizer).
@@ -139,6 +141,12 @@ pub enum Event {
         /// Resident memory of the process (every few updates; absent otherwise).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rss_bytes: Option<u64>,
+        /// The loss scale of this update (absent when the run does not scale its loss).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss_scale: Option<f64>,
+        /// The gradient overflowed: the update was skipped and the loss scale halved.
+        #[serde(default)]
+        skipped: bool,
     },
     /// Validation loss on the fixed validation windows.
     Eval {
@@ -209,6 +217,12 @@ impl Record {
             event,
         }
     }
+}
+
+/// Reads a float that JSON wrote as `null` because it was not finite (serde_json writes NaN
+/// and infinities as `null`) back as NaN.
+fn nullable_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Seconds since the Unix epoch.

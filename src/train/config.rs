@@ -55,6 +55,8 @@ pub struct TrainConfig {
     /// Matmul precision: `fp32`, or `bf16` (bf16 products, f32 accumulation; f32 master
     /// weights, optimizer, norms, softmax and residual stream).
     pub precision: Precision,
+    /// Loss scaling (`auto`: dynamic on fp16 backends, none on the CPU).
+    pub loss_scale: super::loss_scale::LossScale,
     /// Fraction of a single data file held out for validation.
     pub val_fraction: f64,
     /// Prompt of the sample printed at the end.
@@ -89,6 +91,7 @@ impl Default for TrainConfig {
             vocab_compaction: false,
             backend: BackendKind::Cpu,
             precision: Precision::Fp32,
+            loss_scale: super::loss_scale::LossScale::Auto,
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),
             sample_tokens: 160,

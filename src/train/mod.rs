@@ -2,12 +2,14 @@
 //! checkpoints and resume.
 
 pub mod config;
+pub mod loss_scale;
 pub mod run_dir;
 pub mod setup;
 pub mod step;
 pub mod trainer;
 
 pub use config::TrainConfig;
+pub use loss_scale::LossScale;
 pub use run_dir::{RunPaths, load_latest};
 pub use setup::ResumeChanges;
 pub use step::{StepState, StepStats, TrainStep};

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::config::TrainConfig;
+use super::loss_scale::{LossScaler, Verdict};
 use super::run_dir::{self, RunPaths};
 use super::setup::{self, ResumeChanges, ResumePoint};
 use super::step::{StepState, TrainStep};
@@ -138,6 +139,7 @@ struct Trainer {
     data_source: String,
     sampler: WindowSampler,
     state: StepState,
+    scaler: LossScaler,
     schedule: CosineSchedule,
     counters: Counters,
     bus: EventBus,
@@ -211,6 +213,8 @@ impl Trainer {
         warnings.extend(kernels.warnings());
 
         // 5. Parameters, optimizer and data position.
+        let saved_scale = resume.as_ref().and_then(|r| r.checkpoint.meta.loss_scale);
+        let scaler = LossScaler::new(cfg.loss_scale.resolve(cfg.backend), saved_scale);
         let (state, sampler, counters) = initial_state(&cfg, &model, &data.data, resume, init)?;
 
         // 6. The run folder, then its event log (which receives everything said so far).
@@ -239,6 +243,7 @@ impl Trainer {
             data: data.data,
             sampler,
             state,
+            scaler,
             counters,
             bus,
             warnings,
@@ -351,8 +356,9 @@ impl Trainer {
             kernels: self.kernels.as_ref(),
             accum: self.cfg.accum,
             clip: self.cfg.clip,
-            loss_scale: 1.0,
+            loss_scale: self.scaler.scale() as f32,
         };
+        let reported_scale = self.scaler.reported();
         let (sampler, data, window) = (&mut self.sampler, &self.data, &mut self.window);
         let mut next_batch = |inputs: &mut [u32], targets: &mut [u32]| {
             for s in 0..b {
@@ -362,14 +368,10 @@ impl Trainer {
             }
         };
         let stats = step.run(&mut self.state, acts, &mut next_batch, lr)?;
-        if !stats.applied {
-            return Err(Error::invalid(format!(
-                "training diverged at update {}: loss {}, gradient norm {} (try a lower --lr); the last checkpoint is intact",
-                self.counters.step + 1,
-                stats.loss,
-                stats.grad_norm
-            )));
-        }
+        let detail = format!("loss {}, gradient norm {}", stats.loss, stats.grad_norm);
+        let verdict = self
+            .scaler
+            .update(stats.applied, self.counters.step + 1, &detail)?;
         let tokens = self.cfg.tokens_per_update();
         let loss_kind = self.loss_kind();
         let c = &mut self.counters;
@@ -377,7 +379,9 @@ impl Trainer {
         c.tokens_seen += tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
         c.train_seconds += secs;
-        c.last_train_loss = Some(stats.loss);
+        if verdict == Verdict::Applied {
+            c.last_train_loss = Some(stats.loss);
+        }
         session.update_ms.push(secs * 1e3);
         session.losses.push(stats.loss);
         let rss = (c.step == session.first_step + 1 || c.step.is_multiple_of(RSS_EVERY))
@@ -396,6 +400,8 @@ impl Trainer {
             tokens_seen: c.tokens_seen,
             kernels: acts.timings.kernel_ms(),
             rss_bytes: rss,
+            loss_scale: reported_scale,
+            skipped: verdict == Verdict::Skipped,
         };
         self.bus.emit(event);
         Ok(())
@@ -536,6 +542,7 @@ impl Trainer {
             vocab_kept: self.model.compaction.as_ref().map(|c| c.kept.clone()),
             train_seconds: c.train_seconds,
             written_unix: unix_now(),
+            loss_scale: self.scaler.state(),
         })
     }
 
