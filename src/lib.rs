@@ -7,12 +7,14 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod dashboard;
 pub mod data;
 pub mod error;
 pub mod formats;
 pub mod generate;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod train;

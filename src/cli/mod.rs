@@ -4,9 +4,11 @@ mod ane;
 mod backend_args;
 mod bench;
 mod convert;
+mod dashboard;
 mod data;
 mod generate;
 mod info;
+mod plot;
 mod prepare;
 mod tokenizer;
 mod train;
@@ -29,8 +31,13 @@ enum Command {
     /// Train a model. With no arguments: the default small model on the built-in stories,
     /// a few minutes on two cores, ending with a generated sample.
     Train(Box<train::TrainArgs>),
+    /// Show a training run in the terminal: loss curves, throughput, time per block, memory,
+    /// power, samples (follows a live run's events.jsonl).
+    Dashboard(dashboard::DashboardArgs),
     /// Generate text from a trained model (a run folder or a checkpoint file).
     Generate(generate::GenerateArgs),
+    /// Draw runs' loss, learning rate and throughput as a PNG (several runs overlaid).
+    Plot(plot::PlotArgs),
     /// Print a model's shapes and parameter counts, or describe a file.
     Info(info::InfoArgs),
     /// Train, or encode and decode with, a tokenizer.
@@ -54,7 +61,9 @@ pub fn main() -> i32 {
     let result: Result<()> = match cli.command {
         Command::Train(a) => train::run(*a),
         Command::Generate(a) => generate::run(a),
+        Command::Dashboard(a) => dashboard::run(a),
         Command::Info(a) => info::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Prepare(a) => prepare::run(a),

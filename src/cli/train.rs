@@ -119,6 +119,27 @@ pub struct TrainArgs {
     /// Print only warnings, errors and the sample.
     #[arg(long, short)]
     quiet: bool,
+    /// Show the run in the terminal dashboard (q saves and stops; see `handgrad dashboard`).
+    #[arg(long, conflicts_with_all = ["plain", "quiet"])]
+    dashboard: bool,
+    /// With --dashboard: generate a sample from the latest checkpoint every N updates.
+    #[arg(long, default_value_t = 200)]
+    sample_every: u64,
+    /// Write TensorBoard event files into this folder (`tensorboard --logdir DIR`).
+    #[arg(long)]
+    tensorboard: Option<PathBuf>,
+    /// Log to Weights & Biases (through a Python sidecar using the `wandb` package).
+    #[arg(long)]
+    wandb: bool,
+    /// W&B project.
+    #[arg(long, default_value = "handgrad")]
+    wandb_project: String,
+    /// W&B run name [default: the run folder's name].
+    #[arg(long)]
+    wandb_name: Option<String>,
+    /// W&B mode: online, or offline (written locally; `wandb sync` uploads it).
+    #[arg(long, value_enum, default_value_t = crate::telemetry::wandb::WandbMode::Online)]
+    wandb_mode: crate::telemetry::wandb::WandbMode,
 }
 
 fn default_run_dir(model: &str) -> PathBuf {
@@ -149,9 +170,35 @@ fn default_run_dir(model: &str) -> PathBuf {
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = train_config(&a);
     let mut opts = run_options(&a, &cfg)?;
+    if a.dashboard {
+        return with_dashboard(cfg, opts, a.sample_every);
+    }
     opts.stop_flag = Some(ctrl_c_flag());
     let outcome = train(cfg, opts)?;
     report(&outcome)
+}
+
+/// Trains in a thread and shows it in the dashboard (which owns the terminal meanwhile).
+fn with_dashboard(cfg: TrainConfig, mut opts: RunOptions, sample_every: u64) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    opts.stop_flag = Some(stop.clone());
+    opts.console = ConsoleMode::Off;
+    let run_dir = opts.run_dir.clone();
+    let thread = std::thread::spawn(move || train(cfg, opts));
+    let outcome = crate::dashboard::run(crate::dashboard::Options {
+        run_dir,
+        training: Some(crate::dashboard::Training { stop, thread }),
+        sample_every,
+        resume_options: None,
+    })?;
+    match outcome {
+        Some(o) => report(&o).or_else(|e| match e {
+            // Quitting the dashboard saves and stops: not an error here.
+            Error::Interrupted => Ok(()),
+            other => Err(other),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The training configuration the flags ask for.
@@ -224,6 +271,34 @@ fn run_options(a: &TrainArgs, cfg: &TrainConfig) -> Result<RunOptions> {
         ConsoleMode::auto()
     };
     opts.stop_after = a.stop_after;
+    if let Some(dir) = &a.tensorboard {
+        opts.extra_sinks.push(Box::new(
+            crate::telemetry::tensorboard::TensorBoardSink::new(dir),
+        ));
+    }
+    if a.wandb {
+        use crate::telemetry::wandb::{WandbOptions, WandbSink, check_python};
+        match check_python() {
+            Err(why) => eprintln!("warning: W&B logging is off: {why}"),
+            Ok(()) => {
+                let name = a.wandb_name.clone().or_else(|| {
+                    opts.run_dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                });
+                let w = WandbOptions {
+                    project: a.wandb_project.clone(),
+                    name,
+                    mode: a.wandb_mode,
+                    dir: opts.run_dir.clone(),
+                };
+                match WandbSink::start(&w) {
+                    Ok(s) => opts.extra_sinks.push(Box::new(s)),
+                    Err(e) => eprintln!("warning: W&B logging is off: {e}"),
+                }
+            }
+        }
+    }
     opts.cap_seq_to_model = a.seq.is_none();
     if a.resume {
         opts.requested_model = a.model.clone();

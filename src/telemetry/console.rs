@@ -19,6 +19,8 @@ pub enum ConsoleMode {
     Lines,
     /// Nothing but warnings and the final sample.
     Quiet,
+    /// Nothing at all (another display owns the terminal).
+    Off,
 }
 
 impl ConsoleMode {
@@ -220,6 +222,9 @@ impl EventSink for ConsoleSink {
 
     fn emit(&mut self, record: &Record) -> Result<()> {
         let event = &record.event;
+        if self.mode == ConsoleMode::Off {
+            return Ok(());
+        }
         if self.mode == ConsoleMode::Quiet {
             match event {
                 Event::Warning { message } => eprintln!("warning: {message}"),
@@ -264,6 +269,12 @@ impl EventSink for ConsoleSink {
             Event::Sample { text, .. } => self.sample(text),
             Event::Info { message } => self.println(message),
             Event::Warning { message } => self.println(&format!("warning: {message}")),
+            // The CLI prints the error itself, in one line.
+            Event::RunError { .. } => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+            }
             Event::RunEnd { .. } => self.run_end(event),
         }
         Ok(())

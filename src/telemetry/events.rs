@@ -116,6 +116,9 @@ pub enum Event {
         /// Settings chosen for the user (e.g. a sequence length capped by the model).
         #[serde(default)]
         notes: Vec<String>,
+        /// Where power readings come from (absent: the machine reports none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        power_source: Option<String>,
     },
     /// One optimizer update finished.
     Step {
@@ -147,6 +150,18 @@ pub enum Event {
         /// The gradient overflowed: the update was skipped and the loss scale halved.
         #[serde(default)]
         skipped: bool,
+        /// CPU time of the process over wall time during the update, in percent (100 per
+        /// busy core).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu_percent: Option<f64>,
+        /// Energy of the update and per token, and the mean power, where the machine reports
+        /// them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        energy_j: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        energy_j_per_token: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        power_w: Option<f64>,
     },
     /// Validation loss on the fixed validation windows.
     Eval {
@@ -175,6 +190,8 @@ pub enum Event {
     Info { message: String },
     /// Something the user should know that does not stop the run.
     Warning { message: String },
+    /// The run stopped on an error (the last checkpoint is intact).
+    RunError { step: u64, message: String },
     /// The run ends, with an efficiency report.
     RunEnd {
         step: u64,

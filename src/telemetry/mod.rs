@@ -4,7 +4,11 @@
 pub mod bus;
 pub mod console;
 pub mod events;
+pub mod power;
+pub mod reader;
 pub mod sinks;
+pub mod tensorboard;
+pub mod wandb;
 
 pub use bus::EventBus;
 pub use console::{ConsoleMode, ConsoleSink};

@@ -21,6 +21,7 @@ use crate::generate::{GenerateOptions, Sampling, WeightFormat, generate};
 use crate::model::{Activations, Batch, ModelConfig, Transformer};
 use crate::optim::{AdamW, AdamWConfig, CosineSchedule};
 use crate::telemetry::events::{DataSummary, ParamSummary, unix_now};
+use crate::telemetry::power::PowerMeter;
 use crate::telemetry::{
     CheckpointKind, ConsoleMode, ConsoleSink, EndReason, Event, EventBus, EventSink, JsonlSink,
     LossKind,
@@ -140,6 +141,8 @@ struct Trainer {
     sampler: WindowSampler,
     state: StepState,
     scaler: LossScaler,
+    /// Power readings, where the machine offers them.
+    power: Option<PowerMeter>,
     schedule: CosineSchedule,
     counters: Counters,
     bus: EventBus,
@@ -244,6 +247,7 @@ impl Trainer {
             sampler,
             state,
             scaler,
+            power: PowerMeter::open(),
             counters,
             bus,
             warnings,
@@ -270,7 +274,23 @@ impl Trainer {
             .unwrap_or_else(|| "none".into())
     }
 
+    /// Runs the loop; an error is told to the sinks (`run_error`) before it is returned.
     fn run(mut self) -> Result<TrainOutcome> {
+        match self.run_loop() {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                let message = e.to_string();
+                self.bus.emit(Event::RunError {
+                    step: self.counters.step,
+                    message,
+                });
+                self.bus.finish();
+                Err(e)
+            }
+        }
+    }
+
+    fn run_loop(&mut self) -> Result<TrainOutcome> {
         let wall = Instant::now();
         for message in std::mem::take(&mut self.warnings) {
             self.bus.emit(Event::Warning { message });
@@ -305,7 +325,7 @@ impl Trainer {
             run_dir: self.paths.dir.clone(),
             step: self.counters.step,
             reason,
-            losses: session.losses,
+            losses: std::mem::take(&mut session.losses),
             final_val_loss: self.counters.last_val_loss,
             best_val_loss: self.counters.best_val_loss,
             sample,
@@ -340,6 +360,7 @@ impl Trainer {
             vocab_compacted_to: model.compaction.as_ref().map(|c| c.len()),
             resumed_from_step: self.counters.resumed_from,
             notes: self.notes.clone(),
+            power_source: self.power.as_ref().map(|p| p.source().to_string()),
         };
         self.bus.emit(event);
         Ok(())
@@ -348,6 +369,10 @@ impl Trainer {
     /// One optimizer update, and its `step` event.
     fn update(&mut self, acts: &mut Activations, session: &mut Session) -> Result<()> {
         let t0 = Instant::now();
+        let cpu0 = crate::util::mem::cpu_seconds();
+        if let Some(p) = &mut self.power {
+            p.joules_since_last();
+        }
         acts.timings.reset();
         let (b, t_len) = (self.cfg.batch, self.cfg.seq);
         let lr = self.schedule.lr_at(self.counters.step as usize);
@@ -373,6 +398,13 @@ impl Trainer {
             .scaler
             .update(stats.applied, self.counters.step + 1, &detail)?;
         let tokens = self.cfg.tokens_per_update();
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu_percent = match (cpu0, crate::util::mem::cpu_seconds()) {
+            // /proc counts in 10 ms ticks: shorter updates give no meaningful figure.
+            (Some(a), Some(b)) if wall >= 0.1 => Some(100.0 * (b - a) / wall),
+            _ => None,
+        };
+        let energy_j = self.power.as_mut().and_then(|p| p.joules_since_last());
         let loss_kind = self.loss_kind();
         let c = &mut self.counters;
         c.step += 1;
@@ -402,6 +434,10 @@ impl Trainer {
             rss_bytes: rss,
             loss_scale: reported_scale,
             skipped: verdict == Verdict::Skipped,
+            cpu_percent,
+            energy_j,
+            energy_j_per_token: energy_j.map(|e| e / tokens as f64),
+            power_w: energy_j.map(|e| e / wall.max(1e-9)),
         };
         self.bus.emit(event);
         Ok(())
