@@ -102,6 +102,15 @@ fn a_run_with_evaluations_checkpoints_and_a_sample() {
 }
 
 #[test]
+fn a_known_peak_shows_the_model_flop_utilisation() {
+    let mut v = view("short");
+    let g = v.gflops().unwrap();
+    assert!(!screen_has(&render(&v, 80, 24), "MFU"));
+    v.peak_gflops = Some(g * 4.0);
+    assert_has(&render(&v, 80, 24), &["GFLOP/s MFU 25%"]);
+}
+
+#[test]
 fn a_diverged_run_says_so() {
     let v = view("diverged");
     assert!(matches!(v.status, Status::Failed(_)));

@@ -16,6 +16,10 @@ pub struct DashboardArgs {
     /// Generate a sample from the latest checkpoint every N updates (0: only on the g key).
     #[arg(long, default_value_t = 200)]
     sample_every: u64,
+    /// The machine's peak GFLOP/s in the run's precision (`handgrad bench matmul` measures it):
+    /// the stats then show the model FLOP utilisation (MFU).
+    #[arg(long)]
+    peak_gflops: Option<f64>,
     /// Worker threads of a run resumed with the r key (default: physical cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -27,6 +31,7 @@ pub fn run(a: DashboardArgs) -> Result<()> {
         run_dir: a.run_dir,
         training: None,
         sample_every: a.sample_every,
+        peak_gflops: a.peak_gflops,
         resume_options: Some(Box::new(move |dir: &std::path::Path| {
             let mut o = RunOptions::new(dir);
             if let Some(t) = threads {

@@ -125,6 +125,9 @@ pub struct TrainArgs {
     /// With --dashboard: generate a sample from the latest checkpoint every N updates.
     #[arg(long, default_value_t = 200)]
     sample_every: u64,
+    /// With --dashboard: the machine's peak GFLOP/s (from `handgrad bench matmul`), to show MFU.
+    #[arg(long)]
+    peak_gflops: Option<f64>,
     /// Write TensorBoard event files into this folder (`tensorboard --logdir DIR`).
     #[arg(long)]
     tensorboard: Option<PathBuf>,
@@ -171,7 +174,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = train_config(&a);
     let mut opts = run_options(&a, &cfg)?;
     if a.dashboard {
-        return with_dashboard(cfg, opts, a.sample_every);
+        return with_dashboard(cfg, opts, a.sample_every, a.peak_gflops);
     }
     opts.stop_flag = Some(ctrl_c_flag());
     let outcome = train(cfg, opts)?;
@@ -179,7 +182,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
 }
 
 /// Trains in a thread and shows it in the dashboard (which owns the terminal meanwhile).
-fn with_dashboard(cfg: TrainConfig, mut opts: RunOptions, sample_every: u64) -> Result<()> {
+fn with_dashboard(
+    cfg: TrainConfig,
+    mut opts: RunOptions,
+    sample_every: u64,
+    peak_gflops: Option<f64>,
+) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     opts.stop_flag = Some(stop.clone());
     opts.console = ConsoleMode::Off;
@@ -189,6 +197,7 @@ fn with_dashboard(cfg: TrainConfig, mut opts: RunOptions, sample_every: u64) -> 
         run_dir,
         training: Some(crate::dashboard::Training { stop, thread }),
         sample_every,
+        peak_gflops,
         resume_options: None,
     })?;
     match outcome {

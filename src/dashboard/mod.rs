@@ -43,6 +43,8 @@ pub struct Options {
     pub training: Option<Training>,
     /// Generate a sample from the latest checkpoint every this many updates (0: only on `g`).
     pub sample_every: u64,
+    /// The machine's peak GFLOP/s, to show the model FLOP utilisation (MFU).
+    pub peak_gflops: Option<f64>,
     /// How `r` resumes a stopped run (threads, cache).
     pub resume_options: Option<ResumeOptions>,
 }
@@ -167,7 +169,10 @@ pub fn run(mut o: Options) -> Result<Option<TrainOutcome>> {
     }
     let mut guard = TerminalGuard::enter()?;
     let mut follower = Follower::new(&events);
-    let mut view = RunView::default();
+    let mut view = RunView {
+        peak_gflops: o.peak_gflops,
+        ..RunView::default()
+    };
     let mut ui = UiState::default();
     let mut sampling: Option<Receiver<Result<(u64, String)>>> = None;
     let mut last_sample_step = 0u64;

@@ -240,7 +240,10 @@ fn draw_stats(f: &mut Frame, v: &RunView, ui: &UiState, area: Rect) {
                 l.tokens_per_s / 1e3
             ));
             if let Some(g) = v.gflops() {
-                lines.push(format!("{g:.1} GFLOP/s"));
+                match v.peak_gflops.filter(|p| *p > 0.0) {
+                    Some(p) => lines.push(format!("{g:.1} GFLOP/s MFU {:.0}%", 100.0 * g / p)),
+                    None => lines.push(format!("{g:.1} GFLOP/s")),
+                }
             }
         }
         None => lines.push("no updates yet".into()),

@@ -64,6 +64,8 @@ pub struct RunView {
     pub skipped_updates: u64,
     /// Lines of the event file that could not be read.
     pub unreadable_lines: usize,
+    /// The machine's measured peak (e.g. from `handgrad bench matmul`), for the MFU.
+    pub peak_gflops: Option<f64>,
 }
 
 impl Default for RunView {
@@ -92,6 +94,7 @@ impl Default for RunView {
             wall_s: None,
             skipped_updates: 0,
             unreadable_lines: 0,
+            peak_gflops: None,
         }
     }
 }
