@@ -33,8 +33,15 @@ impl PowerMeter {
     }
 
     fn rapl() -> Option<Self> {
+        Self::rapl_at(std::path::Path::new("/sys/class/powercap"))
+    }
+
+    /// RAPL package domains under a powercap folder (`/sys/class/powercap` on Linux).
+    pub fn rapl_at(root: &std::path::Path) -> Option<Self> {
         let mut domains = Vec::new();
-        for e in std::fs::read_dir("/sys/class/powercap").ok()?.flatten() {
+        let mut entries: Vec<_> = std::fs::read_dir(root).ok()?.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
             let dir = e.path();
             let name = std::fs::read_to_string(dir.join("name")).unwrap_or_default();
             if !name.trim().starts_with("package") {
@@ -165,10 +172,47 @@ mod mac {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn reads_powermetrics_samples() {
         let text = "**** Processor usage ****\nCPU Power: 1234 mW\nGPU Power: 10 mW\nANE Power: 56 mW\nCombined Power (CPU + GPU + ANE): 1300 mW\n";
         assert_eq!(super::parse_powermetrics(text), Some(1.3));
         assert_eq!(super::parse_powermetrics("nothing"), None);
+    }
+
+    fn domain(root: &std::path::Path, name: &str, kind: &str, uj: u64, max: u64) {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("name"), format!("{kind}\n")).unwrap();
+        std::fs::write(d.join("energy_uj"), format!("{uj}\n")).unwrap();
+        std::fs::write(d.join("max_energy_range_uj"), format!("{max}\n")).unwrap();
+    }
+
+    #[test]
+    fn rapl_sums_package_domains_and_handles_wrap_around() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        domain(root, "intel-rapl:0", "package-0", 1_000_000, 10_000_000);
+        domain(root, "intel-rapl:0:0", "core", 5, 10_000_000);
+        domain(root, "intel-rapl:1", "package-1", 9_500_000, 10_000_000);
+        let mut m = PowerMeter::rapl_at(root).unwrap();
+        assert_eq!(m.source(), "RAPL package energy");
+        // Package 0 advances 2 J; package 1 wraps: 0.5 J to the top, then 1 J.
+        std::fs::write(root.join("intel-rapl:0/energy_uj"), "3000000").unwrap();
+        std::fs::write(root.join("intel-rapl:0:0/energy_uj"), "999999999").unwrap();
+        std::fs::write(root.join("intel-rapl:1/energy_uj"), "1000000").unwrap();
+        let j = m.joules_since_last().unwrap();
+        assert!((j - 3.5).abs() < 1e-9, "{j}");
+        assert_eq!(m.joules_since_last(), Some(0.0));
+    }
+
+    #[test]
+    fn no_readable_counters_means_no_meter() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(PowerMeter::rapl_at(dir.path()).is_none());
+        assert!(PowerMeter::rapl_at(&dir.path().join("missing")).is_none());
+        domain(dir.path(), "intel-rapl:0", "core", 1, 2);
+        assert!(PowerMeter::rapl_at(dir.path()).is_none());
     }
 }
