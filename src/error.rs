@@ -42,6 +42,16 @@ pub enum Error {
     /// A compute backend failed (a program did not compile, an evaluation failed).
     #[error("backend {backend}: {message}")]
     Backend { backend: String, message: String },
+    /// The Neural Engine compiler's per-process budget would be passed: the process must
+    /// restart (from its last checkpoint) before compiling more.
+    #[error(
+        "the Neural Engine compiler's budget for this process is spent: {used} of {limit} compiles used, {needed} more needed (the compiler leaks; a new process starts afresh)"
+    )]
+    AneCompileBudget {
+        used: usize,
+        needed: usize,
+        limit: usize,
+    },
     /// Training was interrupted by the user (Ctrl-C) after saving.
     #[error("interrupted")]
     Interrupted,

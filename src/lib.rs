@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod data;
 pub mod error;
 pub mod formats;
+pub mod fuzzing;
 pub mod generate;
 pub mod model;
 pub mod optim;

@@ -90,3 +90,18 @@ fn ane_sim_conforms() {
     cases.extend(ane_cases());
     assert_conforms_on("ane-sim", k.as_mut(), &cases);
 }
+
+#[test]
+fn ane_runtime_against_the_fake_device_conforms() {
+    // Every case prepares a kernel set of ten programs: more than one process's budget.
+    handgrad::backend::ane::runtime::COMPILE_BUDGET.set_limit(1_000_000);
+    let mut k = Backend {
+        kind: BackendKind::AneFake,
+        precision: Precision::Fp32,
+    }
+    .kernels()
+    .unwrap();
+    let mut cases = standard_cases();
+    cases.extend(ane_cases());
+    assert_conforms_on("ane-fake", k.as_mut(), &cases);
+}

@@ -2,7 +2,9 @@
 //! folder intact. It is the default (fp32 CPU) composition of every kernel plus one injected
 //! failure, chosen by the environment
 //! variable `HANDGRAD_FAULT`: `prepare` (the default) fails in [`Kernels::prepare`];
-//! `forward:N` fails in the N-th forward pass (counted by embedding lookups, 1-based).
+//! `forward:N` fails in the N-th forward pass (counted by embedding lookups, 1-based);
+//! `nan:N` makes the N-th forward pass produce NaN activations (so its loss and gradients are
+//! not finite), `nan:N+` every pass from the N-th on.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -14,6 +16,11 @@ use crate::error::{Error, Result};
 enum Fault {
     Prepare,
     Forward(usize),
+    /// NaN activations in forward pass `from` (and every later one when `onwards`).
+    Nan {
+        from: usize,
+        onwards: bool,
+    },
 }
 
 /// The default kernels with one injected failure.
@@ -32,6 +39,16 @@ impl FaultKernels {
                 Ok(n) if n >= 1 => Fault::Forward(n),
                 _ => return Err(bad(&spec)),
             },
+            Some(("nan", n)) => {
+                let (n, onwards) = match n.strip_suffix('+') {
+                    Some(n) => (n, true),
+                    None => (n, false),
+                };
+                match n.parse::<usize>() {
+                    Ok(from) if from >= 1 => Fault::Nan { from, onwards },
+                    _ => return Err(bad(&spec)),
+                }
+            }
             _ => return Err(bad(&spec)),
         };
         Ok(FaultKernels {
@@ -43,7 +60,7 @@ impl FaultKernels {
 
 fn bad(spec: &str) -> Error {
     Error::invalid(format!(
-        "HANDGRAD_FAULT='{spec}': expected 'prepare' or 'forward:N' (N >= 1)"
+        "HANDGRAD_FAULT='{spec}': expected 'prepare', 'forward:N', 'nan:N' or 'nan:N+' (N >= 1)"
     ))
 }
 
@@ -74,6 +91,11 @@ impl Kernels for FaultKernels {
             ));
         }
         crate::backend::cpu::embedding::embedding_forward(out, table, ids, dim);
+        if let Fault::Nan { from, onwards } = self.fault
+            && (n == from || (onwards && n > from))
+        {
+            out.fill(f32::NAN);
+        }
         Ok(())
     }
 }

@@ -37,6 +37,13 @@ pub enum BackendKind {
     /// The ten Apple Neural Engine kernels as MIL programs run by handgrad's simulator (fp16),
     /// the rest on the CPU: verifies the ANE path on any machine; slow.
     AneSim,
+    /// The ten kernels on the Apple Neural Engine (macOS on Apple silicon), through Apple's
+    /// private API; the rest on the CPU, as with ane-sim.
+    Ane,
+    /// The ANE runtime's whole call sequence against a fake device that runs the programs in
+    /// the simulator (`HANDGRAD_ANE_FAKE_FAULTS` injects failures). For tests.
+    #[value(hide = true)]
+    AneFake,
     /// The fp32 CPU kernels with an injected failure, to test error paths (`HANDGRAD_FAULT=prepare` or
     /// `HANDGRAD_FAULT=forward:N`, the N-th forward pass). Not for users.
     #[value(hide = true)]
@@ -48,6 +55,8 @@ impl fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::Cpu => "cpu",
             BackendKind::AneSim => "ane-sim",
+            BackendKind::Ane => "ane",
+            BackendKind::AneFake => "ane-fake",
             BackendKind::FaultInjection => "fault-injection",
         })
     }
@@ -104,14 +113,29 @@ impl Backend {
         Ok(match (self.kind, self.precision) {
             (BackendKind::Cpu, Precision::Fp32) => Box::new(cpu::CpuKernels),
             (BackendKind::Cpu, Precision::Bf16) => Box::new(cpu::CpuBf16Kernels),
+            (BackendKind::AneSim | BackendKind::Ane | BackendKind::AneFake, Precision::Bf16) => {
+                return Err(crate::Error::invalid(format!(
+                    "--backend {} computes in fp16 on the Neural Engine's terms; --precision bf16 is a CPU option (drop it)",
+                    self.kind
+                )));
+            }
             (BackendKind::AneSim, Precision::Fp32) => {
-                Box::new(ane::AneSimKernels::new(ane::mil::Target::Ios18))
+                Box::new(ane::AneKernels::simulator(ane::runtime::program_form("")))
             }
-            (BackendKind::AneSim, Precision::Bf16) => {
-                return Err(crate::Error::invalid(
-                    "--backend ane-sim computes in fp16 on the Neural Engine's terms; --precision bf16 is a CPU option (drop it)",
-                ));
+            (BackendKind::Ane, Precision::Fp32) => {
+                let platform = ane::runtime::apple::ApplePlatform::open()?;
+                let chip = ane::runtime::chip_name().unwrap_or_default();
+                Box::new(ane::AneKernels::device(
+                    Box::new(platform),
+                    ane::runtime::program_form(&chip),
+                    "ane",
+                ))
             }
+            (BackendKind::AneFake, Precision::Fp32) => Box::new(ane::AneKernels::device(
+                Box::new(ane::runtime::fake::FakePlatform::from_env()),
+                ane::runtime::program_form(""),
+                "ane-fake",
+            )),
             (BackendKind::FaultInjection, _) => Box::new(fault::FaultKernels::from_env()?),
         })
     }
@@ -122,7 +146,9 @@ impl Backend {
             backend: self.kind,
             precision: self.precision,
             details: match self.kind {
-                BackendKind::AneSim => "the ten ANE kernels as MIL (ios18 form) in handgrad's fp16 simulator; embedding, norms, residuals, weight gradients, classifier and AdamW on the CPU in f32".to_string(),
+                BackendKind::AneSim => format!("the ten ANE kernels as MIL ({} form) in handgrad's fp16 simulator; embedding, norms, residuals, weight gradients, classifier and AdamW on the CPU in f32", ane::runtime::program_form("").opset()),
+                BackendKind::Ane => format!("the ten ANE kernels as MIL ({} form) on the Neural Engine of {}; embedding, norms, residuals, weight gradients, classifier and AdamW on the CPU in f32", ane::runtime::program_form(&ane::runtime::chip_name().unwrap_or_default()).opset(), ane::runtime::chip_name().unwrap_or_else(|| "this Mac".into())),
+                BackendKind::AneFake => "the ten ANE kernels through the ANE runtime's call sequence against a fake device (the simulator); the rest on the CPU in f32".to_string(),
                 _ => cpu::describe(self.precision == Precision::Bf16),
             },
         }

@@ -94,6 +94,16 @@ pub struct TrainArgs {
     /// overflowing update is skipped and the scale halved; 200 clean updates double it).
     #[arg(long, default_value = "auto")]
     loss_scale: crate::train::LossScale,
+    /// An update whose loss or gradient is not finite (NaN or infinite) is skipped, with a
+    /// warning naming the first non-finite tensor; K such updates in a row stop the run (the
+    /// last checkpoint is intact). With dynamic loss scaling the scale is lowered instead.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    max_bad_updates: usize,
+    /// With --backend ane: when the Neural Engine compiler's per-process budget
+    /// (HANDGRAD_ANE_COMPILE_BUDGET, default 100 compiles) would be passed, stop with an error
+    /// instead of restarting the process to continue from the last checkpoint.
+    #[arg(long)]
+    no_restart: bool,
     /// Run folder (default: runs/MODEL-N, the first free N).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -177,8 +187,75 @@ pub fn run(a: TrainArgs) -> Result<()> {
         return with_dashboard(cfg, opts, a.sample_every, a.peak_gflops);
     }
     opts.stop_flag = Some(ctrl_c_flag());
-    let outcome = train(cfg, opts)?;
+    let run_dir = opts.run_dir.clone();
+    let outcome = match train(cfg, opts) {
+        Err(Error::AneCompileBudget {
+            used,
+            needed,
+            limit,
+        }) if !a.no_restart => return restart_process(&run_dir, a.resume, used, needed, limit),
+        other => other?,
+    };
     report(&outcome)
+}
+
+/// Restarts handgrad in this process's place (exec) to continue the run from its last
+/// checkpoint with a fresh Neural Engine compiler. Refused when a fresh process could not
+/// compile the set either, or after three restarts in a row.
+fn restart_process(
+    run_dir: &std::path::Path,
+    resuming: bool,
+    used: usize,
+    needed: usize,
+    limit: usize,
+) -> Result<()> {
+    const RESTARTS: &str = "HANDGRAD_ANE_RESTARTS";
+    let restarts: u32 = std::env::var(RESTARTS)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let spent = Error::AneCompileBudget {
+        used,
+        needed,
+        limit,
+    };
+    if needed > limit {
+        return Err(Error::invalid(format!(
+            "{spent}; one kernel set needs {needed} compiles, more than the budget of {limit} (raise HANDGRAD_ANE_COMPILE_BUDGET)"
+        )));
+    }
+    if restarts >= 3 {
+        return Err(Error::invalid(format!(
+            "{spent}; still so after {restarts} restarts in a row"
+        )));
+    }
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let has_checkpoint = crate::train::RunPaths {
+        dir: run_dir.to_path_buf(),
+    }
+    .has_checkpoint();
+    if has_checkpoint && !resuming {
+        args.push("--resume".into());
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| Error::io("finding the executable", "handgrad", e))?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(&args)
+        .env(RESTARTS, (restarts + 1).to_string())
+        .env_remove(crate::backend::ane::runtime::COMPILES_USED_VAR);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let e = cmd.exec();
+        Err(Error::io("re-executing", exe, e))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = cmd
+            .status()
+            .map_err(|e| Error::io("re-executing", &exe, e))?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
 }
 
 /// Trains in a thread and shows it in the dashboard (which owns the terminal meanwhile).
@@ -241,6 +318,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         backend: backend.kind,
         precision: backend.precision,
         loss_scale: a.loss_scale,
+        max_bad_updates: a.max_bad_updates,
         val_fraction: a.val_fraction,
         sample_prompt: a.sample_prompt.clone(),
         sample_tokens: a.sample_tokens,

@@ -292,6 +292,9 @@ impl RunView {
             }
             Event::Info { message } => self.log(message.trim().to_string()),
             Event::Warning { message } => self.log(format!("warning: {message}")),
+            Event::Restart { step, reason, .. } => {
+                self.log(format!("update {step}: restarting: {reason}"))
+            }
             Event::RunError { step, message } => {
                 self.status = Status::Failed(message.clone());
                 self.log(format!("update {step}: error: {message}"));

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::SamplerState;
 use crate::error::{Error, Result};
-use crate::util::fsutil::write_atomic;
+use crate::util::fsutil::write_atomic_keeping;
 
 const MAGIC: &[u8; 8] = b"HGCKPT01";
 const END_MAGIC: &[u8; 8] = b"HGCKEND\0";
@@ -140,6 +140,12 @@ impl CheckpointRef<'_> {
     /// Writes the checkpoint atomically (temporary file, fsync, rename, fsync of the folder).
     /// Returns the number of bytes written.
     pub fn save(&self, path: &Path) -> Result<u64> {
+        self.save_keeping(path, None)
+    }
+
+    /// [`save`](Self::save), keeping the checkpoint it replaces as `previous` (see
+    /// [`write_atomic_keeping`]: `path` holds a complete checkpoint at every moment).
+    pub fn save_keeping(&self, path: &Path, previous: Option<&Path>) -> Result<u64> {
         let n = self.params.len();
         if self.meta.n_params != n {
             return Err(Error::invalid(
@@ -159,7 +165,7 @@ impl CheckpointRef<'_> {
             serde_json::to_vec(&meta).map_err(|e| Error::json("writing checkpoint metadata", e))?;
         let flags: u32 = if self.moments.is_some() { 1 } else { 0 };
         let mut written = 0u64;
-        write_atomic(path, |f| {
+        write_atomic_keeping(path, previous, |f| {
             let mut w = CrcWriter {
                 inner: f,
                 crc: crc32fast::Hasher::new(),

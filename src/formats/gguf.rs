@@ -404,6 +404,18 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     };
     cfg.validate(&path.display().to_string())?;
     let layout = ParamLayout::new(&cfg);
+    // Every supported tensor type takes at least a byte per value: a header that describes
+    // more values than the file has bytes is refused before anything is allocated.
+    if layout.total() > g.map.len() {
+        return Err(Error::format(
+            path,
+            format!(
+                "GGUF: the metadata describes a model of {} parameters, more than this {}-byte file can hold",
+                layout.total(),
+                g.map.len()
+            ),
+        ));
+    }
     let mut params = vec![0.0f32; layout.total()];
     for t in &layout.tensors {
         let gname = gguf_name(&t.name);

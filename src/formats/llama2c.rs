@@ -211,6 +211,18 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     };
     let cfg = config_of(&h);
     let layout = ParamLayout::new(&cfg);
+    // Each parameter takes at least a byte of the file (int8 in v2, f32 otherwise): a header
+    // describing more is refused before anything is allocated.
+    if layout.total() > b.len() {
+        return Err(Error::format(
+            path,
+            format!(
+                "llama2.c header describes {} parameters, more than this {}-byte file can hold",
+                layout.total(),
+                b.len()
+            ),
+        ));
+    }
     let mut params = vec![0.0f32; layout.total()];
     let ids = order(&layout, version, h.shared);
     let rope_tables = 2 * h.seq_len * (cfg.head_dim / 2);

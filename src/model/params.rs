@@ -240,6 +240,16 @@ impl ParamLayout {
     }
 
     /// Looks a tensor up by its Hugging Face name.
+    /// The first tensor (in layout order) of `buf` holding a NaN or an infinity, with how
+    /// many of its values are not finite.
+    pub fn first_non_finite(&self, buf: &[f32]) -> Option<(&str, usize)> {
+        self.tensors.iter().find_map(|t| {
+            let v = buf.get(t.range())?;
+            let bad = v.iter().filter(|x| !x.is_finite()).count();
+            (bad > 0).then_some((t.name.as_str(), bad))
+        })
+    }
+
     pub fn find(&self, name: &str) -> Option<TensorId> {
         self.tensors.iter().position(|t| t.name == name)
     }

@@ -228,6 +228,7 @@ impl EventSink for ConsoleSink {
         if self.mode == ConsoleMode::Quiet {
             match event {
                 Event::Warning { message } => eprintln!("warning: {message}"),
+                Event::Restart { reason, .. } => eprintln!("restarting: {reason}"),
                 Event::Sample { text, .. } => self.sample(text),
                 _ => {}
             }
@@ -269,6 +270,7 @@ impl EventSink for ConsoleSink {
             Event::Sample { text, .. } => self.sample(text),
             Event::Info { message } => self.println(message),
             Event::Warning { message } => self.println(&format!("warning: {message}")),
+            Event::Restart { reason, .. } => self.println(&format!("restarting: {reason}")),
             // The CLI prints the error itself, in one line.
             Event::RunError { .. } => {
                 if let Some(b) = self.bar.take() {

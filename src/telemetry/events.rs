@@ -192,6 +192,14 @@ pub enum Event {
     Warning { message: String },
     /// The run stopped on an error (the last checkpoint is intact).
     RunError { step: u64, message: String },
+    /// The process restarts itself to continue the run from its last checkpoint (the Neural
+    /// Engine compiler's per-process budget is spent).
+    Restart {
+        step: u64,
+        reason: String,
+        compiles_used: usize,
+        compile_budget: usize,
+    },
     /// The run ends, with an efficiency report.
     RunEnd {
         step: u64,

@@ -27,18 +27,37 @@ pub struct JsonlSink {
 }
 
 impl JsonlSink {
-    /// Opens (appending to) a JSONL file.
+    /// Opens (appending to) a JSONL file. A last line cut short (the process was killed while
+    /// writing it) is ended first, so the next record starts on a line of its own.
     pub fn open(path: &Path) -> Result<Self> {
-        let f = OpenOptions::new()
+        let mut f = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(path)
             .map_err(|e| Error::io("opening event log", path, e))?;
+        if ends_mid_line(&mut f).map_err(|e| Error::io("reading event log", path, e))? {
+            f.write_all(b"\n")
+                .map_err(|e| Error::io("writing", path, e))?;
+        }
         Ok(JsonlSink {
             path: path.to_path_buf(),
             out: BufWriter::new(f),
         })
     }
+}
+
+/// Whether a file is non-empty and its last byte is not a newline.
+fn ends_mid_line(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 impl EventSink for JsonlSink {
@@ -49,7 +68,8 @@ impl EventSink for JsonlSink {
     fn emit(&mut self, record: &Record) -> Result<()> {
         let line =
             serde_json::to_string(record).map_err(|e| Error::json("encoding an event", e))?;
-        writeln!(self.out, "{line}")
+        crate::util::fsutil::fault::check_write(&self.path)
+            .and_then(|_| writeln!(self.out, "{line}"))
             .and_then(|_| self.out.flush())
             .map_err(|e| Error::io("writing", &self.path, e))
     }

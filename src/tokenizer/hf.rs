@@ -29,6 +29,20 @@ const BOS_NAMES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>"];
 impl HfTokenizer {
     /// Parses `tokenizer.json` bytes; `origin` names the file in errors.
     pub fn from_bytes(bytes: Vec<u8>, origin: &Path) -> Result<Self> {
+        // Checked as JSON first: the `tokenizers` crate panics on some malformed documents
+        // (an `expect` in its decoder deserializer) instead of returning an error.
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            Error::Tokenizer(format!(
+                "{}: not a valid tokenizer.json: not UTF-8 text ({e})",
+                origin.display()
+            ))
+        })?;
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            return Err(Error::Tokenizer(format!(
+                "{}: not a valid tokenizer.json: not valid JSON: {e}",
+                origin.display()
+            )));
+        }
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
             Error::Tokenizer(format!(
                 "{}: not a valid tokenizer.json: {e}",

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Loss scaling (`auto`: dynamic on fp16 backends, none on the CPU).
     pub loss_scale: super::loss_scale::LossScale,
+    /// Without dynamic loss scaling: non-finite updates in a row (each skipped) that stop the
+    /// run.
+    pub max_bad_updates: usize,
     /// Fraction of a single data file held out for validation.
     pub val_fraction: f64,
     /// Prompt of the sample printed at the end.
@@ -92,6 +95,7 @@ impl Default for TrainConfig {
             backend: BackendKind::Cpu,
             precision: Precision::Fp32,
             loss_scale: super::loss_scale::LossScale::Auto,
+            max_bad_updates: 3,
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),
             sample_tokens: 160,

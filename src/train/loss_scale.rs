@@ -67,10 +67,12 @@ impl LossScale {
     /// The policy for a backend (`Auto` resolved).
     pub fn resolve(self, backend: BackendKind) -> LossScale {
         match (self, backend) {
-            (LossScale::Auto, BackendKind::AneSim) => LossScale::Dynamic {
-                scale: DEFAULT_SCALE,
-                growth_interval: DEFAULT_GROWTH_INTERVAL,
-            },
+            (LossScale::Auto, BackendKind::AneSim | BackendKind::Ane | BackendKind::AneFake) => {
+                LossScale::Dynamic {
+                    scale: DEFAULT_SCALE,
+                    growth_interval: DEFAULT_GROWTH_INTERVAL,
+                }
+            }
             (LossScale::Auto, _) => LossScale::None,
             (p, _) => p,
         }
@@ -90,6 +92,10 @@ pub struct ScalerState {
 pub struct LossScaler {
     policy: LossScale,
     state: ScalerState,
+    /// Without dynamic scaling: non-finite updates in a row that stop the run.
+    max_bad: u64,
+    /// Non-finite updates in a row so far.
+    bad_streak: u64,
 }
 
 /// What the scaler decided about one update.
@@ -103,7 +109,7 @@ pub enum Verdict {
 
 impl LossScaler {
     /// A scaler for a resolved policy, continuing from a saved state when there is one.
-    pub fn new(policy: LossScale, saved: Option<ScalerState>) -> Self {
+    pub fn new(policy: LossScale, saved: Option<ScalerState>, max_bad: usize) -> Self {
         let scale = match policy {
             LossScale::Static { scale } | LossScale::Dynamic { scale, .. } => scale,
             LossScale::None | LossScale::Auto => 1.0,
@@ -114,6 +120,8 @@ impl LossScaler {
                 scale,
                 good_steps: 0,
             }),
+            max_bad: max_bad.max(1) as u64,
+            bad_streak: 0,
         }
     }
 
@@ -130,45 +138,67 @@ impl LossScaler {
         }
     }
 
+    /// Whether the scale adapts (overflows then skip an update and lower it).
+    pub fn is_dynamic(&self) -> bool {
+        matches!(self.policy, LossScale::Dynamic { .. })
+    }
+
     /// The state to save.
     pub fn state(&self) -> Option<ScalerState> {
         self.reported().map(|_| self.state)
     }
 
-    /// Takes the outcome of an update (`finite`: its loss and gradient were finite). A
-    /// non-finite update is an error unless scaling is dynamic.
+    /// Takes the outcome of an update (`finite`: its loss and gradient were finite). With
+    /// dynamic scaling a non-finite update lowers the scale; otherwise it is skipped, and the
+    /// `max_bad`-th in a row is an error.
     pub fn update(&mut self, finite: bool, step: u64, detail: &str) -> Result<Verdict> {
         let s = &mut self.state;
-        match self.policy {
-            LossScale::Dynamic {
-                growth_interval, ..
-            } => {
-                if finite {
-                    s.good_steps += 1;
-                    if s.good_steps >= growth_interval {
-                        s.scale *= 2.0;
-                        s.good_steps = 0;
-                    }
-                    return Ok(Verdict::Applied);
+        if let LossScale::Dynamic {
+            growth_interval, ..
+        } = self.policy
+        {
+            if finite {
+                s.good_steps += 1;
+                if s.good_steps >= growth_interval {
+                    s.scale *= 2.0;
+                    s.good_steps = 0;
                 }
-                s.scale *= 0.5;
-                s.good_steps = 0;
-                if s.scale < MIN_SCALE {
-                    return Err(Error::invalid(format!(
-                        "training diverged at update {step}: {detail}, and the loss scale fell below 2^-24 (try a lower --lr); the last checkpoint is intact"
-                    )));
-                }
-                Ok(Verdict::Skipped)
+                return Ok(Verdict::Applied);
             }
-            _ if finite => Ok(Verdict::Applied),
-            LossScale::Static { .. } => Err(Error::invalid(format!(
-                "training diverged at update {step}: {detail} with a static loss scale of {} (try --loss-scale dynamic or a lower --lr); the last checkpoint is intact",
-                s.scale
-            ))),
-            _ => Err(Error::invalid(format!(
-                "training diverged at update {step}: {detail} (try a lower --lr); the last checkpoint is intact"
-            ))),
+            s.scale *= 0.5;
+            s.good_steps = 0;
+            if s.scale < MIN_SCALE {
+                return Err(Error::invalid(format!(
+                    "training diverged at update {step}: {detail}, and the loss scale fell below 2^-24 (try a lower --lr); the last checkpoint is intact"
+                )));
+            }
+            return Ok(Verdict::Skipped);
         }
+        if finite {
+            self.bad_streak = 0;
+            return Ok(Verdict::Applied);
+        }
+        self.bad_streak += 1;
+        if self.bad_streak < self.max_bad {
+            return Ok(Verdict::Skipped);
+        }
+        let what = if self.max_bad > 1 {
+            format!(
+                "{} non-finite updates in a row, the last with {detail}",
+                self.bad_streak
+            )
+        } else {
+            detail.to_string()
+        };
+        Err(Error::invalid(match self.policy {
+            LossScale::Static { .. } => format!(
+                "training diverged at update {step}: {what}, with a static loss scale of {} (try --loss-scale dynamic or a lower --lr); the last checkpoint is intact",
+                s.scale
+            ),
+            _ => format!(
+                "training diverged at update {step}: {what} (try a lower --lr); the last checkpoint is intact"
+            ),
+        }))
     }
 }
 
@@ -182,23 +212,33 @@ mod tests {
             scale: 1024.0,
             growth_interval: 3,
         };
-        let mut s = LossScaler::new(policy, None);
+        let mut s = LossScaler::new(policy, None, 1);
         assert_eq!(s.update(false, 1, "x").unwrap(), Verdict::Skipped);
         assert_eq!(s.scale(), 512.0);
         for i in 0..3 {
             assert_eq!(s.update(true, 2 + i, "x").unwrap(), Verdict::Applied);
         }
         assert_eq!(s.scale(), 1024.0);
-        let mut st = LossScaler::new(LossScale::Static { scale: 256.0 }, None);
+        let mut st = LossScaler::new(LossScale::Static { scale: 256.0 }, None, 1);
         assert!(
             st.update(false, 5, "loss inf")
                 .unwrap_err()
                 .to_string()
                 .contains("dynamic")
         );
-        let mut none = LossScaler::new(LossScale::None, None);
+        let mut none = LossScaler::new(LossScale::None, None, 1);
         assert_eq!(none.reported(), None);
         assert!(none.update(false, 5, "loss inf").is_err());
+        // K = 3: two bad updates are skipped, a good one resets the count, the third in a row
+        // stops the run.
+        let mut k = LossScaler::new(LossScale::None, None, 3);
+        assert_eq!(k.update(false, 1, "x").unwrap(), Verdict::Skipped);
+        assert_eq!(k.update(false, 2, "x").unwrap(), Verdict::Skipped);
+        assert_eq!(k.update(true, 3, "x").unwrap(), Verdict::Applied);
+        assert_eq!(k.update(false, 4, "x").unwrap(), Verdict::Skipped);
+        assert_eq!(k.update(false, 5, "x").unwrap(), Verdict::Skipped);
+        let e = k.update(false, 6, "loss NaN").unwrap_err().to_string();
+        assert!(e.contains("3 non-finite updates in a row"), "{e}");
     }
 
     #[test]

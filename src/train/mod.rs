@@ -4,6 +4,7 @@
 pub mod config;
 pub mod loss_scale;
 pub mod run_dir;
+pub mod run_lock;
 pub mod setup;
 pub mod step;
 pub mod trainer;
@@ -11,6 +12,7 @@ pub mod trainer;
 pub use config::TrainConfig;
 pub use loss_scale::LossScale;
 pub use run_dir::{RunPaths, load_latest};
+pub use run_lock::RunLock;
 pub use setup::ResumeChanges;
 pub use step::{StepState, StepStats, TrainStep};
 pub use trainer::{RunOptions, TrainOutcome, default_threads, train};

@@ -33,6 +33,11 @@ impl RunPaths {
         self.dir.join("events.jsonl")
     }
 
+    /// Whether a checkpoint to resume from was ever written (`latest` or `latest.prev`).
+    pub fn has_checkpoint(&self) -> bool {
+        self.latest().exists() || self.latest_prev().exists()
+    }
+
     /// Whether the folder already holds a run.
     pub fn holds_run(&self) -> bool {
         self.latest().exists() || self.events().exists()

@@ -75,6 +75,32 @@ pub fn resume_config(
     ))
 }
 
+/// The saved settings of a run that has no checkpoint yet (it was stopped before its first),
+/// to start it again: `train_config.json`, with `--steps` applied.
+pub fn restart_config(paths: &RunPaths, changes: &ResumeChanges) -> Result<TrainConfig> {
+    let path = paths.dir.join("train_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::checkpoint(
+                paths.latest(),
+                format!("no checkpoint to resume from in {}", paths.dir.display()),
+            )
+        } else {
+            Error::io("reading", &path, e)
+        }
+    })?;
+    let mut cfg: TrainConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::json(format!("reading {}", path.display()), e))?;
+    if let Some(s) = changes.steps {
+        cfg.steps = s;
+    }
+    if let Some(b) = changes.backend {
+        cfg.backend = b.kind;
+        cfg.precision = b.precision;
+    }
+    Ok(cfg)
+}
+
 /// The pretrained weights of `--init-from` (fresh runs only).
 pub fn load_init(cfg: &TrainConfig, resume: Option<&ResumePoint>) -> Result<Option<LoadedModel>> {
     match (resume, &cfg.init_from) {

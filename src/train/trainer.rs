@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::config::TrainConfig;
 use super::loss_scale::{LossScaler, Verdict};
 use super::run_dir::{self, RunPaths};
+use super::run_lock::RunLock;
 use super::setup::{self, ResumeChanges, ResumePoint};
 use super::step::{StepState, TrainStep};
 use crate::backend::Kernels;
@@ -27,6 +28,7 @@ use crate::telemetry::{
     LossKind,
 };
 use crate::tokenizer::Tokenizer;
+use crate::util::fsutil::remove_stale_temp_files;
 
 /// Step events carry the process's resident memory every this many updates (and the first).
 const RSS_EVERY: u64 = 10;
@@ -152,6 +154,8 @@ struct Trainer {
     notes: Vec<String>,
     /// One `seq + 1` window of tokens.
     window: Vec<u32>,
+    /// This trainer owns the run folder while it runs.
+    _lock: RunLock,
 }
 
 impl Trainer {
@@ -166,8 +170,27 @@ impl Trainer {
         let mut bus = EventBus::new(sinks);
         let (mut warnings, mut notes) = (Vec::new(), Vec::new());
 
+        // 0. The run folder is this trainer's from here on (a second one is refused); what a
+        // killed predecessor left half-written goes.
+        let lock = RunLock::acquire(&paths.dir, &mut warnings)?;
+        let stale =
+            remove_stale_temp_files(&paths.checkpoints()) + remove_stale_temp_files(&paths.dir);
+        if stale > 0 {
+            warnings.push(format!(
+                "removed {stale} unfinished temporary file(s) left by an interrupted write"
+            ));
+        }
+
         // 1. The configuration: the user's, or the checkpoint's on resume.
-        let (mut cfg, resume) = if opts.resume {
+        let (mut cfg, resume) = if opts.resume && !paths.has_checkpoint() {
+            // Killed before its first checkpoint: the run starts again from its saved settings.
+            let c = setup::restart_config(&paths, &opts.resume_changes)?;
+            warnings.push(format!(
+                "{} has no checkpoint yet: the run starts again from update 0 with its saved settings",
+                paths.dir.display()
+            ));
+            (c, None)
+        } else if opts.resume {
             let (c, r) = setup::resume_config(&paths, &opts.resume_changes, &mut warnings)?;
             (c, Some(r))
         } else {
@@ -212,12 +235,31 @@ impl Trainer {
 
         // 4. The kernels, prepared once for this shape: a backend fails here, not mid-run.
         let mut kernels = backend.kernels()?;
-        kernels.prepare(&model.step_shape(cfg.batch, cfg.seq))?;
+        if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
+            if let Error::AneCompileBudget { used, limit, .. } = &e {
+                // Said in the run's log (when it has one) before the CLI restarts the process.
+                if paths.events().exists() {
+                    bus.attach_log(Box::new(JsonlSink::open(&paths.events())?));
+                }
+                bus.emit(Event::Restart {
+                    step: resume.as_ref().map_or(0, |r| r.checkpoint.meta.step),
+                    reason: e.to_string(),
+                    compiles_used: *used,
+                    compile_budget: *limit,
+                });
+                bus.finish();
+            }
+            return Err(e);
+        }
         warnings.extend(kernels.warnings());
 
         // 5. Parameters, optimizer and data position.
         let saved_scale = resume.as_ref().and_then(|r| r.checkpoint.meta.loss_scale);
-        let scaler = LossScaler::new(cfg.loss_scale.resolve(cfg.backend), saved_scale);
+        let scaler = LossScaler::new(
+            cfg.loss_scale.resolve(cfg.backend),
+            saved_scale,
+            cfg.max_bad_updates,
+        );
         let (state, sampler, counters) = initial_state(&cfg, &model, &data.data, resume, init)?;
 
         // 6. The run folder, then its event log (which receives everything said so far).
@@ -256,6 +298,7 @@ impl Trainer {
             model,
             paths,
             cfg,
+            _lock: lock,
         })
     }
 
@@ -393,10 +436,31 @@ impl Trainer {
             }
         };
         let stats = step.run(&mut self.state, acts, &mut next_batch, lr)?;
-        let detail = format!("loss {}, gradient norm {}", stats.loss, stats.grad_norm);
+        let mut detail = format!("loss {}, gradient norm {}", stats.loss, stats.grad_norm);
+        if !stats.applied {
+            let layout = &self.model.layout;
+            if let Some((name, n)) = layout.first_non_finite(&self.state.params) {
+                detail.push_str(&format!(
+                    "; weights non-finite first in {name} ({n} values)"
+                ));
+            } else if let Some((name, n)) = layout.first_non_finite(&self.state.grads) {
+                detail.push_str(&format!("; first non-finite gradient: {name} ({n} values)"));
+            }
+        }
         let verdict = self
             .scaler
             .update(stats.applied, self.counters.step + 1, &detail)?;
+        // Dynamic scaling's overflows are routine (the step event says `skipped`); any other
+        // skipped update is worth a warning.
+        if verdict == Verdict::Skipped && !self.scaler.is_dynamic() {
+            self.bus.emit(Event::Warning {
+                message: format!(
+                    "update {} skipped: {detail}; {} such updates in a row stop the run",
+                    self.counters.step + 1,
+                    self.cfg.max_bad_updates.max(1)
+                ),
+            });
+        }
         let tokens = self.cfg.tokens_per_update();
         let wall = t0.elapsed().as_secs_f64();
         let cpu_percent = match (cpu0, crate::util::mem::cpu_seconds()) {
@@ -584,6 +648,25 @@ impl Trainer {
 
     /// Writes a checkpoint straight from the live buffers (no copy of the weights or moments).
     fn save(&mut self, path: &Path, with_moments: bool, kind: CheckpointKind) -> Result<()> {
+        let previous = (kind != CheckpointKind::Best).then(|| self.paths.latest_prev());
+        self.save_keeping(path, previous.as_deref(), with_moments, kind)
+    }
+
+    /// Writes a checkpoint, keeping the one it replaces as `previous`. Weights that are not
+    /// finite are never saved: the last good checkpoint stays what `--resume` loads.
+    fn save_keeping(
+        &mut self,
+        path: &Path,
+        previous: Option<&Path>,
+        with_moments: bool,
+        kind: CheckpointKind,
+    ) -> Result<()> {
+        if let Some((name, n)) = self.model.layout.first_non_finite(&self.state.params) {
+            return Err(Error::invalid(format!(
+                "refusing to save {}: the weights hold {n} non-finite values in {name} (and maybe elsewhere); the last checkpoint is intact",
+                path.display()
+            )));
+        }
         let t0 = Instant::now();
         let meta = self.checkpoint_meta()?;
         let opt = &self.state.opt;
@@ -597,7 +680,7 @@ impl Trainer {
             params: &self.state.params,
             moments: with_moments.then_some((opt.m.as_slice(), opt.v.as_slice())),
         }
-        .save(path)?;
+        .save_keeping(path, previous)?;
         let event = Event::Checkpoint {
             step: self.counters.step,
             kind,
@@ -612,10 +695,6 @@ impl Trainer {
     /// Writes `checkpoints/latest`, keeping the previous one as `latest.prev`.
     fn save_latest(&mut self, kind: CheckpointKind) -> Result<()> {
         let latest = self.paths.latest();
-        if latest.exists() {
-            std::fs::rename(&latest, self.paths.latest_prev())
-                .map_err(|e| Error::io("rotating", &latest, e))?;
-        }
         self.save(&latest, true, kind)
     }
 

@@ -1,9 +1,12 @@
-//! The Apple Neural Engine backend, part 1: MIL programs for the ten dynamic-weight kernels
+//! The Apple Neural Engine backend: MIL programs for the ten dynamic-weight kernels
 //! ([`kernels`]), the program language ([`mil`]), a simulator that runs the emitted text with
-//! fp16 numerics ([`sim`]), a lint of the hardware's known rules ([`lint`]), and the surface
-//! packing shared with the future macOS runtime ([`pack`]).
+//! fp16 numerics ([`sim`]), a lint of the hardware's known rules ([`lint`]), the surface
+//! packing ([`pack`]), and the runtime that compiles and runs the programs on the device
+//! through Apple's private API ([`runtime`]).
 //!
-//! [`AneSimKernels`] (`--backend ane-sim`) runs the ten kernels in the simulator and everything
+//! [`AneKernels`] runs the ten kernels — in the simulator (`--backend ane-sim`), on the Neural
+//! Engine (`--backend ane`), or through the runtime against its fake device (`ane-fake`, for
+//! tests) — and everything
 //! else on the CPU, as the original split the work: embedding, RMSNorms, residual adds (in
 //! f32), SwiGLU and RoPE backward, Qwen3's q/k-norm backward, every weight gradient, the
 //! classifier and loss, and AdamW. Shapes the kernels were not prepared for (decoding one
@@ -13,6 +16,7 @@ pub mod kernels;
 pub mod lint;
 pub mod mil;
 pub mod pack;
+pub mod runtime;
 pub mod sim;
 
 use std::collections::HashMap;
@@ -29,10 +33,18 @@ use super::kernels::{Kernels, Tolerance};
 use super::types::{AttentionShape, Matrix, Qkv, QkvGrads, StepShape};
 use crate::error::{Error, Result};
 
+/// How a prepared kernel runs.
+enum Exec {
+    /// In handgrad's simulator.
+    Sim(Simulator),
+    /// Compiled and loaded on a device (the Neural Engine, or the runtime's fake).
+    Device(runtime::LoadedProgram),
+}
+
 /// One kernel ready to run.
 struct Prepared {
     kernel: Kernel,
-    sim: Simulator,
+    exec: Exec,
 }
 
 /// The kernels of one step shape.
@@ -42,20 +54,73 @@ struct KernelSet {
     findings: Vec<(KernelKind, Finding)>,
 }
 
-/// `--backend ane-sim`: the ten kernels in the MIL simulator, the rest on the CPU.
-pub struct AneSimKernels {
+/// Where the kernels run.
+enum Runner {
+    Simulator,
+    Device {
+        platform: runtime::SharedPlatform,
+        /// The backend's name in messages (`ane`, `ane-fake`).
+        name: &'static str,
+    },
+}
+
+/// The ten kernels as MIL programs (in the simulator or on a device), the rest on the CPU.
+pub struct AneKernels {
     target: Target,
     set: Option<KernelSet>,
+    runner: Runner,
+    /// The compile budget a device draws on (the process's unless given).
+    budget: Option<std::sync::Arc<runtime::CompileBudget>>,
 }
 
 fn sim_err(kind: KernelKind, e: String) -> Error {
     Error::backend("ane-sim", format!("{}: {e}", kind.name()))
 }
 
-impl AneSimKernels {
-    /// A simulator backend emitting programs of `target`.
-    pub fn new(target: Target) -> Self {
-        AneSimKernels { target, set: None }
+impl AneKernels {
+    /// `--backend ane-sim`: programs of `target` in the simulator.
+    pub fn simulator(target: Target) -> Self {
+        AneKernels {
+            target,
+            set: None,
+            runner: Runner::Simulator,
+            budget: None,
+        }
+    }
+
+    /// Programs of `target` compiled and run on a device through the runtime.
+    pub fn device(
+        platform: Box<dyn runtime::AnePlatform>,
+        target: Target,
+        name: &'static str,
+    ) -> Self {
+        AneKernels {
+            target,
+            set: None,
+            runner: Runner::Device {
+                platform: std::sync::Arc::new(std::sync::Mutex::new(platform)),
+                name,
+            },
+            budget: None,
+        }
+    }
+
+    /// Draws compiles from `budget` instead of the process's (tests).
+    pub fn with_budget(mut self, budget: std::sync::Arc<runtime::CompileBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Whether the kernel set in use is the one of `shape`.
+    pub fn is_prepared_for(&self, shape: &StepShape) -> bool {
+        self.set.as_ref().is_some_and(|s| s.shape == *shape)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        match &self.runner {
+            Runner::Simulator => "ane-sim",
+            Runner::Device { name, .. } => name,
+        }
     }
 
     /// The prepared set when `rows` token rows are whole sequences of its shape.
@@ -71,16 +136,28 @@ impl AneSimKernels {
             .kernels
             .get(&kind)
             .ok_or_else(|| Error::backend("ane-sim", format!("{} is not prepared", kind.name())))?;
-        let out = p
-            .sim
-            .run(&input.to_tensor())
-            .map_err(|e| sim_err(kind, e))?;
-        Surface::from_tensor(&out).ok_or_else(|| {
-            sim_err(
-                kind,
-                "the output is not an fp16 [1, C, 1, S] surface".into(),
-            )
-        })
+        match &p.exec {
+            Exec::Sim(sim) => {
+                let out = sim.run(&input.to_tensor()).map_err(|e| sim_err(kind, e))?;
+                Surface::from_tensor(&out).ok_or_else(|| {
+                    sim_err(
+                        kind,
+                        "the output is not an fp16 [1, C, 1, S] surface".into(),
+                    )
+                })
+            }
+            Exec::Device(program) => {
+                let (c, w) = p.kernel.output;
+                let mut out = vec![0u8; 2 * c * w];
+                program.run(&[&input.to_bytes()], &mut [&mut out])?;
+                Surface::from_bytes(c, w, &out).ok_or_else(|| {
+                    Error::backend(
+                        self.backend_name(),
+                        format!("{}: bad output size", kind.name()),
+                    )
+                })
+            }
+        }
     }
 
     fn kernel<'a>(&self, set: &'a KernelSet, kind: KernelKind) -> &'a Kernel {
@@ -97,22 +174,52 @@ fn rstd_rows(x: &[f32], width: usize, eps: f32, out: &mut [f32]) {
     }
 }
 
-impl Kernels for AneSimKernels {
+impl Kernels for AneKernels {
     fn prepare(&mut self, shape: &StepShape) -> Result<()> {
         let ks = KernelShape {
             dims: shape.dims,
             seq: shape.seq,
             target: self.target,
         };
+        let built = build_all(&ks)?;
+        // A device compiles the whole set or nothing, within the process's compile budget;
+        // the set in use is replaced only once the new one is complete.
+        if let Runner::Device { .. } = &self.runner {
+            match &self.budget {
+                Some(b) => b.reserve(built.len())?,
+                None => runtime::COMPILE_BUDGET.reserve(built.len())?,
+            }
+        }
         let mut kernels = HashMap::new();
         let mut findings = Vec::new();
-        for kernel in build_all(&ks)? {
-            // The simulator runs the emitted text, parsed back: the emitter is tested too.
+        for kernel in built {
+            // The simulator parses the emitted text back (the emitter is tested too) and the
+            // lint reads the parsed program.
             let sim = Simulator::new(&kernel.files).map_err(|e| sim_err(kernel.kind, e))?;
             for f in lint::lint(&sim.program, &kernel.files) {
                 findings.push((kernel.kind, f));
             }
-            kernels.insert(kernel.kind, Prepared { kernel, sim });
+            let exec = match &self.runner {
+                Runner::Simulator => Exec::Sim(sim),
+                Runner::Device { platform, .. } => {
+                    let (ci, wi) = kernel.input;
+                    let (co, wo) = kernel.output;
+                    let bind = |name: &str, c: usize, w: usize| runtime::Binding {
+                        name: name.to_string(),
+                        bytes: 2 * c * w,
+                    };
+                    let input = sim.program.inputs.first().map_or("x", |(n, _)| n.as_str());
+                    let output = sim.program.outputs.first().map_or("out", |n| n.as_str());
+                    Exec::Device(runtime::LoadedProgram::new(
+                        platform,
+                        kernel.kind.name(),
+                        &kernel.files,
+                        &[bind(input, ci, wi)],
+                        &[bind(output, co, wo)],
+                    )?)
+                }
+            };
+            kernels.insert(kernel.kind, Prepared { kernel, exec });
         }
         self.set = Some(KernelSet {
             shape: *shape,
@@ -147,12 +254,20 @@ impl Kernels for AneSimKernels {
                 } else {
                     "may not compile on some chips"
                 };
-                format!(
-                    "ane-sim: {} {} ({}): {what} (the simulator runs them as written)",
-                    rule.id,
-                    rule.title,
-                    ks.join(", ")
-                )
+                match self.runner {
+                    Runner::Simulator => format!(
+                        "ane-sim: {} {} ({}): {what} (the simulator runs them as written)",
+                        rule.id,
+                        rule.title,
+                        ks.join(", ")
+                    ),
+                    Runner::Device { name, .. } => format!(
+                        "{name}: {} {} ({}): {what}",
+                        rule.id,
+                        rule.title,
+                        ks.join(", ")
+                    ),
+                }
             })
             .collect()
     }
@@ -499,7 +614,7 @@ impl Kernels for AneSimKernels {
     }
 }
 
-impl AneSimKernels {
+impl AneKernels {
     /// Runs a projection kernel over the sequences of `rows`: activations `(rows x c)` and
     /// weight slabs (`true`: the matrix `[oc, ic]` goes in transposed, as forward projections
     /// need; `false`: as it is, `[ic, oc]`) into `out [rows, oc]` (overwritten).

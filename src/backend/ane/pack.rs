@@ -103,6 +103,24 @@ impl Surface {
             .copy_from_slice(&src.data[src_ch0 * w..(src_ch0 + count) * w]);
     }
 
+    /// The surface's bytes as the hardware holds them: fp16 little-endian, channel after
+    /// channel.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.data.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// A surface `[channels, width]` from its bytes (see [`to_bytes`](Self::to_bytes)).
+    pub fn from_bytes(channels: usize, width: usize, bytes: &[u8]) -> Option<Self> {
+        (bytes.len() == 2 * channels * width).then(|| Surface {
+            channels,
+            width,
+            data: bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        })
+    }
+
     /// The surface as a simulator tensor `[1, C, 1, W]`.
     pub fn to_tensor(&self) -> Tensor {
         Tensor {
@@ -152,6 +170,7 @@ mod tests {
         s.put_column(0, 5, &[1.0 + 1e-4]);
         assert_eq!(s.data[5].to_f32(), 1.0);
         let t = s.to_tensor();
+        assert_eq!(Surface::from_bytes(3, 6, &s.to_bytes()).as_ref(), Some(&s));
         assert_eq!(Surface::from_tensor(&t), Some(s));
     }
 }

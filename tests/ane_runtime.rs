@@ -1,0 +1,557 @@
+//! The Neural Engine runtime on Linux: its call sequence, argument shapes, binding order,
+//! error paths and cleanup against the fake device; the compile budget and the process
+//! restart; training through the whole runtime (`ane-fake`) matching the simulator backend;
+//! and the clear error where there is no Neural Engine.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use handgrad::backend::ane::kernels::{KernelKind, KernelShape, build};
+use handgrad::backend::ane::mil::Target;
+use handgrad::backend::ane::pack::Surface;
+use handgrad::backend::ane::runtime::fake::{Call, FakePlatform, Faults};
+use handgrad::backend::ane::runtime::{
+    AnePlatform, Binding, CompileBudget, LoadedProgram, MIN_SURFACE_BYTES, SharedPlatform,
+};
+use handgrad::backend::ane::sim::Simulator;
+use handgrad::backend::{BackendKind, ModelDims, RopeStyle};
+use handgrad::telemetry::{ConsoleMode, Event, MemorySink};
+use handgrad::train::{LossScale, RunOptions, TrainConfig, train};
+
+fn dims() -> ModelDims {
+    ModelDims {
+        dim: 64,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 32,
+        ffn_dim: 96,
+        vocab_size: 100,
+        max_seq_len: 64,
+        norm_eps: 1e-6,
+        qk_norm: true,
+        rope_theta: 1e6,
+        rope_style: RopeStyle::RotateHalf,
+    }
+}
+
+fn kernel(kind: KernelKind) -> handgrad::backend::ane::kernels::Kernel {
+    build(
+        kind,
+        &KernelShape {
+            dims: dims(),
+            seq: 32,
+            target: Target::Ios18,
+        },
+    )
+    .unwrap()
+}
+
+/// A platform we can inspect after handing it to the runtime.
+struct Shared(Arc<Mutex<FakePlatform>>);
+
+impl AnePlatform for Shared {
+    fn name(&self) -> &str {
+        "fake"
+    }
+    fn create_model(&mut self, m: &[u8], w: &[(String, Vec<u8>)]) -> Result<u64, String> {
+        self.0.lock().unwrap().create_model(m, w)
+    }
+    fn model_identifier(&mut self, m: u64) -> Result<String, String> {
+        self.0.lock().unwrap().model_identifier(m)
+    }
+    fn compile(&mut self, m: u64) -> Result<(), String> {
+        self.0.lock().unwrap().compile(m)
+    }
+    fn load(&mut self, m: u64) -> Result<(), String> {
+        self.0.lock().unwrap().load(m)
+    }
+    fn unload(&mut self, m: u64) -> Result<(), String> {
+        self.0.lock().unwrap().unload(m)
+    }
+    fn release_model(&mut self, m: u64) {
+        self.0.lock().unwrap().release_model(m)
+    }
+    fn create_surface(&mut self, b: usize) -> Result<u64, String> {
+        self.0.lock().unwrap().create_surface(b)
+    }
+    fn release_surface(&mut self, s: u64) {
+        self.0.lock().unwrap().release_surface(s)
+    }
+    fn write_surface(&mut self, s: u64, d: &[u8]) -> Result<(), String> {
+        self.0.lock().unwrap().write_surface(s, d)
+    }
+    fn read_surface(&mut self, s: u64, o: &mut [u8]) -> Result<(), String> {
+        self.0.lock().unwrap().read_surface(s, o)
+    }
+    fn create_request(&mut self, i: &[u64], o: &[u64]) -> Result<u64, String> {
+        self.0.lock().unwrap().create_request(i, o)
+    }
+    fn release_request(&mut self, r: u64) {
+        self.0.lock().unwrap().release_request(r)
+    }
+    fn evaluate(&mut self, m: u64, r: u64) -> Result<(), String> {
+        self.0.lock().unwrap().evaluate(m, r)
+    }
+}
+
+fn fake(faults: Faults) -> (Arc<Mutex<FakePlatform>>, SharedPlatform) {
+    let f = Arc::new(Mutex::new(FakePlatform::new(faults)));
+    let p: SharedPlatform = Arc::new(Mutex::new(Box::new(Shared(f.clone()))));
+    (f, p)
+}
+
+fn bindings(k: &handgrad::backend::ane::kernels::Kernel) -> (Vec<Binding>, Vec<Binding>) {
+    let sim = Simulator::new(&k.files).unwrap();
+    (
+        vec![Binding {
+            name: sim.program.inputs[0].0.clone(),
+            bytes: 2 * k.input.0 * k.input.1,
+        }],
+        vec![Binding {
+            name: sim.program.outputs[0].clone(),
+            bytes: 2 * k.output.0 * k.output.1,
+        }],
+    )
+}
+
+#[test]
+fn the_call_sequence_runs_a_kernel_like_the_simulator_and_cleans_up() {
+    let k = kernel(KernelKind::FfnBwdW2t);
+    let (f, p) = fake(Faults::default());
+    let (ins, outs) = bindings(&k);
+    let program = LoadedProgram::new(&p, "ffnBwdW2t", &k.files, &ins, &outs).unwrap();
+
+    // The same input through the runtime and through the simulator.
+    let mut input = Surface::new(k.input.0, k.input.1);
+    for (i, v) in input.data.iter_mut().enumerate() {
+        *v = half::f16::from_f32(((i * 7919) % 200) as f32 / 100.0 - 1.0);
+    }
+    let mut out = vec![0u8; 2 * k.output.0 * k.output.1];
+    program.run(&[&input.to_bytes()], &mut [&mut out]).unwrap();
+    let want = Simulator::new(&k.files)
+        .unwrap()
+        .run(&input.to_tensor())
+        .unwrap();
+    let got = Surface::from_bytes(k.output.0, k.output.1, &out).unwrap();
+    assert_eq!(got.to_tensor().data, want.data);
+
+    let folder = {
+        let calls = f.lock().unwrap().calls.clone();
+        // Order and arguments: a model with the program's weight files, its identifier, one
+        // compile and load, two surfaces of at least the minimum size, one request.
+        let kinds: Vec<String> = calls
+            .iter()
+            .map(|c| {
+                format!("{c:?}")
+                    .split(['(', ' '])
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "CreateModel",
+                "ModelIdentifier",
+                "Compile",
+                "Load",
+                "CreateSurface",
+                "CreateSurface",
+                "CreateRequest",
+                "Write",
+                "Evaluate",
+                "Read"
+            ]
+        );
+        assert_eq!(
+            calls[0],
+            Call::CreateModel {
+                mil_bytes: k.files.text.len(),
+                weights: k.files.blobs.len()
+            }
+        );
+        for c in &calls {
+            if let Call::CreateSurface(b) = c {
+                assert!(*b >= MIN_SURFACE_BYTES);
+            }
+        }
+        let hex = f.lock().unwrap().model_identifier(0x1001).unwrap();
+        let folder = std::env::temp_dir().join(hex);
+        assert!(folder.join("model.mil").exists());
+        folder
+    };
+    drop(program);
+    let fk = f.lock().unwrap();
+    assert_eq!(fk.live(), (0, 0, 0), "objects leaked");
+    let tail: Vec<&Call> = fk.calls.iter().rev().take(5).collect();
+    assert!(matches!(tail[0], Call::ReleaseModel(_)));
+    assert!(matches!(tail[1], Call::Unload(_)));
+    assert!(matches!(tail[4], Call::ReleaseRequest(_)));
+    assert!(!folder.exists(), "the model folder is left behind");
+}
+
+#[test]
+fn several_inputs_are_bound_alphabetically_with_equal_surfaces() {
+    let k = kernel(KernelKind::QBwd);
+    let (f, p) = fake(Faults::default());
+    f.lock().unwrap().execute = false;
+    let ins = vec![
+        Binding {
+            name: "x".into(),
+            bytes: 100,
+        },
+        Binding {
+            name: "a_weights".into(),
+            bytes: 60_000,
+        },
+        Binding {
+            name: "m".into(),
+            bytes: 10,
+        },
+    ];
+    let outs = vec![Binding {
+        name: "out".into(),
+        bytes: 64,
+    }];
+    let program = LoadedProgram::new(&p, "three", &k.files, &ins, &outs).unwrap();
+    let (x, a, m) = (vec![1u8; 100], vec![2u8; 60_000], vec![3u8; 10]);
+    let mut o = vec![0u8; 64];
+    program.run(&[&x, &a, &m], &mut [&mut o]).unwrap();
+    let calls = f.lock().unwrap().calls.clone();
+    let sizes: Vec<usize> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::CreateSurface(b) => Some(*b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sizes, vec![60_000, 60_000, 60_000, MIN_SURFACE_BYTES]);
+    // Written in binding order a_weights, m, x: 60000, 10, 100 bytes.
+    let writes: Vec<usize> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Write(_, n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes, vec![60_000, 10, 100]);
+    // Wrong sizes from the caller are refused before the device sees them.
+    let e = program
+        .run(&[&x, &x, &m], &mut [&mut o])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("input 1 has 100 bytes, the program takes 60000"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_device_refuses_what_the_runtime_avoids() {
+    let mut f = FakePlatform::default();
+    f.execute = false;
+    let m = f.create_model(b"program(1.3)", &[]).unwrap();
+    f.compile(m).unwrap();
+    let small = f.create_surface(24 * 1024).unwrap();
+    let big = f.create_surface(MIN_SURFACE_BYTES).unwrap();
+    let r = f.create_request(&[small], &[big]).unwrap();
+    assert!(f.evaluate(m, r).unwrap_err().contains("not loaded"));
+    f.load(m).unwrap();
+    assert!(f.evaluate(m, r).unwrap_err().contains("below the minimum"));
+    let big2 = f.create_surface(2 * MIN_SURFACE_BYTES).unwrap();
+    let r2 = f.create_request(&[big, big2], &[big]).unwrap();
+    assert!(f.evaluate(m, r2).unwrap_err().contains("unequal sizes"));
+}
+
+#[test]
+fn every_error_path_reports_the_device_error_and_releases_everything() {
+    let k = kernel(KernelKind::FfnBwdW2t);
+    let (ins, outs) = bindings(&k);
+    for (faults, needle) in [
+        (
+            Faults {
+                compile_fails_at: Some(1),
+                ..Default::default()
+            },
+            "compile failed (fake): Error Domain=com.apple.appleneuralengine.compiler Code=1 \"ANECCompile() FAILED\"",
+        ),
+        (
+            Faults {
+                surface_fails_at: Some(2),
+                ..Default::default()
+            },
+            "creating a surface failed (fake): IOSurfaceCreate returned NULL",
+        ),
+    ] {
+        let (f, p) = fake(faults);
+        let e = LoadedProgram::new(&p, "ffnBwdW2t", &k.files, &ins, &outs)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(needle), "{e}");
+        assert!(e.starts_with("backend ane: ffnBwdW2t: "), "{e}");
+        assert_eq!(f.lock().unwrap().live(), (0, 0, 0), "leak after: {e}");
+    }
+    // A failed load is retried once.
+    let (f, p) = fake(Faults {
+        load_fails_at: Some(1),
+        ..Default::default()
+    });
+    let program = LoadedProgram::new(&p, "ffnBwdW2t", &k.files, &ins, &outs).unwrap();
+    let loads = f
+        .lock()
+        .unwrap()
+        .calls
+        .iter()
+        .filter(|c| matches!(c, Call::Load(_)))
+        .count();
+    assert_eq!(loads, 2);
+    // A failed evaluate says why, and the program still works afterwards.
+    drop(program);
+    let (f, p) = fake(Faults {
+        evaluate_fails_at: Some(1),
+        ..Default::default()
+    });
+    let program = LoadedProgram::new(&p, "ffnBwdW2t", &k.files, &ins, &outs).unwrap();
+    let input = vec![0u8; ins[0].bytes];
+    let mut out = vec![0u8; outs[0].bytes];
+    let e = program
+        .run(&[&input], &mut [&mut out])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("evaluate failed (fake)") && e.contains("program execution error"),
+        "{e}"
+    );
+    program.run(&[&input], &mut [&mut out]).unwrap();
+    drop(program);
+    assert_eq!(f.lock().unwrap().live(), (0, 0, 0));
+}
+
+#[test]
+fn a_new_kernel_set_is_compiled_whole_within_the_budget_or_not_at_all() {
+    use handgrad::backend::Kernels;
+    use handgrad::backend::ane::AneKernels;
+    let budget = Arc::new(CompileBudget::new(25));
+    let mut k = AneKernels::device(Box::new(FakePlatform::default()), Target::Ios18, "ane-fake")
+        .with_budget(budget.clone());
+    let shape = |seq| handgrad::backend::StepShape {
+        dims: dims(),
+        batch: 1,
+        seq,
+        vocab_out: 100,
+    };
+    k.prepare(&shape(32)).unwrap();
+    assert_eq!(budget.used(), 10);
+    k.prepare(&shape(16)).unwrap();
+    assert_eq!(budget.used(), 20);
+    let e = k.prepare(&shape(32)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            handgrad::Error::AneCompileBudget {
+                used: 20,
+                needed: 10,
+                limit: 25
+            }
+        ),
+        "{e}"
+    );
+    // The set of seq 16 is still the one in use.
+    assert_eq!(budget.used(), 20);
+    // A compile that fails mid-set (the leaking compiler) leaves the previous set in place.
+    let mut k = AneKernels::device(
+        Box::new(FakePlatform::new(Faults {
+            compile_fails_at: Some(14),
+            ..Default::default()
+        })),
+        Target::Ios18,
+        "ane-fake",
+    )
+    .with_budget(Arc::new(CompileBudget::new(100)));
+    k.prepare(&shape(32)).unwrap();
+    let e = k.prepare(&shape(16)).unwrap_err().to_string();
+    assert!(e.contains("ANECCompile() FAILED"), "{e}");
+    assert!(k.is_prepared_for(&shape(32)));
+}
+
+fn tiny(steps: usize, backend: BackendKind) -> TrainConfig {
+    TrainConfig {
+        model: "tiny".into(),
+        steps,
+        batch: 2,
+        seq: 32,
+        lr: 1e-2,
+        warmup: 2,
+        eval_every: 0,
+        eval_batches: 2,
+        save_every: 0,
+        sample_tokens: 0,
+        backend,
+        loss_scale: LossScale::Auto,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn training_through_the_runtime_equals_the_simulator_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |backend: BackendKind| {
+        let mut o = RunOptions::new(dir.path().join(backend.to_string()));
+        o.threads = 2;
+        o.console = ConsoleMode::Quiet;
+        o.cache_root = common::test_cache();
+        let sink = MemorySink::default();
+        o.extra_sinks.push(Box::new(sink.clone()));
+        train(tiny(6, backend), o).unwrap();
+        sink.events()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Step { loss, .. } => Some(*loss),
+                _ => None,
+            })
+            .collect::<Vec<f64>>()
+    };
+    let sim = run(BackendKind::AneSim);
+    let device = run(BackendKind::AneFake);
+    assert_eq!(sim.len(), 6);
+    assert_eq!(sim, device, "the runtime path changed the numbers");
+}
+
+#[test]
+fn without_a_neural_engine_the_ane_backend_says_so_in_one_line() {
+    if cfg!(target_os = "macos") {
+        eprintln!("SKIPPED: this is a Mac; the not-available error is for other machines");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = common::handgrad(
+        &[
+            "train",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--quiet",
+            "--sample-tokens",
+            "0",
+            "--run-dir",
+            "cpu",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for args in [
+        vec![
+            "train",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--backend",
+            "ane",
+            "--run-dir",
+            "r",
+        ],
+        vec![
+            "generate",
+            "--run-dir",
+            "cpu",
+            "--backend",
+            "ane",
+            "--max-tokens",
+            "3",
+        ],
+        vec![
+            "bench",
+            "train",
+            "--model",
+            "tiny",
+            "--seq",
+            "32",
+            "--backend",
+            "ane",
+        ],
+    ] {
+        let o = common::handgrad(&args, dir.path());
+        assert_ne!(o.code, 0);
+        let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {}", o.stderr);
+        assert!(
+            lines[0].starts_with(
+                "error: backend ane: the Apple Neural Engine is not available on this machine"
+            ),
+            "{}",
+            lines[0]
+        );
+        assert!(!o.stderr.contains("panicked"));
+    }
+    assert!(!dir.path().join("r").exists());
+}
+
+#[test]
+fn a_spent_compile_budget_restarts_the_process_and_the_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "train",
+        "--model",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--sample-tokens",
+        "0",
+        "--threads",
+        "1",
+        "--backend",
+        "ane-fake",
+        "--quiet",
+        "--run-dir",
+        "run",
+    ];
+    // This process "has already compiled" 95 programs: the 10 of the kernel set do not fit.
+    let o = common::handgrad_env(&args, d, &[("HANDGRAD_ANE_COMPILES_USED", "95")]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("restarting: the Neural Engine compiler's budget"),
+        "{}",
+        o.stderr
+    );
+    let ck =
+        handgrad::formats::checkpoint::Checkpoint::load(&d.join("run/checkpoints/latest")).unwrap();
+    assert_eq!(ck.meta.step, 4);
+    // With --no-restart it is an error instead; a budget below one set is an error too.
+    let mut no = args.to_vec();
+    let last = no.len() - 1;
+    no[last] = "run2";
+    no.push("--no-restart");
+    let o = common::handgrad_env(&no, d, &[("HANDGRAD_ANE_COMPILES_USED", "95")]);
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("95 of 100 compiles used, 10 more needed"),
+        "{}",
+        o.stderr
+    );
+    let mut small = args.to_vec();
+    let last = small.len() - 1;
+    small[last] = "run3";
+    let o = common::handgrad_env(&small, d, &[("HANDGRAD_ANE_COMPILE_BUDGET", "5")]);
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("more than the budget of 5"),
+        "{}",
+        o.stderr
+    );
+}
