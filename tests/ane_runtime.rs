@@ -555,3 +555,120 @@ fn a_spent_compile_budget_restarts_the_process_and_the_run_completes() {
         o.stderr
     );
 }
+
+#[test]
+fn probes_run_on_the_fake_device_and_impossible_results_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = common::handgrad(
+        &[
+            "ane",
+            "probe",
+            "peak",
+            "--device",
+            "fake",
+            "--channels",
+            "64",
+            "--spatial",
+            "32",
+            "--depth",
+            "4",
+            "--evals",
+            "3",
+            "--warmup",
+            "1",
+            "-o",
+            "peak.json",
+        ],
+        d,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("ok"), "{}", o.stdout);
+    let o = common::handgrad(
+        &[
+            "ane",
+            "probe",
+            "int8",
+            "--device",
+            "fake",
+            "--channels",
+            "64",
+            "--spatial",
+            "32",
+            "--depth",
+            "3",
+            "--evals",
+            "2",
+            "--warmup",
+            "0",
+            "-o",
+            "int8.json",
+        ],
+        d,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("W8A8"), "{}", o.stdout);
+    let o = common::handgrad(&["ane", "validate", "int8.json"], d);
+    assert!(
+        o.code == 0 && o.stdout.contains("2 results, 0 rejected"),
+        "{}",
+        o.stdout
+    );
+    let o = common::handgrad(&["ane", "validate", "peak.json"], d);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("1 results, 0 rejected"), "{}", o.stdout);
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("peak.json")).unwrap()).unwrap();
+    let tamper = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut r = report.clone();
+        f(&mut r);
+        std::fs::write(d.join(name), serde_json::to_vec(&r).unwrap()).unwrap();
+        common::handgrad(&["ane", "validate", name], d)
+    };
+    // 94 TFLOPS claimed on an M4 (rated 38 TOPS), the time and the figure consistent.
+    let o = tamper("fast.json", &|r| {
+        r["chip"] = "Apple M4 Max".into();
+        r["rated_tops"] = 38.0.into();
+        let flops = r["results"][0]["flops"].as_f64().unwrap();
+        let ms = flops / 94e12 * 1e3;
+        r["results"][0]["ms_per_eval"] = ms.into();
+        r["results"][0]["tflops"] = 94.0.into();
+    });
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stdout
+            .contains("above the chip's rated 38 TOPS: impossible"),
+        "{}",
+        o.stdout
+    );
+    // A figure that does not follow from the time (the original's %peak slip).
+    let o = tamper("slip.json", &|r| {
+        let t = r["results"][0]["tflops"].as_f64().unwrap();
+        r["results"][0]["tflops"] = (t * 1000.0).into();
+    });
+    assert!(
+        o.code != 0 && o.stdout.contains("TFLOPS reported"),
+        "{}",
+        o.stdout
+    );
+    // An output that was never checked against the CPU's, or is wrong.
+    let o = tamper("wrong.json", &|r| {
+        r["results"][0]["rel_rms_error"] = 0.7.into()
+    });
+    assert!(
+        o.code != 0 && o.stdout.contains("differs from the CPU's"),
+        "{}",
+        o.stdout
+    );
+    // A made-up rated peak.
+    let o = tamper("rated.json", &|r| {
+        r["chip"] = "Apple M4".into();
+        r["rated_tops"] = 190.0.into();
+    });
+    assert!(
+        o.code != 0 && o.stderr.contains("Apple's figure is 38"),
+        "{}",
+        o.stderr
+    );
+}

@@ -50,6 +50,43 @@ enum AneCommand {
         #[arg(long)]
         model_path: Option<PathBuf>,
     },
+    /// Benchmark this Mac's Neural Engine: peak throughput (a chain of 1x1 convolutions),
+    /// latency per call over sizes, or throughput against weight size (the on-chip memory
+    /// cliff). Every result is checked against the CPU's output and the chip's rated peak.
+    Probe {
+        /// peak, latency, sram or int8.
+        #[arg(value_enum)]
+        probe: crate::backend::ane::probe::ProbeKind,
+        /// One case instead of the default sweep: channels (with --spatial and --depth).
+        #[arg(long)]
+        channels: Option<usize>,
+        /// Columns of the case [default: 64].
+        #[arg(long, default_value_t = 64)]
+        spatial: usize,
+        /// Convolutions of the case [default: 1; peak: 128].
+        #[arg(long)]
+        depth: Option<usize>,
+        /// Timed evaluations per case.
+        #[arg(long, default_value_t = 50)]
+        evals: usize,
+        /// Untimed evaluations first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Write the results (JSON) here, to attach to an issue or merge into a report.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// The device: ane, or fake (the runtime's fake device running the simulator;
+        /// correct outputs, meaningless timings: for testing the probes anywhere).
+        #[arg(long, default_value = "ane", hide = true)]
+        device: String,
+    },
+    /// Validate probe result files: recompute every figure, reject impossible or unverified
+    /// results with the reason. Exits non-zero if any is rejected.
+    Validate {
+        /// Result files written by `handgrad ane probe --out`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 pub fn run(a: AneArgs) -> Result<()> {
@@ -61,7 +98,205 @@ pub fn run(a: AneArgs) -> Result<()> {
             target,
         } => emit(&model, &out, seq, target),
         AneCommand::Check { file, model_path } => check(&file, model_path.as_deref()),
+        AneCommand::Probe {
+            probe,
+            channels,
+            spatial,
+            depth,
+            evals,
+            warmup,
+            out,
+            device,
+        } => {
+            let cases = match channels {
+                Some(c) => vec![crate::backend::ane::probe::ProbeCase {
+                    channels: c,
+                    spatial,
+                    depth: depth.unwrap_or(if probe == ProbeKind::Peak { 128 } else { 1 }),
+                }],
+                None => crate::backend::ane::probe::default_cases(probe),
+            };
+            run_probe(probe, &cases, evals, warmup, out.as_deref(), &device)
+        }
+        AneCommand::Validate { files } => validate_files(&files),
     }
+}
+
+use crate::backend::ane::probe::{self, ProbeKind, ProbeReport};
+
+fn run_probe(
+    kind: ProbeKind,
+    cases: &[probe::ProbeCase],
+    evals: usize,
+    warmup: usize,
+    out: Option<&Path>,
+    device: &str,
+) -> Result<()> {
+    use crate::backend::ane::runtime::{self, AnePlatform};
+    if cases
+        .iter()
+        .any(|c| c.channels == 0 || c.spatial == 0 || c.depth == 0)
+    {
+        return Err(Error::invalid(
+            "--channels, --spatial and --depth must be at least 1",
+        ));
+    }
+    let (platform, chip): (Box<dyn AnePlatform>, String) = match device {
+        "ane" => (
+            Box::new(runtime::apple::ApplePlatform::open()?),
+            runtime::chip_name().unwrap_or_else(|| "unknown Apple chip".into()),
+        ),
+        "fake" => (
+            Box::new(runtime::fake::FakePlatform::default()),
+            "fake device (handgrad's simulator)".into(),
+        ),
+        other => {
+            return Err(Error::invalid(format!(
+                "--device {other}: expected ane or fake"
+            )));
+        }
+    };
+    let target = runtime::program_form(&chip);
+    let shared: runtime::SharedPlatform = std::sync::Arc::new(std::sync::Mutex::new(platform));
+    let rated = probe::rated_tops(&chip);
+    runtime::COMPILE_BUDGET.reserve(cases.len() * if kind == ProbeKind::Int8 { 2 } else { 1 })?;
+    let mut report = ProbeReport {
+        schema: probe::SCHEMA.into(),
+        schema_version: probe::SCHEMA_VERSION,
+        probe: kind,
+        device: if device == "ane" { "ane" } else { "ane-fake" }.into(),
+        chip: chip.clone(),
+        os: os_description(),
+        handgrad_version: env!("CARGO_PKG_VERSION").into(),
+        date_unix: crate::telemetry::events::unix_now() as u64,
+        rated_tops: rated,
+        results: Vec::new(),
+        cliff_mb: None,
+    };
+    println!(
+        "{kind:?} probe on {chip} ({} form; rated {}):",
+        target.opset(),
+        rated.map_or("unknown".to_string(), |t| format!("{t} TOPS"))
+    );
+    println!(
+        "{:>5} {:>8} {:>8} {:>6} {:>10} {:>12} {:>10} {:>10}  verdict",
+        "prec", "channels", "spatial", "depth", "weights MB", "ms/eval", "TFLOPS", "rel err"
+    );
+    let precisions: &[probe::Precision] = if kind == ProbeKind::Int8 {
+        &[probe::Precision::Fp16, probe::Precision::Int8]
+    } else {
+        &[probe::Precision::Fp16]
+    };
+    if kind == ProbeKind::Int8 && target != Target::Ios18 {
+        return Err(Error::invalid(
+            "the int8 probe needs the ios18 program form (quantize/dequantize); this chip takes ios16",
+        ));
+    }
+    for (c, &precision) in cases
+        .iter()
+        .flat_map(|c| precisions.iter().map(move |p| (c, p)))
+    {
+        let r = probe::run_case(&shared, c, target, precision, warmup, evals)?;
+        let verdict = probe::check(&r, rated);
+        println!(
+            "{:>5} {:>8} {:>8} {:>6} {:>10.2} {:>12.4} {:>10.3} {:>10.1e}  {}",
+            format!("{precision:?}").to_lowercase(),
+            c.channels,
+            c.spatial,
+            c.depth,
+            r.weight_mb,
+            r.ms_per_eval,
+            r.tflops,
+            r.rel_rms_error,
+            verdict.as_deref().unwrap_or("ok")
+        );
+        report.results.push(r);
+    }
+    let rejected = probe::validate(&mut report)?;
+    if kind == ProbeKind::Int8 {
+        for pair in report.results.chunks(2) {
+            if let [a, b] = pair {
+                println!(
+                    "{}x{}x{}: W8A8 {:.2}x the fp16 throughput",
+                    a.case.channels,
+                    a.case.spatial,
+                    a.case.depth,
+                    b.tflops / a.tflops.max(1e-30)
+                );
+            }
+        }
+    }
+    if kind == ProbeKind::Sram {
+        report.cliff_mb = probe::cliff(&report.results);
+        match report.cliff_mb {
+            Some(mb) => println!(
+                "throughput halves at {mb:.1} MB of weights: the on-chip memory is smaller"
+            ),
+            None => println!("no cliff within these sizes"),
+        }
+    }
+    if device != "ane" {
+        println!(
+            "(fake device: the outputs are checked, the timings are the simulator's, not a Neural Engine's)"
+        );
+    }
+    if let Some(path) = out {
+        let bytes =
+            serde_json::to_vec_pretty(&report).map_err(|e| Error::json("writing results", e))?;
+        write_atomic(path, |f| std::io::Write::write_all(f, &bytes))?;
+        println!("wrote {}", path.display());
+    }
+    if rejected > 0 {
+        return Err(Error::invalid(format!(
+            "{rejected} of {} results failed validation (see the verdicts above)",
+            report.results.len()
+        )));
+    }
+    Ok(())
+}
+
+fn os_description() -> String {
+    let out = std::process::Command::new("sw_vers")
+        .arg("-productVersion")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| format!("macOS {}", String::from_utf8_lossy(&o.stdout).trim()));
+    out.unwrap_or_else(|| format!("{} {}", std::env::consts::OS, std::env::consts::ARCH))
+}
+
+fn validate_files(files: &[PathBuf]) -> Result<()> {
+    let mut bad = 0;
+    for f in files {
+        let text = std::fs::read_to_string(f).map_err(|e| Error::io("reading", f, e))?;
+        let mut report: ProbeReport = serde_json::from_str(&text)
+            .map_err(|e| Error::json(format!("reading {}", f.display()), e))?;
+        let rejected = probe::validate(&mut report)
+            .map_err(|e| Error::invalid(format!("{}: {e}", f.display())))?;
+        for (i, r) in report.results.iter().enumerate() {
+            if let Some(why) = &r.rejected {
+                println!(
+                    "{} result {i} ({}x{}x{}): rejected: {why}",
+                    f.display(),
+                    r.case.channels,
+                    r.case.spatial,
+                    r.case.depth
+                );
+            }
+        }
+        println!(
+            "{}: {} results, {rejected} rejected ({} on {})",
+            f.display(),
+            report.results.len(),
+            report.device,
+            report.chip
+        );
+        bad += rejected;
+    }
+    if bad > 0 {
+        return Err(Error::invalid(format!("{bad} results failed validation")));
+    }
+    Ok(())
 }
 
 fn surface(c: usize, w: usize) -> String {

@@ -403,6 +403,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             .map(|x| x as u32),
     };
     cfg.validate(&path.display().to_string())?;
+    super::check_fits(&cfg, g.map.len(), path)?;
     let layout = ParamLayout::new(&cfg);
     // Every supported tensor type takes at least a byte per value: a header that describes
     // more values than the file has bytes is refused before anything is allocated.

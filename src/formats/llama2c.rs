@@ -210,6 +210,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         (0, parse_header(&b, 0, path)?, 28usize, 0)
     };
     let cfg = config_of(&h);
+    super::check_fits(&cfg, b.len(), path)?;
     let layout = ParamLayout::new(&cfg);
     // Each parameter takes at least a byte of the file (int8 in v2, f32 otherwise): a header
     // describing more is refused before anything is allocated.

@@ -149,3 +149,32 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         }
     }
 }
+
+/// Refuses a model whose header describes more parameters than a file of `file_bytes` can
+/// hold (every supported element type takes at least a byte), before the layout of a model
+/// of that size is even built: a damaged header must not cost gigabytes or minutes.
+pub fn check_fits(cfg: &ModelConfig, file_bytes: usize, path: &Path) -> Result<()> {
+    let per_layer = cfg
+        .dim
+        .saturating_mul(2)
+        .saturating_add(cfg.dim.saturating_mul(cfg.ffn_dim).saturating_mul(3))
+        .saturating_add(
+            cfg.dim
+                .saturating_mul(cfg.n_heads.saturating_mul(cfg.head_dim))
+                .saturating_mul(2),
+        );
+    let lower_bound = cfg
+        .n_layers
+        .saturating_mul(per_layer)
+        .saturating_add(cfg.vocab_size.saturating_mul(cfg.dim));
+    if lower_bound > file_bytes {
+        return Err(Error::format(
+            path,
+            format!(
+                "the header describes a model of at least {lower_bound} parameters ({} layers of dim {}), more than this {file_bytes}-byte file can hold",
+                cfg.n_layers, cfg.dim
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod lint;
 pub mod mil;
 pub mod pack;
+pub mod probe;
 pub mod runtime;
 pub mod sim;
 

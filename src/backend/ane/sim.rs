@@ -119,6 +119,14 @@ enum Step {
         x: Src,
         w: Src,
     },
+    Quantize {
+        x: Src,
+        scale: Src,
+    },
+    Dequantize {
+        x: Src,
+        scale: Src,
+    },
 }
 
 /// A checked, runnable program.
@@ -369,6 +377,14 @@ fn resolve(
             Step::ReduceSum { x: var("x")?, axes }
         }
         "sigmoid" => Step::Sigmoid { x: var("x")? },
+        "quantize" => Step::Quantize {
+            x: var("input")?,
+            scale: var("scale")?,
+        },
+        "dequantize" => Step::Dequantize {
+            x: var("input")?,
+            scale: var("scale")?,
+        },
         "concat" => {
             let rank = a.tuple("values")?.first().map_or(0, |t| t.rank());
             let values = match args.iter().find(|(n, _)| n == "values").map(|(_, a)| a) {
@@ -446,6 +462,19 @@ fn execute<'a>(
             .iter()
             .map(|&v| 1.0 / (1.0 + (-v).exp()))
             .collect(),
+        // Round half to even, saturate to int8.
+        Step::Quantize { x, scale } => {
+            let s = get(*scale)?.data.first().copied().unwrap_or(1.0);
+            get(*x)?
+                .data
+                .iter()
+                .map(|&v| (v / s).round_ties_even().clamp(-128.0, 127.0))
+                .collect()
+        }
+        Step::Dequantize { x, scale } => {
+            let s = get(*scale)?.data.first().copied().unwrap_or(1.0);
+            get(*x)?.data.iter().map(|&v| v * s).collect()
+        }
         Step::Concat { values, axis } => {
             let ts: Vec<&Tensor> = values.iter().map(|&v| get(v)).collect::<Result<_, _>>()?;
             concat(&ts, *axis, ty)

@@ -20,6 +20,7 @@ const HEADER: usize = 64;
 pub enum BlobType {
     Fp16 = 1,
     Fp32 = 2,
+    Int8 = 4,
 }
 
 impl BlobType {
@@ -27,6 +28,7 @@ impl BlobType {
         match v {
             1 => Some(BlobType::Fp16),
             2 => Some(BlobType::Fp32),
+            4 => Some(BlobType::Int8),
             _ => None,
         }
     }
@@ -35,6 +37,7 @@ impl BlobType {
         match self {
             BlobType::Fp16 => 2,
             BlobType::Fp32 => 4,
+            BlobType::Int8 => 1,
         }
     }
 }
@@ -88,6 +91,12 @@ impl BlobWriter {
     pub fn add_fp32(&mut self, values: &[f32]) -> u64 {
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.add(BlobType::Fp32, &data)
+    }
+
+    /// Adds int8 values; returns the metadata offset.
+    pub fn add_int8(&mut self, values: &[i8]) -> u64 {
+        let data: Vec<u8> = values.iter().map(|&v| v as u8).collect();
+        self.add(BlobType::Int8, &data)
     }
 
     /// The file's bytes.
@@ -190,6 +199,7 @@ pub fn read_floats(bytes: &[u8], offset: u64, elements: usize) -> Result<Vec<f32
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
+        BlobType::Int8 => data.iter().map(|&b| b as i8 as f32).collect(),
     })
 }
 

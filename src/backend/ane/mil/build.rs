@@ -21,11 +21,17 @@ impl V {
     }
 }
 
+/// A constant stored in a weight file.
+enum BlobData {
+    Fp16(Vec<f32>),
+    Int8(Vec<i8>),
+}
+
 /// Builds one program.
 pub struct Builder {
     prog: Program,
-    /// fp16 constants stored in weight files: `(path, values)`.
-    blobs: Vec<(String, Vec<f32>)>,
+    /// Constants stored in weight files: `(path, values)`.
+    blobs: Vec<(String, BlobData)>,
 }
 
 fn err(msg: impl Into<String>) -> Error {
@@ -134,7 +140,23 @@ impl Builder {
             )));
         }
         let path = format!("{WEIGHTS_PREFIX}{name}.bin");
-        self.blobs.push((path.clone(), data.to_vec()));
+        self.blobs
+            .push((path.clone(), BlobData::Fp16(data.to_vec())));
+        self.constant(name, ty, Literal::Blob { path, offset: 64 })
+    }
+
+    /// An int8 tensor constant, stored in `@model_path/weights/NAME.bin`.
+    pub fn int8_tensor(&mut self, name: &str, shape: &[usize], data: &[i8]) -> Result<V> {
+        let ty = TensorType::new(DType::Int8, shape);
+        if ty.elements() != data.len() {
+            return Err(err(format!(
+                "constant '{name}': {} values for {ty}",
+                data.len()
+            )));
+        }
+        let path = format!("{WEIGHTS_PREFIX}{name}.bin");
+        self.blobs
+            .push((path.clone(), BlobData::Int8(data.to_vec())));
         self.constant(name, ty, Literal::Blob { path, offset: 64 })
     }
 
@@ -269,7 +291,10 @@ impl Builder {
             .iter()
             .map(|(path, data)| {
                 let mut w = BlobWriter::new();
-                w.add_fp16(data);
+                match data {
+                    BlobData::Fp16(v) => w.add_fp16(v),
+                    BlobData::Int8(v) => w.add_int8(v),
+                };
                 (path.clone(), w.into_bytes())
             })
             .collect();

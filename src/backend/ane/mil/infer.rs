@@ -38,6 +38,11 @@ pub const OPS: &[(&str, &[(&str, bool)])] = &[
     ),
     ("cast", &[("x", true), ("dtype", true)]),
     (
+        "quantize",
+        &[("input", true), ("scale", true), ("output_dtype", true)],
+    ),
+    ("dequantize", &[("input", true), ("scale", true)]),
+    (
         "conv",
         &[
             ("x", true),
@@ -297,6 +302,30 @@ pub fn infer(op: &str, args: &[(String, Arg)], scope: &dyn Scope) -> R<TensorTyp
             Ok(TensorType::new(dtype, &x.shape))
         }
         "conv" => conv(&a),
+        // Per-tensor symmetric quantization (zero point 0), as coremltools' iOS17 ops.
+        "quantize" => {
+            let x = a.float("input")?;
+            let scale = a.float("scale")?;
+            if scale.rank() != 0 {
+                return Err(format!(
+                    "quantize: scale {scale} must be a scalar (per tensor)"
+                ));
+            }
+            match a.string("output_dtype")?.unwrap_or("") {
+                "int8" => Ok(TensorType::new(DType::Int8, &x.shape)),
+                other => Err(format!("quantize: output_dtype '{other}' (int8)")),
+            }
+        }
+        "dequantize" => {
+            let x = a.tensor("input")?;
+            let scale = a.float("scale")?;
+            if x.dtype != DType::Int8 || scale.rank() != 0 {
+                return Err(format!(
+                    "dequantize: input {x} must be int8 and scale {scale} a scalar"
+                ));
+            }
+            Ok(TensorType::new(scale.dtype, &x.shape))
+        }
         _ => Err(format!("unknown op '{op}'")),
     }
 }

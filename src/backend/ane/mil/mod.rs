@@ -81,6 +81,8 @@ pub enum DType {
     Fp16,
     Fp32,
     Int32,
+    /// Quantized values (`quantize` outputs, int8 weight constants).
+    Int8,
     Bool,
     Str,
     Uint64,
@@ -93,6 +95,7 @@ impl DType {
             DType::Fp16 => "fp16",
             DType::Fp32 => "fp32",
             DType::Int32 => "int32",
+            DType::Int8 => "int8",
             DType::Bool => "bool",
             DType::Str => "string",
             DType::Uint64 => "uint64",
@@ -105,6 +108,7 @@ impl DType {
             "fp16" => DType::Fp16,
             "fp32" => DType::Fp32,
             "int32" => DType::Int32,
+            "int8" => DType::Int8,
             "bool" => DType::Bool,
             "string" => DType::Str,
             "uint64" => DType::Uint64,
@@ -122,7 +126,7 @@ impl DType {
         match self {
             DType::Fp16 => 2,
             DType::Fp32 | DType::Int32 => 4,
-            DType::Bool => 1,
+            DType::Bool | DType::Int8 => 1,
             DType::Str | DType::Uint64 => 8,
         }
     }

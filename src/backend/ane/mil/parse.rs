@@ -361,12 +361,13 @@ impl Parser {
                 "false" => bools.push(false),
                 other => return Err(format!("{here}: '{other}' is not a bool")),
             },
-            DType::Int32 | DType::Uint64 => {
+            DType::Int32 | DType::Int8 | DType::Uint64 => {
                 let n = self.number()?;
                 let v: i64 = n
                     .parse()
                     .map_err(|_| format!("{here}: '{n}' is not an integer"))?;
                 if dtype == DType::Int32 && i32::try_from(v).is_err()
+                    || dtype == DType::Int8 && i8::try_from(v).is_err()
                     || dtype == DType::Uint64 && v < 0
                 {
                     return Err(format!("{here}: {v} does not fit {}", dtype.name()));
@@ -434,8 +435,10 @@ impl Parser {
             self.punct(')')?;
             self.punct(')')?;
             self.punct(')')?;
-            if !t.dtype.is_float() {
-                return Err(format!("{at}: BLOBFILE constants must be fp16 or fp32"));
+            if !t.dtype.is_float() && t.dtype != DType::Int8 {
+                return Err(format!(
+                    "{at}: BLOBFILE constants must be fp16, fp32 or int8"
+                ));
             }
             return Ok(Literal::Blob { path, offset });
         }
