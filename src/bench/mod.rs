@@ -2,6 +2,8 @@
 //! training steps with a per-kernel breakdown, and generation speed.
 
 pub mod generate;
+pub mod machine;
 pub mod matmul;
+pub mod memory;
 pub mod peak;
 pub mod train;

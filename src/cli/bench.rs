@@ -28,6 +28,23 @@ enum BenchCommand {
     /// Measure the arithmetic peak (fp32 FMA, bf16 dot) and the matmul throughput of a model's
     /// shapes.
     Matmul(MatmulBenchArgs),
+    /// Read bandwidth (one thread and all) and load latency against working-set size, with the
+    /// cache-level cliffs found and the sizes the OS reports.
+    Memory(MemoryBenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct MemoryBenchArgs {
+    /// Largest working set, e.g. 512M, 2G.
+    #[arg(long, default_value = "1G")]
+    max: String,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 0.05)]
+    seconds: f64,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -98,10 +115,12 @@ fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         .map_err(|e| Error::invalid(format!("cannot start {t} threads: {e}")))
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+/// Prints a result in the benchmark envelope (schema, machine, date).
+fn print_json(bench: &str, v: &impl serde::Serialize) -> Result<()> {
+    let e = crate::bench::machine::Envelope::new(bench, v);
     println!(
         "{}",
-        serde_json::to_string_pretty(v).map_err(|e| Error::json("writing results", e))?
+        serde_json::to_string_pretty(&e).map_err(|e| Error::json("writing results", e))?
     );
     Ok(())
 }
@@ -111,6 +130,69 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Generate(a) => generate(a),
         BenchCommand::Matmul(a) => matmul(a),
+        BenchCommand::Memory(a) => memory(a),
+    }
+}
+
+fn memory(a: MemoryBenchArgs) -> Result<()> {
+    let max = crate::bench::machine::parse_size(&a.max.replace(['B', 'b'], ""))
+        .filter(|&m| m >= 4096)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "--max {}: expected a size such as 64M or 1G (at least 4K)",
+                a.max
+            ))
+        })?;
+    if !(a.seconds > 0.0 && a.seconds.is_finite()) {
+        return Err(Error::invalid("--seconds must be positive"));
+    }
+    let sizes = bench::memory::sizes(max);
+    let r = pool(a.threads)?.install(|| bench::memory::sweep(&sizes, a.seconds));
+    if a.json {
+        return print_json("memory", &r);
+    }
+    let m = crate::bench::machine::MachineInfo::detect();
+    println!("{} ({} threads used)", m.cpu_model, r.threads);
+    println!(
+        "{:>10} {:>14} {:>16} {:>12}",
+        "working set", "read GB/s (1t)", "read GB/s (all)", "latency ns"
+    );
+    for p in &r.points {
+        println!(
+            "{:>10} {:>14.1} {:>16.1} {:>12.2}",
+            human(p.bytes),
+            p.read_gbs_1t,
+            p.read_gbs_all,
+            p.latency_ns
+        );
+    }
+    println!();
+    for c in &r.cliffs {
+        println!(
+            "latency steps from {:.1} to {:.1} ns between {} and {}",
+            c.latency_before_ns,
+            c.latency_after_ns,
+            human(c.below_bytes),
+            human(c.above_bytes)
+        );
+    }
+    println!(
+        "the OS reports L1d {}, L2 {}, L3 {} (per core, per core, shared)",
+        human(m.l1d_bytes),
+        human(m.l2_bytes),
+        human(m.l3_bytes)
+    );
+    Ok(())
+}
+
+fn human(b: u64) -> String {
+    match b {
+        0 => "?".into(),
+        b if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{} GB", b >> 30),
+        b if b >= 1 << 20 => {
+            format!("{:.3} MB", b as f64 / (1u64 << 20) as f64).replace(".000", "")
+        }
+        b => format!("{:.1} KB", b as f64 / 1024.0).replace(".0 ", " "),
     }
 }
 
@@ -156,7 +238,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         Ok::<_, Error>(r)
     })?;
     if a.json {
-        return print_json(&r);
+        return print_json("train", &r);
     }
     for w in &r.warnings {
         eprintln!("warning: {w}");
@@ -230,7 +312,7 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     let r =
         pool(a.threads)?.install(|| bench::generate::run(kernels.as_ref(), &a.model, &cfg, run))?;
     if a.json {
-        return print_json(&r);
+        return print_json("generate", &r);
     }
     println!(
         "{}: {} weights, prompt on {backend}, {} threads",
@@ -272,10 +354,13 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
         Precision::Bf16 => bf16.unwrap_or(f64::NAN),
     };
     if a.json {
-        return print_json(&serde_json::json!({
-            "backend": backend.info(), "fp32_peak_gflops": peak, "fp32_isa": isa,
-            "bf16_peak_gflops": bf16, "matmuls": results
-        }));
+        return print_json(
+            "matmul",
+            &serde_json::json!({
+                "backend": backend.info(), "fp32_peak_gflops": peak, "fp32_isa": isa,
+                "bf16_peak_gflops": bf16, "matmuls": results
+            }),
+        );
     }
     println!("fp32 FMA peak ({isa}): {peak:.1} GFLOP/s");
     match bf16 {

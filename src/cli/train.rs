@@ -187,28 +187,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
         return with_dashboard(cfg, opts, a.sample_every, a.peak_gflops);
     }
     opts.stop_flag = Some(ctrl_c_flag());
-    let run_dir = opts.run_dir.clone();
+    opts.restart_on_compile_budget = !a.no_restart;
     let outcome = match train(cfg, opts) {
         Err(Error::AneCompileBudget {
             used,
             needed,
             limit,
-        }) if !a.no_restart => return restart_process(&run_dir, a.resume, used, needed, limit),
+        }) if !a.no_restart => return restart_process(used, needed, limit),
         other => other?,
     };
     report(&outcome)
 }
 
-/// Restarts handgrad in this process's place (exec) to continue the run from its last
-/// checkpoint with a fresh Neural Engine compiler. Refused when a fresh process could not
-/// compile the set either, or after three restarts in a row.
-fn restart_process(
-    run_dir: &std::path::Path,
-    resuming: bool,
-    used: usize,
-    needed: usize,
-    limit: usize,
-) -> Result<()> {
+/// Restarts handgrad in this process's place (exec), with the same arguments, for a fresh
+/// Neural Engine compiler. The trainer prepares its kernels before anything of the run is
+/// written, so the new process starts (or resumes) exactly as this one would have. Refused
+/// when a fresh process could not compile the set either, or after three restarts in a row.
+fn restart_process(used: usize, needed: usize, limit: usize) -> Result<()> {
     const RESTARTS: &str = "HANDGRAD_ANE_RESTARTS";
     let restarts: u32 = std::env::var(RESTARTS)
         .ok()
@@ -229,14 +224,7 @@ fn restart_process(
             "{spent}; still so after {restarts} restarts in a row"
         )));
     }
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let has_checkpoint = crate::train::RunPaths {
-        dir: run_dir.to_path_buf(),
-    }
-    .has_checkpoint();
-    if has_checkpoint && !resuming {
-        args.push("--resume".into());
-    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let exe =
         std::env::current_exe().map_err(|e| Error::io("finding the executable", "handgrad", e))?;
     let mut cmd = std::process::Command::new(&exe);

@@ -43,7 +43,16 @@ impl HfTokenizer {
                 origin.display()
             )));
         }
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+        // Some valid JSON still makes the crate panic (`expect`s in its normalizer
+        // deserializer): a panic there is a malformed file, not a crash.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|_| {
+                Error::Tokenizer(format!(
+                    "{}: not a valid tokenizer.json (the tokenizers library rejected its structure)",
+                    origin.display()
+                ))
+            })?;
+        let inner = parsed.map_err(|e| {
             Error::Tokenizer(format!(
                 "{}: not a valid tokenizer.json: {e}",
                 origin.display()

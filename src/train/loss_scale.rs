@@ -114,6 +114,17 @@ impl LossScaler {
             LossScale::Static { scale } | LossScale::Dynamic { scale, .. } => scale,
             LossScale::None | LossScale::Auto => 1.0,
         };
+        // A saved state counts only for a policy that scales, and only if it is a scale.
+        let saved = saved.filter(|st| {
+            matches!(policy, LossScale::Static { .. } | LossScale::Dynamic { .. })
+                && st.scale.is_finite()
+                && st.scale > 0.0
+        });
+        let saved = match policy {
+            // A static scale is the user's number, not the checkpoint's.
+            LossScale::Static { .. } => None,
+            _ => saved,
+        };
         LossScaler {
             policy,
             state: saved.unwrap_or(ScalerState {
@@ -239,6 +250,29 @@ mod tests {
         assert_eq!(k.update(false, 5, "x").unwrap(), Verdict::Skipped);
         let e = k.update(false, 6, "loss NaN").unwrap_err().to_string();
         assert!(e.contains("3 non-finite updates in a row"), "{e}");
+    }
+
+    #[test]
+    fn a_saved_scale_counts_only_where_the_policy_scales() {
+        let saved = Some(ScalerState {
+            scale: 64.0,
+            good_steps: 3,
+        });
+        assert_eq!(LossScaler::new(LossScale::None, saved, 1).scale(), 1.0);
+        let dynamic = LossScale::Dynamic {
+            scale: 256.0,
+            growth_interval: 200,
+        };
+        assert_eq!(LossScaler::new(dynamic, saved, 1).scale(), 64.0);
+        let bad = Some(ScalerState {
+            scale: f64::NAN,
+            good_steps: 0,
+        });
+        assert_eq!(LossScaler::new(dynamic, bad, 1).scale(), 256.0);
+        assert_eq!(
+            LossScaler::new(LossScale::Static { scale: 128.0 }, saved, 1).scale(),
+            128.0
+        );
     }
 
     #[test]

@@ -107,7 +107,9 @@ pub fn prepare(
         cfg,
         "encoding the training config",
     )?;
-    if !resume {
+    // A fresh run writes them; a resumed one only if they are missing (a run restarted before
+    // its first checkpoint, a folder tidied by hand).
+    if !resume || !paths.dir.join("config.json").exists() {
         write_json(
             &paths.dir.join("config.json"),
             &model.to_hf_json(),

@@ -58,6 +58,9 @@ pub struct RunOptions {
     /// When the model has fewer positions than `seq`, train on the model's limit (with a note)
     /// instead of failing: set when `seq` is a default rather than the user's choice.
     pub cap_seq_to_model: bool,
+    /// The caller restarts the process when the Neural Engine compile budget is spent (so a
+    /// `restart` event is logged); otherwise that is an error.
+    pub restart_on_compile_budget: bool,
 }
 
 impl RunOptions {
@@ -75,6 +78,7 @@ impl RunOptions {
             requested_model: None,
             resume_changes: ResumeChanges::default(),
             cap_seq_to_model: false,
+            restart_on_compile_budget: false,
         }
     }
 }
@@ -236,10 +240,19 @@ impl Trainer {
         // 4. The kernels, prepared once for this shape: a backend fails here, not mid-run.
         let mut kernels = backend.kernels()?;
         if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
-            if let Error::AneCompileBudget { used, limit, .. } = &e {
+            if let Error::AneCompileBudget {
+                used,
+                limit,
+                needed,
+            } = &e
+                && opts.restart_on_compile_budget
+                && needed <= limit
+            {
                 // Said in the run's log (when it has one) before the CLI restarts the process.
-                if paths.events().exists() {
-                    bus.attach_log(Box::new(JsonlSink::open(&paths.events())?));
+                if paths.events().exists()
+                    && let Ok(log) = JsonlSink::open(&paths.events())
+                {
+                    bus.attach_log(Box::new(log));
                 }
                 bus.emit(Event::Restart {
                     step: resume.as_ref().map_or(0, |r| r.checkpoint.meta.step),
@@ -602,7 +615,7 @@ impl Trainer {
         let loss_kind = self.loss_kind();
         let c = &mut self.counters;
         c.last_val_loss = Some(val);
-        let improved = c.best_val_loss.is_none_or(|b| val < b);
+        let improved = val.is_finite() && c.best_val_loss.is_none_or(|b| val < b);
         if improved {
             c.best_val_loss = Some(val);
         }

@@ -88,9 +88,11 @@ fn keep_as(path: &Path, prev: &Path) -> std::io::Result<()> {
         std::fs::copy(path, &staged)?;
         File::open(&staged)?.sync_all()?;
     }
-    std::fs::rename(&staged, prev).inspect_err(|_| {
-        let _ = std::fs::remove_file(&staged);
-    })
+    let r = std::fs::rename(&staged, prev);
+    // Renaming a link onto another name of the same file does nothing (POSIX allows it): the
+    // staged name may still be there.
+    let _ = std::fs::remove_file(&staged);
+    r
 }
 
 /// Removes the temporary files (`NAME.tmp-PID-N`) a killed process left in a folder; returns

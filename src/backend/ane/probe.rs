@@ -59,12 +59,16 @@ pub struct ProbeCase {
 impl ProbeCase {
     /// Multiply-adds count twice: `2 C^2 S` per convolution.
     pub fn flops(&self) -> f64 {
-        2.0 * (self.channels * self.channels * self.spatial * self.depth) as f64
+        let (c, s, d) = (self.channels as f64, self.spatial as f64, self.depth as f64);
+        2.0 * c * c * s * d
     }
 
     /// fp16 weight bytes.
     pub fn weight_bytes(&self) -> usize {
-        2 * self.channels * self.channels * self.depth
+        2usize
+            .saturating_mul(self.channels)
+            .saturating_mul(self.channels)
+            .saturating_mul(self.depth)
     }
 }
 
@@ -430,8 +434,9 @@ pub fn check(r: &ProbeResult, rated_tops: Option<f64>) -> Option<String> {
     None
 }
 
-/// Validates every result of a report (recomputing, never trusting what it says), marks the
-/// rejected ones, and returns how many were rejected.
+/// Validates every result of a report — FLOPs recomputed from the shape, TFLOPS from the
+/// time, the rated peak from handgrad's table when the chip is known, the recorded error
+/// against the tolerance — marks the rejected ones, and returns how many were rejected.
 pub fn validate(report: &mut ProbeReport) -> Result<usize> {
     if report.schema != SCHEMA || report.schema_version != SCHEMA_VERSION {
         return Err(Error::invalid(format!(

@@ -254,10 +254,9 @@ impl ApplePlatform {
         })
     }
 
+    /// Takes ownership of an object the caller has already retained (inside the pool that
+    /// autoreleases it).
     fn keep(&mut self, obj: Id) -> Handle {
-        // SAFETY: `obj` is a live object returned by a constructor; retaining it makes it ours
-        // beyond the autorelease pool.
-        unsafe { (self.api.retain)(obj) };
         self.next += 1;
         self.objects.insert(self.next, obj);
         self.next
@@ -404,6 +403,8 @@ impl AnePlatform for ApplePlatform {
             if model.is_null() {
                 return Err("inMemoryModelWithDescriptor: returned nil".into());
             }
+            // SAFETY: a live autoreleased object, retained before its pool is popped.
+            unsafe { (api.retain)(model) };
             Ok(model)
         })?;
         Ok(self.keep(model))
@@ -628,7 +629,12 @@ impl AnePlatform for ApplePlatform {
                 std::ptr::null_mut(),
                 ns_number(api, 0)?
             );
-            if r.is_null() { Err("requestWithInputs:... returned nil".into()) } else { Ok(r) }
+            if r.is_null() {
+                return Err("requestWithInputs:... returned nil".into());
+            }
+            // SAFETY: a live autoreleased object, retained before its pool is popped.
+            unsafe { (api.retain)(r) };
+            Ok(r)
         })?;
         Ok(self.keep(request))
     }

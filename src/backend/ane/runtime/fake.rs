@@ -1,7 +1,7 @@
 //! A stand-in for the Neural Engine: it records every call, keeps the objects it hands out
 //! (so tests see leaks), enforces the platform's traps as the hardware is reported to — small
-//! or unequal surfaces fail at evaluate, several inputs are bound in alphabetical order of
-//! their MIL names, an unloaded model does not evaluate — and runs the programs with
+//! or unequal surfaces fail at evaluate, an unloaded model does not evaluate (the order in
+//! which inputs are bound is visible in the recorded calls) — and runs the programs with
 //! handgrad's MIL simulator, so `--backend ane-fake` trains with real numbers through the
 //! whole runtime call sequence. Failures can be injected.
 
@@ -310,7 +310,15 @@ impl AnePlatform for FakePlatform {
         }
         // The hardware's rules on surfaces: at least the minimum, equal within a group.
         for group in [&ins, &outs] {
-            let sizes: Vec<usize> = group.iter().map(|s| self.surfaces[s].len()).collect();
+            let sizes: Vec<usize> = group
+                .iter()
+                .map(|s| {
+                    self.surfaces
+                        .get(s)
+                        .map(|b| b.len())
+                        .ok_or("no such surface")
+                })
+                .collect::<Result<_, _>>()?;
             if sizes.iter().any(|&b| b < MIN_SURFACE_BYTES) {
                 return Err(format!(
                     "a surface of {} bytes is below the minimum the hardware evaluates",
@@ -345,8 +353,10 @@ impl AnePlatform for FakePlatform {
             return Err(format!("input type {ty} is not fp16"));
         }
         let n: usize = ty.shape.iter().product();
-        let bytes = &self.surfaces[&ins[0]];
-        let data: Vec<f32> = bytes[..2 * n]
+        let bytes = self.surfaces.get(&ins[0]).ok_or("no such surface")?;
+        let data: Vec<f32> = bytes
+            .get(..2 * n)
+            .ok_or("the input surface is smaller than the program's input")?
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect();

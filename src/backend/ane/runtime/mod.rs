@@ -158,7 +158,7 @@ impl CompileBudget {
         let limit = self.limit();
         let mut used = self.used();
         loop {
-            if used + n > limit {
+            if used.checked_add(n).is_none_or(|total| total > limit) {
                 return Err(Error::AneCompileBudget {
                     used,
                     needed: n,
@@ -248,10 +248,13 @@ impl LoadedProgram {
                 format!("unexpected identifier {hex:?}"),
             ));
         }
+        // The identifier may come from the program's content: identical programs share the
+        // folder, which goes when its last user does.
         let folder = std::env::temp_dir().join(&hex);
+        folder_users(&folder, 1);
+        p.folder = Some(folder.clone());
         write_model_folder(&folder, files)
             .map_err(|e| err(name, &pname, "writing the model folder", e.to_string()))?;
-        p.folder = Some(folder);
         guard
             .compile(p.model)
             .map_err(|e| err(name, &pname, "compile", e))?;
@@ -362,10 +365,26 @@ impl Drop for LoadedProgram {
             g.release_model(self.model);
         }
         drop(g);
-        if let Some(f) = self.folder.take() {
+        if let Some(f) = self.folder.take()
+            && folder_users(&f, -1) == 0
+        {
             let _ = std::fs::remove_dir_all(f);
         }
     }
+}
+
+/// Counts the live programs using a model folder; returns the count after the change.
+fn folder_users(folder: &std::path::Path, delta: i64) -> i64 {
+    static USERS: Mutex<Option<std::collections::HashMap<PathBuf, i64>>> = Mutex::new(None);
+    let mut g = USERS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = g.get_or_insert_with(Default::default);
+    let n = map.entry(folder.to_path_buf()).or_insert(0);
+    *n += delta;
+    let now = *n;
+    if now <= 0 {
+        map.remove(folder);
+    }
+    now.max(0)
 }
 
 /// The caller's indices of `bindings` in the order the hardware binds them: alphabetical by
@@ -462,6 +481,16 @@ mod tests {
         assert!(e.contains("20 of 25"), "{e}");
         assert_eq!(b.used(), 20);
         b.reserve(5).unwrap();
+    }
+
+    #[test]
+    fn a_shared_model_folder_goes_with_its_last_user() {
+        let f = std::path::Path::new("/nonexistent/handgrad-test-folder");
+        assert_eq!(folder_users(f, 1), 1);
+        assert_eq!(folder_users(f, 1), 2);
+        assert_eq!(folder_users(f, -1), 1);
+        assert_eq!(folder_users(f, -1), 0);
+        assert_eq!(folder_users(f, -1), 0);
     }
 
     #[test]
