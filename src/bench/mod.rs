@@ -6,4 +6,5 @@ pub mod machine;
 pub mod matmul;
 pub mod memory;
 pub mod peak;
+pub mod report;
 pub mod train;

@@ -31,6 +31,19 @@ enum BenchCommand {
     /// Read bandwidth (one thread and all) and load latency against working-set size, with the
     /// cache-level cliffs found and the sizes the OS reports.
     Memory(MemoryBenchArgs),
+    /// Merge result files (`bench ... --json`, `ane probe -o`) from many machines into one
+    /// Markdown report; files that fail validation are left out with the reason.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// Result files.
+    #[arg(required = true)]
+    files: Vec<std::path::PathBuf>,
+    /// The Markdown file to write.
+    #[arg(long, short, default_value = "REPORT.md")]
+    out: std::path::PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -131,7 +144,35 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCommand::Generate(a) => generate(a),
         BenchCommand::Matmul(a) => matmul(a),
         BenchCommand::Memory(a) => memory(a),
+        BenchCommand::Report(a) => report(a),
     }
+}
+
+fn report(a: ReportArgs) -> Result<()> {
+    let mut files = Vec::new();
+    for f in &a.files {
+        let text = std::fs::read_to_string(f).map_err(|e| Error::io("reading", f, e))?;
+        let v: serde_json::Value = match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({ "unreadable": e.to_string() }),
+        };
+        files.push((f.display().to_string(), v));
+    }
+    let (md, rejected) = bench::report::report(&files);
+    crate::util::fsutil::write_atomic(&a.out, |w| std::io::Write::write_all(w, md.as_bytes()))?;
+    for r in &rejected {
+        eprintln!("warning: {} left out: {}", r.file, r.reason);
+    }
+    println!(
+        "wrote {} ({} of {} files)",
+        a.out.display(),
+        files.len() - rejected.len(),
+        files.len()
+    );
+    if rejected.len() == files.len() {
+        return Err(Error::invalid("no result file passed validation"));
+    }
+    Ok(())
 }
 
 fn memory(a: MemoryBenchArgs) -> Result<()> {

@@ -1,0 +1,122 @@
+//! `handgrad bench report` on recorded result files: the golden Markdown, impossible or
+//! unverified results rejected with the reason, and the result envelope's round trip.
+//! `HANDGRAD_UPDATE_GOLDEN=1` rewrites `tests/golden/bench/report.md`.
+
+mod common;
+
+use handgrad::bench::machine::{Envelope, MachineInfo};
+use handgrad::bench::report::{report, validate};
+
+fn load(name: &str) -> (String, serde_json::Value) {
+    let p = common::repo(&format!("tests/data/bench/{name}"));
+    let v = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    (name.to_string(), v)
+}
+
+#[test]
+fn the_report_of_recorded_results_matches_the_golden_markdown() {
+    let files: Vec<_> = [
+        "train.json",
+        "generate.json",
+        "memory.json",
+        "probe_fake.json",
+        "train_above_peak.json",
+        "generate_above_roofline.json",
+        "bare_numbers.json",
+        "probe_94_tflops.json",
+    ]
+    .iter()
+    .map(|n| load(n))
+    .collect();
+    let (md, rejected) = report(&files);
+    let why: Vec<(&str, &str)> = rejected
+        .iter()
+        .map(|r| (r.file.as_str(), r.reason.as_str()))
+        .collect();
+    assert_eq!(rejected.len(), 4, "{why:?}");
+    assert!(
+        why[0].1.contains("above the machine's measured peak"),
+        "{why:?}"
+    );
+    assert!(
+        why[1].1.contains("300% of the memory-bandwidth roofline"),
+        "{why:?}"
+    );
+    assert!(
+        why[2].1.contains("not a handgrad benchmark result"),
+        "{why:?}"
+    );
+    assert!(
+        why[3].1.contains("above the chip's rated 38 TOPS"),
+        "{why:?}"
+    );
+    let golden = common::repo("tests/golden/bench/report.md");
+    if std::env::var("HANDGRAD_UPDATE_GOLDEN").is_ok_and(|v| v == "1") {
+        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
+        std::fs::write(&golden, &md).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).unwrap();
+    assert_eq!(
+        md, want,
+        "the report changed (HANDGRAD_UPDATE_GOLDEN=1 to accept)"
+    );
+}
+
+#[test]
+fn a_figure_that_does_not_follow_from_the_time_is_rejected() {
+    let (_, mut v) = load("train.json");
+    v["gflops"] = (v["gflops"].as_f64().unwrap() * 3.0).into();
+    v["mfu"] = (v["gflops"].as_f64().unwrap() / v["peak_gflops"].as_f64().unwrap()).into();
+    let e = validate(&v).unwrap_err();
+    assert!(e.contains("GFLOP/s reported, but"), "{e}");
+    let (_, mut v) = load("train.json");
+    v["schema_version"] = 7.into();
+    assert!(validate(&v).unwrap_err().contains("schema version 7"));
+}
+
+#[test]
+fn results_round_trip_through_the_envelope() {
+    let (_, v) = load("generate.json");
+    let e: Envelope<serde_json::Value> = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(e.bench, "generate");
+    let m: MachineInfo = e.machine.clone();
+    assert!(m.cores >= 1);
+    let back = serde_json::to_value(&e).unwrap();
+    assert_eq!(back, v);
+}
+
+#[test]
+fn the_cli_writes_the_report_and_names_what_it_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::repo("tests/data/bench");
+    let o = common::handgrad(
+        &[
+            "bench",
+            "report",
+            data.join("train.json").to_str().unwrap(),
+            data.join("train_above_peak.json").to_str().unwrap(),
+            "-o",
+            "r.md",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("train_above_peak.json left out"),
+        "{}",
+        o.stderr
+    );
+    let md = std::fs::read_to_string(dir.path().join("r.md")).unwrap();
+    assert!(md.contains("## Training step") && md.contains("## Rejected"));
+    let o = common::handgrad(
+        &[
+            "bench",
+            "report",
+            data.join("bare_numbers.json").to_str().unwrap(),
+            "-o",
+            "x.md",
+        ],
+        dir.path(),
+    );
+    assert_ne!(o.code, 0);
+}
