@@ -120,3 +120,71 @@ fn the_cli_writes_the_report_and_names_what_it_left_out() {
     );
     assert_ne!(o.code, 0);
 }
+
+/// Kernels whose forward product forgets the last input column.
+struct WrongProduct;
+
+impl handgrad::backend::Kernels for WrongProduct {
+    fn linear_forward(
+        &self,
+        y: &mut [f32],
+        x: &[f32],
+        w: handgrad::backend::Matrix,
+        rows: usize,
+    ) -> handgrad::Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        for r in 0..rows {
+            for o in 0..n {
+                y[r * n + o] = (0..k - 1).map(|i| x[r * k + i] * w.f32[o * k + i]).sum();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn every_product_is_checked_before_it_is_reported() {
+    let shapes = vec![("w".to_string(), 48, 40)];
+    let cpu = handgrad::backend::Backend::default().kernels().unwrap();
+    let good = handgrad::bench::matmul::run_shapes(cpu.as_ref(), &shapes, 17, 1, false).unwrap();
+    assert!(good.iter().all(|r| r.verified), "{good:?}");
+    let bad = handgrad::bench::matmul::run_shapes(&WrongProduct, &shapes, 17, 1, false).unwrap();
+    assert!(
+        !bad[0].verified && bad[0].max_rel_err > 1e-3,
+        "{:?}",
+        bad[0]
+    );
+    assert!(bad[1].verified && bad[2].verified);
+}
+
+#[test]
+fn the_matmul_sweep_on_a_tiny_model_verifies_every_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = common::handgrad(
+        &[
+            "bench",
+            "matmul",
+            "--model",
+            "tiny",
+            "--rows",
+            "8",
+            "--sweep",
+            "--threads",
+            "2",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let sweep = v["sweep"].as_array().unwrap();
+    assert!(sweep.len() >= 2 * 15, "{}", sweep.len());
+    assert!(
+        sweep
+            .iter()
+            .all(|r| r["result"]["verified"] == true && r["rejected"].is_null())
+    );
+    let theo = &v["theoretical"];
+    assert!(theo["fp32_gflops"].as_f64().unwrap() > 0.0);
+    assert!(theo["assumptions"].as_str().unwrap().contains("FMA units"));
+}

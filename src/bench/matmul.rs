@@ -22,6 +22,30 @@ pub struct MatmulResult {
     pub n: usize,
     pub ms: f64,
     pub gflops: f64,
+    /// Largest relative error of 64 sampled outputs against an f64 product of the same data
+    /// (relative to the sum of the absolute terms, so cancellation does not inflate it).
+    pub max_rel_err: f64,
+    /// The product was checked and within the precision's tolerance.
+    pub verified: bool,
+}
+
+/// Error allowed in the check: f32 accumulation, or bf16 operands.
+pub fn tolerance(bf16: bool) -> f64 {
+    if bf16 { 1e-2 } else { 1e-4 }
+}
+
+/// Compares 64 sampled entries of `out [m, n]` with `f(i, j) = (sum of terms, sum of |terms|)`.
+fn check(out: &[f32], m: usize, n: usize, exact: impl Fn(usize, usize) -> (f64, f64)) -> f64 {
+    let mut rng = Rng::new(99);
+    let mut worst = 0.0f64;
+    for _ in 0..64 {
+        let (i, j) = (rng.below(m as u64) as usize, rng.below(n as u64) as usize);
+        let (v, mag) = exact(i, j);
+        let got = out[i * n + j] as f64;
+        let e = (got - v).abs() / mag.max(1e-30);
+        worst = worst.max(if e.is_nan() { f64::INFINITY } else { e });
+    }
+    worst
 }
 
 /// The distinct weight shapes of a model: (name, d_in, d_out).
@@ -66,8 +90,20 @@ pub fn run(
     rows: usize,
     reps: usize,
 ) -> Result<Vec<MatmulResult>> {
+    run_shapes(k, &weight_shapes(cfg), rows, reps, false)
+}
+
+/// [`run`] on given `(name, d_in, d_out)` shapes; `bf16` sets the check's tolerance.
+pub fn run_shapes(
+    k: &dyn Kernels,
+    shapes: &[(String, usize, usize)],
+    rows: usize,
+    reps: usize,
+    bf16: bool,
+) -> Result<Vec<MatmulResult>> {
     let mut out = Vec::new();
-    for (name, d_in, d_out) in weight_shapes(cfg) {
+    let tol = tolerance(bf16);
+    for (name, d_in, d_out) in shapes.iter().cloned() {
         let x = random(rows * d_in, 1);
         let w = random(d_out * d_in, 2);
         let dy = random(rows * d_out, 3);
@@ -75,7 +111,7 @@ pub fn run(
         let mut dx = vec![0.0f32; rows * d_in];
         let mut dw = vec![0.0f32; d_out * d_in];
         let flops = 2.0 * (rows * d_in * d_out) as f64;
-        let mut push = |pass: &str, m, kk, n, s: f64| {
+        let mut push = |pass: &str, m, kk, n, s: f64, err: f64| {
             out.push(MatmulResult {
                 weight: name.clone(),
                 pass: pass.into(),
@@ -84,18 +120,44 @@ pub fn run(
                 n,
                 ms: s * 1e3,
                 gflops: flops / s / 1e9,
+                max_rel_err: err,
+                verified: err <= tol,
             })
         };
         let shape = LinearShape { rows, d_in, d_out };
         let wm = Matrix::new(&w, d_out, d_in);
+        let dot = |n: usize, a: &dyn Fn(usize) -> f64, b: &dyn Fn(usize) -> f64| {
+            (0..n).fold((0.0, 0.0), |(s, m), t| {
+                let p = a(t) * b(t);
+                (s + p, m + p.abs())
+            })
+        };
         let s = time_it(reps, || k.linear_forward(&mut y, &x, wm, rows))?;
-        push("fwd", rows, d_in, d_out, s);
+        let err = check(&y, rows, d_out, |r, o| {
+            dot(d_in, &|i| x[r * d_in + i] as f64, &|i| {
+                w[o * d_in + i] as f64
+            })
+        });
+        push("fwd", rows, d_in, d_out, s, err);
         let s = time_it(reps, || {
             k.linear_backward_input(&mut dx, &dy, &w, shape, false)
         })?;
-        push("dgrad", rows, d_out, d_in, s);
+        let err = check(&dx, rows, d_in, |r, i| {
+            dot(d_out, &|o| dy[r * d_out + o] as f64, &|o| {
+                w[o * d_in + i] as f64
+            })
+        });
+        push("dgrad", rows, d_out, d_in, s, err);
         let s = time_it(reps, || k.linear_backward_weight(&mut dw, &dy, &x, shape))?;
-        push("wgrad", d_out, rows, d_in, s);
+        // The weight gradient accumulates: check one fresh product.
+        dw.fill(0.0);
+        k.linear_backward_weight(&mut dw, &dy, &x, shape)?;
+        let err = check(&dw, d_out, d_in, |o, i| {
+            dot(rows, &|r| dy[r * d_out + o] as f64, &|r| {
+                x[r * d_in + i] as f64
+            })
+        });
+        push("wgrad", d_out, rows, d_in, s, err);
     }
     Ok(out)
 }

@@ -174,3 +174,77 @@ pub fn read_bandwidth(bytes: usize) -> f64 {
     }
     (n * 4) as f64 / best / 1e9
 }
+
+/// The most this CPU could compute, from its description: cores x vector lanes x FMA units x
+/// 2 FLOP x clock. Every term is an upper bound (two full-width FMA units per core, the highest
+/// clock the OS reports, or the current clock plus half for boost when it reports none), so a
+/// measurement above it is a measurement error, not a fast machine.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TheoreticalPeak {
+    pub cores: usize,
+    pub fp32_lanes: usize,
+    pub fma_units: usize,
+    pub ghz: f64,
+    pub fp32_gflops: f64,
+    /// bf16 dot products (two multiply-adds per fp32 lane), where the CPU has them.
+    pub bf16_gflops: Option<f64>,
+    pub assumptions: String,
+}
+
+/// The clock ceiling in GHz and where it came from.
+fn clock_ghz() -> (f64, String) {
+    let khz = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok());
+    if let Some(k) = khz {
+        return (k / 1e6, "cpufreq's maximum".into());
+    }
+    let mhz = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .filter(|l| l.starts_with("cpu MHz"))
+            .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+            .reduce(f64::max)
+    });
+    match mhz {
+        Some(m) => (
+            m / 1e3 * 1.5,
+            format!(
+                "{:.2} GHz reported + 50% for boost (no cpufreq maximum)",
+                m / 1e3
+            ),
+        ),
+        None => (6.0, "unknown clock: 6 GHz assumed".into()),
+    }
+}
+
+/// The theoretical peak of `cores` cores of this CPU.
+pub fn theoretical_peak(cores: usize) -> TheoreticalPeak {
+    #[cfg(target_arch = "x86_64")]
+    let (lanes, bf16, isa) = if std::arch::is_x86_feature_detected!("avx512f") {
+        (
+            16,
+            std::arch::is_x86_feature_detected!("avx512bf16"),
+            "AVX-512",
+        )
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        (8, false, "AVX2")
+    } else {
+        (4, false, "SSE")
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (lanes, bf16, isa) = (4, false, "128-bit SIMD");
+    let fma_units = 2;
+    let (ghz, clock) = clock_ghz();
+    let fp32 = cores as f64 * lanes as f64 * fma_units as f64 * 2.0 * ghz;
+    TheoreticalPeak {
+        cores,
+        fp32_lanes: lanes,
+        fma_units,
+        ghz,
+        fp32_gflops: fp32,
+        bf16_gflops: bf16.then_some(2.0 * fp32),
+        assumptions: format!(
+            "{cores} cores x {lanes} fp32 lanes ({isa}) x {fma_units} FMA units (an upper bound: Zen 4 has half) x 2 FLOP x {ghz:.2} GHz ({clock})"
+        ),
+    }
+}

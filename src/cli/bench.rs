@@ -109,6 +109,10 @@ struct GenerateBenchArgs {
 struct MatmulBenchArgs {
     #[arg(long, default_value = "stories110m")]
     model: String,
+    /// Sweep thread counts 1..N and both precisions (bf16 where the CPU has it) instead of
+    /// one run.
+    #[arg(long)]
+    sweep: bool,
     /// Rows (tokens) of the activations.
     #[arg(long, default_value_t = 1024)]
     rows: usize,
@@ -379,8 +383,104 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Why a result is not reported, if it is not.
+fn matmul_verdict(r: &bench::matmul::MatmulResult, ceiling: f64) -> Option<String> {
+    if !r.verified {
+        return Some(format!(
+            "UNVERIFIED: error {:.1e} against the f64 product",
+            r.max_rel_err
+        ));
+    }
+    if r.gflops > ceiling {
+        return Some(format!(
+            "INVALID: above the theoretical peak {ceiling:.0} GFLOP/s"
+        ));
+    }
+    None
+}
+
+fn matmul_sweep(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
+    let max_threads = a
+        .threads
+        .unwrap_or_else(crate::train::default_threads)
+        .max(1);
+    let mut precisions = vec![Precision::Fp32];
+    if crate::backend::cpu::bf16_in_hardware() {
+        precisions.push(Precision::Bf16);
+    }
+    let shapes = bench::matmul::weight_shapes(cfg);
+    let mut rows_out = Vec::new();
+    for t in 1..=max_threads {
+        let theo = bench::peak::theoretical_peak(t);
+        for &p in &precisions {
+            let kernels = Backend::cpu(p).kernels()?;
+            let results = pool(Some(t))?.install(|| {
+                bench::matmul::run_shapes(
+                    kernels.as_ref(),
+                    &shapes,
+                    a.rows,
+                    3,
+                    p == Precision::Bf16,
+                )
+            })?;
+            let ceiling = match p {
+                Precision::Fp32 => theo.fp32_gflops,
+                Precision::Bf16 => theo.bf16_gflops.unwrap_or(theo.fp32_gflops),
+            };
+            for r in results {
+                let verdict = matmul_verdict(&r, ceiling);
+                rows_out.push((t, p, ceiling, r, verdict));
+            }
+        }
+    }
+    if a.json {
+        let v: Vec<_> = rows_out
+            .iter()
+            .map(|(t, p, c, r, v)| serde_json::json!({"threads": t, "precision": p, "theoretical_gflops": c, "result": r, "rejected": v}))
+            .collect();
+        return print_json(
+            "matmul",
+            &serde_json::json!({"sweep": v, "theoretical": bench::peak::theoretical_peak(max_threads)}),
+        );
+    }
+    println!(
+        "theoretical peak: {}",
+        bench::peak::theoretical_peak(max_threads).assumptions
+    );
+    println!(
+        "{:>7} {:>5} {:28} {:6} {:>19} {:>9} {:>12}  verdict",
+        "threads", "prec", "weight", "pass", "m x k x n", "GFLOP/s", "% theoretical"
+    );
+    for (t, p, c, r, v) in &rows_out {
+        println!(
+            "{:>7} {:>5} {:28} {:6} {:>5}x{:>6}x{:>6} {:>9.1} {:>12.1}%  {}",
+            t,
+            p.to_string(),
+            r.weight,
+            r.pass,
+            r.m,
+            r.k,
+            r.n,
+            r.gflops,
+            100.0 * r.gflops / c,
+            v.as_deref().unwrap_or("ok")
+        );
+    }
+    let bad = rows_out.iter().filter(|x| x.4.is_some()).count();
+    if bad > 0 {
+        return Err(Error::invalid(format!("{bad} results failed verification")));
+    }
+    Ok(())
+}
+
 fn matmul(a: MatmulBenchArgs) -> Result<()> {
     let cfg = ModelConfig::from_preset_or_path(&a.model)?;
+    if a.rows == 0 {
+        return Err(Error::invalid("--rows must be at least 1"));
+    }
+    if a.sweep {
+        return matmul_sweep(&a, &cfg);
+    }
     let backend = a.backend.resolve();
     let kernels = backend.kernels()?;
     let (peak, isa, bf16, results) = pool(a.threads)?.install(|| {
@@ -394,16 +494,29 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
         Precision::Fp32 => peak,
         Precision::Bf16 => bf16.unwrap_or(f64::NAN),
     };
+    let theo = bench::peak::theoretical_peak(
+        a.threads
+            .unwrap_or_else(crate::train::default_threads)
+            .max(1),
+    );
+    let ceiling = match backend.precision {
+        Precision::Fp32 => theo.fp32_gflops,
+        Precision::Bf16 => theo.bf16_gflops.unwrap_or(theo.fp32_gflops),
+    };
     if a.json {
         return print_json(
             "matmul",
             &serde_json::json!({
                 "backend": backend.info(), "fp32_peak_gflops": peak, "fp32_isa": isa,
-                "bf16_peak_gflops": bf16, "matmuls": results
+                "bf16_peak_gflops": bf16, "theoretical": theo, "matmuls": results
             }),
         );
     }
-    println!("fp32 FMA peak ({isa}): {peak:.1} GFLOP/s");
+    println!("fp32 FMA peak ({isa}): {peak:.1} GFLOP/s (measured)");
+    println!(
+        "theoretical: {:.0} GFLOP/s fp32 = {}",
+        theo.fp32_gflops, theo.assumptions
+    );
     match bf16 {
         Some(b) => println!("bf16 dot peak (vdpbf16ps): {b:.1} GFLOP/s"),
         None => println!("bf16 dot peak: no AVX512_BF16 on this CPU"),
@@ -413,9 +526,12 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
         "\n{:28} {:6} {:>19} {:>9} {:>9} {:>7}",
         "weight", "pass", "m x k x n", "ms", "GFLOP/s", "% peak"
     );
+    let mut bad = 0;
     for r in &results {
+        let verdict = matmul_verdict(r, ceiling);
+        bad += verdict.is_some() as usize;
         println!(
-            "{:28} {:6} {:>5}x{:>6}x{:>6} {:>9.2} {:>9.1} {:>6.1}%",
+            "{:28} {:6} {:>5}x{:>6}x{:>6} {:>9.2} {:>9.1} {:>6.1}%  {}",
             r.weight,
             r.pass,
             r.m,
@@ -423,8 +539,14 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
             r.n,
             r.ms,
             r.gflops,
-            100.0 * r.gflops / own_peak
+            100.0 * r.gflops / own_peak,
+            verdict.as_deref().unwrap_or("")
         );
+    }
+    if bad > 0 {
+        return Err(Error::invalid(format!(
+            "{bad} products failed verification (see above)"
+        )));
     }
     Ok(())
 }
