@@ -11,27 +11,13 @@ use handgrad::backend::ane::mil::blob::BlobWriter;
 use handgrad::backend::ane::mil::parse::parse;
 use handgrad::backend::ane::mil::{ProgramFiles, Target};
 use handgrad::backend::ane::sim::{Simulator, Tensor, check};
-use handgrad::backend::{BackendKind, ModelDims, RopeStyle};
+use handgrad::backend::{BackendKind, ModelDims};
 use handgrad::model::ModelConfig;
 use handgrad::telemetry::{ConsoleMode, Event, MemorySink};
 use handgrad::train::{LossScale, RunOptions, TrainConfig, train};
 
-/// A small Qwen3-style config that exercises every part of the kernels (GQA, q/k norm).
 fn small_dims() -> ModelDims {
-    ModelDims {
-        dim: 64,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 1,
-        head_dim: 32,
-        ffn_dim: 96,
-        vocab_size: 100,
-        max_seq_len: 64,
-        norm_eps: 1e-6,
-        qk_norm: true,
-        rope_theta: 1e6,
-        rope_style: RopeStyle::RotateHalf,
-    }
+    common::small_qwen3_dims()
 }
 
 #[test]

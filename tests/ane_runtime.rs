@@ -15,25 +15,12 @@ use handgrad::backend::ane::runtime::{
     AnePlatform, Binding, CompileBudget, LoadedProgram, MIN_SURFACE_BYTES, SharedPlatform,
 };
 use handgrad::backend::ane::sim::Simulator;
-use handgrad::backend::{BackendKind, ModelDims, RopeStyle};
+use handgrad::backend::{BackendKind, ModelDims};
 use handgrad::telemetry::{ConsoleMode, Event, MemorySink};
 use handgrad::train::{LossScale, RunOptions, TrainConfig, train};
 
 fn dims() -> ModelDims {
-    ModelDims {
-        dim: 64,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 1,
-        head_dim: 32,
-        ffn_dim: 96,
-        vocab_size: 100,
-        max_seq_len: 64,
-        norm_eps: 1e-6,
-        qk_norm: true,
-        rope_theta: 1e6,
-        rope_style: RopeStyle::RotateHalf,
-    }
+    common::small_qwen3_dims()
 }
 
 fn kernel(kind: KernelKind) -> handgrad::backend::ane::kernels::Kernel {

@@ -91,6 +91,27 @@ fn caches() -> (u64, u64, u64) {
     (l1, l2, l3)
 }
 
+/// The OS in words: the distribution and kernel on Linux, the version on macOS.
+pub fn os_description() -> String {
+    if let Some(v) = std::process::Command::new("sw_vers")
+        .arg("-productVersion")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+    {
+        return format!("macOS {}", String::from_utf8_lossy(&v.stdout).trim());
+    }
+    let pretty = read("/etc/os-release")
+        .lines()
+        .find(|l| l.starts_with("PRETTY_NAME="))
+        .map(|l| l["PRETTY_NAME=".len()..].trim_matches('"').to_string());
+    let kernel = read("/proc/sys/kernel/osrelease");
+    match pretty {
+        Some(p) => format!("{p} (Linux {})", kernel.trim()),
+        None => format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+    }
+}
+
 impl MachineInfo {
     /// This machine.
     pub fn detect() -> Self {
@@ -143,17 +164,7 @@ impl MachineInfo {
             .and_then(|kb| kb.parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024);
         let (l1d_bytes, l2_bytes, l3_bytes) = caches();
-        let os = {
-            let pretty = read("/etc/os-release")
-                .lines()
-                .find(|l| l.starts_with("PRETTY_NAME="))
-                .map(|l| l["PRETTY_NAME=".len()..].trim_matches('"').to_string());
-            let kernel = read("/proc/sys/kernel/osrelease");
-            match pretty {
-                Some(p) => format!("{p} (Linux {})", kernel.trim()),
-                None => format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
-            }
-        };
+        let os = os_description();
         MachineInfo {
             cpu_model,
             cores: num_cpus::get_physical(),

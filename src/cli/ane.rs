@@ -166,7 +166,7 @@ fn run_probe(
         probe: kind,
         device: if device == "ane" { "ane" } else { "ane-fake" }.into(),
         chip: chip.clone(),
-        os: os_description(),
+        os: crate::bench::machine::os_description(),
         handgrad_version: env!("CARGO_PKG_VERSION").into(),
         date_unix: crate::telemetry::events::unix_now() as u64,
         rated_tops: rated,
@@ -253,16 +253,6 @@ fn run_probe(
         )));
     }
     Ok(())
-}
-
-fn os_description() -> String {
-    let out = std::process::Command::new("sw_vers")
-        .arg("-productVersion")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| format!("macOS {}", String::from_utf8_lossy(&o.stdout).trim()));
-    out.unwrap_or_else(|| format!("{} {}", std::env::consts::OS, std::env::consts::ARCH))
 }
 
 fn validate_files(files: &[PathBuf]) -> Result<()> {

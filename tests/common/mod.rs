@@ -142,3 +142,22 @@ pub fn events(run_dir: &std::path::Path) -> Vec<handgrad::telemetry::Record> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// A small Qwen3-style config that exercises every part of the ANE kernels (GQA, q/k norm,
+/// head_dim 32 over dim 64).
+pub fn small_qwen3_dims() -> handgrad::backend::ModelDims {
+    handgrad::backend::ModelDims {
+        dim: 64,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 32,
+        ffn_dim: 96,
+        vocab_size: 100,
+        max_seq_len: 64,
+        norm_eps: 1e-6,
+        qk_norm: true,
+        rope_theta: 1e6,
+        rope_style: handgrad::backend::RopeStyle::RotateHalf,
+    }
+}

@@ -269,6 +269,21 @@ impl ApplePlatform {
             .ok_or_else(|| "no such object".to_string())
     }
 
+    /// `-[model <selector>QoS:options:@{} error:]` with its BOOL and error checked.
+    fn qos_options_call(&self, model: Handle, selector: &str) -> PlatformResult<()> {
+        let m = self.obj(model)?;
+        self.pooled(|api| {
+            let opts = ns_dict(api, &[], &[])?;
+            let mut err: Id = std::ptr::null_mut();
+            let ok = send!(api, FnBoolQosOptsErr, m, selector, QOS, opts, &mut err);
+            if ok {
+                Ok(())
+            } else {
+                Err(error_text(api, err, selector))
+            }
+        })
+    }
+
     /// Runs `f` inside an autorelease pool.
     fn pooled<T>(&self, f: impl FnOnce(&Api) -> T) -> T {
         // SAFETY: push and pop are paired on this thread around `f`.
@@ -427,47 +442,11 @@ impl AnePlatform for ApplePlatform {
     }
 
     fn compile(&mut self, model: Handle) -> PlatformResult<()> {
-        let m = self.obj(model)?;
-        self.pooled(|api| {
-            let opts = ns_dict(api, &[], &[])?;
-            let mut err: Id = std::ptr::null_mut();
-            let ok = send!(
-                api,
-                FnBoolQosOptsErr,
-                m,
-                "compileWithQoS:options:error:",
-                QOS,
-                opts,
-                &mut err
-            );
-            if ok {
-                Ok(())
-            } else {
-                Err(error_text(api, err, "compileWithQoS"))
-            }
-        })
+        self.qos_options_call(model, "compileWithQoS:options:error:")
     }
 
     fn load(&mut self, model: Handle) -> PlatformResult<()> {
-        let m = self.obj(model)?;
-        self.pooled(|api| {
-            let opts = ns_dict(api, &[], &[])?;
-            let mut err: Id = std::ptr::null_mut();
-            let ok = send!(
-                api,
-                FnBoolQosOptsErr,
-                m,
-                "loadWithQoS:options:error:",
-                QOS,
-                opts,
-                &mut err
-            );
-            if ok {
-                Ok(())
-            } else {
-                Err(error_text(api, err, "loadWithQoS"))
-            }
-        })
+        self.qos_options_call(model, "loadWithQoS:options:error:")
     }
 
     fn unload(&mut self, model: Handle) -> PlatformResult<()> {
