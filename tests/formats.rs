@@ -92,6 +92,33 @@ fn llama2c_files_match_the_hf_copy_of_the_same_weights() {
     assert_logits(&m, "llama_tied", "logits_q80");
 }
 
+#[test]
+fn llama2c_v2_written_by_handgrad_is_byte_identical_to_the_reference_exporter() {
+    // The golden file was quantised by PyTorch in the layout of llama2.c's export.py (each
+    // matrix's int8 values, then its scales), which runq.c maps.
+    let m = load_model(&golden("hf_llama_tied")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("v2.bin");
+    llama2c::save(&out, &m.cfg, &m.params, 2).unwrap();
+    let ours = std::fs::read(&out).unwrap();
+    let reference = std::fs::read(golden("llama2c_v2_llama_tied.bin")).unwrap();
+    assert_eq!(ours.len(), reference.len());
+    assert!(
+        ours == reference,
+        "v2 bytes differ from the reference exporter's"
+    );
+    // Read back: the dequantised weights, requantised, give the same file again.
+    let back = load_model(&out).unwrap();
+    assert_eq!(back.format, "llama2.c v2 (Q8_0, group 8)");
+    let again = dir.path().join("again.bin");
+    llama2c::save(&again, &back.cfg, &back.params, 2).unwrap();
+    assert!(
+        std::fs::read(&again).unwrap() == ours,
+        "requantising is not exact"
+    );
+    assert_logits(&back, "llama_tied", "logits_q80");
+}
+
 /// Every tensor's raw bytes in a safetensors file.
 fn tensor_bytes(
     path: &std::path::Path,

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 pub use blocks::{Attend, AttentionActs, AttentionWeights, FfnActs, FfnWeights, KvCache};
 pub use kernels::{Kernels, LinearOut, Tolerance};
 pub use types::{
-    AttentionShape, CachedAttentionShape, LinearShape, Matrix, ModelDims, NormSaved, Positions,
-    Qkv, QkvGrads, RopeStyle, RopeTable, StepShape,
+    AttentionShape, CachedAttentionShape, CompactWeights, LinearShape, Matrix, ModelDims,
+    NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable, StepShape,
 };
 
 use crate::error::Result;

@@ -151,14 +151,24 @@ pub struct LinearShape {
 }
 
 /// A weight matrix `[rows, cols]` (row-major, `[out, in]` as in PyTorch): the f32 master copy,
-/// and a bf16 copy (as bits) when the caller keeps one for bandwidth-bound products (decoding
-/// with `--weights bf16`). A kernel that reads `bf16` computes with bf16 weights.
+/// and a compact copy when the caller keeps one for inference (`generate --weights bf16|q8`).
+/// A kernel that reads the compact copy computes with those weights.
 #[derive(Debug, Clone, Copy)]
 pub struct Matrix<'a> {
     pub f32: &'a [f32],
-    pub bf16: Option<&'a [u16]>,
+    pub compact: Option<CompactWeights<'a>>,
     pub rows: usize,
     pub cols: usize,
+}
+
+/// A compact copy of a weight matrix, with the layout of its f32 master.
+#[derive(Debug, Clone, Copy)]
+pub enum CompactWeights<'a> {
+    /// bf16 bits, read by matrix-vector products (decoding one token).
+    Bf16(&'a [u16]),
+    /// Int8 in groups along each row with one f32 scale per group, read by every forward
+    /// product of the CPU kernels.
+    Q8(crate::backend::cpu::quant::Q8Matrix<'a>),
 }
 
 impl<'a> Matrix<'a> {
@@ -166,7 +176,7 @@ impl<'a> Matrix<'a> {
     pub fn new(f32: &'a [f32], rows: usize, cols: usize) -> Self {
         Matrix {
             f32,
-            bf16: None,
+            compact: None,
             rows,
             cols,
         }

@@ -63,9 +63,7 @@ pub fn run(
     let bandwidth = super::peak::read_bandwidth(1 << 30);
     let run_once = || -> Result<(f64, f64, usize)> {
         let mut dec = Decoder::new(&model, &params, prompt + tokens + 1)?;
-        if weights == WeightFormat::Bf16 {
-            dec = dec.with_bf16_weights();
-        }
+        dec = dec.with_weights(weights);
         let t = Instant::now();
         let mut last = argmax(dec.prefill(kernels, &ids)?);
         let prefill = t.elapsed().as_secs_f64();

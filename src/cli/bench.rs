@@ -92,7 +92,7 @@ struct GenerateBenchArgs {
     /// Tokens decoded one at a time.
     #[arg(long, default_value_t = 128)]
     tokens: usize,
-    /// Weights streamed while decoding.
+    /// Weights streamed while decoding: fp32, bf16 or q8 (int8, CPU backend only).
     #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
     weights: WeightFormat,
     /// Backend and precision of the prompt's batched pass [default precision: bf16 with
@@ -347,6 +347,12 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
             Precision::Fp32
         };
     let backend: Backend = a.backend.resolve_with(default_precision);
+    if a.weights == WeightFormat::Q8 && backend.kind != crate::backend::BackendKind::Cpu {
+        return Err(crate::Error::invalid(format!(
+            "--weights q8 runs on the CPU kernels; --backend {} computes in its own precision",
+            backend.kind
+        )));
+    }
     let mut kernels = backend.kernels()?;
     kernels.prepare(&crate::model::Transformer::new(cfg.clone()).step_shape(1, a.prompt))?;
     let run = GenerateRun {

@@ -17,10 +17,15 @@ pub struct ConvertArgs {
     input: PathBuf,
     /// Destination: a folder (Hugging Face) or a .bin file (llama2.c).
     output: PathBuf,
-    /// Output format: hf, llama2c (legacy v0, what llama2.c's run.c reads) or llama2c-v1.
-    /// Default: llama2c for a .bin output, else hf.
+    /// Output format: hf, llama2c (legacy v0, what llama2.c's run.c reads), llama2c-v1, or
+    /// llama2c-v2 (int8 Q8_0, what llama2.c's runq.c reads). Default: llama2c for a .bin
+    /// output (llama2c-v2 with --quant q8), else hf.
     #[arg(long)]
     to: Option<String>,
+    /// Quantise the matrices: q8 (symmetric int8 in groups of 64 along each row with one f32
+    /// scale per group, llama2.c's Q8_0), written as a llama2.c version 2 file. Norms stay f32.
+    #[arg(long, value_parser = ["q8"])]
+    quant: Option<String>,
     /// Element type of Hugging Face output: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -51,6 +56,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 pub fn run(a: ConvertArgs) -> Result<()> {
     let to = match a.to.as_deref() {
         Some(t) => t.to_string(),
+        None if a.quant.is_some() => "llama2c-v2".into(),
         None if a.output.extension().is_some_and(|x| x == "bin") => "llama2c".into(),
         None if a.output.extension().is_some_and(|x| x == "gguf") => {
             return Err(Error::invalid(
@@ -59,6 +65,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         }
         None => "hf".into(),
     };
+    if a.quant.is_some() && to != "llama2c-v2" {
+        return Err(Error::invalid(format!(
+            "--quant q8 writes llama2.c version 2 files (--to llama2c-v2), not --to {to}"
+        )));
+    }
     let dtype = ExportDtype::parse(&a.dtype)?;
     let max_shard = parse_size(&a.max_shard_size)?;
     let m = load_model(&a.input)?;
@@ -89,10 +100,22 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                 }
             );
         }
-        "llama2c" | "llama2c-v0" | "llama2c-v1" => {
-            let version = if to == "llama2c-v1" { 1 } else { 0 };
+        "llama2c" | "llama2c-v0" | "llama2c-v1" | "llama2c-v2" => {
+            let version = match to.as_str() {
+                "llama2c-v1" => 1,
+                "llama2c-v2" => 2,
+                _ => 0,
+            };
             llama2c::save(&a.output, &m.cfg, &m.params, version)?;
-            eprintln!("wrote llama2.c v{version} file {}", a.output.display());
+            if version == 2 {
+                eprintln!(
+                    "wrote llama2.c v2 file {} (Q8_0, groups of {})",
+                    a.output.display(),
+                    llama2c::q8_group(&m.cfg)
+                );
+            } else {
+                eprintln!("wrote llama2.c v{version} file {}", a.output.display());
+            }
             if let Some(t) = &m.tokenizer
                 && t.name == "tokenizer.bin"
             {
@@ -103,7 +126,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         }
         other => {
             return Err(Error::invalid(format!(
-                "unknown --to '{other}' (hf, llama2c, llama2c-v1)"
+                "unknown --to '{other}' (hf, llama2c, llama2c-v1, llama2c-v2)"
             )));
         }
     }

@@ -50,8 +50,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler (the same seed gives the same text).
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Weights streamed per generated token: fp32, or bf16 (half the memory traffic, so about
-    /// twice as fast on memory-bound machines; products still accumulate in f32).
+    /// Weights streamed per generated token: fp32; bf16 (half the memory traffic, so about
+    /// twice as fast on memory-bound machines; products still accumulate in f32); or q8 (int8
+    /// in groups of 64 with f32 scales, as llama2.c's runq.c: about a quarter of the traffic,
+    /// int8 activations too, used for the prompt as well; CPU backend only).
     #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
     weights: WeightFormat,
     /// Backend and precision of the prompt's batched pass [default precision: bf16 with
@@ -91,6 +93,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let backend = a.backend.resolve_with(default_precision);
     for w in backend.warnings() {
         eprintln!("warning: {w}");
+    }
+    if a.weights == WeightFormat::Q8 && backend.kind != crate::backend::BackendKind::Cpu {
+        return Err(crate::Error::invalid(format!(
+            "--weights q8 runs on the CPU kernels; --backend {} computes in its own precision",
+            backend.kind
+        )));
     }
     let mut kernels = backend.kernels()?;
     kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len.min(a.max_tokens + 1)))?;

@@ -8,8 +8,11 @@
 //! * **Version 1** (magic `ak42`, 256-byte header: magic, version, the seven values, a
 //!   shared-classifier byte): f32 tensors in the order attention norms, ffn norms, final norm,
 //!   embedding, wq, wk, wv, wo, w1, w2, w3, classifier (when untied).
-//! * **Version 2** (same header plus an `i32` group size): f32 norms, then every matrix as
-//!   int8, then all their f32 scales (symmetric Q8_0 per group); dequantized on read.
+//! * **Version 2** (same header plus an `i32` group size at byte 37): the f32 norms in the
+//!   order of version 1, then each matrix (embedding, wq, wk, wv, wo, w1, w2, w3 per layer,
+//!   classifier when untied) as its int8 values followed by its f32 scales (symmetric Q8_0,
+//!   one scale per group of consecutive values), as llama2.c's `runq.c` maps them;
+//!   dequantized on read.
 //!
 //! llama2.c pairs RoPE dimensions interleaved; models are loaded with that pairing and converted
 //! on write when needed.
@@ -18,6 +21,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::LoadedModel;
+use crate::backend::cpu::quant::Q8Tensor;
 use crate::error::{Error, Result};
 use crate::model::config::{Architecture, RopeStyle};
 use crate::model::rope_layout::convert_rope_style;
@@ -268,8 +272,6 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             read_f32s(&b, at, &mut params[r.clone()]);
             at += 4 * r.len();
         }
-        let total_q: usize = mats.iter().map(|&i| layout.tensors[i].len()).sum();
-        let mut scale_at = at + total_q;
         for &i in &mats {
             let t = &layout.tensors[i];
             if !t.len().is_multiple_of(group) {
@@ -282,12 +284,11 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
                 ));
             }
             let mut scales = vec![0.0f32; t.len() / group];
-            read_f32s(&b, scale_at, &mut scales);
-            scale_at += 4 * scales.len();
+            read_f32s(&b, at + t.len(), &mut scales);
             for (k, p) in params[t.range()].iter_mut().enumerate() {
                 *p = (b[at + k] as i8) as f32 * scales[k / group];
             }
-            at += t.len();
+            at += t.len() + 4 * scales.len();
         }
     } else {
         for (n, &i) in ids.iter().enumerate() {
@@ -316,7 +317,14 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     })
 }
 
-/// Writes a llama2.c file, version 0 (legacy, what `run.c` reads) or 1.
+/// The group size of a version 2 file written for `cfg`: 64, or the largest power of two
+/// below it that divides every matrix row (`dim` and `hidden_dim`), as `runq.c` needs.
+pub fn q8_group(cfg: &ModelConfig) -> usize {
+    crate::backend::cpu::quant::group_for(&[cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim])
+}
+
+/// Writes a llama2.c file: version 0 (legacy, what `run.c` reads), 1, or 2 (Q8_0 in groups
+/// of [`q8_group`], what `runq.c` reads).
 pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Result<()> {
     if cfg.arch != Architecture::Llama {
         return Err(Error::invalid(
@@ -329,8 +337,17 @@ pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Res
             cfg.head_dim, cfg.dim, cfg.n_heads
         )));
     }
-    if version > 1 {
-        return Err(Error::invalid("handgrad writes llama2.c versions 0 and 1"));
+    if version > 2 {
+        return Err(Error::invalid(
+            "handgrad writes llama2.c versions 0, 1 and 2",
+        ));
+    }
+    let group = q8_group(cfg);
+    if version == 2 && group < 8 {
+        return Err(Error::invalid(format!(
+            "llama2.c v2: dim {} and hidden_dim {} leave a quantisation group of only {group}",
+            cfg.dim, cfg.ffn_dim
+        )));
     }
     let mut cfg = cfg.clone();
     let layout = ParamLayout::new(&cfg);
@@ -354,9 +371,9 @@ pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Res
     let ids = order(&layout, version, shared);
     let half = cfg.head_dim / 2;
     write_atomic(path, |f| {
-        if version == 1 {
+        if version >= 1 {
             f.write_all(&MAGIC.to_le_bytes())?;
-            f.write_all(&1i32.to_le_bytes())?;
+            f.write_all(&(version as i32).to_le_bytes())?;
         }
         for v in head7 {
             f.write_all(&v.to_le_bytes())?;
@@ -365,10 +382,30 @@ pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Res
             f.write_all(&[u8::from(shared)])?;
             f.write_all(&[0u8; 256 - 37])?;
         }
+        if version == 2 {
+            f.write_all(&[u8::from(shared)])?;
+            f.write_all(&(group as i32).to_le_bytes())?;
+            f.write_all(&[0u8; 256 - 41])?;
+        }
         let put = |f: &mut std::io::BufWriter<std::fs::File>, xs: &[f32]| -> std::io::Result<()> {
             let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
             f.write_all(&bytes)
         };
+        if version == 2 {
+            let (norms, mats): (Vec<usize>, Vec<usize>) = ids
+                .iter()
+                .partition(|&&i| layout.tensors[i].shape.len() == 1);
+            for &i in &norms {
+                put(f, &params[layout.tensors[i].range()])?;
+            }
+            for &i in &mats {
+                let t = Q8Tensor::quantize(&params[layout.tensors[i].range()], group);
+                let bytes: Vec<u8> = t.q.iter().map(|&v| v as u8).collect();
+                f.write_all(&bytes)?;
+                put(f, &t.scales)?;
+            }
+            return Ok(());
+        }
         for (n, &i) in ids.iter().enumerate() {
             put(f, &params[layout.tensors[i].range()])?;
             if version == 0 && n + 1 == ids.len() - usize::from(!shared) {

@@ -5,11 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cpu::gemv::to_bf16;
 use crate::backend::{Attend, Kernels, KvCache};
 use crate::error::{Error, Result};
 use crate::model::timing::StepTimings;
-use crate::model::{LayerActivations, LayerIo, Transformer, Weights};
+use crate::model::{CompactParams, LayerActivations, LayerIo, Transformer, Weights};
 
 /// The weights streamed for each decoded token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -21,6 +20,11 @@ pub enum WeightFormat {
     Fp32,
     /// A bf16 copy: half the bytes per token (products still accumulate in f32).
     Bf16,
+    /// Int8 matrices in groups of up to 64 with f32 scales (Q8_0, as llama2.c's runq.c), and
+    /// activations quantised per group at run time: about a quarter of the bytes per token.
+    /// Every forward product, prompt included, uses the int8 weights.
+    #[value(alias = "int8")]
+    Q8,
 }
 
 impl std::fmt::Display for WeightFormat {
@@ -28,6 +32,7 @@ impl std::fmt::Display for WeightFormat {
         f.write_str(match self {
             WeightFormat::Fp32 => "fp32",
             WeightFormat::Bf16 => "bf16",
+            WeightFormat::Q8 => "q8",
         })
     }
 }
@@ -54,8 +59,8 @@ impl RowBuffers {
 pub struct Decoder<'m> {
     model: &'m Transformer,
     params: &'m [f32],
-    /// bf16 copy of the parameters for the per-token products, when enabled.
-    bf16: Option<Vec<u16>>,
+    /// Compact copy of the matrices (bf16 or int8), when enabled.
+    compact: Option<CompactParams>,
     /// `[layers][capacity, kv_dim]`.
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
@@ -85,7 +90,7 @@ impl<'m> Decoder<'m> {
         Ok(Decoder {
             model,
             params,
-            bf16: None,
+            compact: None,
             k_cache: cache(),
             v_cache: cache(),
             capacity,
@@ -100,24 +105,33 @@ impl<'m> Decoder<'m> {
 
     /// Streams bf16 copies of the weight matrices in the per-token products (half the memory
     /// traffic; f32 accumulation). A prompt's batched products use the f32 weights.
-    pub fn with_bf16_weights(mut self) -> Self {
-        self.bf16 = Some(to_bf16(self.params));
+    pub fn with_bf16_weights(self) -> Self {
+        self.with_weights(WeightFormat::Bf16)
+    }
+
+    /// Reads the matrices in `format` (a bf16 or int8 copy is made of the f32 parameters).
+    pub fn with_weights(mut self, format: WeightFormat) -> Self {
+        self.compact = match format {
+            WeightFormat::Fp32 => None,
+            WeightFormat::Bf16 => Some(CompactParams::bf16(self.params)),
+            WeightFormat::Q8 => Some(CompactParams::q8(&self.model.layout, self.params)),
+        };
         self
     }
 
     /// The weights read per decoded token.
     pub fn weight_format(&self) -> WeightFormat {
-        if self.bf16.is_some() {
-            WeightFormat::Bf16
-        } else {
-            WeightFormat::Fp32
+        match self.compact {
+            None => WeightFormat::Fp32,
+            Some(CompactParams::Bf16(_)) => WeightFormat::Bf16,
+            Some(CompactParams::Q8 { .. }) => WeightFormat::Q8,
         }
     }
 
     /// Bytes of weights read per decoded token (every matrix once).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let per = if self.bf16.is_some() { 2 } else { 4 };
-        self.model.cfg.matmul_params() * per
+        let per = self.compact.as_ref().map_or(4.0, |c| c.bytes_per_weight());
+        (self.model.cfg.matmul_params() as f64 * per) as usize
     }
 
     /// Time spent per block since the decoder was made.
@@ -193,7 +207,7 @@ impl<'m> Decoder<'m> {
                 self.pos
             )));
         }
-        let w = Weights::new(lay, self.params).with_bf16(self.bf16.as_deref());
+        let w = Weights::new(lay, self.params).with_compact(self.compact.as_ref());
         let d = c.dim;
         k.embedding_forward(&mut b.x, w.vector(lay.embed), tokens, d)?;
         for l in 0..c.n_layers {

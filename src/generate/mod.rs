@@ -84,9 +84,7 @@ pub fn generate(
             dec.capacity()
         )));
     }
-    if opts.weights == WeightFormat::Bf16 {
-        dec = dec.with_bf16_weights();
-    }
+    dec = dec.with_weights(opts.weights);
     let t_prefill = std::time::Instant::now();
     logits.extend_from_slice(dec.prefill(kernels, &prompt_ids)?);
     let prefill_seconds = t_prefill.elapsed().as_secs_f64();

@@ -13,4 +13,4 @@ pub use activations::{Activations, LayerActivations};
 pub use config::{Architecture, ModelConfig, RopeStyle};
 pub use params::{ParamLayout, TensorId, TensorSpec};
 pub use transformer::{Batch, LayerIo, Transformer, VocabCompaction};
-pub use weights::{LayerWeights, Weights};
+pub use weights::{CompactParams, LayerWeights, Weights};

@@ -1,15 +1,62 @@
 //! The parameters of a model as the kernels receive them: typed views of one flat buffer
-//! (and, when decoding with `--weights bf16`, of its bf16 copy with the same layout).
+//! (and, for inference with `--weights bf16|q8`, of a compact copy of its matrices).
 
 use super::params::{ParamLayout, TensorId};
-use crate::backend::{AttentionWeights, FfnWeights, Matrix};
+use crate::backend::cpu::gemv::to_bf16;
+use crate::backend::cpu::quant::{Q8Tensor, group_for};
+use crate::backend::{AttentionWeights, CompactWeights, FfnWeights, Matrix};
+
+/// A compact copy of a model's matrices for inference (vectors stay f32).
+#[derive(Debug, Clone)]
+pub enum CompactParams {
+    /// Every parameter as bf16 bits, in the layout of the f32 buffer.
+    Bf16(Vec<u16>),
+    /// Every matrix as int8 groups along its rows (Q8_0), indexed by tensor id.
+    Q8 {
+        tensors: Vec<Option<Q8Tensor>>,
+        group: usize,
+    },
+}
+
+impl CompactParams {
+    /// A bf16 copy of `params`.
+    pub fn bf16(params: &[f32]) -> Self {
+        CompactParams::Bf16(to_bf16(params))
+    }
+
+    /// The matrices of `params` quantised in groups of the largest power of two up to 64 that
+    /// divides every matrix's row length.
+    pub fn q8(layout: &ParamLayout, params: &[f32]) -> Self {
+        let cols: Vec<usize> = layout
+            .tensors
+            .iter()
+            .filter(|t| t.shape.len() == 2)
+            .map(|t| t.shape[1])
+            .collect();
+        let group = group_for(&cols);
+        let tensors = layout
+            .tensors
+            .iter()
+            .map(|t| (t.shape.len() == 2).then(|| Q8Tensor::quantize(&params[t.range()], group)))
+            .collect();
+        CompactParams::Q8 { tensors, group }
+    }
+
+    /// Bytes of one matrix element in this copy (int8: the value and its share of the scale).
+    pub fn bytes_per_weight(&self) -> f64 {
+        match self {
+            CompactParams::Bf16(_) => 2.0,
+            CompactParams::Q8 { group, .. } => 1.0 + 4.0 / *group as f64,
+        }
+    }
+}
 
 /// Views of one parameter buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Weights<'a> {
     layout: &'a ParamLayout,
     f32: &'a [f32],
-    bf16: Option<&'a [u16]>,
+    compact: Option<&'a CompactParams>,
 }
 
 /// The weights of one transformer layer.
@@ -27,13 +74,14 @@ impl<'a> Weights<'a> {
         Weights {
             layout,
             f32,
-            bf16: None,
+            compact: None,
         }
     }
 
-    /// With a bf16 copy of the same layout, read by matrix-vector products.
-    pub fn with_bf16(self, bf16: Option<&'a [u16]>) -> Self {
-        Weights { bf16, ..self }
+    /// With a compact copy of the matrices (made from this layout), read by the kernels that
+    /// honour it.
+    pub fn with_compact(self, compact: Option<&'a CompactParams>) -> Self {
+        Weights { compact, ..self }
     }
 
     /// A vector (or any tensor) as a flat slice.
@@ -47,7 +95,13 @@ impl<'a> Weights<'a> {
         let r = t.range();
         Matrix {
             f32: &self.f32[r.clone()],
-            bf16: self.bf16.map(|b| &b[r]),
+            compact: match self.compact {
+                None => None,
+                Some(CompactParams::Bf16(b)) => Some(CompactWeights::Bf16(&b[r])),
+                Some(CompactParams::Q8 { tensors, .. }) => {
+                    tensors[id].as_ref().map(|t| CompactWeights::Q8(t.view()))
+                }
+            },
             rows: t.shape[0],
             cols: t.shape[1],
         }

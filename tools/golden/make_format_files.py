@@ -162,14 +162,12 @@ def write_llama2c_v2(model, path):
         f.write(b"\0" * (256 - f.tell()))
         for w in [*p["att_norm"], *p["ffn_norm"], p["norm"]]:
             f32(f, w)
-        scales = []
+        # Each matrix as llama2.c's runq.c maps it: its int8 values, then its scales.
         for w in weights:
             q, s = quantize_q80(w, group)
             f.write(q.numpy().astype(np.int8).tobytes())
-            scales.append(s)
-            deq.append((q.float() * s[:, None]).reshape(w.shape))
-        for s in scales:
             f32(f, s)
+            deq.append((q.float() * s[:, None]).reshape(w.shape))
     return group
 
 

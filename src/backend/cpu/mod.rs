@@ -11,6 +11,7 @@ pub mod linear;
 pub mod loss;
 pub mod math;
 pub mod matrix;
+pub mod quant;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
@@ -19,7 +20,7 @@ pub mod swiglu;
 use self::gemv::{GemvOut, GemvWeights, gemv_many};
 use self::matrix::{MatMut, MatRef};
 use super::kernels::{Kernels, LinearOut, Tolerance};
-use super::types::{AttentionShape, LinearShape, Matrix, Qkv, QkvGrads};
+use super::types::{AttentionShape, CompactWeights, LinearShape, Matrix, Qkv, QkvGrads};
 use crate::error::Result;
 
 /// A raw pointer to f32 data that parallel tasks may share, each writing a disjoint part (the
@@ -65,10 +66,34 @@ pub fn describe(bf16: bool) -> String {
 
 /// The weights a matrix-vector product reads: the bf16 copy when there is one.
 fn gemv_weights<'a>(w: &Matrix<'a>) -> GemvWeights<'a> {
-    match w.bf16 {
-        Some(b) => GemvWeights::Bf16(b),
-        None => GemvWeights::F32(w.f32),
+    match w.compact {
+        Some(CompactWeights::Bf16(b)) => GemvWeights::Bf16(b),
+        _ => GemvWeights::F32(w.f32),
     }
+}
+
+/// Products whose weights are all int8 ([`CompactWeights::Q8`], with one group size): the
+/// input is quantised once and every product reads the int8 weights. Returns `false` (doing
+/// nothing) when some output has other weights.
+fn q8_outputs(x: &[f32], rows: usize, outs: &mut [LinearOut]) -> bool {
+    let group = match outs.first().and_then(|o| o.w.compact) {
+        Some(CompactWeights::Q8(q)) => q.group,
+        _ => return false,
+    };
+    let cols = outs[0].w.cols;
+    let all = outs.iter().all(|o| {
+        o.w.cols == cols && matches!(o.w.compact, Some(CompactWeights::Q8(q)) if q.group == group)
+    });
+    if !all {
+        return false;
+    }
+    let xq = quant::Q8Rows::quantize(x, rows, cols, group);
+    for o in outs.iter_mut() {
+        if let Some(CompactWeights::Q8(q)) = o.w.compact {
+            quant::matmul_q8_prequantized(o.y, &xq, rows, q, o.w.rows);
+        }
+    }
+    true
 }
 
 /// One token row: matrix-vector products, several matrices in one pass.
@@ -95,6 +120,9 @@ pub struct CpuKernels;
 
 impl Kernels for CpuKernels {
     fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
+        if q8_outputs(x, rows, &mut [LinearOut { y: &mut *y, w }]) {
+            return Ok(());
+        }
         if rows == 1 {
             gemv_outputs(x, &mut [LinearOut { y, w }]);
         } else {
@@ -104,6 +132,9 @@ impl Kernels for CpuKernels {
     }
 
     fn linear_forward_multi(&self, x: &[f32], rows: usize, outs: &mut [LinearOut]) -> Result<()> {
+        if q8_outputs(x, rows, outs) {
+            return Ok(());
+        }
         if rows == 1 && outs.iter().all(|o| o.w.cols == outs[0].w.cols) {
             gemv_outputs(x, outs);
             return Ok(());
@@ -129,6 +160,9 @@ impl Kernels for CpuBf16Kernels {
     }
 
     fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
+        if q8_outputs(x, rows, &mut [LinearOut { y: &mut *y, w }]) {
+            return Ok(());
+        }
         if rows == 1 {
             gemv_outputs(x, &mut [LinearOut { y, w }]);
             return Ok(());
@@ -144,6 +178,9 @@ impl Kernels for CpuBf16Kernels {
     }
 
     fn linear_forward_multi(&self, x: &[f32], rows: usize, outs: &mut [LinearOut]) -> Result<()> {
+        if q8_outputs(x, rows, outs) {
+            return Ok(());
+        }
         if rows == 1 && outs.iter().all(|o| o.w.cols == outs[0].w.cols) {
             gemv_outputs(x, outs);
             return Ok(());

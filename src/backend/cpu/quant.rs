@@ -1,0 +1,506 @@
+//! Int8 inference: symmetric per-group quantisation (Q8_0, as llama2.c's version 2 files and
+//! `runq.c`) and the products over it.
+//!
+//! A group of `g` consecutive values `x` (within one matrix row) is stored as int8 `q` and one
+//! f32 scale `s = max|x| / 127`, `q = round(x / s)`, so `x ≈ q * s` with an error of at most
+//! `s / 2` per value. Both operands of a product are quantised: weights once (at load or in the
+//! file), activations per row per group at run time; a group's dot product is an exact int32 sum
+//! of int8 products, scaled once by `s_w * s_x`.
+//!
+//! The int8 dot products use AVX512-VNNI (`vpdpbusd`, 64 products per instruction) or
+//! AVX-VNNI / AVX2 on 32-byte halves where the CPU has them (checked at run time), and a
+//! portable loop elsewhere. `vpdpbusd` multiplies unsigned by signed bytes, so each product is
+//! computed as `|x| * (w * sign(x))`, which is exact for values in `[-127, 127]`.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// The group size of llama2.c's exporter and of `convert --quant q8`.
+pub const DEFAULT_GROUP: usize = 64;
+
+/// The largest group size `<= DEFAULT_GROUP` (a power of two) that divides every length in
+/// `lens` (matrix row lengths), so that no group straddles two rows; at least 1.
+pub fn group_for(lens: &[usize]) -> usize {
+    let mut g = DEFAULT_GROUP;
+    while g > 1 && lens.iter().any(|&n| !n.is_multiple_of(g)) {
+        g /= 2;
+    }
+    g
+}
+
+/// Quantises `xs` in groups of `group` into `q` (same length) and `scales` (`xs.len() / group`).
+/// Values are rounded half to even, as PyTorch's `round` (what llama2.c's exporter uses); an
+/// all-zero group gets scale 0 and zeros.
+pub fn quantize_into(xs: &[f32], group: usize, q: &mut [i8], scales: &mut [f32]) {
+    assert!(
+        group > 0 && xs.len().is_multiple_of(group),
+        "quantize: partial group"
+    );
+    assert!(q.len() == xs.len() && scales.len() == xs.len() / group);
+    for ((xg, qg), s) in xs
+        .chunks_exact(group)
+        .zip(q.chunks_exact_mut(group))
+        .zip(scales.iter_mut())
+    {
+        let amax = xg.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+        let scale = amax / 127.0;
+        *s = scale;
+        if scale == 0.0 || !scale.is_finite() {
+            qg.fill(0);
+            continue;
+        }
+        // A division (not a multiplication by the inverse), so that values agree bit for bit
+        // with PyTorch's `round(w / scale)`.
+        for (qv, &x) in qg.iter_mut().zip(xg) {
+            *qv = (x / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+    }
+}
+
+/// A quantised tensor that owns its data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Tensor {
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub group: usize,
+}
+
+impl Q8Tensor {
+    /// Quantises `xs` (its length a multiple of `group`), in parallel over blocks of groups.
+    pub fn quantize(xs: &[f32], group: usize) -> Self {
+        let mut q = vec![0i8; xs.len()];
+        let mut scales = vec![0.0f32; xs.len() / group.max(1)];
+        let block = group * 1024;
+        q.par_chunks_mut(block)
+            .zip(scales.par_chunks_mut(1024))
+            .zip(xs.par_chunks(block))
+            .for_each(|((q, s), x)| quantize_into(x, group, q, s));
+        Q8Tensor { q, scales, group }
+    }
+
+    /// The values the tensor stands for, `q * s`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v as f32 * self.scales[i / self.group])
+            .collect()
+    }
+
+    /// A view of the whole tensor.
+    pub fn view(&self) -> Q8Matrix<'_> {
+        Q8Matrix {
+            q: &self.q,
+            scales: &self.scales,
+            group: self.group,
+        }
+    }
+}
+
+/// A view of quantised weights `[rows, cols]`, row-major; `cols` is a multiple of `group`.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Matrix<'a> {
+    pub q: &'a [i8],
+    pub scales: &'a [f32],
+    pub group: usize,
+}
+
+/// Rows of activations quantised per group (the input of a product), reused across calls.
+#[derive(Debug, Default, Clone)]
+pub struct Q8Rows {
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub group: usize,
+    pub cols: usize,
+}
+
+impl Q8Rows {
+    /// Quantises `rows` rows of `cols` values each (`x.len() >= rows * cols`).
+    pub fn quantize(x: &[f32], rows: usize, cols: usize, group: usize) -> Self {
+        let mut q = vec![0i8; rows * cols];
+        let mut scales = vec![0.0f32; rows * cols / group];
+        let per_row = cols / group;
+        if rows > 1 {
+            q.par_chunks_mut(cols)
+                .zip(scales.par_chunks_mut(per_row))
+                .zip(x.par_chunks(cols))
+                .for_each(|((q, s), x)| quantize_into(x, group, q, s));
+        } else {
+            quantize_into(&x[..cols], group, &mut q, &mut scales);
+        }
+        Q8Rows {
+            q,
+            scales,
+            group,
+            cols,
+        }
+    }
+
+    fn row(&self, r: usize) -> (&[i8], &[f32]) {
+        let g = self.cols / self.group;
+        (
+            &self.q[r * self.cols..(r + 1) * self.cols],
+            &self.scales[r * g..(r + 1) * g],
+        )
+    }
+}
+
+/// The dot-product instructions this CPU offers, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DotIsa {
+    /// AVX512-VNNI + AVX512BW: `vpdpbusd` on 64 bytes.
+    Avx512Vnni,
+    /// AVX-VNNI (VEX `vpdpbusd` on 32 bytes).
+    AvxVnni,
+    /// AVX2 `vpmaddubsw` + `vpmaddwd` on 32 bytes.
+    Avx2,
+    /// A loop the compiler vectorises as it can.
+    Portable,
+}
+
+impl DotIsa {
+    /// In words, for `bench` and `generate` reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DotIsa::Avx512Vnni => "AVX512-VNNI int8 dot products",
+            DotIsa::AvxVnni => "AVX-VNNI int8 dot products",
+            DotIsa::Avx2 => "AVX2 int8 dot products (no VNNI)",
+            DotIsa::Portable => "portable int8 dot products",
+        }
+    }
+}
+
+/// The best dot-product instructions of this CPU (`HANDGRAD_INT8_ISA=portable|avx2|avx-vnni`
+/// lowers the choice, for tests and comparisons).
+pub fn dot_isa() -> DotIsa {
+    static ISA: OnceLock<DotIsa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detect();
+        match std::env::var("HANDGRAD_INT8_ISA").as_deref() {
+            Ok("portable") => DotIsa::Portable,
+            Ok("avx2") if best != DotIsa::Portable => DotIsa::Avx2,
+            Ok("avx-vnni") if matches!(best, DotIsa::Avx512Vnni | DotIsa::AvxVnni) => {
+                if best == DotIsa::AvxVnni || is_avxvnni() {
+                    DotIsa::AvxVnni
+                } else {
+                    DotIsa::Avx2
+                }
+            }
+            _ => best,
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn is_avxvnni() -> bool {
+    std::arch::is_x86_feature_detected!("avxvnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn is_avxvnni() -> bool {
+    false
+}
+
+fn detect() -> DotIsa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            return DotIsa::Avx512Vnni;
+        }
+        if is_avxvnni() {
+            return DotIsa::AvxVnni;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return DotIsa::Avx2;
+        }
+    }
+    DotIsa::Portable
+}
+
+/// `sum_g (sum_k wq[k] xq[k]) * ws[g] * xs[g]` over one row (`wq.len()` values, a multiple of
+/// `group`).
+#[inline]
+pub fn dot_q8(isa: DotIsa, wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32], group: usize) -> f32 {
+    let n = wq.len().min(xq.len());
+    assert!(n.is_multiple_of(group) && ws.len() >= n / group && xs.len() >= n / group);
+    #[cfg(target_arch = "x86_64")]
+    {
+        match isa {
+            DotIsa::Avx512Vnni if group.is_multiple_of(64) => {
+                // SAFETY: `dot_isa` found AVX512-VNNI and AVX512BW on this CPU; lengths checked
+                // above (the kernel reads `n` bytes of each row and `n / group` scales).
+                return unsafe { x86::dot_avx512vnni(wq, ws, xq, xs, n, group) };
+            }
+            DotIsa::Avx512Vnni | DotIsa::AvxVnni | DotIsa::Avx2 if group.is_multiple_of(32) => {
+                let vnni = isa != DotIsa::Avx2 && is_avxvnni();
+                // SAFETY: AVX2 is present (every CPU with VNNI has it, and `dot_isa` checked it
+                // otherwise); AVX-VNNI is used only when detected; lengths checked above.
+                return unsafe { x86::dot_avx2(wq, ws, xq, xs, n, group, vnni) };
+            }
+            _ => {}
+        }
+    }
+    let _ = isa;
+    dot_portable(wq, ws, xq, xs, n, group)
+}
+
+/// The reference: exact int32 sums per group.
+fn dot_portable(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32], n: usize, group: usize) -> f32 {
+    let mut total = 0.0f32;
+    for (g, (wg, xg)) in wq[..n]
+        .chunks_exact(group)
+        .zip(xq[..n].chunks_exact(group))
+        .enumerate()
+    {
+        let s: i32 = wg.iter().zip(xg).map(|(&a, &b)| a as i32 * b as i32).sum();
+        total += s as f32 * ws[g] * xs[g];
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// How far ahead (bytes) the weights are prefetched.
+    const PREFETCH: usize = 1024;
+
+    /// # Safety
+    /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; `n <= wq.len(), xq.len()`, `n` a
+    /// multiple of `group`, itself a multiple of 64; `ws`, `xs` hold `n / group` scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_avx512vnni(
+        wq: &[i8],
+        ws: &[f32],
+        xq: &[i8],
+        xs: &[f32],
+        n: usize,
+        group: usize,
+    ) -> f32 {
+        let (wp, xp) = (wq.as_ptr(), xq.as_ptr());
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let blocks = group / 64;
+        // SAFETY: every load reads bytes `64 b .. 64 b + 64` with `64 b + 64 <= n`, and scale
+        // `g < n / group`; prefetches never fault.
+        unsafe {
+            for g in 0..n / group {
+                let mut d = zero;
+                for j in 0..blocks {
+                    let at = (g * blocks + j) * 64;
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(at + PREFETCH));
+                    let w = _mm512_loadu_si512(wp.add(at) as *const __m512i);
+                    let x = _mm512_loadu_si512(xp.add(at) as *const __m512i);
+                    let neg = _mm512_movepi8_mask(x);
+                    let ws_ = _mm512_mask_sub_epi8(w, neg, zero, w);
+                    d = _mm512_dpbusd_epi32(d, _mm512_abs_epi8(x), ws_);
+                }
+                let scale = _mm512_set1_ps(*ws.get_unchecked(g) * *xs.get_unchecked(g));
+                acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[g & 1]);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 (and AVX-VNNI when `vnni`); `n <= wq.len(), xq.len()`, `n` a
+    /// multiple of `group`, itself a multiple of 32; `ws`, `xs` hold `n / group` scales.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2(
+        wq: &[i8],
+        ws: &[f32],
+        xq: &[i8],
+        xs: &[f32],
+        n: usize,
+        group: usize,
+        vnni: bool,
+    ) -> f32 {
+        let (wp, xp) = (wq.as_ptr(), xq.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let blocks = group / 32;
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY: as in `dot_avx512vnni`, with 32-byte blocks.
+        unsafe {
+            for g in 0..n / group {
+                let mut d = _mm256_setzero_si256();
+                for j in 0..blocks {
+                    let at = (g * blocks + j) * 32;
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(at + PREFETCH));
+                    let w = _mm256_loadu_si256(wp.add(at) as *const __m256i);
+                    let x = _mm256_loadu_si256(xp.add(at) as *const __m256i);
+                    let ax = _mm256_abs_epi8(x);
+                    let sw = _mm256_sign_epi8(w, x);
+                    d = if vnni {
+                        dpbusd_vex(d, ax, sw)
+                    } else {
+                        // |x| * w' <= 127 * 127, so pairs fit in i16 without saturation.
+                        _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones))
+                    };
+                }
+                let scale = _mm256_set1_ps(*ws.get_unchecked(g) * *xs.get_unchecked(g));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, acc);
+            }
+            let hi = _mm256_extractf128_ps(acc, 1);
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni")]
+    fn dpbusd_vex(d: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(d, a, b)
+    }
+}
+
+/// Rows of weights per parallel task (as in the f32 matrix-vector product).
+fn rows_per_task(rows: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads();
+    rows.div_ceil(tasks).max(16)
+}
+
+/// `y [rows, out] = x [rows, cols] W^T` with quantised weights `W [out, cols]` and the rows of
+/// `x` quantised per group: one row is a matrix-vector product; several rows reuse each block of
+/// weight rows (kept in cache) across all token rows.
+pub fn matmul_q8(y: &mut [f32], x: &[f32], rows: usize, w: Q8Matrix, out: usize, cols: usize) {
+    assert!(w.q.len() >= out * cols && x.len() >= rows * cols && y.len() >= rows * out);
+    let xq = Q8Rows::quantize(x, rows, cols, w.group);
+    matmul_q8_prequantized(y, &xq, rows, w, out);
+}
+
+/// [`matmul_q8`] with the input already quantised (several products of one input share it).
+pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matrix, out: usize) {
+    let cols = xq.cols;
+    let isa = dot_isa();
+    let g = w.group;
+    let per_row = cols / g;
+    let dot = |r: usize, t: usize| {
+        let (xr, xs) = xq.row(t);
+        dot_q8(
+            isa,
+            &w.q[r * cols..(r + 1) * cols],
+            &w.scales[r * per_row..(r + 1) * per_row],
+            xr,
+            xs,
+            g,
+        )
+    };
+    if rows == 1 {
+        let per = rows_per_task(out);
+        y[..out]
+            .par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(c, ys)| {
+                for (i, v) in ys.iter_mut().enumerate() {
+                    *v = dot(c * per + i, 0);
+                }
+            });
+        return;
+    }
+    // Blocks of weight rows per task; each task writes its columns of every output row.
+    let per = rows_per_task(out).min(64);
+    let blocks = out.div_ceil(per);
+    let ptr = super::SendPtr(y.as_mut_ptr());
+    (0..blocks).into_par_iter().for_each(|b| {
+        let r0 = b * per;
+        let r1 = (r0 + per).min(out);
+        for t in 0..rows {
+            for r in r0..r1 {
+                let v = dot(r, t);
+                // SAFETY: `t * out + r < rows * out <= y.len()` (asserted above), and each
+                // element is written by exactly one task (the one that owns block `b`).
+                unsafe { *ptr.get().add(t * out + r) = v };
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+                ((h >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantisation_error_is_bounded_by_half_a_step() {
+        let x = data(640, 3);
+        let t = Q8Tensor::quantize(&x, 64);
+        let d = t.dequantize();
+        for (i, (a, b)) in x.iter().zip(&d).enumerate() {
+            assert!(
+                (a - b).abs() <= t.scales[i / 64] * 0.5 + 1e-7,
+                "{i}: {a} vs {b}"
+            );
+        }
+        assert_eq!(Q8Tensor::quantize(&d, 64).q, t.q, "requantising is exact");
+        let zeros = Q8Tensor::quantize(&[0.0; 64], 64);
+        assert!(zeros.q.iter().all(|&v| v == 0) && zeros.scales == [0.0]);
+    }
+
+    #[test]
+    fn every_isa_gives_the_exact_integer_sums() {
+        for group in [32, 64, 128] {
+            let n = group * 5;
+            let w = Q8Tensor::quantize(&data(n, 1), group);
+            let x = Q8Tensor::quantize(&data(n, 2), group);
+            let r = dot_portable(&w.q, &w.scales, &x.q, &x.scales, n, group);
+            for isa in [detect(), DotIsa::Avx2, DotIsa::AvxVnni, DotIsa::Portable] {
+                if isa == DotIsa::AvxVnni && !is_avxvnni() {
+                    continue;
+                }
+                if isa != DotIsa::Portable && detect() == DotIsa::Portable {
+                    continue;
+                }
+                let v = dot_q8(isa, &w.q, &w.scales, &x.q, &x.scales, group);
+                assert!((v - r).abs() <= 1e-4 * r.abs().max(1.0), "{isa:?} g{group}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_q8_is_within_the_quantisation_bound_of_f32() {
+        for (rows, out, cols, group) in [(1, 37, 64, 64), (5, 130, 192, 64), (3, 17, 96, 32)] {
+            let x = data(rows * cols, 7);
+            let wf = data(out * cols, 9);
+            let w = Q8Tensor::quantize(&wf, group);
+            let mut y = vec![0.0; rows * out];
+            matmul_q8(&mut y, &x, rows, w.view(), out, cols);
+            let xq = Q8Rows::quantize(&x, rows, cols, group);
+            for t in 0..rows {
+                for r in 0..out {
+                    let exact: f64 = (0..cols)
+                        .map(|c| x[t * cols + c] as f64 * wf[r * cols + c] as f64)
+                        .sum();
+                    // |w x - w' x'| <= sum |w| |dx| + |dw| |x'|, each error half a step.
+                    let bound: f64 = (0..cols)
+                        .map(|c| {
+                            let (ws, xs) = (
+                                w.scales[(r * cols + c) / group],
+                                xq.scales[(t * cols + c) / group],
+                            );
+                            0.5 * xs as f64 * wf[r * cols + c].abs() as f64
+                                + 0.5 * ws as f64 * (x[t * cols + c].abs() as f64 + 0.5 * xs as f64)
+                        })
+                        .sum();
+                    let got = y[t * out + r] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound + 1e-4,
+                        "{rows}x{out}x{cols} [{t},{r}]: {got} vs {exact} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
+}
