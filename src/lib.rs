@@ -10,6 +10,7 @@ pub mod cli;
 pub mod dashboard;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod formats;
 pub mod fuzzing;
 pub mod generate;

@@ -111,6 +111,58 @@ fn bf16_weights_are_read_when_asked_for() {
     );
 }
 
+/// `--weights q8`: int8 weights (a quarter of the bytes plus scales), logits within the
+/// quantisation error of fp32, and a prompt's batched pass (int8 matrix products) agreeing
+/// with the same tokens fed one at a time (int8 matrix-vector products).
+#[test]
+fn q8_weights_are_read_and_prefill_matches_stepping() {
+    let model = Transformer::new(ModelConfig::preset("tiny").unwrap());
+    let params = model.layout.init(model.cfg.n_layers, 5);
+    let tokens = [3u32, 9, 27, 17, 5, 40];
+    let mut f32_dec = Decoder::new(&model, &params, 8).unwrap();
+    let mut q8_dec = Decoder::new(&model, &params, 8)
+        .unwrap()
+        .with_weights(WeightFormat::Q8);
+    assert_eq!(q8_dec.weight_format(), WeightFormat::Q8);
+    let ratio = q8_dec.weight_bytes_per_token() as f64 / f32_dec.weight_bytes_per_token() as f64;
+    assert!(
+        (0.25..0.4).contains(&ratio),
+        "q8 reads {ratio} of fp32's bytes (one per weight and a 4-byte scale per group)"
+    );
+    let (mut worst, mut scale) = (0.0f32, 0.0f32);
+    let mut last = Vec::new();
+    for &t in &tokens {
+        let a = f32_dec.step(&CpuKernels, t).unwrap().to_vec();
+        let b = q8_dec.step(&CpuKernels, t).unwrap();
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+        last = b.to_vec();
+    }
+    assert!(
+        worst > 0.0,
+        "q8 weights gave fp32's logits: the int8 copy was not read"
+    );
+    assert!(
+        worst < 5e-2 * scale.max(1e-3),
+        "q8 logits off by {worst} (scale {scale})"
+    );
+    let mut batched = Decoder::new(&model, &params, 8)
+        .unwrap()
+        .with_weights(WeightFormat::Q8);
+    let l = batched.prefill(&CpuKernels, &tokens).unwrap();
+    let diff = l
+        .iter()
+        .zip(&last)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        diff < 1e-4 * scale.max(1.0),
+        "q8 prefill and stepping differ by {diff}"
+    );
+}
+
 #[test]
 fn llama_gqa_rotate_half() {
     check(ModelConfig::preset("tiny").unwrap());

@@ -6,6 +6,7 @@ mod bench;
 mod convert;
 mod dashboard;
 mod data;
+mod eval;
 mod generate;
 mod info;
 mod plot;
@@ -36,6 +37,8 @@ enum Command {
     Dashboard(dashboard::DashboardArgs),
     /// Generate text from a trained model (a run folder or a checkpoint file).
     Generate(generate::GenerateArgs),
+    /// Validation perplexity of a model with its weights in fp32, bf16 and int8 (q8).
+    Eval(eval::EvalArgs),
     /// Draw runs' loss, learning rate and throughput as a PNG (several runs overlaid).
     Plot(plot::PlotArgs),
     /// Print a model's shapes and parameter counts, or describe a file.
@@ -61,6 +64,7 @@ pub fn main() -> i32 {
     let result: Result<()> = match cli.command {
         Command::Train(a) => train::run(*a),
         Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Dashboard(a) => dashboard::run(a),
         Command::Info(a) => info::run(a),
         Command::Plot(a) => plot::run(a),

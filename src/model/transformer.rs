@@ -363,8 +363,22 @@ impl Transformer {
         acts: &mut Activations,
         batch: Batch,
     ) -> Result<f64> {
+        self.loss_with(k, &Weights::new(&self.layout, params), params, acts, batch)
+    }
+
+    /// [`Transformer::loss`] with weights that may carry a compact copy of the matrices
+    /// (`w` is a view of `params`), for evaluating inference formats.
+    pub fn loss_with(
+        &self,
+        k: &dyn Kernels,
+        w: &Weights,
+        params: &[f32],
+        acts: &mut Activations,
+        batch: Batch,
+    ) -> Result<f64> {
         self.map_targets(acts, batch.targets)?;
-        self.forward(k, params, acts, batch.inputs)?;
+        self.check_inputs(acts, batch.inputs, params)?;
+        self.forward_with(k, w, acts, batch.inputs)?;
         let n = acts.targets.len();
         let sum = timed!(
             acts.timings,

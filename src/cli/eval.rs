@@ -1,0 +1,179 @@
+//! `handgrad eval`: validation perplexity with the weights in each inference format.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::data::{Dataset, builtin};
+use crate::error::{Error, Result};
+use crate::eval::{Perplexity, perplexity};
+use crate::formats::load_model;
+use crate::generate::WeightFormat;
+use crate::model::{Transformer, VocabCompaction};
+use crate::train::config::TrainConfig;
+
+/// Options of `handgrad eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A run folder: its checkpoints/latest (or best with --best) on its own validation split.
+    #[arg(long, conflicts_with = "model")]
+    run_dir: Option<PathBuf>,
+    /// A model in any supported format (with --data).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Use checkpoints/best instead of latest.
+    #[arg(long)]
+    best: bool,
+    /// Token shards (a folder or a .bin shard from `handgrad prepare`) whose validation split
+    /// is used [default with --run-dir: the run's data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Fraction of the data held out for validation when it has no val shards.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Weight formats to compare, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fp32,bf16,q8"
+    )]
+    weights: Vec<WeightFormat>,
+    /// Validation windows (evenly spread over the split).
+    #[arg(long, default_value_t = 64)]
+    windows: usize,
+    /// Tokens per window [default: the run's sequence length, else 256, at most the model's
+    /// context].
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Worker threads (default: physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let (path, data, seq_default) = match (&a.run_dir, &a.model) {
+        (Some(dir), None) => {
+            let cfg_path = dir.join("train_config.json");
+            let text = std::fs::read_to_string(&cfg_path)
+                .map_err(|e| Error::io("reading", &cfg_path, e))?;
+            let cfg: TrainConfig = serde_json::from_str(&text)
+                .map_err(|e| Error::json(format!("reading {}", cfg_path.display()), e))?;
+            let data = match &a.data {
+                Some(d) => Dataset::open(d, a.val_fraction)?,
+                None if cfg.data == "builtin" => {
+                    let b = builtin::ensure(&builtin::cache_root(), &mut |m| eprintln!("{m}"))?;
+                    Dataset::from_files(
+                        std::slice::from_ref(&b.train),
+                        std::slice::from_ref(&b.val),
+                        0.0,
+                    )?
+                }
+                None => Dataset::open(std::path::Path::new(&cfg.data), cfg.val_fraction)?,
+            };
+            let ck = dir
+                .join("checkpoints")
+                .join(if a.best { "best" } else { "latest" });
+            (ck, data, cfg.seq)
+        }
+        (None, Some(m)) => {
+            let Some(d) = &a.data else {
+                return Err(Error::invalid(
+                    "--model needs --data (token shards from handgrad prepare)",
+                ));
+            };
+            (m.clone(), Dataset::open(d, a.val_fraction)?, 256)
+        }
+        _ => return Err(Error::invalid("give --run-dir or --model")),
+    };
+    let loaded = load_model(&path)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut model = Transformer::new(loaded.cfg.clone());
+    if let Some(kept) = &loaded.vocab_kept {
+        model.set_compaction(Some(VocabCompaction::from_kept(
+            kept.clone(),
+            model.cfg.vocab_size,
+        )));
+    }
+    let seq = a.seq.unwrap_or(seq_default).min(model.cfg.max_seq_len);
+    data.validate(model.cfg.vocab_size, seq)?;
+    let windows = data.val_windows(a.windows, seq);
+    if windows.is_empty() {
+        return Err(Error::invalid(format!(
+            "the validation split has no window of {} tokens",
+            seq + 1
+        )));
+    }
+    let threads = a
+        .threads
+        .unwrap_or_else(crate::train::default_threads)
+        .max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot start threads: {e}")))?;
+    let kernels = crate::backend::Backend::default().kernels()?;
+    let mut results: Vec<Perplexity> = Vec::new();
+    for &w in &a.weights {
+        let r = pool.install(|| {
+            perplexity(
+                &model,
+                &loaded.params,
+                kernels.as_ref(),
+                &windows,
+                a.batch,
+                w,
+            )
+        })?;
+        if !a.json {
+            eprintln!(
+                "{w}: loss {:.4}, perplexity {:.3} ({} tokens, {:.1}s)",
+                r.loss, r.perplexity, r.tokens, r.seconds
+            );
+        }
+        results.push(r);
+    }
+    let base = results
+        .iter()
+        .find(|r| r.weights == WeightFormat::Fp32)
+        .map(|r| r.perplexity);
+    if a.json {
+        let out = serde_json::json!({
+            "model": path.display().to_string(),
+            "windows": windows.len(),
+            "seq": seq,
+            "results": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(());
+    }
+    println!(
+        "{} on {} validation windows of {seq} tokens ({}):",
+        path.display(),
+        windows.len(),
+        crate::backend::cpu::quant::dot_isa().describe()
+    );
+    println!("| weights | loss | perplexity | vs fp32 |");
+    println!("|---|---:|---:|---:|");
+    for r in &results {
+        let vs = match base {
+            Some(b) if r.weights != WeightFormat::Fp32 => {
+                format!("{:+.2}%", 100.0 * (r.perplexity / b - 1.0))
+            }
+            _ => "".into(),
+        };
+        println!(
+            "| {} | {:.4} | {:.3} | {vs} |",
+            r.weights, r.loss, r.perplexity
+        );
+    }
+    Ok(())
+}
