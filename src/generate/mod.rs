@@ -90,6 +90,19 @@ pub fn generate(
     let prefill_seconds = t_prefill.elapsed().as_secs_f64();
     let t_decode = std::time::Instant::now();
     let stop_ids = tokenizer.stop_ids();
+    // The continuation is decoded after the prompt, not on its own: a SentencePiece tokenizer
+    // drops the leading space of the first piece of a text, which would glue the first word
+    // to the prompt ("Lily.She").
+    let base = tokenizer.decode(&prompt_ids)?;
+    let decode_new = |ids: &[u32]| -> Result<String> {
+        let mut all = prompt_ids.clone();
+        all.extend_from_slice(ids);
+        let t = tokenizer.decode(&all)?;
+        match t.strip_prefix(base.as_str()) {
+            Some(rest) => Ok(rest.to_string()),
+            None => tokenizer.decode(ids),
+        }
+    };
     let mut printed = String::new();
     let mut stop = StopReason::MaxTokens;
     for _ in 0..opts.max_tokens {
@@ -99,7 +112,7 @@ pub fn generate(
             break;
         }
         ids.push(next);
-        let text = tokenizer.decode(&ids)?;
+        let text = decode_new(&ids)?;
         // Print only complete characters: a byte-level token can end inside one.
         if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
             on_text(&text[printed.len()..]);
@@ -114,7 +127,7 @@ pub fn generate(
         }
         logits.copy_from_slice(dec.step(kernels, next)?);
     }
-    let text = tokenizer.decode(&ids)?;
+    let text = decode_new(&ids)?;
     if text.len() > printed.len() && text.starts_with(&printed) {
         on_text(&text[printed.len()..]);
     }
