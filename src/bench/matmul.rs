@@ -161,3 +161,50 @@ pub fn run_shapes(
     }
     Ok(out)
 }
+
+/// Error allowed in the int8 check: the integer sums are exact, so only the f32 scaling and
+/// accumulation of the group sums differ from an f64 product of the dequantised operands.
+pub const INT8_TOLERANCE: f64 = 1e-5;
+
+/// The forward products of `shapes` with int8 weights and activations (Q8_0 in groups of up
+/// to 64, the activations quantised inside the timed call, as `generate --weights q8` runs
+/// them), each checked against an f64 product of the dequantised operands. `gflops` counts a
+/// multiply and an add as two operations, as for floating point.
+pub fn run_int8(
+    shapes: &[(String, usize, usize)],
+    rows: usize,
+    reps: usize,
+) -> Result<Vec<MatmulResult>> {
+    use crate::backend::cpu::quant::{Q8Rows, Q8Tensor, group_for, matmul_q8};
+    let mut out = Vec::new();
+    for (name, d_in, d_out) in shapes.iter().cloned() {
+        let group = group_for(&[d_in]);
+        let x = random(rows * d_in, 1);
+        let w = Q8Tensor::quantize(&random(d_out * d_in, 2), group);
+        let mut y = vec![0.0f32; rows * d_out];
+        let s = time_it(reps, || {
+            matmul_q8(&mut y, &x, rows, w.view(), d_out, d_in);
+            Ok(())
+        })?;
+        let xq = Q8Rows::quantize(&x, rows, d_in, group);
+        let err = check(&y, rows, d_out, |r, o| {
+            (0..d_in).fold((0.0, 0.0), |(sum, mag), i| {
+                let a = xq.q[r * d_in + i] as f64 * xq.scales[(r * d_in + i) / group] as f64;
+                let b = w.q[o * d_in + i] as f64 * w.scales[(o * d_in + i) / group] as f64;
+                (sum + a * b, mag + (a * b).abs())
+            })
+        });
+        out.push(MatmulResult {
+            weight: name,
+            pass: "fwd".into(),
+            m: rows,
+            k: d_in,
+            n: d_out,
+            ms: s * 1e3,
+            gflops: 2.0 * (rows * d_in * d_out) as f64 / s / 1e9,
+            max_rel_err: err,
+            verified: err <= INT8_TOLERANCE,
+        });
+    }
+    Ok(out)
+}

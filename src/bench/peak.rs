@@ -188,6 +188,11 @@ pub struct TheoreticalPeak {
     pub fp32_gflops: f64,
     /// bf16 dot products (two multiply-adds per fp32 lane), where the CPU has them.
     pub bf16_gflops: Option<f64>,
+    /// int8 dot products, in giga-operations per second (a multiply and an add count two):
+    /// four multiply-adds per fp32 lane with VNNI (`vpdpbusd`), two with AVX2's
+    /// `vpmaddubsw`; none for the portable loop.
+    #[serde(default)]
+    pub int8_gops: Option<f64>,
     pub assumptions: String,
 }
 
@@ -217,6 +222,8 @@ fn clock_ghz() -> (f64, String) {
     }
 }
 
+use crate::backend::cpu::quant::DotIsa;
+
 /// The theoretical peak of `cores` cores of this CPU.
 pub fn theoretical_peak(cores: usize) -> TheoreticalPeak {
     #[cfg(target_arch = "x86_64")]
@@ -243,6 +250,11 @@ pub fn theoretical_peak(cores: usize) -> TheoreticalPeak {
         ghz,
         fp32_gflops: fp32,
         bf16_gflops: bf16.then_some(2.0 * fp32),
+        int8_gops: match crate::backend::cpu::quant::dot_isa() {
+            DotIsa::Avx512Vnni | DotIsa::AvxVnni => Some(4.0 * fp32),
+            DotIsa::Avx2 => Some(2.0 * fp32),
+            DotIsa::Portable => None,
+        },
         assumptions: format!(
             "{cores} cores x {lanes} fp32 lanes ({isa}) x {fma_units} FMA units (an upper bound: Zen 4 has half) x 2 FLOP x {ghz:.2} GHz ({clock})"
         ),

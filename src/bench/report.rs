@@ -104,11 +104,17 @@ pub fn validate(v: &Value) -> Result<String, String> {
             }
         }
         "matmul" => {
-            let peak = num(v, "fp32_peak_gflops")?.max(
-                v.get("bf16_peak_gflops")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0),
-            );
+            let int8 = v.get("int8").and_then(Value::as_bool).unwrap_or(false);
+            let peak = if int8 {
+                // int8 products against the theoretical int8 rate (nothing measures it).
+                num(&v["theoretical"], "int8_gops")?
+            } else {
+                num(v, "fp32_peak_gflops")?.max(
+                    v.get("bf16_peak_gflops")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(0.0),
+                )
+            };
             for m in v
                 .get("matmuls")
                 .and_then(Value::as_array)
@@ -116,6 +122,12 @@ pub fn validate(v: &Value) -> Result<String, String> {
                 .flatten()
             {
                 let g = num(m, "gflops")?;
+                if m.get("verified").and_then(Value::as_bool) == Some(false) {
+                    return Err(format!(
+                        "a product ({}) failed its check against the f64 product",
+                        m.get("weight").and_then(Value::as_str).unwrap_or("?")
+                    ));
+                }
                 if g > peak * 1.05 {
                     return Err(format!(
                         "a product at {g:.1} GFLOP/s is above the measured peak {peak:.1}: impossible"

@@ -109,10 +109,18 @@ struct GenerateBenchArgs {
 struct MatmulBenchArgs {
     #[arg(long, default_value = "stories110m")]
     model: String,
-    /// Sweep thread counts 1..N and both precisions (bf16 where the CPU has it) instead of
-    /// one run.
+    /// Sweep thread counts 1..N and every precision (bf16 where the CPU has it, int8 where it
+    /// has VNNI or AVX2) instead of one run.
     #[arg(long)]
     sweep: bool,
+    /// Time the forward products with int8 weights and activations (Q8_0, as
+    /// `generate --weights q8`) instead of the fp32/bf16 training products.
+    #[arg(long, conflicts_with = "sweep")]
+    int8: bool,
+    /// Weight shapes to time instead of the model's, as IN:OUT pairs, comma-separated (e.g.
+    /// 768:768,768:2048); each is timed on --rows rows.
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
     /// Rows (tokens) of the activations.
     #[arg(long, default_value_t = 1024)]
     rows: usize,
@@ -410,28 +418,36 @@ fn matmul_sweep(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
         .threads
         .unwrap_or_else(crate::train::default_threads)
         .max(1);
-    let mut precisions = vec![Precision::Fp32];
+    let mut precisions = vec!["fp32"];
     if crate::backend::cpu::bf16_in_hardware() {
-        precisions.push(Precision::Bf16);
+        precisions.push("bf16");
     }
-    let shapes = bench::matmul::weight_shapes(cfg);
+    let theo_all = bench::peak::theoretical_peak(max_threads);
+    if theo_all.int8_gops.is_some() {
+        precisions.push("int8");
+    }
+    let shapes = matmul_shapes(a, cfg)?;
     let mut rows_out = Vec::new();
     for t in 1..=max_threads {
         let theo = bench::peak::theoretical_peak(t);
         for &p in &precisions {
-            let kernels = Backend::cpu(p).kernels()?;
-            let results = pool(Some(t))?.install(|| {
-                bench::matmul::run_shapes(
-                    kernels.as_ref(),
-                    &shapes,
-                    a.rows,
-                    3,
-                    p == Precision::Bf16,
-                )
-            })?;
+            let results = if p == "int8" {
+                pool(Some(t))?.install(|| bench::matmul::run_int8(&shapes, a.rows, 3))?
+            } else {
+                let prec = if p == "bf16" {
+                    Precision::Bf16
+                } else {
+                    Precision::Fp32
+                };
+                let kernels = Backend::cpu(prec).kernels()?;
+                pool(Some(t))?.install(|| {
+                    bench::matmul::run_shapes(kernels.as_ref(), &shapes, a.rows, 3, p == "bf16")
+                })?
+            };
             let ceiling = match p {
-                Precision::Fp32 => theo.fp32_gflops,
-                Precision::Bf16 => theo.bf16_gflops.unwrap_or(theo.fp32_gflops),
+                "bf16" => theo.bf16_gflops.unwrap_or(theo.fp32_gflops),
+                "int8" => theo.int8_gops.unwrap_or(theo.fp32_gflops),
+                _ => theo.fp32_gflops,
             };
             for r in results {
                 let verdict = matmul_verdict(&r, ceiling);
@@ -461,7 +477,7 @@ fn matmul_sweep(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
         println!(
             "{:>7} {:>5} {:28} {:6} {:>5}x{:>6}x{:>6} {:>9.1} {:>12.1}%  {}",
             t,
-            p.to_string(),
+            p,
             r.weight,
             r.pass,
             r.m,
@@ -479,6 +495,30 @@ fn matmul_sweep(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// The shapes of `--shapes`, else the model's weight shapes.
+fn matmul_shapes(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<Vec<(String, usize, usize)>> {
+    if a.shapes.is_empty() {
+        return Ok(bench::matmul::weight_shapes(cfg));
+    }
+    a.shapes
+        .iter()
+        .map(|s| {
+            let bad = || Error::invalid(format!("--shapes: '{s}' is not IN:OUT (e.g. 768:2048)"));
+            let (i, o) = s.split_once(':').ok_or_else(bad)?;
+            let (i, o): (usize, usize) = (
+                i.trim().parse().map_err(|_| bad())?,
+                o.trim().parse().map_err(|_| bad())?,
+            );
+            if i == 0 || o == 0 || i > 1 << 20 || o > 1 << 20 {
+                return Err(Error::invalid(format!(
+                    "--shapes: '{s}' must be between 1 and 1048576 on each side"
+                )));
+            }
+            Ok((format!("{i}:{o}"), i, o))
+        })
+        .collect()
+}
+
 fn matmul(a: MatmulBenchArgs) -> Result<()> {
     let cfg = ModelConfig::from_preset_or_path(&a.model)?;
     if a.rows == 0 {
@@ -489,32 +529,49 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
     }
     let backend = a.backend.resolve();
     let kernels = backend.kernels()?;
+    let shapes = matmul_shapes(&a, &cfg)?;
     let (peak, isa, bf16, results) = pool(a.threads)?.install(|| {
         let (peak, isa) = bench::peak::fp32_peak(1.0);
         let bf16 = bench::peak::bf16_peak(1.0);
-        let results = bench::matmul::run(kernels.as_ref(), &cfg, a.rows, 3);
+        let results = if a.int8 {
+            bench::matmul::run_int8(&shapes, a.rows, 3)
+        } else {
+            bench::matmul::run_shapes(
+                kernels.as_ref(),
+                &shapes,
+                a.rows,
+                3,
+                backend.precision == Precision::Bf16,
+            )
+        };
         (peak, isa, bf16, results)
     });
     let results = results?;
-    let own_peak = match backend.precision {
-        Precision::Fp32 => peak,
-        Precision::Bf16 => bf16.unwrap_or(f64::NAN),
-    };
     let theo = bench::peak::theoretical_peak(
         a.threads
             .unwrap_or_else(crate::train::default_threads)
             .max(1),
     );
-    let ceiling = match backend.precision {
-        Precision::Fp32 => theo.fp32_gflops,
-        Precision::Bf16 => theo.bf16_gflops.unwrap_or(theo.fp32_gflops),
+    let int8_ceiling = theo.int8_gops.unwrap_or(2.0 * theo.fp32_gflops);
+    // There is no measured int8 peak: int8 products are compared with the theoretical one.
+    let own_peak = match (a.int8, backend.precision) {
+        (true, _) => int8_ceiling,
+        (false, Precision::Fp32) => peak,
+        (false, Precision::Bf16) => bf16.unwrap_or(f64::NAN),
+    };
+    let ceiling = match (a.int8, backend.precision) {
+        (true, _) => int8_ceiling,
+        (false, Precision::Fp32) => theo.fp32_gflops,
+        (false, Precision::Bf16) => theo.bf16_gflops.unwrap_or(theo.fp32_gflops),
     };
     if a.json {
         return print_json(
             "matmul",
             &serde_json::json!({
                 "backend": backend.info(), "fp32_peak_gflops": peak, "fp32_isa": isa,
-                "bf16_peak_gflops": bf16, "theoretical": theo, "matmuls": results
+                "bf16_peak_gflops": bf16, "theoretical": theo, "int8": a.int8,
+                "int8_isa": a.int8.then(|| crate::backend::cpu::quant::dot_isa().describe()),
+                "matmuls": results
             }),
         );
     }
@@ -527,7 +584,14 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
         Some(b) => println!("bf16 dot peak (vdpbf16ps): {b:.1} GFLOP/s"),
         None => println!("bf16 dot peak: no AVX512_BF16 on this CPU"),
     }
-    println!("matmuls on {backend}: {}", backend.info().details);
+    if a.int8 {
+        println!(
+            "int8 products: {} (theoretical {int8_ceiling:.0} GOP/s; % peak is of that)",
+            crate::backend::cpu::quant::dot_isa().describe()
+        );
+    } else {
+        println!("matmuls on {backend}: {}", backend.info().details);
+    }
     println!(
         "\n{:28} {:6} {:>19} {:>9} {:>9} {:>7}",
         "weight", "pass", "m x k x n", "ms", "GFLOP/s", "% peak"
