@@ -34,7 +34,7 @@ pub fn find_font() -> Option<PathBuf> {
     FONT_PATHS.iter().map(PathBuf::from).find(|p| p.exists())
 }
 
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
         let path = find_font().ok_or_else(|| {

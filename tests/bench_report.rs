@@ -19,6 +19,7 @@ fn the_report_of_recorded_results_matches_the_golden_markdown() {
         "train.json",
         "generate.json",
         "memory.json",
+        "latency.json",
         "probe_fake.json",
         "train_above_peak.json",
         "generate_above_roofline.json",
@@ -108,6 +109,17 @@ fn the_cli_writes_the_report_and_names_what_it_left_out() {
     );
     let md = std::fs::read_to_string(dir.path().join("r.md")).unwrap();
     assert!(md.contains("## Training step") && md.contains("## Rejected"));
+    // Charts beside the report, linked from it (where a font is installed).
+    if handgrad::plot::find_font().is_some() {
+        assert!(
+            md.contains("![Training step throughput](r-train.png)"),
+            "{md}"
+        );
+        let png = std::fs::read(dir.path().join("r-train.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+    } else {
+        common::skip("no TrueType font: report charts not checked");
+    }
     let o = common::handgrad(
         &[
             "bench",
@@ -186,5 +198,98 @@ fn the_matmul_sweep_on_a_tiny_model_verifies_every_result() {
     );
     let theo = &v["theoretical"];
     assert!(theo["fp32_gflops"].as_f64().unwrap() > 0.0);
+    if !theo["int8_gops"].is_null() {
+        assert!(
+            sweep.iter().any(|r| r["precision"] == "int8"),
+            "no int8 rows"
+        );
+    }
     assert!(theo["assumptions"].as_str().unwrap().contains("FMA units"));
+}
+
+#[test]
+fn a_latency_faster_than_its_fastest_call_is_rejected() {
+    let (_, mut v) = load("latency.json");
+    assert_eq!(validate(&v).unwrap(), "latency");
+    v["backends"][0]["points"][0]["min_ns"] = 1e9.into();
+    let e = validate(&v).unwrap_err();
+    assert!(e.contains("no slower than the median"), "{e}");
+}
+
+#[test]
+fn int8_products_and_latencies_are_measured_checked_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = common::handgrad(
+        &[
+            "bench",
+            "matmul",
+            "--int8",
+            "--shapes",
+            "64:96,128:32",
+            "--rows",
+            "5",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let m = v["matmuls"].as_array().unwrap();
+    assert_eq!(m.len(), 2);
+    assert!(m.iter().all(|r| r["verified"] == true), "{m:?}");
+    assert_eq!(
+        (m[0]["k"].as_u64(), m[0]["n"].as_u64()),
+        (Some(64), Some(96))
+    );
+    assert_eq!(validate(&v).unwrap(), "matmul");
+    std::fs::write(dir.path().join("int8.json"), &o.stdout).unwrap();
+
+    let o = common::handgrad(
+        &[
+            "bench",
+            "latency",
+            "--backends",
+            "cpu,ane",
+            "--seconds",
+            "0.01",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let b = v["backends"].as_array().unwrap();
+    assert_eq!(b[0]["points"].as_array().unwrap().len(), 5);
+    if cfg!(not(target_os = "macos")) {
+        assert!(
+            b[1]["unavailable"]
+                .as_str()
+                .unwrap()
+                .contains("not available"),
+            "{b:?}"
+        );
+    }
+    std::fs::write(dir.path().join("latency.json"), &o.stdout).unwrap();
+    let o = common::handgrad(
+        &[
+            "bench",
+            "report",
+            "int8.json",
+            "latency.json",
+            "-o",
+            "r.md",
+            "--no-charts",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let md = std::fs::read_to_string(dir.path().join("r.md")).unwrap();
+    assert!(
+        md.contains("| int8 |") && md.contains("## Per-call latency"),
+        "{md}"
+    );
+    assert!(!md.contains("## Charts"));
+    let o = common::handgrad(&["bench", "matmul", "--shapes", "64x96"], dir.path());
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("is not IN:OUT"), "{}", o.stderr);
 }

@@ -135,6 +135,28 @@ pub fn validate(v: &Value) -> Result<String, String> {
                 }
             }
         }
+        "latency" => {
+            for b in v
+                .get("backends")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for p in b
+                    .get("points")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let (med, min) = (num(p, "median_ns")?, num(p, "min_ns")?);
+                    if !(min > 0.0 && min <= med && med.is_finite()) {
+                        return Err(format!(
+                            "latency {min} / {med} ns: the fastest call must be positive and no slower than the median"
+                        ));
+                    }
+                }
+            }
+        }
         "memory" => {
             for p in v
                 .get("points")
@@ -242,7 +264,7 @@ pub fn report(files: &[(String, Value)]) -> (String, Vec<Rejected>) {
         &mut md,
         "matmul",
         "Matrix products",
-        "| machine | fp32 peak GFLOP/s | bf16 peak GFLOP/s | best product GFLOP/s |\n|---|---|---|---|",
+        "| machine | products | fp32 peak GFLOP/s | bf16 peak GFLOP/s | best product GFLOP/s (int8: GOP/s) |\n|---|---|---|---|---|",
         &|v| {
             let best = v["matmuls"]
                 .as_array()
@@ -250,8 +272,13 @@ pub fn report(files: &[(String, Value)]) -> (String, Vec<Rejected>) {
                 .flatten()
                 .filter_map(|m| m["gflops"].as_f64())
                 .fold(0.0, f64::max);
+            let products = if v["int8"].as_bool() == Some(true) {
+                "int8"
+            } else {
+                text(v, &["backend", "precision"])
+            };
             format!(
-                "| {} | {:.1} | {} | {:.1} |",
+                "| {} | {products} | {:.1} | {} | {:.1} |",
                 machine(v),
                 f(v, "fp32_peak_gflops"),
                 v["bf16_peak_gflops"]
@@ -286,6 +313,38 @@ pub fn report(files: &[(String, Value)]) -> (String, Vec<Rejected>) {
                 f(&last, "read_gbs_all"),
                 f(&last, "latency_ns")
             )
+        },
+    );
+    section(
+        &mut md,
+        "latency",
+        "Per-call latency",
+        "| machine | backend | op | size | median us | fastest us |\n|---|---|---|---|---|---|",
+        &|v| {
+            let mut rows = Vec::new();
+            for b in v["backends"].as_array().into_iter().flatten() {
+                if let Some(why) = b["unavailable"].as_str() {
+                    rows.push(format!(
+                        "| {} | {} | not available | {} | | |",
+                        machine(v),
+                        text(b, &["backend"]),
+                        why.replace('|', "\\|")
+                    ));
+                    continue;
+                }
+                for p in b["points"].as_array().into_iter().flatten() {
+                    rows.push(format!(
+                        "| {} | {} | {} | {} | {:.2} | {:.2} |",
+                        machine(v),
+                        text(b, &["backend"]),
+                        text(p, &["op"]),
+                        text(p, &["shape"]),
+                        f(p, "median_ns") / 1e3,
+                        f(p, "min_ns") / 1e3
+                    ));
+                }
+            }
+            rows.join("\n")
         },
     );
     section(

@@ -31,9 +31,30 @@ enum BenchCommand {
     /// Read bandwidth (one thread and all) and load latency against working-set size, with the
     /// cache-level cliffs found and the sizes the OS reports.
     Memory(MemoryBenchArgs),
+    /// Per-call latency of the kernels at tiny sizes, per backend (cpu fp32 and bf16, ane-sim,
+    /// ane where available).
+    Latency(LatencyBenchArgs),
     /// Merge result files (`bench ... --json`, `ane probe -o`) from many machines into one
     /// Markdown report; files that fail validation are left out with the reason.
     Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+struct LatencyBenchArgs {
+    /// Backends to time, comma-separated: cpu (fp32), cpu-bf16, ane-sim, ane.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cpu,cpu-bf16,ane-sim,ane"
+    )]
+    backends: Vec<String>,
+    /// Seconds spent on each operation.
+    #[arg(long, default_value_t = 0.2)]
+    seconds: f64,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -41,9 +62,12 @@ struct ReportArgs {
     /// Result files.
     #[arg(required = true)]
     files: Vec<std::path::PathBuf>,
-    /// The Markdown file to write.
+    /// The Markdown file to write; PNG charts are written beside it (REPORT-generate.png, ...).
     #[arg(long, short, default_value = "REPORT.md")]
     out: std::path::PathBuf,
+    /// Write no PNG charts.
+    #[arg(long)]
+    no_charts: bool,
 }
 
 #[derive(Args, Debug)]
@@ -157,7 +181,66 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCommand::Matmul(a) => matmul(a),
         BenchCommand::Memory(a) => memory(a),
         BenchCommand::Report(a) => report(a),
+        BenchCommand::Latency(a) => latency(a),
     }
+}
+
+fn latency(a: LatencyBenchArgs) -> Result<()> {
+    use crate::backend::BackendKind;
+    if !(a.seconds > 0.0 && a.seconds.is_finite()) {
+        return Err(Error::invalid("--seconds must be positive"));
+    }
+    let mut backends = Vec::new();
+    for b in &a.backends {
+        backends.push(match b.trim() {
+            "cpu" | "cpu-fp32" => Backend::cpu(Precision::Fp32),
+            "cpu-bf16" => Backend::cpu(Precision::Bf16),
+            "ane-sim" => Backend {
+                kind: BackendKind::AneSim,
+                precision: Precision::Fp32,
+            },
+            "ane" => Backend {
+                kind: BackendKind::Ane,
+                precision: Precision::Fp32,
+            },
+            other => {
+                return Err(Error::invalid(format!(
+                    "--backends: unknown '{other}' (cpu, cpu-bf16, ane-sim, ane)"
+                )));
+            }
+        });
+    }
+    let results: Vec<_> = pool(a.threads)?.install(|| {
+        backends
+            .iter()
+            .map(|&b| bench::latency::measure(b, a.seconds))
+            .collect()
+    });
+    if a.json {
+        return print_json("latency", &serde_json::json!({ "backends": results }));
+    }
+    println!(
+        "{:14} {:16} {:34} {:>12} {:>12} {:>8}",
+        "backend", "op", "size", "median us", "fastest us", "calls"
+    );
+    for r in &results {
+        if let Some(why) = &r.unavailable {
+            println!("{:14} not available: {why}", r.backend);
+            continue;
+        }
+        for p in &r.points {
+            println!(
+                "{:14} {:16} {:34} {:>12.2} {:>12.2} {:>8}",
+                r.backend,
+                p.op,
+                p.shape,
+                p.median_ns / 1e3,
+                p.min_ns / 1e3,
+                p.calls
+            );
+        }
+    }
+    Ok(())
 }
 
 fn report(a: ReportArgs) -> Result<()> {
@@ -170,7 +253,25 @@ fn report(a: ReportArgs) -> Result<()> {
         };
         files.push((f.display().to_string(), v));
     }
-    let (md, rejected) = bench::report::report(&files);
+    let (mut md, rejected) = bench::report::report(&files);
+    if !a.no_charts {
+        let ok: Vec<(String, &serde_json::Value)> = files
+            .iter()
+            .filter_map(|(_, v)| bench::report::validate(v).ok().map(|k| (k, v)))
+            .collect();
+        match bench::charts::report_charts(&ok, &a.out) {
+            Ok(charts) if !charts.is_empty() => {
+                md.push_str("## Charts\n\n");
+                for (title, path) in charts {
+                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    md.push_str(&format!("![{title}]({name})\n\n"));
+                    println!("wrote {}", path.display());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: no charts: {e}"),
+        }
+    }
     crate::util::fsutil::write_atomic(&a.out, |w| std::io::Write::write_all(w, md.as_bytes()))?;
     for r in &rejected {
         eprintln!("warning: {} left out: {}", r.file, r.reason);
