@@ -70,6 +70,7 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         accum: 1,
         clip: 1.0,
         loss_scale: 1.0,
+        ranks: None,
     };
     let mut rng = Rng::new(7);
     let vocab = cfg.vocab_size as u64;

@@ -86,7 +86,7 @@ pub fn main() -> i32 {
 }
 
 /// An error and its causes on one line.
-fn one_line(e: &dyn std::error::Error) -> String {
+pub(crate) fn one_line(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {

@@ -9,6 +9,7 @@ use clap::Args;
 use super::backend_args::BackendArgs;
 use crate::error::{Error, Result};
 use crate::telemetry::{ConsoleMode, EndReason};
+use crate::train::distributed::{self, Collective, Distributed};
 use crate::train::{ResumeChanges, RunOptions, TrainConfig, train};
 
 fn d() -> TrainConfig {
@@ -114,9 +115,15 @@ pub struct TrainArgs {
     /// --steps, so a later --resume continues the same run.
     #[arg(long)]
     stop_after: Option<usize>,
-    /// Worker threads (default: physical cores).
+    /// Worker threads (default: physical cores, shared out among the ranks of an MPI job on
+    /// this machine).
     #[arg(long)]
     threads: Option<usize>,
+    /// Data-parallel training: auto (MPI when started by mpirun/mpiexec/srun), none, or mpi.
+    /// Each rank trains on --batch sequences of every micro-batch; gradients are summed across
+    /// ranks before one identical update everywhere; rank 0 writes the run.
+    #[arg(long, value_enum, default_value_t = Distributed::Auto)]
+    distributed: Distributed,
     /// Prompt of the sample generated at the end.
     #[arg(long, default_value_t = d().sample_prompt)]
     sample_prompt: String,
@@ -183,6 +190,10 @@ fn default_run_dir(model: &str) -> PathBuf {
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = train_config(&a);
     let mut opts = run_options(&a, &cfg)?;
+    let ranks: Arc<dyn Collective> = Arc::from(distributed::connect(a.distributed)?);
+    if ranks.size() > 1 {
+        return run_rank(a, cfg, opts, ranks);
+    }
     if a.dashboard {
         return with_dashboard(cfg, opts, a.sample_every, a.peak_gflops);
     }
@@ -197,6 +208,47 @@ pub fn run(a: TrainArgs) -> Result<()> {
         other => other?,
     };
     report(&outcome)
+}
+
+/// One rank of a data-parallel job. An error on any rank ends the whole job (the other ranks
+/// would wait for it in the next gradient sum forever): it is printed with the rank, and MPI
+/// aborts every process; rank 0's last checkpoint is intact (checkpoints are written
+/// atomically).
+fn run_rank(
+    a: TrainArgs,
+    cfg: TrainConfig,
+    mut opts: RunOptions,
+    ranks: Arc<dyn Collective>,
+) -> Result<()> {
+    if a.dashboard {
+        return Err(Error::invalid(
+            "--dashboard is not available in an MPI job: run `handgrad dashboard RUN_DIR` beside it",
+        ));
+    }
+    if a.threads.is_none() {
+        let local = distributed::local_ranks().unwrap_or(1);
+        opts.threads = (crate::train::default_threads() / local).max(1);
+    }
+    opts.stop_flag = Some(ctrl_c_flag());
+    opts.ranks = Some(ranks.clone());
+    let rank = ranks.rank();
+    match train(cfg, opts) {
+        Ok(outcome) => {
+            if rank == 0 {
+                report(&outcome)?;
+            }
+            Ok(())
+        }
+        Err(Error::Interrupted) => Err(Error::Interrupted),
+        Err(e) => {
+            eprintln!(
+                "error: rank {rank} of {}: {}; stopping every rank",
+                ranks.size(),
+                super::one_line(&e)
+            );
+            ranks.abort(1)
+        }
+    }
 }
 
 /// Restarts handgrad in this process's place (exec), with the same arguments, for a fresh

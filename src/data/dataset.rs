@@ -303,6 +303,12 @@ impl WindowSampler {
         self.windows_drawn += 1;
     }
 
+    /// Draws the next window without reading it (another data-parallel rank trains on it).
+    pub fn skip_window(&mut self) {
+        self.rng.below(self.total.max(1));
+        self.windows_drawn += 1;
+    }
+
     /// The state to save in a checkpoint.
     pub fn state(&self) -> SamplerState {
         SamplerState {

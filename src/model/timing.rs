@@ -23,11 +23,13 @@ pub enum Section {
     KvBwd,
     Elementwise,
     WeightGrads,
+    /// Summing the gradient across data-parallel ranks (MPI).
+    Allreduce,
     Optimizer,
 }
 
 /// Number of sections.
-const COUNT: usize = 15;
+const COUNT: usize = 16;
 
 impl Section {
     /// Every section, in the order a step runs them.
@@ -46,6 +48,7 @@ impl Section {
         Section::KvBwd,
         Section::Elementwise,
         Section::WeightGrads,
+        Section::Allreduce,
         Section::Optimizer,
     ];
 
@@ -66,6 +69,7 @@ impl Section {
             Section::KvBwd => "kv_bwd",
             Section::Elementwise => "elementwise",
             Section::WeightGrads => "weight_grads",
+            Section::Allreduce => "allreduce",
             Section::Optimizer => "optimizer",
         }
     }
@@ -87,6 +91,7 @@ impl Section {
             Section::KvBwd => "kv_bwd: k/v_proj dgrad",
             Section::Elementwise => "swiglu bwd, rope bwd",
             Section::WeightGrads => "weight gradients (dW)",
+            Section::Allreduce => "gradient allreduce across ranks",
             Section::Optimizer => "optimizer (clip, AdamW)",
         }
     }

@@ -66,6 +66,9 @@ pub struct TrainConfig {
     pub sample_prompt: String,
     /// Tokens of the sample printed at the end (0: no sample).
     pub sample_tokens: usize,
+    /// Data-parallel ranks (processes) the run trains on: an update sees `batch x accum x
+    /// ranks` sequences.
+    pub ranks: usize,
 }
 
 impl Default for TrainConfig {
@@ -99,6 +102,7 @@ impl Default for TrainConfig {
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),
             sample_tokens: 160,
+            ranks: 1,
         }
     }
 }
@@ -158,8 +162,8 @@ impl TrainConfig {
         }
     }
 
-    /// Tokens consumed by one optimizer update.
+    /// Tokens consumed by one optimizer update (by all ranks together).
     pub fn tokens_per_update(&self) -> usize {
-        self.batch * self.seq * self.accum
+        self.batch * self.seq * self.accum * self.ranks.max(1)
     }
 }

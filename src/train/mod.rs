@@ -2,6 +2,7 @@
 //! checkpoints and resume.
 
 pub mod config;
+pub mod distributed;
 pub mod loss_scale;
 pub mod run_dir;
 pub mod run_lock;

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use super::distributed::Collective;
 use crate::backend::Kernels;
 use crate::error::Result;
 use crate::model::timing::Section;
@@ -46,6 +47,9 @@ pub struct TrainStep<'a> {
     /// Factor the loss is multiplied by before the backward pass (1: none); the gradient is
     /// divided by it again before clipping and the update.
     pub loss_scale: f32,
+    /// Data-parallel ranks whose gradients are summed before clipping (`None`: this process
+    /// alone).
+    pub ranks: Option<&'a dyn Collective>,
 }
 
 /// What one update measured.
@@ -88,8 +92,17 @@ impl TrainStep<'_> {
                 self.loss_scale,
             )?;
         }
+        let mut micro = self.accum.max(1);
+        if let Some(c) = self.ranks.filter(|c| c.size() > 1) {
+            let t = Instant::now();
+            c.sum_f32(&mut state.grads)?;
+            let mut l = [loss_sum];
+            c.sum_f64(&mut l)?;
+            loss_sum = l[0];
+            micro *= c.size();
+            acts.timings.add(Section::Allreduce, t);
+        }
         let t_opt = Instant::now();
-        let micro = self.accum.max(1);
         let loss = loss_sum / micro as f64;
         let UpdateScale {
             grad_norm,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::config::TrainConfig;
+use super::distributed::{Collective, Single, rescale_accum};
 use super::loss_scale::{LossScaler, Verdict};
 use super::run_dir::{self, RunPaths};
 use super::run_lock::RunLock;
@@ -61,6 +62,10 @@ pub struct RunOptions {
     /// The caller restarts the process when the Neural Engine compile budget is spent (so a
     /// `restart` event is logged); otherwise that is an error.
     pub restart_on_compile_budget: bool,
+    /// The data-parallel job this process is one rank of (`None`: a single process). Rank 0
+    /// owns the run folder (lock, checkpoints, events, evaluation, the sample); the others
+    /// only train and say nothing but errors.
+    pub ranks: Option<Arc<dyn Collective>>,
 }
 
 impl RunOptions {
@@ -79,6 +84,7 @@ impl RunOptions {
             resume_changes: ResumeChanges::default(),
             cap_seq_to_model: false,
             restart_on_compile_budget: false,
+            ranks: None,
         }
     }
 }
@@ -158,8 +164,10 @@ struct Trainer {
     notes: Vec<String>,
     /// One `seq + 1` window of tokens.
     window: Vec<u32>,
-    /// This trainer owns the run folder while it runs.
-    _lock: RunLock,
+    /// This trainer owns the run folder while it runs (rank 0 of a distributed job only).
+    _lock: Option<RunLock>,
+    /// The ranks of a data-parallel job ([`Single`] alone).
+    ranks: Arc<dyn Collective>,
 }
 
 impl Trainer {
@@ -169,21 +177,35 @@ impl Trainer {
         let paths = RunPaths {
             dir: opts.run_dir.clone(),
         };
-        let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(ConsoleSink::new(opts.console))];
-        sinks.append(&mut opts.extra_sinks);
+        let ranks: Arc<dyn Collective> = opts.ranks.clone().unwrap_or_else(|| Arc::new(Single));
+        let leader = ranks.rank() == 0;
+        let console = if leader {
+            opts.console
+        } else {
+            ConsoleMode::Off
+        };
+        let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(ConsoleSink::new(console))];
+        if leader {
+            sinks.append(&mut opts.extra_sinks);
+        }
         let mut bus = EventBus::new(sinks);
         let (mut warnings, mut notes) = (Vec::new(), Vec::new());
 
         // 0. The run folder is this trainer's from here on (a second one is refused); what a
-        // killed predecessor left half-written goes.
-        let lock = RunLock::acquire(&paths.dir, &mut warnings)?;
-        let stale =
-            remove_stale_temp_files(&paths.checkpoints()) + remove_stale_temp_files(&paths.dir);
-        if stale > 0 {
-            warnings.push(format!(
-                "removed {stale} unfinished temporary file(s) left by an interrupted write"
-            ));
-        }
+        // killed predecessor left half-written goes. Only rank 0 writes in it.
+        let lock = if leader {
+            let lock = RunLock::acquire(&paths.dir, &mut warnings)?;
+            let stale =
+                remove_stale_temp_files(&paths.checkpoints()) + remove_stale_temp_files(&paths.dir);
+            if stale > 0 {
+                warnings.push(format!(
+                    "removed {stale} unfinished temporary file(s) left by an interrupted write"
+                ));
+            }
+            Some(lock)
+        } else {
+            None
+        };
 
         // 1. The configuration: the user's, or the checkpoint's on resume.
         let (mut cfg, resume) = if opts.resume && !paths.has_checkpoint() {
@@ -201,6 +223,26 @@ impl Trainer {
             (cfg, None)
         };
         cfg.validate()?;
+        let size = ranks.size();
+        if resume.is_some() && cfg.ranks.max(1) != size {
+            let accum = rescale_accum(cfg.batch, cfg.accum, cfg.ranks.max(1), size)?;
+            warnings.push(format!(
+                "the run was trained on {} rank(s) and continues on {size}: --accum {} -> {accum} keeps {} sequences per update",
+                cfg.ranks.max(1),
+                cfg.accum,
+                cfg.batch * cfg.accum * cfg.ranks.max(1)
+            ));
+            cfg.accum = accum;
+        }
+        cfg.ranks = size;
+        if size > 1 {
+            notes.push(format!(
+                "data parallel: {}; rank 0 of {size} writes the run; {} sequences per update ({} per rank)",
+                ranks.describe(),
+                cfg.batch * cfg.accum * size,
+                cfg.batch * cfg.accum
+            ));
+        }
         let backend = cfg.backend();
         warnings.extend(backend.warnings());
         // Fail fast on a bad model name or config before any data work.
@@ -276,14 +318,16 @@ impl Trainer {
         let (state, sampler, counters) = initial_state(&cfg, &model, &data.data, resume, init)?;
 
         // 6. The run folder, then its event log (which receives everything said so far).
-        run_dir::prepare(
-            &paths,
-            opts.resume,
-            &cfg,
-            &model.cfg,
-            data.tokenizer.as_deref(),
-        )?;
-        bus.attach_log(Box::new(JsonlSink::open(&paths.events())?));
+        if leader {
+            run_dir::prepare(
+                &paths,
+                opts.resume,
+                &cfg,
+                &model.cfg,
+                data.tokenizer.as_deref(),
+            )?;
+            bus.attach_log(Box::new(JsonlSink::open(&paths.events())?));
+        }
 
         Ok(Trainer {
             schedule: CosineSchedule {
@@ -312,7 +356,23 @@ impl Trainer {
             paths,
             cfg,
             _lock: lock,
+            ranks,
         })
+    }
+
+    /// Whether this process writes the run (rank 0, or the only process).
+    fn leader(&self) -> bool {
+        self.ranks.rank() == 0
+    }
+
+    /// Whether any rank says yes (every rank gets the same answer).
+    fn any_rank(&self, yes: bool) -> Result<bool> {
+        if self.ranks.size() == 1 {
+            return Ok(yes);
+        }
+        let mut v = [f64::from(u8::from(yes))];
+        self.ranks.sum_f64(&mut v)?;
+        Ok(v[0] > 0.0)
     }
 
     fn loss_kind(&self) -> LossKind {
@@ -368,7 +428,7 @@ impl Trainer {
             }
         }
         let mut sample = None;
-        if reason == EndReason::Completed {
+        if reason == EndReason::Completed && self.leader() {
             if !self.val_windows.is_empty() {
                 self.evaluate(&mut acts)?;
             }
@@ -410,7 +470,8 @@ impl Trainer {
             tokenizer: self.tokenizer_id(),
             backend: cfg.backend().info(),
             tokens_per_update: cfg.tokens_per_update(),
-            flops_per_update: model.cfg.train_flops(cfg.batch, cfg.seq) * cfg.accum as f64,
+            flops_per_update: model.cfg.train_flops(cfg.batch, cfg.seq)
+                * (cfg.accum * cfg.ranks.max(1)) as f64,
             activation_bytes: acts.bytes(),
             threads: rayon::current_num_threads(),
             vocab_compacted_to: model.compaction.as_ref().map(|c| c.len()),
@@ -438,11 +499,20 @@ impl Trainer {
             accum: self.cfg.accum,
             clip: self.cfg.clip,
             loss_scale: self.scaler.scale() as f32,
+            ranks: Some(self.ranks.as_ref()),
         };
         let reported_scale = self.scaler.reported();
         let (sampler, data, window) = (&mut self.sampler, &self.data, &mut self.window);
+        let (rank, size) = (self.ranks.rank(), self.ranks.size());
+        // A micro-batch of the whole job is `b x size` windows of one stream; this rank
+        // trains on its `b` of them and skips the others' (see `distributed`).
         let mut next_batch = |inputs: &mut [u32], targets: &mut [u32]| {
-            for s in 0..b {
+            for g in 0..b * size {
+                if g / b != rank {
+                    sampler.skip_window();
+                    continue;
+                }
+                let s = g % b;
                 sampler.next_window(data, window);
                 inputs[s * t_len..(s + 1) * t_len].copy_from_slice(&window[..t_len]);
                 targets[s * t_len..(s + 1) * t_len].copy_from_slice(&window[1..]);
@@ -529,13 +599,14 @@ impl Trainer {
         let step = self.counters.step;
         let last = step == self.cfg.steps as u64;
         let every = |n: usize| n > 0 && step.is_multiple_of(n as u64) && !last;
-        if every(self.cfg.eval_every) {
+        if every(self.cfg.eval_every) && self.leader() {
             self.evaluate(acts)?;
         }
-        let interrupted = self
-            .stop_flag
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst));
+        let interrupted = self.any_rank(
+            self.stop_flag
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::SeqCst)),
+        )?;
         if interrupted {
             self.save_latest(CheckpointKind::Interrupt)?;
             return Ok(Some(EndReason::Interrupted));
@@ -565,8 +636,8 @@ impl Trainer {
                 0.0
             }
         };
-        let flops =
-            self.model.cfg.train_flops(self.cfg.batch, self.cfg.seq) * self.cfg.accum as f64;
+        let flops = self.model.cfg.train_flops(self.cfg.batch, self.cfg.seq)
+            * (self.cfg.accum * self.cfg.ranks.max(1)) as f64;
         let event = Event::RunEnd {
             step: self.counters.step,
             reason,
@@ -705,8 +776,11 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes `checkpoints/latest`, keeping the previous one as `latest.prev`.
+    /// Writes `checkpoints/latest`, keeping the previous one as `latest.prev` (rank 0 only).
     fn save_latest(&mut self, kind: CheckpointKind) -> Result<()> {
+        if !self.leader() {
+            return Ok(());
+        }
         let latest = self.paths.latest();
         self.save(&latest, true, kind)
     }
