@@ -356,6 +356,60 @@ mod x86 {
     fn dpbusd_vex(d: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(d, a, b)
     }
+
+    /// Token rows x weight rows of one register block of [`super::matmul_q8_prequantized`].
+    pub const BT: usize = 4;
+    pub const BR: usize = 4;
+
+    /// `out[t][r] = sum_g (x_t . w_r)_g * xs_t[g] * ws_r[g]` for a block of 4 token rows and
+    /// 4 weight rows, groups of 64: each loaded row of weights serves four token rows and each
+    /// token row four weight rows; 16 accumulators of 16 lanes, summed at the end.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; every `w[r]` and `x[t]` points to
+    /// `64 * groups` bytes and every `ws[r]`, `xs[t]` to `groups` scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn block_avx512vnni(
+        w: [*const i8; BR],
+        ws: [*const f32; BR],
+        x: [*const i8; BT],
+        xs: [*const f32; BT],
+        groups: usize,
+    ) -> [[f32; BR]; BT] {
+        let zero = _mm512_setzero_si512();
+        let mut acc = [[_mm512_setzero_ps(); BR]; BT];
+        // SAFETY: loads stay inside the rows and scale arrays (the caller's contract).
+        unsafe {
+            for g in 0..groups {
+                let mut ax = [zero; BT];
+                let mut neg = [0u64; BT];
+                let mut sx = [_mm512_setzero_ps(); BT];
+                for t in 0..BT {
+                    let xv = _mm512_loadu_si512(x[t].add(64 * g) as *const __m512i);
+                    ax[t] = _mm512_abs_epi8(xv);
+                    neg[t] = _mm512_movepi8_mask(xv);
+                    sx[t] = _mm512_set1_ps(*xs[t].add(g));
+                }
+                for r in 0..BR {
+                    let wv = _mm512_loadu_si512(w[r].add(64 * g) as *const __m512i);
+                    let sw = _mm512_set1_ps(*ws[r].add(g));
+                    for t in 0..BT {
+                        let signed = _mm512_mask_sub_epi8(wv, neg[t], zero, wv);
+                        let d = _mm512_dpbusd_epi32(zero, ax[t], signed);
+                        let scale = _mm512_mul_ps(sw, sx[t]);
+                        acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[t][r]);
+                    }
+                }
+            }
+        }
+        let mut out = [[0.0f32; BR]; BT];
+        for t in 0..BT {
+            for r in 0..BR {
+                out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+            }
+        }
+        out
+    }
 }
 
 /// Rows of weights per parallel task (as in the f32 matrix-vector product).
@@ -406,11 +460,48 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
     let per = rows_per_task(out).min(64);
     let blocks = out.div_ceil(per);
     let ptr = super::SendPtr(y.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let blocked = isa == DotIsa::Avx512Vnni && g == 64;
+    #[cfg(not(target_arch = "x86_64"))]
+    let blocked = false;
     (0..blocks).into_par_iter().for_each(|b| {
         let r0 = b * per;
         let r1 = (r0 + per).min(out);
+        let mut done_t = 0;
+        let mut done_r = r0;
+        #[cfg(target_arch = "x86_64")]
+        if blocked {
+            use x86::{BR, BT};
+            let full_t = rows / BT * BT;
+            let full_r = r0 + (r1 - r0) / BR * BR;
+            for t0 in (0..full_t).step_by(BT) {
+                let x: [*const i8; BT] = std::array::from_fn(|i| xq.row(t0 + i).0.as_ptr());
+                let xs: [*const f32; BT] = std::array::from_fn(|i| xq.row(t0 + i).1.as_ptr());
+                for rb in (r0..full_r).step_by(BR) {
+                    let wr: [*const i8; BR] =
+                        std::array::from_fn(|i| w.q[(rb + i) * cols..].as_ptr());
+                    let wsr: [*const f32; BR] =
+                        std::array::from_fn(|i| w.scales[(rb + i) * per_row..].as_ptr());
+                    // SAFETY: AVX512-VNNI and AVX512BW were detected (`dot_isa`); each row
+                    // pointer starts a full row of `cols = 64 * per_row` bytes and its
+                    // `per_row` scales (the rows exist: `t0 + i < rows`, `rb + i < out`).
+                    let v = unsafe { x86::block_avx512vnni(wr, wsr, x, xs, per_row) };
+                    for (i, vt) in v.iter().enumerate() {
+                        for (j, &vr) in vt.iter().enumerate() {
+                            // SAFETY: as below; row `t0 + i`, column `rb + j` of this block.
+                            unsafe { *ptr.get().add((t0 + i) * out + rb + j) = vr };
+                        }
+                    }
+                }
+            }
+            done_t = full_t;
+            done_r = full_r;
+        }
+        // What the register blocks left: the last token rows for every weight row of this
+        // task, and the last weight rows for the blocked token rows.
         for t in 0..rows {
-            for r in r0..r1 {
+            let from = if t < done_t { done_r } else { r0 };
+            for r in from..r1 {
                 let v = dot(r, t);
                 // SAFETY: `t * out + r < rows * out <= y.len()` (asserted above), and each
                 // element is written by exactly one task (the one that owns block `b`).
