@@ -11,8 +11,9 @@ use rayon::prelude::*;
 use super::gemm_bf16::{MR, NR, grow, row_block, store_tile};
 use super::matrix::{MatMut, MatRef, Product, TileAt};
 
-/// Depth of a packed block: a `KC x NR` panel of `B` is 64 KB, re-read from L2 per `A` panel.
-const KC: usize = 512;
+/// Most depth of a packed block: a `KC x NR` panel of `B` is 96 KB, re-read from L2 per `A`
+/// panel; the model's k = 768 products then take one pass over C instead of 512 + 256.
+const KC: usize = 768;
 /// Most rows of `A` packed at once.
 const MC_MAX: usize = 192;
 
@@ -224,8 +225,13 @@ fn pack_b(buf: &mut Vec<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
 fn run(p: &Product, bbuf: &mut Vec<f32>) {
     let (m, n, k) = (p.m(), p.n(), p.k());
     let (a, c_ptr, ldc) = (p.a, p.c, p.ldc);
-    for p0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - p0);
+    // Equal depth blocks of at most KC (a short last block costs a whole extra pass over C).
+    let kc_step = k
+        .div_ceil(k.div_ceil(KC))
+        .next_multiple_of(16)
+        .min(KC.max(16));
+    for p0 in (0..k).step_by(kc_step) {
+        let kc = kc_step.min(k - p0);
         pack_b(bbuf, p.b, p0, kc, n);
         let first = p0 == 0 && !p.accumulate;
         let bref = &*bbuf;
@@ -312,6 +318,7 @@ mod tests {
             (97, 65, 600),
             (12, 32, 512),
             (5, 70, 1100),
+            (40, 50, 1600),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
