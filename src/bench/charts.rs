@@ -127,20 +127,7 @@ pub fn report_charts(ok: &[(String, &Value)], stem: &Path) -> Result<Vec<(String
         "GFLOP/s (int8: GOP/s)",
         of(ok, "matmul")
             .map(|v| {
-                let best = v["matmuls"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|m| m["gflops"].as_f64())
-                    .fold(0.0, f64::max);
-                let prec = if v["int8"].as_bool() == Some(true) {
-                    "int8".to_string()
-                } else {
-                    v["backend"]["precision"]
-                        .as_str()
-                        .unwrap_or("?")
-                        .to_string()
-                };
+                let (best, prec) = (super::report::best_product(v), super::report::products(v));
                 (format!("{}, {prec}", machine(v)), best)
             })
             .collect(),

@@ -183,6 +183,25 @@ fn machine(v: &Value) -> String {
     )
 }
 
+/// The fastest product of a matmul result (GFLOP/s, int8: GOP/s).
+pub fn best_product(v: &Value) -> f64 {
+    v["matmuls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["gflops"].as_f64())
+        .fold(0.0, f64::max)
+}
+
+/// What a matmul result's products compute with: `int8`, or the backend's precision.
+pub fn products(v: &Value) -> &str {
+    if v["int8"].as_bool() == Some(true) {
+        "int8"
+    } else {
+        text(v, &["backend", "precision"])
+    }
+}
+
 /// The Markdown report of `files` (`(name, parsed JSON)`), and the files left out.
 pub fn report(files: &[(String, Value)]) -> (String, Vec<Rejected>) {
     let mut ok: Vec<(&str, String, &Value)> = Vec::new();
@@ -266,17 +285,7 @@ pub fn report(files: &[(String, Value)]) -> (String, Vec<Rejected>) {
         "Matrix products",
         "| machine | products | fp32 peak GFLOP/s | bf16 peak GFLOP/s | best product GFLOP/s (int8: GOP/s) |\n|---|---|---|---|---|",
         &|v| {
-            let best = v["matmuls"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|m| m["gflops"].as_f64())
-                .fold(0.0, f64::max);
-            let products = if v["int8"].as_bool() == Some(true) {
-                "int8"
-            } else {
-                text(v, &["backend", "precision"])
-            };
+            let (best, products) = (best_product(v), products(v));
             format!(
                 "| {} | {products} | {:.1} | {} | {:.1} |",
                 machine(v),

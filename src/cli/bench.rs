@@ -156,13 +156,7 @@ struct MatmulBenchArgs {
     json: bool,
 }
 
-fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
-    let t = threads.unwrap_or_else(crate::train::default_threads).max(1);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(t)
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start {t} threads: {e}")))
-}
+use super::thread_pool as pool;
 
 /// Prints a result in the benchmark envelope (schema, machine, date).
 fn print_json(bench: &str, v: &impl serde::Serialize) -> Result<()> {
@@ -456,12 +450,7 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
             Precision::Fp32
         };
     let backend: Backend = a.backend.resolve_with(default_precision);
-    if a.weights == WeightFormat::Q8 && backend.kind != crate::backend::BackendKind::Cpu {
-        return Err(crate::Error::invalid(format!(
-            "--weights q8 runs on the CPU kernels; --backend {} computes in its own precision",
-            backend.kind
-        )));
-    }
+    a.weights.check_backend(backend.kind)?;
     let mut kernels = backend.kernels()?;
     kernels.prepare(&crate::model::Transformer::new(cfg.clone()).step_shape(1, a.prompt))?;
     let run = GenerateRun {

@@ -9,7 +9,6 @@ use crate::error::{Error, Result};
 use crate::eval::{Perplexity, perplexity};
 use crate::formats::load_model;
 use crate::generate::WeightFormat;
-use crate::model::{Transformer, VocabCompaction};
 use crate::train::config::TrainConfig;
 
 /// Options of `handgrad eval`.
@@ -96,13 +95,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    let mut model = Transformer::new(loaded.cfg.clone());
-    if let Some(kept) = &loaded.vocab_kept {
-        model.set_compaction(Some(VocabCompaction::from_kept(
-            kept.clone(),
-            model.cfg.vocab_size,
-        )));
-    }
+    let model = loaded.transformer();
     let seq = a.seq.unwrap_or(seq_default).min(model.cfg.max_seq_len);
     data.validate(model.cfg.vocab_size, seq)?;
     let windows = data.val_windows(a.windows, seq);
@@ -112,14 +105,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             seq + 1
         )));
     }
-    let threads = a
-        .threads
-        .unwrap_or_else(crate::train::default_threads)
-        .max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start threads: {e}")))?;
+    let pool = super::thread_pool(a.threads)?;
     let kernels = crate::backend::Backend::default().kernels()?;
     let mut results: Vec<Perplexity> = Vec::new();
     for &w in &a.weights {

@@ -10,7 +10,7 @@ use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::formats::load_model;
 use crate::generate::{GenerateOptions, Sampling, StopReason, WeightFormat, generate};
-use crate::model::{Transformer, VocabCompaction};
+use crate::model::Transformer;
 use crate::tokenizer;
 
 /// Options of `handgrad generate`.
@@ -68,14 +68,7 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let sampling = Sampling::from_settings(a.temperature, a.top_k, a.top_p)?;
     let (model, params, tok) = load(&a)?;
-    let threads = a
-        .threads
-        .unwrap_or_else(crate::train::default_threads)
-        .max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start threads: {e}")))?;
+    let pool = super::thread_pool(a.threads)?;
     let opts = GenerateOptions {
         prompt: a.prompt.clone(),
         max_tokens: a.max_tokens,
@@ -94,12 +87,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     for w in backend.warnings() {
         eprintln!("warning: {w}");
     }
-    if a.weights == WeightFormat::Q8 && backend.kind != crate::backend::BackendKind::Cpu {
-        return Err(crate::Error::invalid(format!(
-            "--weights q8 runs on the CPU kernels; --backend {} computes in its own precision",
-            backend.kind
-        )));
-    }
+    a.weights.check_backend(backend.kind)?;
     let mut kernels = backend.kernels()?;
     kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len.min(a.max_tokens + 1)))?;
     print!("{}", a.prompt);
@@ -159,13 +147,7 @@ fn load(a: &GenerateArgs) -> Result<(Transformer, Vec<f32>, Box<dyn tokenizer::T
             loaded.cfg.vocab_size
         )));
     }
-    let mut model = Transformer::new(loaded.cfg.clone());
-    if let Some(kept) = &loaded.vocab_kept {
-        model.set_compaction(Some(VocabCompaction::from_kept(
-            kept.clone(),
-            model.cfg.vocab_size,
-        )));
-    }
+    let model = loaded.transformer();
     Ok((model, loaded.params, tok))
 }
 

@@ -85,6 +85,15 @@ pub fn main() -> i32 {
     }
 }
 
+/// A pool of `threads` workers (default: the physical cores).
+pub(crate) fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let t = threads.unwrap_or_else(crate::train::default_threads).max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .build()
+        .map_err(|e| crate::Error::invalid(format!("cannot start {t} threads: {e}")))
+}
+
 /// An error and its causes on one line.
 pub(crate) fn one_line(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

@@ -106,13 +106,7 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
         Some(t) => t.load(&path)?,
         None => return Err(Error::invalid("the checkpoint has no tokenizer")),
     };
-    let mut model = crate::model::Transformer::new(m.cfg.clone());
-    if let Some(kept) = &m.vocab_kept {
-        model.set_compaction(Some(crate::model::VocabCompaction::from_kept(
-            kept.clone(),
-            model.cfg.vocab_size,
-        )));
-    }
+    let model = m.transformer();
     let opts = crate::generate::GenerateOptions {
         prompt: "Once upon a time".into(),
         max_tokens: 80,

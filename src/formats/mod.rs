@@ -66,6 +66,21 @@ pub struct LoadedModel {
     pub vocab_kept: Option<Vec<u32>>,
 }
 
+impl LoadedModel {
+    /// The model to run these weights with (restricted to the kept vocabulary of a
+    /// compacted checkpoint).
+    pub fn transformer(&self) -> crate::model::Transformer {
+        let mut model = crate::model::Transformer::new(self.cfg.clone());
+        if let Some(kept) = &self.vocab_kept {
+            model.set_compaction(Some(crate::model::VocabCompaction::from_kept(
+                kept.clone(),
+                model.cfg.vocab_size,
+            )));
+        }
+        model
+    }
+}
+
 /// The model formats handgrad reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFormat {

@@ -27,6 +27,18 @@ pub enum WeightFormat {
     Q8,
 }
 
+impl WeightFormat {
+    /// Refuses q8 on a backend whose kernels do not read int8 weights (only the CPU's do).
+    pub fn check_backend(self, kind: crate::backend::BackendKind) -> Result<()> {
+        if self == WeightFormat::Q8 && kind != crate::backend::BackendKind::Cpu {
+            return Err(Error::invalid(format!(
+                "--weights q8 runs on the CPU kernels; --backend {kind} computes in its own precision"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for WeightFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
