@@ -138,8 +138,21 @@ pub fn fp32_peak(seconds: f64) -> (f64, &'static str) {
     (measure(f, k, seconds), name)
 }
 
-/// Peak of the bf16 dot-product instruction (`vdpbf16ps`) on all threads, if available.
+/// The instruction the bf16 products (and so [`bf16_peak`]) run on.
+pub fn bf16_isa() -> &'static str {
+    if crate::backend::cpu::gemm_amx::available() {
+        "AMX tdpbf16ps"
+    } else {
+        "vdpbf16ps"
+    }
+}
+
+/// Peak of the instruction the bf16 products run on ([`bf16_isa`]: AMX tile products where
+/// the CPU has them, else the AVX-512 dot product `vdpbf16ps`) on all threads, if available.
 pub fn bf16_peak(seconds: f64) -> Option<f64> {
+    if let Some(amx) = amx_peak(seconds) {
+        return Some(amx);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if crate::backend::cpu::gemm_bf16::available() {
@@ -150,6 +163,20 @@ pub fn bf16_peak(seconds: f64) -> Option<f64> {
                 seconds,
             ));
         }
+    }
+    let _ = seconds;
+    None
+}
+
+/// Peak of the AMX tile products (`tdpbf16ps`) on all threads, where the CPU has AMX-BF16
+/// and the OS grants it.
+pub fn amx_peak(seconds: f64) -> Option<f64> {
+    if crate::backend::cpu::gemm_amx::available() {
+        return Some(measure(
+            crate::backend::cpu::gemm_amx::PEAK_FLOP_PER_ITER,
+            crate::backend::cpu::gemm_amx::peak_kernel,
+            seconds,
+        ));
     }
     let _ = seconds;
     None
@@ -249,7 +276,12 @@ pub fn theoretical_peak(cores: usize) -> TheoreticalPeak {
         fma_units,
         ghz,
         fp32_gflops: fp32,
-        bf16_gflops: bf16.then_some(2.0 * fp32),
+        bf16_gflops: if crate::backend::cpu::gemm_amx::available() {
+            // One 16 x 16 x 32 tile product (16384 FLOP) per 16 cycles per core.
+            Some(cores as f64 * 1024.0 * ghz)
+        } else {
+            bf16.then_some(2.0 * fp32)
+        },
         int8_gops: match crate::backend::cpu::quant::dot_isa() {
             DotIsa::Avx512Vnni | DotIsa::AvxVnni => Some(4.0 * fp32),
             DotIsa::Avx2 => Some(2.0 * fp32),

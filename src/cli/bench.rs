@@ -671,7 +671,11 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
         theo.fp32_gflops, theo.assumptions
     );
     match bf16 {
-        Some(b) => println!("bf16 dot peak (vdpbf16ps): {b:.1} GFLOP/s"),
+        Some(b) => println!(
+            "bf16 peak ({}): {b:.1} GFLOP/s (measured; theoretical {:.0})",
+            bench::peak::bf16_isa(),
+            theo.bf16_gflops.unwrap_or(f64::NAN)
+        ),
         None => println!("bf16 dot peak: no AVX512_BF16 on this CPU"),
     }
     if a.int8 {

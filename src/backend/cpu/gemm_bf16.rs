@@ -75,7 +75,7 @@ fn rne(x: f32) -> u32 {
 
 /// One packed word: `lo` in the low 16 bits, `hi` in the high 16 bits.
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     rne(lo) | (rne(hi) << 16)
 }
 
@@ -120,6 +120,17 @@ pub(crate) mod simd {
             let second = _mm512_maskz_loadu_ps(mask(len.saturating_sub(16)), src.add(16.min(len)));
             std::mem::transmute(_mm512_cvtne2ps_pbh(second, first))
         }
+    }
+
+    /// Stores the 16 words `(x[2q], x[2q+1])` of 32 floats at `src` to `dst`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/BF16; `src` valid for 32 floats, `dst` for 16 words.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(crate) unsafe fn store_row_pairs(dst: *mut u32, src: *const f32) {
+        // SAFETY: contract.
+        unsafe { _mm512_storeu_si512(dst.cast(), row_pairs(src, 32)) }
     }
 
     /// Transposes a 16 x 16 matrix of 32-bit words held in 16 registers (`r[i]` = row `i`
@@ -338,7 +349,15 @@ fn pack_a(
 /// Packs `B[p0..p0+kc, j0..j0+nc]` into NR-column panels: for each panel, for each k-pair `q`,
 /// NR words `(B[p0+2q, j], B[p0+2q+1, j])`. Columns past the block and k past `kc` are zero.
 /// Panels are packed in parallel.
-fn pack_b(buf: &mut Vec<u32>, b: MatRef, p0: usize, kc: usize, j0: usize, nc: usize, serial: bool) {
+pub(crate) fn pack_b(
+    buf: &mut Vec<u32>,
+    b: MatRef,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    serial: bool,
+) {
     let pairs = kc.div_ceil(2);
     let panels = nc.div_ceil(NR);
     grow(buf, panels * pairs * NR);
@@ -553,7 +572,20 @@ fn micro_portable(pairs: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR])
 /// current rayon pool.
 pub fn gemm_bf16(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
     if let Some(p) = Product::new("gemm_bf16", a, b, c, accumulate) {
-        with_packed_b(|bbuf| run(&p, available(), bbuf, false));
+        dispatch(&p, false);
+    }
+}
+
+/// Runs a product on AMX where the CPU has it (the depth in multiples of 32, the rest here),
+/// else with the `vdpbf16ps` kernel.
+fn dispatch(p: &Product, serial: bool) {
+    let (k, amx) = (p.k(), super::gemm_amx::depth_for(p.k()));
+    if amx > 0 {
+        super::gemm_amx::run(&p.depth_range(0, amx, p.accumulate), serial);
+    }
+    if amx < k {
+        let rest = p.depth_range(amx, k, p.accumulate || amx > 0);
+        with_packed_b(|bbuf| run(&rest, available(), bbuf, serial));
     }
 }
 
@@ -561,12 +593,12 @@ pub fn gemm_bf16(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
 /// shared tensors (attention heads).
 pub fn gemm_bf16_serial(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
     if let Some(p) = Product::new("gemm_bf16", a, b, c, accumulate) {
-        with_packed_b(|bbuf| run(&p, available(), bbuf, true));
+        dispatch(&p, true);
     }
 }
 
 /// Runs `f` with this thread's packed-`B` buffer (a fresh one if it is in use).
-fn with_packed_b(f: impl FnOnce(&mut Vec<u32>)) {
+pub(crate) fn with_packed_b(f: impl FnOnce(&mut Vec<u32>)) {
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bbuf) => f(&mut bbuf),
         Err(_) => f(&mut Vec::new()),

@@ -196,6 +196,23 @@ impl<'a> Product<'a> {
     pub fn k(&self) -> usize {
         self.a.cols
     }
+
+    /// The same product over the depths `lo..hi` only (`lo < hi <= k`).
+    pub fn depth_range(&self, lo: usize, hi: usize, accumulate: bool) -> Product<'a> {
+        assert!(
+            lo < hi && hi <= self.k(),
+            "depth range {lo}..{hi} of {}",
+            self.k()
+        );
+        let (a, b) = (self.a, self.b);
+        Product {
+            a: MatRef::new(&a.data[lo * a.cs..], a.rows, hi - lo, a.rs, a.cs),
+            b: MatRef::new(&b.data[lo * b.rs..], hi - lo, b.cols, b.rs, b.cs),
+            c: self.c,
+            ldc: self.ldc,
+            accumulate,
+        }
+    }
 }
 
 /// The position and valid size of a micro-tile inside `C`.

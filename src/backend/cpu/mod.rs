@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod embedding;
+pub mod gemm_amx;
 pub mod gemm_bf16;
 pub mod gemm_f32;
 pub mod gemv;
@@ -57,7 +58,9 @@ pub fn describe(bf16: bool) -> String {
     if !bf16 {
         return f32_gemm.to_string();
     }
-    if bf16_in_hardware() {
+    if gemm_amx::available() {
+        "packed bf16 GEMM on AMX tiles (bf16 products, f32 accumulation)".to_string()
+    } else if bf16_in_hardware() {
         "packed AVX512_BF16 GEMM (bf16 products, f32 accumulation)".to_string()
     } else {
         "bf16 products emulated without AVX512_BF16 (same numerics, slower than fp32)".to_string()

@@ -1,0 +1,509 @@
+//! bf16 matrix products on Intel AMX (Advanced Matrix Extensions: Sapphire Rapids and later).
+//!
+//! An AMX core holds eight tile registers of 16 rows x 64 bytes and multiplies them with
+//! `tdpbf16ps`: `C[16 x 16 f32] += A[16 x 32 bf16] · B[32 x 16 bf16]`, 16384 FLOP per
+//! instruction, about 8x what `vdpbf16ps` does in the same time. The micro-kernel keeps a
+//! 32 x 32 block of `C` in four tiles (`tmm0..3`), loads two tiles of `A` (`tmm4`, `tmm5`) and
+//! two of `B` (`tmm6`, `tmm7`) per 32 values of `k`, and runs four products on them.
+//!
+//! Numerics are those of [`super::gemm_bf16`]: operands rounded to bf16 (nearest even), f32
+//! accumulation. `B` is packed exactly as there (panels of 32 columns, pairs of `k`
+//! interleaved: the layout AMX wants for its second operand). `A` is packed here, in panels of
+//! 32 rows split into 16-pair blocks of 32 rows x 16 words, so that every tile load reads 1 KB
+//! of consecutive memory. Depths are handled in multiples of 32; the caller runs the rest of
+//! `k` (fewer than 32) with the `vdpbf16ps` kernel.
+//!
+//! The instructions are written with `asm!` (Rust's AMX intrinsics are not stable). Linux
+//! hands AMX state to a process only after it asks (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
+//! [`available`] asks once. `HANDGRAD_AMX=0` turns the kernel off (for comparisons).
+
+use rayon::prelude::*;
+
+use super::SendPtr;
+use super::gemm_bf16::{NR, grow, pack_b, with_packed_b};
+use super::matrix::{MatRef, Product, TileAt};
+
+/// Rows of a packed `A` panel and of a micro-block of `C` (two tiles of 16).
+const MR: usize = 32;
+/// Depth of a packed block (a multiple of 32).
+const KC: usize = 1024;
+/// Most rows of `A` packed by one task (`MC x KC` bf16 = 512 KB, inside L2).
+const MC_MAX: usize = 256;
+
+/// Whether the AMX kernel is used: the CPU has AMX-TILE and AMX-BF16, the OS granted this
+/// process the tile state, the AVX-512 packing kernels exist, and `HANDGRAD_AMX` is not `0`.
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("HANDGRAD_AMX").map_or(true, |v| v != "0")
+            && super::gemm_bf16::available()
+            && os::enable()
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod os {
+    /// `arch_prctl` request for permission to use an extended state component.
+    const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
+    /// The AMX tile data state component.
+    const XFEATURE_XTILEDATA: libc::c_ulong = 18;
+
+    /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile state.
+    pub fn enable() -> bool {
+        // SAFETY: CPUID leaf 7 exists on every x86_64 CPU with AVX-512 (checked by the caller).
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let amx_bf16 = leaf7.edx & (1 << 22) != 0;
+        let amx_tile = leaf7.edx & (1 << 24) != 0;
+        if !(amx_bf16 && amx_tile) {
+            return false;
+        }
+        // SAFETY: a plain system call with integer arguments; it fails cleanly (non-zero) on
+        // kernels without AMX support.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        rc == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod os {
+    pub fn enable() -> bool {
+        false
+    }
+}
+
+/// The part of a depth `k` that the AMX kernel takes (a multiple of 32; 0 when AMX is off).
+pub fn depth_for(k: usize) -> usize {
+    if available() { k - k % 32 } else { 0 }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use std::arch::asm;
+
+    /// The tile configuration (palette 1): all eight tiles 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    fn config() -> Config {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
+        }
+        Config(c)
+    }
+
+    /// Loads the tile configuration on this thread.
+    ///
+    /// # Safety
+    /// AMX must be available and granted ([`super::available`]).
+    pub unsafe fn load_config() {
+        let cfg = config();
+        // SAFETY: `cfg` is a valid 64-byte palette-1 configuration (contract: AMX present).
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+    }
+
+    /// Releases the tile state of this thread (cheaper context switches).
+    ///
+    /// # Safety
+    /// As [`load_config`].
+    pub unsafe fn release() {
+        // SAFETY: contract.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// `C[32 x 32] (+)= A · B` over `blocks` blocks of 32 values of `k`.
+    ///
+    /// `a`: the packed `A` panel (per block: 32 rows x 16 words, rows 0..16 then 16..32);
+    /// `b`: the packed `B` panel (per pair of `k`: 32 words, so a block is 16 rows of 128
+    /// bytes); `c`: the top-left f32 of the block, rows `ldc_bytes` apart. `load_c` adds to
+    /// what `C` holds instead of overwriting it.
+    ///
+    /// # Safety
+    /// The configuration must be loaded on this thread; `a` and `b` valid for `blocks * 2048`
+    /// bytes each; `c` valid for reads and writes of a 32 x 32 block.
+    pub unsafe fn block(
+        blocks: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc_bytes: usize,
+        load_c: bool,
+    ) {
+        let c_low = c.wrapping_byte_add(16 * ldc_bytes);
+        // SAFETY: contract: the block of C is valid; tiles 0..3 hold its quarters.
+        unsafe {
+            if load_c {
+                asm!(
+                    "tileloadd tmm0, [{c} + {s}*1]",
+                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
+                    "tileloadd tmm2, [{d} + {s}*1]",
+                    "tileloadd tmm3, [{d} + {s}*1 + 64]",
+                    c = in(reg) c, d = in(reg) c_low, s = in(reg) ldc_bytes,
+                    options(nostack, readonly)
+                );
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a} + {s64}*1]",
+                "tileloadd tmm6, [{b} + {s128}*1]",
+                "tileloadd tmm7, [{b} + {s128}*1 + 64]",
+                "tileloadd tmm5, [{a} + {s64}*1 + 1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a}, 2048",
+                "add {b}, 2048",
+                "dec {n}",
+                "jnz 2b",
+                a = inout(reg) a => _, b = inout(reg) b => _, n = inout(reg) blocks => _,
+                s64 = in(reg) 64usize, s128 = in(reg) 128usize,
+                options(nostack, readonly)
+            );
+            asm!(
+                "tilestored [{c} + {s}*1], tmm0",
+                "tilestored [{c} + {s}*1 + 64], tmm1",
+                "tilestored [{d} + {s}*1], tmm2",
+                "tilestored [{d} + {s}*1 + 64], tmm3",
+                c = in(reg) c, d = in(reg) c_low, s = in(reg) ldc_bytes,
+                options(nostack)
+            );
+        }
+    }
+
+    /// `iters` rounds of four tile products on registers only: the AMX arithmetic peak
+    /// (`4 * 16384` FLOP per round).
+    ///
+    /// # Safety
+    /// As [`load_config`]; loads and releases the configuration itself.
+    pub unsafe fn peak_loop(iters: usize) {
+        // SAFETY: contract; the loop touches tile registers only.
+        unsafe {
+            load_config();
+            asm!(
+                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+                "tilezero tmm4", "tilezero tmm5", "tilezero tmm6", "tilezero tmm7",
+                "2:",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) iters.max(1) => _,
+                options(nostack, nomem)
+            );
+            release();
+        }
+    }
+}
+
+/// Runs `iters` rounds of four tile products (65536 FLOP each) on this thread; for
+/// `bench::peak`. Returns 0 (a value for the benchmark to consume).
+pub fn peak_kernel(iters: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AMX checked and granted.
+        unsafe { tiles::peak_loop(iters) };
+    }
+    let _ = iters;
+    0.0
+}
+
+/// FLOP of one round of [`peak_kernel`].
+pub const PEAK_FLOP_PER_ITER: f64 = 4.0 * 16.0 * 16.0 * 32.0 * 2.0;
+
+/// Packs `A[i0..i0+mc, p0..p0+kc]` (`kc` a multiple of 32) into 32-row panels: per panel, per
+/// block of 16 pairs of `k`, 32 rows of 16 words `(A[r, p0+2q], A[r, p0+2q+1])`. Rows past the
+/// block are zero.
+fn pack_a(buf: &mut Vec<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
+    let pairs = kc / 2;
+    let panels = mc.div_ceil(MR);
+    grow(buf, panels * pairs * MR);
+    let at = |q: usize, r: usize| ((q / 16) * MR + r) * 16 + q % 16;
+    for pnl in 0..panels {
+        let out = &mut buf[pnl * pairs * MR..(pnl + 1) * pairs * MR];
+        let r0 = i0 + pnl * MR;
+        let rows = MR.min(mc - pnl * MR);
+        if a.cs == 1 {
+            for r in 0..rows {
+                let src = &a.data[(r0 + r) * a.rs + p0..(r0 + r) * a.rs + p0 + kc];
+                for qb in 0..pairs / 16 {
+                    let dst = &mut out[at(16 * qb, r)..at(16 * qb, r) + 16];
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        // SAFETY: AMX implies the AVX-512 BF16 packing kernels (checked by
+                        // `available`, the only way here); 32 floats from the start exist.
+                        unsafe {
+                            super::gemm_bf16::simd::store_row_pairs(
+                                dst.as_mut_ptr(),
+                                src[32 * qb..].as_ptr(),
+                            )
+                        };
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    for (q, d) in dst.iter_mut().enumerate() {
+                        *d = super::gemm_bf16::pair(src[32 * qb + 2 * q], src[32 * qb + 2 * q + 1]);
+                    }
+                }
+            }
+        } else if a.rs == 1 {
+            for q in 0..pairs {
+                let lo = &a.data[(p0 + 2 * q) * a.cs + r0..][..rows];
+                let hi = &a.data[(p0 + 2 * q + 1) * a.cs + r0..][..rows];
+                for r in 0..rows {
+                    out[at(q, r)] = super::gemm_bf16::pair(lo[r], hi[r]);
+                }
+            }
+        } else {
+            for r in 0..rows {
+                for q in 0..pairs {
+                    out[at(q, r)] = super::gemm_bf16::pair(
+                        a.at(r0 + r, p0 + 2 * q),
+                        a.at(r0 + r, p0 + 2 * q + 1),
+                    );
+                }
+            }
+        }
+        for r in rows..MR {
+            for qb in 0..pairs / 16 {
+                out[at(16 * qb, r)..at(16 * qb, r) + 16].fill(0);
+            }
+        }
+    }
+}
+
+/// Rows per task: a multiple of 32 that spreads the row panels evenly over the threads.
+fn row_block(m: usize, serial: bool) -> usize {
+    let panels = m.div_ceil(MR).max(1);
+    let most = MC_MAX / MR;
+    if serial {
+        return most.min(panels) * MR;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let mut best = (usize::MAX, 1);
+    for p in 1..=most.min(panels) {
+        let busiest = panels.div_ceil(p).div_ceil(threads) * p;
+        if busiest <= best.0 {
+            best = (busiest, p);
+        }
+    }
+    best.1 * MR
+}
+
+thread_local! {
+    static PACKED_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `C (+)= A · B` with AMX; `k` must be a positive multiple of 32 and [`available`] true.
+pub(crate) fn run(p: &Product, serial: bool) {
+    let (m, n, k) = (p.m(), p.n(), p.k());
+    assert!(
+        available() && k % 32 == 0 && k > 0,
+        "AMX product of depth {k}"
+    );
+    with_packed_b(|bbuf| {
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            pack_b(bbuf, p.b, p0, kc, 0, n, serial);
+            let first = p0 == 0 && !p.accumulate;
+            let bref = &*bbuf;
+            let mc_block = row_block(m, serial);
+            let task = |i0: usize| {
+                PACKED_A.with(|cell| {
+                    let mut fresh = Vec::new();
+                    let mut held = cell.try_borrow_mut();
+                    let abuf = match held.as_deref_mut() {
+                        Ok(v) => v,
+                        Err(_) => &mut fresh,
+                    };
+                    let mc = mc_block.min(m - i0);
+                    pack_a(abuf, p.a, i0, mc, p0, kc);
+                    block_loop(p, abuf, bref, i0, mc, kc, first);
+                });
+            };
+            if serial {
+                (0..m).step_by(mc_block).for_each(task);
+            } else {
+                (0..m).into_par_iter().step_by(mc_block).for_each(task);
+            }
+        }
+    });
+}
+
+/// The micro-blocks of one task: rows `i0..i0+mc` against every panel of `B`.
+fn block_loop(
+    p: &Product,
+    abuf: &[u32],
+    bref: &[u32],
+    i0: usize,
+    mc: usize,
+    kc: usize,
+    first: bool,
+) {
+    let n = p.n();
+    let pairs = kc / 2;
+    let (c_ptr, ldc): (SendPtr, usize) = (p.c, p.ldc);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut scratch = Scratch([0.0; MR * NR]);
+        // SAFETY: AMX checked by `run`; the configuration is loaded on this thread for the
+        // duration of the loop and released after it.
+        unsafe { tiles::load_config() };
+        for (jp, jr) in (0..n).step_by(NR).enumerate() {
+            let bpanel = &bref[jp * pairs * NR..(jp + 1) * pairs * NR];
+            for (ip, ir) in (0..mc).step_by(MR).enumerate() {
+                let apanel = &abuf[ip * pairs * MR..(ip + 1) * pairs * MR];
+                let blocks = kc / 32;
+                if ir + MR <= mc && jr + NR <= n {
+                    // SAFETY: the 32 x 32 block at (i0+ir, jr) lies inside C (checked by
+                    // `Product::new`) in this task's rows; both panels hold `blocks * 2048`
+                    // bytes.
+                    unsafe {
+                        tiles::block(
+                            blocks,
+                            apanel.as_ptr(),
+                            bpanel.as_ptr(),
+                            c_ptr.get().add((i0 + ir) * ldc + jr),
+                            ldc * 4,
+                            !first,
+                        )
+                    };
+                    continue;
+                }
+                // SAFETY: as above, into the 32 x 32 scratch block (row stride NR floats).
+                unsafe {
+                    tiles::block(
+                        blocks,
+                        apanel.as_ptr(),
+                        bpanel.as_ptr(),
+                        scratch.0.as_mut_ptr(),
+                        NR * 4,
+                        false,
+                    )
+                };
+                let at = TileAt {
+                    row: i0 + ir,
+                    col: jr,
+                    rows: MR.min(mc - ir),
+                    cols: NR.min(n - jr),
+                };
+                store_block(c_ptr, ldc, at, &scratch.0, first);
+            }
+        }
+        // SAFETY: as above.
+        unsafe { tiles::release() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (abuf, bref, i0, mc, pairs, first, c_ptr, ldc, n);
+}
+
+/// A 32 x 32 f32 block aligned for tile stores.
+#[repr(C, align(64))]
+struct Scratch([f32; MR * NR]);
+
+/// Adds (or, for the first depth block, copies) the valid part of a scratch block into `C`.
+fn store_block(c: SendPtr, ldc: usize, at: TileAt, block: &[f32; MR * NR], first: bool) {
+    for r in 0..at.rows {
+        // SAFETY: the block lies in C (checked by `Product::new`) and this task owns its rows.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(c.get().add((at.row + r) * ldc + at.col), at.cols)
+        };
+        let src = &block[r * NR..r * NR + at.cols];
+        if first {
+            dst.copy_from_slice(src);
+        } else {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::matrix::MatMut;
+    use super::*;
+
+    /// AMX against the `vdpbf16ps` kernel (same rounding of the operands) on odd shapes and
+    /// every layout; skipped where the CPU has no AMX.
+    #[test]
+    fn amx_matches_the_avx512_bf16_kernel() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU (or HANDGRAD_AMX=0)");
+            return;
+        }
+        for (m, n, k) in [
+            (1, 1, 32),
+            (33, 47, 64),
+            (70, 65, 96),
+            (32, 32, 1056),
+            (5, 100, 2080),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+                .collect();
+            let layouts = [
+                (MatRef::row_major(&a, m, k), MatRef::transposed(&b, k, n)),
+                (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n)),
+                (MatRef::transposed(&a, m, k), MatRef::row_major(&b, k, n)),
+                (
+                    MatRef::new(&a, m, k / 2, k, 2),
+                    MatRef::transposed(&b, k / 2, n),
+                ),
+            ];
+            for (li, (am, bm)) in layouts.into_iter().enumerate() {
+                let (m, n, k) = (am.rows, bm.cols, am.cols);
+                if k % 32 != 0 {
+                    continue;
+                }
+                let r = |x: f32| half::bf16::from_f32(x).to_f64();
+                for accumulate in [false, true] {
+                    for serial in [false, true] {
+                        let mut c = vec![0.5f32; m * n];
+                        let p = Product::new(
+                            "amx test",
+                            am,
+                            bm,
+                            MatMut::row_major(&mut c, m, n),
+                            accumulate,
+                        )
+                        .unwrap();
+                        run(&p, serial);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let w: f64 =
+                                    (0..k).map(|q| r(am.at(i, q)) * r(bm.at(q, j))).sum::<f64>()
+                                        + if accumulate { 0.5 } else { 0.0 };
+                                let got = c[i * n + j] as f64;
+                                assert!(
+                                    (got - w).abs() < 1e-4 * (1.0 + w.abs()),
+                                    "{m}x{n}x{k} layout {li} acc {accumulate} [{i},{j}]: {got} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
