@@ -20,7 +20,7 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
-use super::gemm_bf16::{NR, grow, pack_b, with_packed_b};
+use super::gemm_bf16::{NR, grow, pack_b, row_block_of, store_tile, with_packed_b};
 use super::matrix::{MatRef, Product, TileAt};
 
 /// Rows of a packed `A` panel and of a micro-block of `C` (two tiles of 16).
@@ -289,24 +289,6 @@ fn pack_a(buf: &mut Vec<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: us
     }
 }
 
-/// Rows per task: a multiple of 32 that spreads the row panels evenly over the threads.
-fn row_block(m: usize, serial: bool) -> usize {
-    let panels = m.div_ceil(MR).max(1);
-    let most = MC_MAX / MR;
-    if serial {
-        return most.min(panels) * MR;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let mut best = (usize::MAX, 1);
-    for p in 1..=most.min(panels) {
-        let busiest = panels.div_ceil(p).div_ceil(threads) * p;
-        if busiest <= best.0 {
-            best = (busiest, p);
-        }
-    }
-    best.1 * MR
-}
-
 thread_local! {
     static PACKED_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -324,7 +306,11 @@ pub(crate) fn run(p: &Product, serial: bool) {
             pack_b(bbuf, p.b, p0, kc, 0, n, serial);
             let first = p0 == 0 && !p.accumulate;
             let bref = &*bbuf;
-            let mc_block = row_block(m, serial);
+            let mc_block = if serial {
+                MC_MAX
+            } else {
+                row_block_of(m, MR, MC_MAX, 1)
+            };
             let task = |i0: usize| {
                 PACKED_A.with(|cell| {
                     let mut fresh = Vec::new();
@@ -404,7 +390,8 @@ fn block_loop(
                     rows: MR.min(mc - ir),
                     cols: NR.min(n - jr),
                 };
-                store_block(c_ptr, ldc, at, &scratch.0, first);
+                // SAFETY: the block lies in C (checked by `Product::new`); this task owns its rows.
+                unsafe { store_tile(c_ptr, ldc, at, &scratch.0, first) };
             }
         }
         // SAFETY: as above.
@@ -417,24 +404,6 @@ fn block_loop(
 /// A 32 x 32 f32 block aligned for tile stores.
 #[repr(C, align(64))]
 struct Scratch([f32; MR * NR]);
-
-/// Adds (or, for the first depth block, copies) the valid part of a scratch block into `C`.
-fn store_block(c: SendPtr, ldc: usize, at: TileAt, block: &[f32; MR * NR], first: bool) {
-    for r in 0..at.rows {
-        // SAFETY: the block lies in C (checked by `Product::new`) and this task owns its rows.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(c.get().add((at.row + r) * ldc + at.col), at.cols)
-        };
-        let src = &block[r * NR..r * NR + at.cols];
-        if first {
-            dst.copy_from_slice(src);
-        } else {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d += s;
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -34,10 +34,16 @@ const MC_MAX: usize = 192;
 /// rows on 2 threads this is 2 tasks of 11 panels instead of 8 tasks of 3 (the last one
 /// almost empty), which left one thread 12% more work.
 pub(crate) fn row_block(m: usize) -> usize {
+    row_block_of(m, MR, MC_MAX, 3)
+}
+
+/// [`row_block`] for panels of `mr` rows, at most `mc_max` rows and at least `least` panels
+/// per task.
+pub(crate) fn row_block_of(m: usize, mr: usize, mc_max: usize, least: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let panels = m.div_ceil(MR).max(1);
-    let most = MC_MAX / MR;
-    let least = 3.min(panels).min(most);
+    let panels = m.div_ceil(mr).max(1);
+    let most = mc_max / mr;
+    let least = least.min(panels).min(most);
     let mut best = (usize::MAX, least);
     for p in least..=most.min(panels) {
         let busiest = panels.div_ceil(p).div_ceil(threads) * p;
@@ -45,7 +51,7 @@ pub(crate) fn row_block(m: usize) -> usize {
             best = (busiest, p);
         }
     }
-    best.1 * MR
+    best.1 * mr
 }
 
 /// Whether this CPU can run the bf16 kernels.
@@ -524,18 +530,12 @@ mod kernel {
     }
 }
 
-/// Adds (or, for the first depth block, copies) the valid part of a computed tile into `C`
-/// (row stride `ldc`) at `at`.
+/// Adds (or, for the first depth block, copies) the valid part of a computed tile (rows `NR`
+/// floats apart) into `C` (row stride `ldc`) at `at`.
 ///
 /// # Safety
 /// The block must lie inside `C` and belong to the calling task.
-pub(crate) unsafe fn store_tile(
-    c: SendPtr,
-    ldc: usize,
-    at: TileAt,
-    tile: &[f32; MR * NR],
-    first: bool,
-) {
+pub(crate) unsafe fn store_tile(c: SendPtr, ldc: usize, at: TileAt, tile: &[f32], first: bool) {
     for r in 0..at.rows {
         // SAFETY: forwarded from the contract.
         let dst = unsafe {
