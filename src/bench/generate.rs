@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::backend::Kernels;
 use crate::error::Result;
 use crate::generate::{Decoder, WeightFormat};
+use crate::model::timing::{BreakdownEntry, Section, StepTimings};
 use crate::model::{ModelConfig, Transformer};
 use crate::util::rng::Rng;
 
@@ -29,6 +30,8 @@ pub struct GenerateBench {
     pub roofline_tokens_per_s: f64,
     /// `decode_tokens_per_s / roofline_tokens_per_s`.
     pub roofline_fraction: f64,
+    /// Where a decoded token's time goes (ms per token; `percent` of the decode time).
+    pub decode_breakdown: Vec<BreakdownEntry>,
 }
 
 /// What to generate.
@@ -61,12 +64,13 @@ pub fn run(
         .map(|_| rng.below(cfg.vocab_size as u64) as u32)
         .collect();
     let bandwidth = super::peak::read_bandwidth(1 << 30);
-    let run_once = || -> Result<(f64, f64, usize)> {
+    let run_once = || -> Result<(f64, f64, usize, StepTimings)> {
         let mut dec = Decoder::new(&model, &params, prompt + tokens + 1)?;
         dec = dec.with_weights(weights);
         let t = Instant::now();
         let mut last = argmax(dec.prefill(kernels, &ids)?);
         let prefill = t.elapsed().as_secs_f64();
+        dec.reset_timings();
         let t = Instant::now();
         for _ in 0..tokens {
             last = argmax(dec.step(kernels, last)?);
@@ -75,11 +79,36 @@ pub fn run(
             prefill,
             t.elapsed().as_secs_f64(),
             dec.weight_bytes_per_token(),
+            dec.timings().clone(),
         ))
     };
     run_once()?; // warm up
-    let (prefill, decode, bytes) = run_once()?;
+
+    let (prefill, decode, bytes, timings) = run_once()?;
     let decode_tps = tokens as f64 / decode;
+    let entry = |section: &str, label: &str, secs: f64| BreakdownEntry {
+        section: section.into(),
+        label: label.into(),
+        ms: secs / tokens.max(1) as f64 * 1e3,
+        percent: 100.0 * secs / decode,
+    };
+    let mut decode_breakdown: Vec<BreakdownEntry> = Section::ALL
+        .iter()
+        .filter(|&&s| timings.get(s) > 0.0)
+        .map(|&s| {
+            let label = if s == Section::ClassifierLoss {
+                "final norm + classifier"
+            } else {
+                s.label()
+            };
+            entry(s.name(), label, timings.get(s))
+        })
+        .collect();
+    decode_breakdown.push(entry(
+        "other",
+        "other (sampling, untimed)",
+        (decode - timings.total()).max(0.0),
+    ));
     let roofline = bandwidth * 1e9 / bytes as f64;
     Ok(GenerateBench {
         model: name.into(),
@@ -93,6 +122,7 @@ pub fn run(
         bandwidth_gb_s: bandwidth,
         roofline_tokens_per_s: roofline,
         roofline_fraction: decode_tps / roofline,
+        decode_breakdown,
     })
 }
 

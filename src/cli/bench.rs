@@ -484,6 +484,16 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
         "prefill / decode speed: {:.1}x",
         r.prefill_tokens_per_s / r.decode_tokens_per_s
     );
+    println!(
+        "\n{:16} {:38} {:>10} {:>7}",
+        "breakdown", "(mean per decoded token)", "ms", "%"
+    );
+    for e in &r.decode_breakdown {
+        println!(
+            "{:16} {:38} {:>10.2} {:>6.1}%",
+            e.section, e.label, e.ms, e.percent
+        );
+    }
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Attend, Kernels, KvCache};
 use crate::error::{Error, Result};
-use crate::model::timing::StepTimings;
+use crate::model::timing::{Section, StepTimings};
 use crate::model::{CompactParams, LayerActivations, LayerIo, Transformer, Weights};
 
 /// The weights streamed for each decoded token.
@@ -151,6 +151,11 @@ impl<'m> Decoder<'m> {
         &self.timings
     }
 
+    /// Forgets the time spent so far (to time decoding apart from the prompt).
+    pub fn reset_timings(&mut self) {
+        self.timings.reset();
+    }
+
     /// Positions decoded so far.
     pub fn position(&self) -> usize {
         self.pos
@@ -239,6 +244,7 @@ impl<'m> Decoder<'m> {
         }
         let last = &b.x[(tokens.len() - 1) * d..];
         let eps = c.norm_eps as f32;
+        let start = std::time::Instant::now();
         k.rmsnorm_forward(
             &mut self.xn,
             &mut self.rstd,
@@ -248,6 +254,7 @@ impl<'m> Decoder<'m> {
             eps,
         )?;
         k.linear_forward(&mut self.logits, &self.xn, w.matrix(lay.classifier()), 1)?;
+        self.timings.add(Section::ClassifierLoss, start);
         if let Some(comp) = &m.compaction {
             // A compacted model never learned the other rows of its classifier.
             for (id, l) in self.logits.iter_mut().enumerate() {

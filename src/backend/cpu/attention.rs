@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use super::SendPtr;
 use super::gemm_bf16::gemm_bf16_serial;
 use super::linear::gemm_crate;
+use super::math::prefetch;
 use super::matrix::{MatMut, MatRef};
 use crate::backend::types::{AttentionShape, CachedAttentionShape, Qkv, QkvGrads};
 
@@ -261,6 +262,10 @@ pub fn attention_cached(
     let len = s.start + s.rows;
     assert!(q.len() >= s.rows * qd && out.len() >= s.rows * qd);
     assert!(k_cache.len() >= len * kvd && v_cache.len() >= len * kvd);
+    if s.rows == 1 {
+        attention_one_row(&mut out[..qd], &q[..qd], k_cache, v_cache, s);
+        return;
+    }
     let scale = heads.scale();
     // One task per (row, head): its output slice of `hd` floats.
     let task = |(idx, o): (usize, &mut [f32])| {
@@ -274,7 +279,13 @@ pub fn attention_cached(
                 scores.resize(visible, 0.0);
             }
             let scores = &mut scores[..visible];
+            // Keys and values of one head are `hd` floats every `kvd`: too far apart for the
+            // hardware prefetcher, so each loop asks for the position `AHEAD` further on.
+            const AHEAD: usize = 8;
+            let lines = (hd * 4).div_ceil(64);
+            let head = |cache: &[f32], j: usize| cache.as_ptr().wrapping_add(j * kvd + kvh * hd);
             for (j, sc) in scores.iter_mut().enumerate() {
+                prefetch(head(k_cache, j + AHEAD), lines);
                 *sc = super::math::dot(qh, &k_cache[j * kvd + kvh * hd..][..hd]);
             }
             let max = super::math::max(scores);
@@ -282,6 +293,7 @@ pub fn attention_cached(
             let inv = 1.0 / sum;
             o.fill(0.0);
             for (j, &sc) in scores.iter().enumerate() {
+                prefetch(head(v_cache, j + AHEAD), lines);
                 axpy(o, sc * inv, &v_cache[j * kvd + kvh * hd..][..hd]);
             }
         });
@@ -291,6 +303,229 @@ pub fn attention_cached(
         out.par_chunks_mut(hd).enumerate().for_each(task);
     } else {
         out.chunks_mut(hd).enumerate().for_each(task);
+    }
+}
+
+/// Partial attention of one query row over a span of cache positions, every head: per head
+/// the largest raw score `max`, `sum` of `e^((score - max) * scale)`, and `out` (`hd` floats)
+/// the values weighted by those exponentials.
+struct SpanPartial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// Attention of the single newest query row (decoding one token) against positions
+/// `0..=start` of the cache, split by position: each task reads a span of consecutive
+/// cache rows (every head at once, so keys and values stream through memory in order) and
+/// keeps a partial softmax; the partials are merged with the usual rescaling by their
+/// maxima. Reading the cache head by head instead touches `head_dim` floats every `kv_dim`,
+/// which the hardware prefetcher does not follow (measured on Stories110M at 256-384
+/// positions: 3 ms of a 10.8 ms token).
+fn attention_one_row(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    s: &CachedAttentionShape,
+) {
+    let heads = s.heads();
+    let (nh, hd, kvd, group) = (s.n_heads, s.head_dim, heads.kv_dim(), heads.group());
+    let scale = heads.scale();
+    let len = s.start + 1;
+    let span_partial = |j0: usize, j1: usize| -> SpanPartial {
+        let mut scores = vec![0.0f32; (j1 - j0) * nh];
+        let mut max = vec![f32::NEG_INFINITY; nh];
+        let span = CacheSpan {
+            q,
+            k: &k_cache[j0 * kvd..j1 * kvd],
+            v: &v_cache[j0 * kvd..j1 * kvd],
+            nh,
+            hd,
+            kvd,
+            group,
+        };
+        span.scores(&mut scores, &mut max);
+        let mut sum = vec![0.0f32; nh];
+        for row in scores.chunks_exact_mut(nh) {
+            for (h, sc) in row.iter_mut().enumerate() {
+                *sc = super::math::exp((*sc - max[h]) * scale);
+                sum[h] += *sc;
+            }
+        }
+        let mut o = vec![0.0f32; nh * hd];
+        span.weighted_values(&scores, &mut o);
+        SpanPartial { max, sum, out: o }
+    };
+    // Spans of at least 32 positions, about two per thread.
+    let per = len
+        .div_ceil(2 * rayon::current_num_threads())
+        .max(32)
+        .min(len);
+    let spans: Vec<usize> = (0..len).step_by(per).collect();
+    let partials: Vec<SpanPartial> = super::team::map(spans.len(), |i| {
+        span_partial(spans[i], (spans[i] + per).min(len))
+    });
+    for h in 0..nh {
+        let top = partials
+            .iter()
+            .map(|p| p.max[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * hd..(h + 1) * hd];
+        o.fill(0.0);
+        let mut total = 0.0f32;
+        for p in &partials {
+            let w = super::math::exp((p.max[h] - top) * scale);
+            total += w * p.sum[h];
+            axpy(o, w, &p.out[h * hd..(h + 1) * hd]);
+        }
+        let inv = 1.0 / total;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Consecutive cache rows (`k`, `v`: `[rows, kvd]`) and the query row `q [nh * hd]` of
+/// [`attention_one_row`].
+struct CacheSpan<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    nh: usize,
+    hd: usize,
+    kvd: usize,
+    group: usize,
+}
+
+impl CacheSpan<'_> {
+    /// `scores[j * nh + h]` = q_h · k_j (head `h / group` of the row), and the largest of each
+    /// head into `max`.
+    fn scores(&self, scores: &mut [f32], max: &mut [f32]) {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        if self.hd.is_multiple_of(16) {
+            // SAFETY: AVX-512F is enabled at compile time; the shapes are those of the span.
+            unsafe { span_avx512::scores(self, scores, max) };
+            return;
+        }
+        let (nh, hd, kvd, group) = (self.nh, self.hd, self.kvd, self.group);
+        for (row, keys) in scores.chunks_exact_mut(nh).zip(self.k.chunks_exact(kvd)) {
+            for (h, (sc, m)) in row.iter_mut().zip(max.iter_mut()).enumerate() {
+                *sc = super::math::dot(
+                    &self.q[h * hd..(h + 1) * hd],
+                    &keys[(h / group) * hd..][..hd],
+                );
+                *m = m.max(*sc);
+            }
+        }
+    }
+
+    /// `out[h] += sum_j weights[j * nh + h] v_j` (head `h / group` of each value row).
+    fn weighted_values(&self, weights: &[f32], out: &mut [f32]) {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        if self.hd.is_multiple_of(16) {
+            // SAFETY: as in `scores`.
+            unsafe { span_avx512::weighted_values(self, weights, out) };
+            return;
+        }
+        let (nh, hd, kvd, group) = (self.nh, self.hd, self.kvd, self.group);
+        for (row, values) in weights.chunks_exact(nh).zip(self.v.chunks_exact(kvd)) {
+            for (h, &p) in row.iter().enumerate() {
+                axpy(
+                    &mut out[h * hd..(h + 1) * hd],
+                    p,
+                    &values[(h / group) * hd..][..hd],
+                );
+            }
+        }
+    }
+}
+
+/// The loops of [`CacheSpan`] with AVX-512 (heads of a multiple of 16 values): a cache row
+/// (every head) is read with vector loads while the row two positions ahead is prefetched.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod span_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::CacheSpan;
+
+    /// Rows prefetched ahead of the one being read.
+    const AHEAD: usize = 4;
+
+    /// Asks for `lines` cache lines from `p` into L2.
+    #[inline(always)]
+    fn prefetch_l2(p: *const f32, lines: usize) {
+        for l in 0..lines {
+            // SAFETY: a prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_byte_add(64 * l) as *const i8) };
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `s.hd % 16 == 0`; `scores` holds `rows * nh` values, `max` `nh`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores(s: &CacheSpan, scores: &mut [f32], max: &mut [f32]) {
+        let (nh, hd, kvd, group) = (s.nh, s.hd, s.kvd, s.group);
+        let lines = (kvd * 4).div_ceil(64);
+        assert!(s.q.len() >= nh * hd && max.len() >= nh && hd % 16 == 0);
+        for (j, (row, keys)) in scores
+            .chunks_exact_mut(nh)
+            .zip(s.k.chunks_exact(kvd))
+            .enumerate()
+        {
+            prefetch_l2(s.k.as_ptr().wrapping_add((j + AHEAD) * kvd), lines);
+            for (h, sc) in row.iter_mut().enumerate() {
+                let (qh, kh) = (&s.q[h * hd..(h + 1) * hd], &keys[(h / group) * hd..][..hd]);
+                let mut acc = _mm512_setzero_ps();
+                for c in (0..hd).step_by(16) {
+                    // SAFETY: `c + 16 <= hd`, inside both head slices.
+                    unsafe {
+                        acc = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(qh.as_ptr().add(c)),
+                            _mm512_loadu_ps(kh.as_ptr().add(c)),
+                            acc,
+                        );
+                    }
+                }
+                *sc = _mm512_reduce_add_ps(acc);
+                max[h] = max[h].max(*sc);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `s.hd % 16 == 0`; `weights` holds `rows * nh` values, `out` `nh * hd`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_values(s: &CacheSpan, weights: &[f32], out: &mut [f32]) {
+        let (nh, hd, kvd, group) = (s.nh, s.hd, s.kvd, s.group);
+        let lines = (kvd * 4).div_ceil(64);
+        assert!(out.len() >= nh * hd && hd % 16 == 0);
+        for (j, (row, values)) in weights
+            .chunks_exact(nh)
+            .zip(s.v.chunks_exact(kvd))
+            .enumerate()
+        {
+            prefetch_l2(s.v.as_ptr().wrapping_add((j + AHEAD) * kvd), lines);
+            for (h, &p) in row.iter().enumerate() {
+                let (oh, vh) = (
+                    &mut out[h * hd..(h + 1) * hd],
+                    &values[(h / group) * hd..][..hd],
+                );
+                let pv = _mm512_set1_ps(p);
+                for c in (0..hd).step_by(16) {
+                    // SAFETY: `c + 16 <= hd`, inside both head slices.
+                    unsafe {
+                        let o = oh.as_mut_ptr().add(c);
+                        _mm512_storeu_ps(
+                            o,
+                            _mm512_fmadd_ps(
+                                pv,
+                                _mm512_loadu_ps(vh.as_ptr().add(c)),
+                                _mm512_loadu_ps(o),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -435,6 +670,72 @@ pub fn attention_backward_reference(
             for g in 0..group {
                 let h = kvh * group + g;
                 dq[row * qd + h * hd..][..hd].copy_from_slice(&dq_g[(g * t_len + t) * hd..][..hd]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One query row against a long cache (several spans merged, in parallel) equals the last
+    /// row of the reference attention over the whole sequence: GQA, heads of a multiple of 16
+    /// (the AVX-512 loops) and of 20 values (the portable loops), one to three threads.
+    #[test]
+    fn one_row_against_a_long_cache_matches_the_reference() {
+        for (heads, kv_heads, hd, len) in [
+            (6, 2, 64, 150),
+            (4, 4, 20, 97),
+            (2, 1, 128, 1),
+            (3, 3, 16, 33),
+        ] {
+            let s = AttentionShape {
+                batch: 1,
+                seq: len,
+                n_heads: heads,
+                n_kv_heads: kv_heads,
+                head_dim: hd,
+            };
+            let (qd, kvd) = (s.q_dim(), s.kv_dim());
+            let data = |n: usize, seed: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) * 0.02)
+                    .collect()
+            };
+            let (q, k, v) = (data(len * qd, 1), data(len * kvd, 2), data(len * kvd, 3));
+            let mut want = vec![0.0; len * qd];
+            let mut probs = vec![0.0; heads * len * len];
+            attention_forward_reference(
+                &mut want,
+                &mut probs,
+                Qkv {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                },
+                &s,
+            );
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![0.0; qd];
+                let cs = CachedAttentionShape {
+                    start: len - 1,
+                    rows: 1,
+                    n_heads: heads,
+                    n_kv_heads: kv_heads,
+                    head_dim: hd,
+                };
+                pool.install(|| attention_cached(&mut got, &q[(len - 1) * qd..], &k, &v, &cs));
+                for (i, (g, w)) in got.iter().zip(&want[(len - 1) * qd..]).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{heads}/{kv_heads} heads of {hd}, {len} positions, {threads} threads, [{i}]: {g} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -5,6 +5,9 @@
 
 use rayon::prelude::*;
 
+use super::team;
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
 use super::math::dot;
 
 /// Rows per parallel task: a few contiguous blocks per thread, so each thread streams long
@@ -29,12 +32,15 @@ pub enum GemvWeights<'a> {
 }
 
 impl GemvWeights<'_> {
-    /// Dot product of row `r` (of `cols` weights) with `x`.
+    /// `ys[i] = W[first + i] · x` for every `i`: rows `first..first + ys.len()` of `cols`
+    /// weights each.
     #[inline]
-    fn row_dot(&self, r: usize, cols: usize, x: &[f32]) -> f32 {
+    fn rows_dot(&self, first: usize, cols: usize, x: &[f32], ys: &mut [f32]) {
+        let rows = ys.len();
+        let x = &x[..cols];
         match self {
-            GemvWeights::F32(w) => dot(&w[r * cols..(r + 1) * cols], &x[..cols]),
-            GemvWeights::Bf16(w) => dot_bf16(&w[r * cols..(r + 1) * cols], &x[..cols]),
+            GemvWeights::F32(w) => rows_dot_f32(&w[first * cols..(first + rows) * cols], x, ys),
+            GemvWeights::Bf16(w) => rows_dot_bf16(&w[first * cols..(first + rows) * cols], x, ys),
         }
     }
 
@@ -43,6 +49,64 @@ impl GemvWeights<'_> {
             GemvWeights::F32(w) => w.len(),
             GemvWeights::Bf16(w) => w.len(),
         }
+    }
+}
+
+/// Rows read together by the AVX-512 kernels. Several rows at a time share each load of the
+/// input, and the kernel asks for the next block's rows (into L2) while it reads this one, so
+/// more cache lines are in flight than the hardware prefetcher keeps for one stream. Measured
+/// on an Intel Xeon (2 threads, 440 MB of weights, rows of 768 and 2048): f32 21 GB/s one row
+/// at a time without prefetch, 32 GB/s four rows with it; bf16 23 -> 31-37 GB/s.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+const ROW_BLOCK: usize = 4;
+
+/// `ys[i] = w[i * cols..][..cols] · x` for f32 weights (`cols = x.len()`).
+fn rows_dot_f32(w: &[f32], x: &[f32], ys: &mut [f32]) {
+    let cols = x.len();
+    assert!(w.len() >= ys.len() * cols);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        let mut blocks = ys.chunks_exact_mut(ROW_BLOCK);
+        let mut r = 0;
+        for yb in &mut blocks {
+            // SAFETY: rows `r..r + ROW_BLOCK` of `cols` weights lie in `w` (asserted above).
+            unsafe { avx512::rows_f32::<ROW_BLOCK>(w[r * cols..].as_ptr(), x, yb) };
+            r += ROW_BLOCK;
+        }
+        for y in blocks.into_remainder() {
+            // SAFETY: as above, one row.
+            unsafe { avx512::rows_f32::<1>(w[r * cols..].as_ptr(), x, std::slice::from_mut(y)) };
+            r += 1;
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    for (r, y) in ys.iter_mut().enumerate() {
+        *y = dot(&w[r * cols..(r + 1) * cols], x);
+    }
+}
+
+/// `ys[i] = w[i * cols..][..cols] · x` for bf16 weights (widened exactly to f32).
+fn rows_dot_bf16(w: &[u16], x: &[f32], ys: &mut [f32]) {
+    let cols = x.len();
+    assert!(w.len() >= ys.len() * cols);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        let mut blocks = ys.chunks_exact_mut(ROW_BLOCK);
+        let mut r = 0;
+        for yb in &mut blocks {
+            // SAFETY: rows `r..r + ROW_BLOCK` of `cols` weights lie in `w` (asserted above).
+            unsafe { avx512::rows_bf16::<ROW_BLOCK>(w[r * cols..].as_ptr(), x, yb) };
+            r += ROW_BLOCK;
+        }
+        for y in blocks.into_remainder() {
+            // SAFETY: as above, one row.
+            unsafe { avx512::rows_bf16::<1>(w[r * cols..].as_ptr(), x, std::slice::from_mut(y)) };
+            r += 1;
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    for (r, y) in ys.iter_mut().enumerate() {
+        *y = dot_bf16(&w[r * cols..(r + 1) * cols], x);
     }
 }
 
@@ -68,10 +132,9 @@ pub fn gemv_many(outs: &mut [GemvOut], x: &[f32], cols: usize) {
             tasks.push((w, t * per, ys));
         }
     }
-    tasks.par_iter_mut().for_each(|(w, first, ys)| {
-        for (i, yv) in ys.iter_mut().enumerate() {
-            *yv = w.row_dot(*first + i, cols, x);
-        }
+    team::for_each_chunk_mut(&mut tasks, 1, |_, t| {
+        let (w, first, ys) = &mut t[0];
+        w.rows_dot(*first, cols, x, ys)
     });
 }
 
@@ -87,86 +150,129 @@ pub fn gemv_f32(y: &mut [f32], w: &[f32], x: &[f32], rows: usize, cols: usize) {
     );
 }
 
-/// Dot product of bf16 weights with f32 inputs (weights widened exactly to f32).
-#[inline]
+/// Dot product of bf16 weights with f32 inputs (weights widened exactly to f32): the
+/// portable kernel.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
 fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        // SAFETY: the target feature is enabled at compile time; the kernel reads only
-        // `min(w.len(), x.len())` elements of each slice.
-        unsafe { avx512::dot_bf16(w, x) }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    {
-        const LANES: usize = 16;
-        let mut acc = [0.0f32; LANES];
-        let cw = w.chunks_exact(LANES);
-        let cx = x.chunks_exact(LANES);
-        let (rw, rx) = (cw.remainder(), cx.remainder());
-        for (a, b) in cw.zip(cx) {
-            for l in 0..LANES {
-                acc[l] += f32::from_bits((a[l] as u32) << 16) * b[l];
-            }
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let cw = w.chunks_exact(LANES);
+    let cx = x.chunks_exact(LANES);
+    let (rw, rx) = (cw.remainder(), cx.remainder());
+    for (a, b) in cw.zip(cx) {
+        for l in 0..LANES {
+            acc[l] += f32::from_bits((a[l] as u32) << 16) * b[l];
         }
-        let mut s: f32 = rw
-            .iter()
-            .zip(rx)
-            .map(|(a, b)| f32::from_bits((*a as u32) << 16) * b)
-            .sum();
-        s += acc.iter().sum::<f32>();
-        s
     }
+    let mut s: f32 = rw
+        .iter()
+        .zip(rx)
+        .map(|(a, b)| f32::from_bits((*a as u32) << 16) * b)
+        .sum();
+    s += acc.iter().sum::<f32>();
+    s
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// How far ahead (in bf16 elements) the weights are prefetched.
-    const PREFETCH: usize = 1024;
+    /// The mask of the first `n` (< 16) lanes.
+    #[inline]
+    fn tail_mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
 
-    /// Four independent accumulators of 16 lanes; bf16 widened by a 16-bit shift.
+    /// `ys[r] = w[r * cols..][..cols] · x` for the `R` rows of a block, `cols = x.len()`: one
+    /// accumulator per row, the input loaded once per 16 columns for all rows, and each cache
+    /// line of the next `R` rows (the next block of the task) prefetched into L2 as the same
+    /// line of this block is read.
     ///
     /// # Safety
-    /// Requires AVX-512F (guaranteed by the `cfg` of this module).
+    /// Requires AVX-512F (the `cfg` of this module); `w` valid for `R * x.len()` floats;
+    /// `ys.len() == R`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-        let n = w.len().min(x.len());
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
+    pub unsafe fn rows_f32<const R: usize>(w: *const f32, x: &[f32], ys: &mut [f32]) {
+        let cols = x.len();
+        let xp = x.as_ptr();
+        let next = w.wrapping_add(R * cols);
+        let mut acc = [_mm512_setzero_ps(); R];
         let mut i = 0;
-        // SAFETY: every load below reads elements `i..i + 64` (or `i..i + 16`) with `i + 64 <= n`
-        // (or `i + 16 <= n`), inside both slices.
+        // SAFETY: every load reads columns `i..i + 16` with `i + 16 <= cols` of a row inside the
+        // block, or the masked tail `i..cols`; prefetches never fault (`wrapping_add` keeps
+        // their address arithmetic defined past the end of the weights).
         unsafe {
-            while i + 64 <= n {
-                // Ask for the weights 2 KB ahead (the rest of this row or the next one) now:
-                // a prefetch never faults, and `wrapping_add` keeps the address arithmetic
-                // defined past the end of the slice.
-                let ahead = wp.wrapping_add(i + PREFETCH) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let wv = _mm256_loadu_si256(wp.add(i + 16 * j) as *const __m256i);
-                    let wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wv), 16));
-                    *a = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(i + 16 * j)), *a);
+            while i + 16 <= cols {
+                let xv = _mm512_loadu_ps(xp.add(i));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(r * cols + i) as *const i8);
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(w.add(r * cols + i)), xv, *a);
                 }
-                i += 64;
-            }
-            while i + 16 <= n {
-                let wv = _mm256_loadu_si256(wp.add(i) as *const __m256i);
-                let wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wv), 16));
-                acc[0] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(i)), acc[0]);
                 i += 16;
             }
+            if i < cols {
+                let m = tail_mask(cols - i);
+                let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w.add(r * cols + i)), xv, *a);
+                }
+            }
         }
-        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        let mut total = _mm512_reduce_add_ps(s);
-        while i < n {
-            total += f32::from_bits((w[i] as u32) << 16) * x[i];
-            i += 1;
+        for (y, a) in ys.iter_mut().zip(acc) {
+            *y = _mm512_reduce_add_ps(a);
         }
-        total
+    }
+
+    /// 16 bf16 values (as bits) widened to f32 by a 16-bit shift.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn widen(bits: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))
+    }
+
+    /// [`rows_f32`] with bf16 weights (32 columns, one cache line, per step; the last
+    /// `cols % 16` columns added one at a time).
+    ///
+    /// # Safety
+    /// As [`rows_f32`], `w` valid for `R * x.len()` bf16 values.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows_bf16<const R: usize>(w: *const u16, x: &[f32], ys: &mut [f32]) {
+        let cols = x.len();
+        let xp = x.as_ptr();
+        let next = w.wrapping_add(R * cols);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut i = 0;
+        // SAFETY: as in `rows_f32`, with 16 bf16 values (32 bytes) per load.
+        unsafe {
+            let load = |r: usize, i: usize| {
+                widen(_mm256_loadu_si256(w.add(r * cols + i) as *const __m256i))
+            };
+            while i + 32 <= cols {
+                let x0 = _mm512_loadu_ps(xp.add(i));
+                let x1 = _mm512_loadu_ps(xp.add(i + 16));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(r * cols + i) as *const i8);
+                    *a = _mm512_fmadd_ps(load(r, i), x0, *a);
+                    *a = _mm512_fmadd_ps(load(r, i + 16), x1, *a);
+                }
+                i += 32;
+            }
+            if i + 16 <= cols {
+                let xv = _mm512_loadu_ps(xp.add(i));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(load(r, i), xv, *a);
+                }
+                i += 16;
+            }
+            for (r, (y, a)) in ys.iter_mut().zip(acc).enumerate() {
+                *y = _mm512_reduce_add_ps(a);
+                for (c, xc) in x.iter().enumerate().skip(i) {
+                    *y += f32::from_bits((*w.add(r * cols + c) as u32) << 16) * xc;
+                }
+            }
+        }
     }
 }
 

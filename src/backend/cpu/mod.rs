@@ -17,6 +17,7 @@ pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+pub mod team;
 
 use self::gemv::{GemvOut, GemvWeights, gemv_many};
 use self::matrix::{MatMut, MatRef};

@@ -446,14 +446,11 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
     };
     if rows == 1 {
         let per = rows_per_task(out);
-        y[..out]
-            .par_chunks_mut(per)
-            .enumerate()
-            .for_each(|(c, ys)| {
-                for (i, v) in ys.iter_mut().enumerate() {
-                    *v = dot(c * per + i, 0);
-                }
-            });
+        super::team::for_each_chunk_mut(&mut y[..out], per, |c, ys| {
+            for (i, v) in ys.iter_mut().enumerate() {
+                *v = dot(c * per + i, 0);
+            }
+        });
         return;
     }
     // Blocks of weight rows per task; each task writes its columns of every output row.
