@@ -75,7 +75,7 @@ impl TrainStep<'_> {
         next_batch: &mut dyn FnMut(&mut [u32], &mut [u32]),
         lr: f64,
     ) -> Result<StepStats> {
-        state.grads.fill(0.0);
+        crate::optim::adamw::zero(&mut state.grads);
         let mut loss_sum = 0.0;
         for _ in 0..self.accum.max(1) {
             next_batch(&mut state.inputs, &mut state.targets);

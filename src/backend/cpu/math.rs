@@ -135,6 +135,27 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s + reduce_lanes(acc)
 }
 
+/// `sum_i a_i b_i c_i`, vectorisable (partial sums per lane, as [`dot`]).
+#[inline]
+pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    const LANES: usize = DOT_LANES;
+    let mut acc = [0.0f32; LANES];
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let full = n - n % LANES;
+    for ((x, y), z) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+        .zip(c[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l] * z[l];
+        }
+    }
+    let s: f32 = (full..n).map(|i| a[i] * b[i] * c[i]).sum();
+    s + reduce_lanes(acc)
+}
+
 /// Asks for the cache lines of `lines * 64` bytes from `p` ahead of their use (a hint; nothing
 /// on other architectures).
 #[inline(always)]

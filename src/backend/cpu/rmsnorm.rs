@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::math::{dot, dot3};
 use crate::backend::types::NormSaved;
 
 /// Rows per parallel task; small enough to balance, large enough to amortise scheduling.
@@ -30,7 +31,7 @@ pub fn rmsnorm_forward(
                 .zip(rstd.iter_mut())
                 .zip(x.chunks_exact(d))
             {
-                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                let ss = dot(xr, xr);
                 let inv = 1.0 / (ss / d as f32 + eps).sqrt();
                 *r = inv;
                 for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
@@ -74,11 +75,7 @@ pub fn rmsnorm_backward(
                 .zip(x.chunks_exact(d))
                 .zip(rstd)
             {
-                let mut dot = 0.0f32;
-                for ((&g, &xv), &wv) in dyr.iter().zip(xr).zip(w) {
-                    dot += wv * g * xv;
-                }
-                let c = dot * r * r / d as f32;
+                let c = dot3(w, dyr, xr) * r * r / d as f32;
                 for (i, o) in dxr.iter_mut().enumerate() {
                     let v = r * (w[i] * dyr[i] - xr[i] * c);
                     if accumulate {

@@ -11,11 +11,10 @@ fn rotate(table: &RopeTable, v: &mut [f32], pos: usize, sign: f32) {
     match table.style {
         RopeStyle::RotateHalf => {
             let (a, b) = v.split_at_mut(half);
-            for j in 0..half {
-                let (x1, x2) = (a[j], b[j]);
-                let (c, s) = (cos[j], sign * sin[j]);
-                a[j] = x1 * c - x2 * s;
-                b[j] = x2 * c + x1 * s;
+            for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                let (v1, v2, s) = (*x1, *x2, sign * s);
+                *x1 = v1 * c - v2 * s;
+                *x2 = v2 * c + v1 * s;
             }
         }
         RopeStyle::Interleaved => {
@@ -29,14 +28,24 @@ fn rotate(table: &RopeTable, v: &mut [f32], pos: usize, sign: f32) {
     }
 }
 
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
 fn apply(x: &mut [f32], heads: usize, table: &RopeTable, pos: Positions, sign: f32) {
-    let hd = table.head_dim;
-    for (i, row) in x.chunks_exact_mut(heads * hd).enumerate() {
-        let p = pos.of(i);
-        for head in row.chunks_exact_mut(hd) {
-            rotate(table, head, p, sign);
-        }
+    let width = heads * table.head_dim;
+    if width == 0 {
+        return;
     }
+    let rows = x.len() / width;
+    let x = &mut x[..rows * width];
+    super::team::for_each_chunk_mut(x, width * ROWS_PER_TASK, |t, block| {
+        for (i, row) in block.chunks_exact_mut(width).enumerate() {
+            let p = pos.of(t * ROWS_PER_TASK + i);
+            for head in row.chunks_exact_mut(table.head_dim) {
+                rotate(table, head, p, sign);
+            }
+        }
+    });
 }
 
 /// Forward, in place. Shape: `x [rows, heads * head_dim]`; row `i` sits at position

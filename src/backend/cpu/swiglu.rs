@@ -26,11 +26,14 @@ pub fn swiglu_backward(dh1: &mut [f32], dh3: &mut [f32], dg: &[f32], h1: &[f32],
         .zip(dg.par_chunks(CHUNK))
         .zip(h1.par_chunks(CHUNK).zip(h3.par_chunks(CHUNK)))
         .for_each(|(((dh1, dh3), dg), (h1, h3))| {
-            for i in 0..dh1.len() {
-                let a = h1[i];
+            for ((d1, d3), ((&g, &a), &b)) in dh1
+                .iter_mut()
+                .zip(dh3.iter_mut())
+                .zip(dg.iter().zip(h1).zip(h3))
+            {
                 let s = sigmoid(a);
-                dh1[i] = dg[i] * h3[i] * s * (1.0 + a * (1.0 - s));
-                dh3[i] = dg[i] * a * s;
+                *d1 = g * b * s * (1.0 + a * (1.0 - s));
+                *d3 = g * a * s;
             }
         });
 }
