@@ -133,7 +133,11 @@ pub fn global_norm(grads: &[f32]) -> f64 {
     let chunk_sum = |c: &[f32]| {
         let mut acc = [0.0f64; LANES];
         let blocks = c.chunks_exact(LANES);
-        let rest: f64 = blocks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+        let rest: f64 = blocks
+            .remainder()
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum();
         for b in blocks {
             for l in 0..LANES {
                 acc[l] += (b[l] as f64) * (b[l] as f64);

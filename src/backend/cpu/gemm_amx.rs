@@ -20,7 +20,7 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
-use super::gemm_bf16::{NR, grow, pack_b, row_block_of, store_tile, with_packed_b};
+use super::gemm_bf16::{NR, PackBuf, pack_b, row_block_of, store_tile, with_packed_b};
 use super::matrix::{MatRef, Product, TileAt};
 
 /// Rows of a packed `A` panel and of a micro-block of `C` (two tiles of 16).
@@ -158,20 +158,98 @@ mod tiles {
                     options(nostack, nomem)
                 );
             }
+            // Software-pipelined: tile registers are not renamed, so a load into a tile
+            // waits until every product reading it has finished. Each source is reloaded for
+            // the next step as soon as its last product of this step is issued.
             asm!(
-                "2:",
                 "tileloadd tmm4, [{a} + {s64}*1]",
                 "tileloadd tmm6, [{b} + {s128}*1]",
                 "tileloadd tmm7, [{b} + {s128}*1 + 64]",
                 "tileloadd tmm5, [{a} + {s64}*1 + 1024]",
+                "dec {n}",
+                "jz 3f",
+                "2:",
                 "tdpbf16ps tmm0, tmm4, tmm6",
+                "prefetcht0 [{a} + 2048]",
+                "prefetcht0 [{a} + 2112]",
+                "prefetcht0 [{a} + 2176]",
+                "prefetcht0 [{a} + 2240]",
+                "prefetcht0 [{a} + 2304]",
+                "prefetcht0 [{a} + 2368]",
+                "prefetcht0 [{a} + 2432]",
+                "prefetcht0 [{a} + 2496]",
+                "prefetcht0 [{a} + 2560]",
+                "prefetcht0 [{a} + 2624]",
+                "prefetcht0 [{a} + 2688]",
+                "prefetcht0 [{a} + 2752]",
+                "prefetcht0 [{a} + 2816]",
+                "prefetcht0 [{a} + 2880]",
+                "prefetcht0 [{a} + 2944]",
+                "prefetcht0 [{a} + 3008]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a} + {s64}*1 + 2048]",
+                "prefetcht0 [{a} + 3072]",
+                "prefetcht0 [{a} + 3136]",
+                "prefetcht0 [{a} + 3200]",
+                "prefetcht0 [{a} + 3264]",
+                "prefetcht0 [{a} + 3328]",
+                "prefetcht0 [{a} + 3392]",
+                "prefetcht0 [{a} + 3456]",
+                "prefetcht0 [{a} + 3520]",
+                "prefetcht0 [{a} + 3584]",
+                "prefetcht0 [{a} + 3648]",
+                "prefetcht0 [{a} + 3712]",
+                "prefetcht0 [{a} + 3776]",
+                "prefetcht0 [{a} + 3840]",
+                "prefetcht0 [{a} + 3904]",
+                "prefetcht0 [{a} + 3968]",
+                "prefetcht0 [{a} + 4032]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm6, [{b} + {s128}*1 + 2048]",
+                "prefetcht0 [{b} + 2048]",
+                "prefetcht0 [{b} + 2112]",
+                "prefetcht0 [{b} + 2176]",
+                "prefetcht0 [{b} + 2240]",
+                "prefetcht0 [{b} + 2304]",
+                "prefetcht0 [{b} + 2368]",
+                "prefetcht0 [{b} + 2432]",
+                "prefetcht0 [{b} + 2496]",
+                "prefetcht0 [{b} + 2560]",
+                "prefetcht0 [{b} + 2624]",
+                "prefetcht0 [{b} + 2688]",
+                "prefetcht0 [{b} + 2752]",
+                "prefetcht0 [{b} + 2816]",
+                "prefetcht0 [{b} + 2880]",
+                "prefetcht0 [{b} + 2944]",
+                "prefetcht0 [{b} + 3008]",
                 "tdpbf16ps tmm3, tmm5, tmm7",
+                "prefetcht0 [{b} + 3072]",
+                "prefetcht0 [{b} + 3136]",
+                "prefetcht0 [{b} + 3200]",
+                "prefetcht0 [{b} + 3264]",
+                "prefetcht0 [{b} + 3328]",
+                "prefetcht0 [{b} + 3392]",
+                "prefetcht0 [{b} + 3456]",
+                "prefetcht0 [{b} + 3520]",
+                "prefetcht0 [{b} + 3584]",
+                "prefetcht0 [{b} + 3648]",
+                "prefetcht0 [{b} + 3712]",
+                "prefetcht0 [{b} + 3776]",
+                "prefetcht0 [{b} + 3840]",
+                "prefetcht0 [{b} + 3904]",
+                "prefetcht0 [{b} + 3968]",
+                "prefetcht0 [{b} + 4032]",
+                "tileloadd tmm7, [{b} + {s128}*1 + 2048 + 64]",
+                "tileloadd tmm5, [{a} + {s64}*1 + 2048 + 1024]",
                 "add {a}, 2048",
                 "add {b}, 2048",
                 "dec {n}",
                 "jnz 2b",
+                "3:",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
                 a = inout(reg) a => _, b = inout(reg) b => _, n = inout(reg) blocks => _,
                 s64 = in(reg) 64usize, s128 = in(reg) 128usize,
                 options(nostack, readonly)
@@ -232,10 +310,10 @@ pub const PEAK_FLOP_PER_ITER: f64 = 4.0 * 16.0 * 16.0 * 32.0 * 2.0;
 /// Packs `A[i0..i0+mc, p0..p0+kc]` (`kc` a multiple of 32) into 32-row panels: per panel, per
 /// block of 16 pairs of `k`, 32 rows of 16 words `(A[r, p0+2q], A[r, p0+2q+1])`. Rows past the
 /// block are zero.
-fn pack_a(buf: &mut Vec<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
+fn pack_a(buf: &mut PackBuf<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
     let pairs = kc / 2;
     let panels = mc.div_ceil(MR);
-    grow(buf, panels * pairs * MR);
+    let buf = buf.grow(panels * pairs * MR);
     let at = |q: usize, r: usize| ((q / 16) * MR + r) * 16 + q % 16;
     for pnl in 0..panels {
         let out = &mut buf[pnl * pairs * MR..(pnl + 1) * pairs * MR];
@@ -290,7 +368,7 @@ fn pack_a(buf: &mut Vec<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: us
 }
 
 thread_local! {
-    static PACKED_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PACKED_A: std::cell::RefCell<PackBuf<u32>> = const { std::cell::RefCell::new(PackBuf::new()) };
 }
 
 /// `C (+)= A · B` with AMX; `k` must be a positive multiple of 32 and [`available`] true.
@@ -305,7 +383,7 @@ pub(crate) fn run(p: &Product, serial: bool) {
             let kc = KC.min(k - p0);
             pack_b(bbuf, p.b, p0, kc, 0, n, serial);
             let first = p0 == 0 && !p.accumulate;
-            let bref = &*bbuf;
+            let bref = bbuf.as_slice();
             let mc_block = if serial {
                 MC_MAX
             } else {
@@ -313,7 +391,7 @@ pub(crate) fn run(p: &Product, serial: bool) {
             };
             let task = |i0: usize| {
                 PACKED_A.with(|cell| {
-                    let mut fresh = Vec::new();
+                    let mut fresh = PackBuf::new();
                     let mut held = cell.try_borrow_mut();
                     let abuf = match held.as_deref_mut() {
                         Ok(v) => v,
@@ -321,7 +399,7 @@ pub(crate) fn run(p: &Product, serial: bool) {
                     };
                     let mc = mc_block.min(m - i0);
                     pack_a(abuf, p.a, i0, mc, p0, kc);
-                    block_loop(p, abuf, bref, i0, mc, kc, first);
+                    block_loop(p, abuf.as_slice(), bref, i0, mc, kc, first);
                 });
             };
             if serial {

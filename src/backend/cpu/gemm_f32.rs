@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm_bf16::{MR, NR, grow, row_block, store_tile};
+use super::gemm_bf16::{MR, NR, PackBuf, row_block, store_tile};
 use super::matrix::{MatMut, MatRef, Product, TileAt};
 
 /// Most depth of a packed block: a `KC x NR` panel of `B` is 96 KB, re-read from L2 per `A`
@@ -18,8 +18,8 @@ const KC: usize = 768;
 const MC_MAX: usize = 192;
 
 thread_local! {
-    static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static PACKED_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_B: RefCell<PackBuf<f32>> = const { RefCell::new(PackBuf::new()) };
+    static PACKED_A: RefCell<PackBuf<f32>> = const { RefCell::new(PackBuf::new()) };
 }
 
 /// Whether this CPU can run this GEMM.
@@ -127,9 +127,9 @@ mod simd {
 
 /// Packs `A[i0..i0+mc, p0..p0+kc]` into MR-row panels `[kk][r]` (stale padding, see
 /// `gemm_bf16::grow`).
-fn pack_a(buf: &mut Vec<f32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
+fn pack_a(buf: &mut PackBuf<f32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
     let panels = mc.div_ceil(MR);
-    grow(buf, panels * kc * MR);
+    let buf = buf.grow(panels * kc * MR);
     for pnl in 0..panels {
         let base = pnl * kc * MR;
         let rows = MR.min(mc - pnl * MR);
@@ -172,9 +172,9 @@ fn pack_a(buf: &mut Vec<f32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: us
 }
 
 /// Packs `B[p0..p0+kc, 0..n]` into NR-column panels `[kk][c]`, panels in parallel.
-fn pack_b(buf: &mut Vec<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
+fn pack_b(buf: &mut PackBuf<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
     let panels = n.div_ceil(NR);
-    grow(buf, panels * kc * NR);
+    let buf = buf.grow(panels * kc * NR);
     let panel = |(pnl, out): (usize, &mut [f32])| {
         let c0 = pnl * NR;
         let cols = NR.min(n - c0);
@@ -222,7 +222,7 @@ fn pack_b(buf: &mut Vec<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
         .for_each(panel);
 }
 
-fn run(p: &Product, bbuf: &mut Vec<f32>) {
+fn run(p: &Product, bbuf: &mut PackBuf<f32>) {
     let (m, n, k) = (p.m(), p.n(), p.k());
     let (a, c_ptr, ldc) = (p.a, p.c, p.ldc);
     // Equal depth blocks of at most KC (a short last block costs a whole extra pass over C).
@@ -234,11 +234,11 @@ fn run(p: &Product, bbuf: &mut Vec<f32>) {
         let kc = kc_step.min(k - p0);
         pack_b(bbuf, p.b, p0, kc, n);
         let first = p0 == 0 && !p.accumulate;
-        let bref = &*bbuf;
+        let bref = bbuf.as_slice();
         let mc_block = row_block(m).min(MC_MAX);
         let task = |i0: usize| {
             PACKED_A.with(|cell| {
-                let mut fresh = Vec::new();
+                let mut fresh = PackBuf::new();
                 let mut held = cell.try_borrow_mut();
                 let abuf = match held.as_deref_mut() {
                     Ok(v) => v,
@@ -246,6 +246,7 @@ fn run(p: &Product, bbuf: &mut Vec<f32>) {
                 };
                 let mc = mc_block.min(m - i0);
                 pack_a(abuf, a, i0, mc, p0, kc);
+                let abuf = abuf.as_slice();
                 let mut tile = [0.0f32; MR * NR];
                 for (jp, jr) in (0..n).step_by(NR).enumerate() {
                     let bpanel = &bref[jp * kc * NR..(jp + 1) * kc * NR];
@@ -299,7 +300,7 @@ pub fn gemm_f32(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
     assert!(available(), "gemm_f32 needs AVX-512F");
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => run(&p, &mut buf),
-        Err(_) => run(&p, &mut Vec::new()),
+        Err(_) => run(&p, &mut PackBuf::new()),
     });
 }
 
