@@ -342,11 +342,45 @@ fn pack_a(buf: &mut PackBuf<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc
                 }
             }
         } else if a.rs == 1 {
-            for q in 0..pairs {
-                let lo = &a.data[(p0 + 2 * q) * a.cs + r0..][..rows];
-                let hi = &a.data[(p0 + 2 * q + 1) * a.cs + r0..][..rows];
-                for r in 0..rows {
-                    out[at(q, r)] = super::gemm_bf16::pair(lo[r], hi[r]);
+            // Rows of A run along memory (A = X^T in a weight gradient): 32 rows of k at a
+            // time, converted and transposed in registers.
+            for qb in 0..pairs / 16 {
+                for half in 0..2 {
+                    let n = rows.saturating_sub(16 * half).min(16);
+                    let dst = &mut out[at(16 * qb, 16 * half)..at(16 * qb, 16 * half) + 256];
+                    if n == 0 {
+                        dst.fill(0);
+                        continue;
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        let mut ptrs = [std::ptr::null::<f32>(); 32];
+                        for (j, p) in ptrs.iter_mut().enumerate() {
+                            *p = a.data[(p0 + 32 * qb + j) * a.cs + r0 + 16 * half..][..n].as_ptr();
+                        }
+                        // SAFETY: AMX implies the AVX-512 BF16 packing kernels (checked by
+                        // `available`); each of the 32 rows has `n` floats from its pointer;
+                        // `dst` holds 256 words.
+                        unsafe {
+                            super::gemm_bf16::simd::pack_k_rows_transposed(
+                                dst.as_mut_ptr(),
+                                &ptrs,
+                                n,
+                            )
+                        };
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    for r in 0..16 {
+                        for q in 0..16 {
+                            let k0 = p0 + 32 * qb + 2 * q;
+                            let at_r = r0 + 16 * half + r;
+                            dst[r * 16 + q] = if r < n {
+                                super::gemm_bf16::pair(a.at(at_r, k0), a.at(at_r, k0 + 1))
+                            } else {
+                                0
+                            };
+                        }
+                    }
                 }
             }
         } else {

@@ -204,6 +204,35 @@ pub(crate) mod simd {
         }
     }
 
+    /// Packs 16 pairs of rows of `k` (`k_rows[2q]`, `k_rows[2q + 1]`, each with the `n` (<= 16)
+    /// values of consecutive output rows contiguous) transposed: word `dst[r * 16 + q]` =
+    /// `(bf16(k_rows[2q][r]), bf16(k_rows[2q + 1][r]))` for `r < 16` (zero for `r >= n`).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/BF16; 32 row pointers, each valid for `n` floats; `dst` valid for 256
+    /// words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_k_rows_transposed(dst: *mut u32, k_rows: &[*const f32; 32], n: usize) {
+        let m = mask(n);
+        let mut r = [_mm512_setzero_si512(); 16];
+        // SAFETY: masked loads touch only the first `n` floats of each row; 16 full stores of
+        // 16 words.
+        unsafe {
+            for (q, v) in r.iter_mut().enumerate() {
+                let l = _mm512_maskz_loadu_ps(m, k_rows[2 * q]);
+                let h = _mm512_maskz_loadu_ps(m, k_rows[2 * q + 1]);
+                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+                let lo16 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(both));
+                let hi16 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(both));
+                *v = _mm512_or_si512(lo16, _mm512_slli_epi32::<16>(hi16));
+            }
+            transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(16 * i).cast(), *v);
+            }
+        }
+    }
+
     /// `dst[c] = (bf16(lo[c]), bf16(hi[c]))` for `c < n`; `hi` may be absent (zero).
     ///
     /// # Safety

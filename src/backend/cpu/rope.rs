@@ -1,6 +1,8 @@
 //! Rotary position embedding (RoPE) in both pairing conventions, with the angles of a
 //! [`RopeTable`].
 
+use rayon::prelude::*;
+
 use crate::backend::types::{Positions, RopeStyle, RopeTable};
 
 /// Rotates one head vector in place by the angles of `pos`; `sign` -1 undoes the rotation.
@@ -38,14 +40,21 @@ fn apply(x: &mut [f32], heads: usize, table: &RopeTable, pos: Positions, sign: f
     }
     let rows = x.len() / width;
     let x = &mut x[..rows * width];
-    super::team::for_each_chunk_mut(x, width * ROWS_PER_TASK, |t, block| {
+    let block = |(t, block): (usize, &mut [f32])| {
         for (i, row) in block.chunks_exact_mut(width).enumerate() {
             let p = pos.of(t * ROWS_PER_TASK + i);
             for head in row.chunks_exact_mut(table.head_dim) {
                 rotate(table, head, p, sign);
             }
         }
-    });
+    };
+    if rows <= ROWS_PER_TASK {
+        block((0, x));
+    } else {
+        x.par_chunks_mut(width * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(block);
+    }
 }
 
 /// Forward, in place. Shape: `x [rows, heads * head_dim]`; row `i` sits at position
