@@ -11,6 +11,9 @@ disagree. Not part of CI (PyTorch is large). Usage:
     pip install torch
     cargo build --release
     python3 tools/peers/compare_pytorch.py --model stories110m --batch 4 --seq 256 --threads 2
+    python3 tools/peers/compare_pytorch.py --model qwen3-0.6b --batch 1 --seq 256 --no-decode
+Qwen3 shapes (head_dim apart from hidden_size / heads, GQA, RMSNorm of the query and key heads)
+are modelled from the same config.
 """
 
 import argparse
@@ -36,25 +39,41 @@ def run_handgrad(cmd):
     return json.loads(out.stdout)
 
 
-def shapes(model):
-    """(dim, layers, heads, kv_heads, ffn, vocab) of a handgrad preset or config.json."""
-    c = run_handgrad(["info", "--model", model, "--json"])
-    if c["head_dim"] * c["num_attention_heads"] != c["hidden_size"]:
-        sys.exit(f"{model}: this script models head_dim = hidden_size / heads only")
-    return (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
-            c["num_key_value_heads"], c["intermediate_size"], c["vocab_size"])
+class Shapes:
+    """The shapes of a handgrad preset or config.json, from `handgrad info --json`."""
+
+    def __init__(self, model):
+        c = run_handgrad(["info", "--model", model, "--json"])
+        self.d, self.layers = c["hidden_size"], c["num_hidden_layers"]
+        self.h, self.kvh = c["num_attention_heads"], c["num_key_value_heads"]
+        self.hd = c.get("head_dim") or self.d // self.h
+        self.ffn, self.vocab = c["intermediate_size"], c["vocab_size"]
+        self.eps = c.get("rms_norm_eps", 1e-5)
+        self.theta = c.get("rope_theta", 10000.0)
+        # Qwen3: RMSNorm of every query and key head before RoPE.
+        self.qk_norm = c.get("model_type") == "qwen3"
+        if not c.get("tie_word_embeddings", True):
+            sys.exit(f"{model}: this script models tied input and output embeddings only")
+
+    def __str__(self):
+        return (f"dim {self.d}, {self.layers} layers, {self.h}/{self.kvh} heads of {self.hd}, "
+                f"ffn {self.ffn}, vocab {self.vocab}{', q/k norm' if self.qk_norm else ''}")
 
 
 class Block(nn.Module):
-    def __init__(self, d, h, kvh, ffn):
+    def __init__(self, s):
         super().__init__()
-        self.h, self.kvh, self.hd = h, kvh, d // h
-        self.n1 = nn.RMSNorm(d, eps=1e-5)
-        self.n2 = nn.RMSNorm(d, eps=1e-5)
+        d, h, kvh = s.d, s.h, s.kvh
+        self.h, self.kvh, self.hd = h, kvh, s.hd
+        self.n1 = nn.RMSNorm(d, eps=s.eps)
+        self.n2 = nn.RMSNorm(d, eps=s.eps)
+        self.qn = nn.RMSNorm(s.hd, eps=s.eps) if s.qk_norm else None
+        self.kn = nn.RMSNorm(s.hd, eps=s.eps) if s.qk_norm else None
         self.wq = nn.Linear(d, h * self.hd, bias=False)
         self.wk = nn.Linear(d, kvh * self.hd, bias=False)
         self.wv = nn.Linear(d, kvh * self.hd, bias=False)
         self.wo = nn.Linear(h * self.hd, d, bias=False)
+        ffn = s.ffn
         self.w1 = nn.Linear(d, ffn, bias=False)
         self.w3 = nn.Linear(d, ffn, bias=False)
         self.w2 = nn.Linear(ffn, d, bias=False)
@@ -66,8 +85,11 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, pos=0):
         b, t, _ = x.shape
         y = self.n1(x)
-        q = self.wq(y).view(b, t, self.h, self.hd).transpose(1, 2)
-        k = self.wk(y).view(b, t, self.kvh, self.hd).transpose(1, 2)
+        q = self.wq(y).view(b, t, self.h, self.hd)
+        k = self.wk(y).view(b, t, self.kvh, self.hd)
+        if self.qn is not None:
+            q, k = self.qn(q), self.kn(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(y).view(b, t, self.kvh, self.hd).transpose(1, 2)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if cache is not None:
@@ -82,13 +104,13 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, d, layers, h, kvh, ffn, vocab, max_seq=1024):
+    def __init__(self, s, max_seq=1024):
         super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList([Block(d, h, kvh, ffn) for _ in range(layers)])
-        self.norm = nn.RMSNorm(d, eps=1e-5)
-        hd = d // h
-        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        self.emb = nn.Embedding(s.vocab, s.d)
+        self.blocks = nn.ModuleList([Block(s) for _ in range(s.layers)])
+        self.norm = nn.RMSNorm(s.d, eps=s.eps)
+        hd = s.hd
+        inv = 1.0 / (s.theta ** (torch.arange(0, hd, 2).float() / hd))
         ang = torch.outer(torch.arange(max_seq).float(), inv)
         self.register_buffer("cos", torch.cat([ang.cos(), ang.cos()], -1), persistent=False)
         self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1), persistent=False)
@@ -124,11 +146,11 @@ def time_train(model, batch, seq, vocab, bf16, steps):
 
 
 @torch.no_grad()
-def time_decode(model, d, layers, kvh, h, tokens, dtype):
+def time_decode(model, s, tokens, dtype):
     model = model.to(dtype)
-    hd = d // h
-    caches = [(torch.zeros(1, kvh, tokens + 1, hd, dtype=dtype), torch.zeros(1, kvh, tokens + 1, hd, dtype=dtype))
-              for _ in range(layers)]
+    caches = [(torch.zeros(1, s.kvh, tokens + 1, s.hd, dtype=dtype),
+               torch.zeros(1, s.kvh, tokens + 1, s.hd, dtype=dtype))
+              for _ in range(s.layers)]
     tok = torch.tensor([[1]])
     model(tok, caches, 0)
     t0 = time.perf_counter()
@@ -150,24 +172,32 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--no-decode", action="store_true", help="time training steps only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    d, layers, h, kvh, ffn, vocab = shapes(args.model)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, batch {args.batch} x seq {args.seq}")
+    s = Shapes(args.model)
+    precisions = [p for p in args.precisions.split(",") if p]
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.model} ({s}), "
+          f"batch {args.batch} x seq {args.seq}")
 
     rows = []
     details = []
-    for precision in ["fp32", "bf16"]:
-        torch_s = time_train(Model(d, layers, h, kvh, ffn, vocab), args.batch, args.seq, vocab,
-                             precision == "bf16", args.steps)
+    for precision in precisions:
+        model = Model(s, max_seq=max(1024, args.seq + 1))
+        torch_s = time_train(model, args.batch, args.seq, s.vocab, precision == "bf16", args.steps)
+        del model
         hg = handgrad(args, "train", ["--batch", str(args.batch), "--seq", str(args.seq),
                                       "--steps", str(args.steps), "--precision", precision])
         rows.append((f"train step, {precision}", torch_s * 1e3, hg["median_ms"], "ms"))
         details.append(f"handgrad {precision} step: {hg['gflops']:.1f} GFLOP/s = {100 * hg['mfu']:.1f}% of the "
                        f"measured {precision} peak {hg['peak_gflops']:.1f} GFLOP/s")
-    for precision, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
-        torch_tps = time_decode(Model(d, layers, h, kvh, ffn, vocab), d, layers, kvh, h, args.decode_tokens, dtype)
+    for precision in [] if args.no_decode else precisions:
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        model = Model(s, max_seq=max(1024, args.decode_tokens + 1))
+        torch_tps = time_decode(model, s, args.decode_tokens, dtype)
+        del model
         hg = handgrad(args, "generate", ["--tokens", str(args.decode_tokens), "--weights", precision])
         rows.append((f"decode, {precision} weights", torch_tps, hg["decode_tokens_per_s"], "tok/s"))
         details.append(f"handgrad {precision} decode: {100 * hg['roofline_fraction']:.1f}% of the roofline "
@@ -178,9 +208,8 @@ def main():
         ratio = t / hgv if unit == "ms" else hgv / t
         print(f"{name:28} {t:>9.1f} {unit:<3}{hgv:>9.1f} {unit:<3} {ratio:>8.2f}x")
     print()
-    for d in details:
-        print(d)
-
+    for line in details:
+        print(line)
 
 if __name__ == "__main__":
     main()

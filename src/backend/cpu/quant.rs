@@ -357,6 +357,53 @@ mod x86 {
         _mm256_dpbusd_avx_epi32(d, a, b)
     }
 
+    /// `out[r] = sum_g (x . w_r)_g * xs[g] * ws_r[g]` for `R` consecutive weight rows of
+    /// `cols` bytes (groups of 64) and one token row: each load of the input serves every row,
+    /// and the cache lines of the next `R` rows are prefetched into L2 as the same lines of
+    /// these are read (several streams in flight: decoding is bound by memory bandwidth).
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; `w` points to `R * cols` bytes and
+    /// `ws` to `R * cols / 64` scales (row-major); `x` to `cols` bytes and `xs` to `cols / 64`
+    /// scales; `cols` a multiple of 64.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn rows_avx512vnni<const R: usize>(
+        w: *const i8,
+        ws: *const f32,
+        x: *const i8,
+        xs: *const f32,
+        cols: usize,
+    ) -> [f32; R] {
+        let zero = _mm512_setzero_si512();
+        let groups = cols / 64;
+        let next = w.wrapping_add(R * cols);
+        let mut acc = [_mm512_setzero_ps(); R];
+        // SAFETY: loads stay inside the rows and scale arrays (the caller's contract);
+        // prefetches never fault.
+        unsafe {
+            for g in 0..groups {
+                let xv = _mm512_loadu_si512(x.add(64 * g) as *const __m512i);
+                let ax = _mm512_abs_epi8(xv);
+                let neg = _mm512_movepi8_mask(xv);
+                let sx = *xs.add(g);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let at = r * cols + 64 * g;
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(at));
+                    let wv = _mm512_loadu_si512(w.add(at) as *const __m512i);
+                    let signed = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+                    let d = _mm512_dpbusd_epi32(zero, ax, signed);
+                    let scale = _mm512_set1_ps(*ws.add(r * groups + g) * sx);
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, *a);
+                }
+            }
+        }
+        let mut out = [0.0f32; R];
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = _mm512_reduce_add_ps(a);
+        }
+        out
+    }
+
     /// Token rows x weight rows of one register block of [`super::matmul_q8_prequantized`].
     pub const BT: usize = 4;
     pub const BR: usize = 4;
@@ -445,10 +492,39 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
         )
     };
     if rows == 1 {
-        let per = rows_per_task(out);
+        // Whole blocks of 4 rows per task, so the 4-row kernel covers all but the last rows.
+        let per = rows_per_task(out).next_multiple_of(4);
+        #[cfg(target_arch = "x86_64")]
+        let rows4 = isa == DotIsa::Avx512Vnni && g == 64;
+        #[cfg(not(target_arch = "x86_64"))]
+        let rows4 = false;
         super::team::for_each_chunk_mut(&mut y[..out], per, |c, ys| {
-            for (i, v) in ys.iter_mut().enumerate() {
-                *v = dot(c * per + i, 0);
+            let r0 = c * per;
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if rows4 {
+                let (xr, xs) = xq.row(0);
+                for (b, yb) in ys.chunks_exact_mut(4).enumerate() {
+                    let r = r0 + 4 * b;
+                    // SAFETY: AVX512-VNNI checked (`rows4`); rows `r..r + 4` of `cols` bytes
+                    // and their scales lie inside `w` (asserted by the callers: `w.q` holds
+                    // `out * cols` bytes); the input row has `cols` bytes and `cols / g`
+                    // scales; `g` is 64.
+                    let v = unsafe {
+                        x86::rows_avx512vnni::<4>(
+                            w.q[r * cols..(r + 4) * cols].as_ptr(),
+                            w.scales[r * per_row..(r + 4) * per_row].as_ptr(),
+                            xr.as_ptr(),
+                            xs.as_ptr(),
+                            cols,
+                        )
+                    };
+                    yb.copy_from_slice(&v);
+                    done += 4;
+                }
+            }
+            for (i, v) in ys.iter_mut().enumerate().skip(done) {
+                *v = dot(r0 + i, 0);
             }
         });
         return;
@@ -559,7 +635,12 @@ mod tests {
 
     #[test]
     fn matmul_q8_is_within_the_quantisation_bound_of_f32() {
-        for (rows, out, cols, group) in [(1, 37, 64, 64), (5, 130, 192, 64), (3, 17, 96, 32)] {
+        for (rows, out, cols, group) in [
+            (1, 37, 64, 64),
+            (1, 45, 192, 64),
+            (5, 130, 192, 64),
+            (3, 17, 96, 32),
+        ] {
             let x = data(rows * cols, 7);
             let wf = data(out * cols, 9);
             let w = Q8Tensor::quantize(&wf, group);
