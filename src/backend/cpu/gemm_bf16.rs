@@ -433,6 +433,11 @@ pub(crate) fn pack_b(
     let buf = buf.grow(panels * pairs * NR);
     let full = kc / 2;
     let fast = available();
+    #[cfg(target_arch = "x86_64")]
+    if fast && b.cs == 1 && panels > 1 {
+        pack_b_by_rows(&mut buf[..panels * pairs * NR], b, p0, kc, j0, nc, serial);
+        return;
+    }
     let panel = |tmp: &mut Vec<u32>, (pnl, out): (usize, &mut [u32])| {
         let c0 = j0 + pnl * NR;
         let cols = NR.min(nc - pnl * NR);
@@ -667,6 +672,57 @@ pub(crate) fn with_packed_b(f: impl FnOnce(&mut PackBuf<u32>)) {
         Ok(mut bbuf) => f(&mut bbuf),
         Err(_) => f(&mut PackBuf::new()),
     });
+}
+
+/// [`pack_b`] where `n` runs along memory (`B = W` in an input gradient, or activations in a
+/// weight gradient): each pair of rows of `k` is read whole, left to right, and its words
+/// written into every panel. Packing panel by panel instead reads 32 values from every row
+/// of `B`, a new page every row or two (measured on a Stories110M bf16 step: 58 -> 49 ms of
+/// packing per step).
+#[cfg(target_arch = "x86_64")]
+fn pack_b_by_rows(
+    out: &mut [u32],
+    b: MatRef,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    serial: bool,
+) {
+    /// Pairs of rows per task.
+    const PAIRS_PER_TASK: usize = 16;
+    let (pairs, panels) = (kc.div_ceil(2), nc.div_ceil(NR));
+    assert!(out.len() >= panels * pairs * NR);
+    let base = super::SendPtr(out.as_mut_ptr().cast());
+    let task = |t: usize| {
+        let dst = base;
+        for q in t * PAIRS_PER_TASK..((t + 1) * PAIRS_PER_TASK).min(pairs) {
+            let (lo_row, hi_row) = ((p0 + 2 * q) * b.rs, (p0 + 2 * q + 1) * b.rs);
+            let has_hi = 2 * q + 1 < kc;
+            for pnl in 0..panels {
+                let c0 = j0 + pnl * NR;
+                let cols = NR.min(nc - pnl * NR);
+                // SAFETY: words `q * NR..q * NR + cols` of panel `pnl` lie in `out` (asserted
+                // above) and belong to this task alone (tasks own distinct pairs `q`); the
+                // sources are sliced to `cols` values; the CPU features were checked by the
+                // caller (`available`).
+                unsafe {
+                    simd::interleave(
+                        (dst.get() as *mut u32).add(pnl * pairs * NR + q * NR),
+                        b.data[lo_row + c0..][..cols].as_ptr(),
+                        has_hi.then(|| b.data[hi_row + c0..][..cols].as_ptr()),
+                        cols,
+                    )
+                }
+            }
+        }
+    };
+    let tasks = pairs.div_ceil(PAIRS_PER_TASK);
+    if serial {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
 }
 
 /// The blocked loops of [`gemm_bf16`]; `fast` selects the AVX512_BF16 micro-kernel.
