@@ -175,6 +175,10 @@ fn pack_a(buf: &mut PackBuf<f32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc
 fn pack_b(buf: &mut PackBuf<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
     let panels = n.div_ceil(NR);
     let buf = buf.grow(panels * kc * NR);
+    if b.cs == 1 && panels > 1 {
+        pack_b_by_rows(&mut buf[..panels * kc * NR], b, p0, kc, n);
+        return;
+    }
     let panel = |(pnl, out): (usize, &mut [f32])| {
         let c0 = pnl * NR;
         let cols = NR.min(n - c0);
@@ -220,6 +224,40 @@ fn pack_b(buf: &mut PackBuf<f32>, b: MatRef, p0: usize, kc: usize, n: usize) {
         .par_chunks_mut(kc * NR)
         .enumerate()
         .for_each(panel);
+}
+
+/// [`pack_b`] where `n` runs along memory: each row of `k` is copied whole, left to right,
+/// into every panel (rows in parallel), instead of 32 values of every row per panel, a new
+/// page every row or two.
+fn pack_b_by_rows(out: &mut [f32], b: MatRef, p0: usize, kc: usize, n: usize) {
+    /// Rows of `k` per task.
+    const ROWS_PER_TASK: usize = 32;
+    let panels = n.div_ceil(NR);
+    assert!(out.len() >= panels * kc * NR);
+    let base = super::SendPtr(out.as_mut_ptr());
+    (0..kc.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|t| {
+            let dst = base;
+            for kk in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(kc) {
+                let row = &b.data[(p0 + kk) * b.rs..];
+                for pnl in 0..panels {
+                    let c0 = pnl * NR;
+                    let cols = NR.min(n - c0);
+                    let src = &row[c0..c0 + cols];
+                    // SAFETY: floats `kk * NR..kk * NR + cols` of panel `pnl` lie in `out`
+                    // (asserted above) and belong to this task alone (tasks own distinct rows
+                    // `kk`).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            dst.get().add(pnl * kc * NR + kk * NR),
+                            cols,
+                        )
+                    };
+                }
+            }
+        });
 }
 
 fn run(p: &Product, bbuf: &mut PackBuf<f32>) {
