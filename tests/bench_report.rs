@@ -76,6 +76,17 @@ fn a_figure_that_does_not_follow_from_the_time_is_rejected() {
 }
 
 #[test]
+fn a_prefill_above_its_measured_peak_is_rejected() {
+    let (_, mut v) = load("generate.json");
+    v["prefill_gflops"] = 250.0.into();
+    v["prefill_peak_gflops"] = 460.0.into();
+    validate(&v).unwrap();
+    v["prefill_gflops"] = 600.0.into();
+    let e = validate(&v).unwrap_err();
+    assert!(e.contains("prefill at 600.0 GFLOP/s is above"), "{e}");
+}
+
+#[test]
 fn results_round_trip_through_the_envelope() {
     let (_, v) = load("generate.json");
     let e: Envelope<serde_json::Value> = serde_json::from_value(v.clone()).unwrap();

@@ -21,6 +21,12 @@ pub struct GenerateBench {
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub prefill_tokens_per_s: f64,
+    /// The prompt's forward pass in GFLOP/s (`ModelConfig::prefill_flops`).
+    pub prefill_gflops: f64,
+    /// The measured peak of the prompt's precision (GFLOP/s), when one is measured (fp32,
+    /// bf16; not for int8 weights), and `prefill_gflops` as a fraction of it.
+    pub prefill_peak_gflops: Option<f64>,
+    pub prefill_fraction_of_peak: Option<f64>,
     pub decode_tokens_per_s: f64,
     pub weight_bytes_per_token: usize,
     /// Measured read bandwidth of this machine (GB/s).
@@ -117,6 +123,9 @@ pub fn run(
         prompt_tokens: ids.len(),
         decode_tokens: tokens,
         prefill_tokens_per_s: ids.len() as f64 / prefill,
+        prefill_gflops: cfg.prefill_flops(ids.len()) / prefill / 1e9,
+        prefill_peak_gflops: None,
+        prefill_fraction_of_peak: None,
         decode_tokens_per_s: decode_tps,
         weight_bytes_per_token: bytes,
         bandwidth_gb_s: bandwidth,

@@ -102,6 +102,16 @@ pub fn validate(v: &Value) -> Result<String, String> {
                     100.0 * frac
                 ));
             }
+            // The prompt's pass against the peak measured with it (results that have both).
+            if let (Some(gflops), Some(peak)) = (
+                v.get("prefill_gflops").and_then(Value::as_f64),
+                v.get("prefill_peak_gflops").and_then(Value::as_f64),
+            ) && gflops > peak * 1.05
+            {
+                return Err(format!(
+                    "prefill at {gflops:.1} GFLOP/s is above the machine's measured peak of {peak:.1}: impossible"
+                ));
+            }
         }
         "matmul" => {
             let int8 = v.get("int8").and_then(Value::as_bool).unwrap_or(false);

@@ -458,8 +458,19 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
         tokens: a.tokens,
         weights: a.weights,
     };
-    let r =
-        pool(a.threads)?.install(|| bench::generate::run(kernels.as_ref(), &a.model, &cfg, run))?;
+    let r = pool(a.threads)?.install(|| -> Result<_> {
+        let mut r = bench::generate::run(kernels.as_ref(), &a.model, &cfg, run)?;
+        // The prompt's products run in the backend's precision (int8 with q8 weights, which
+        // has no measured peak).
+        if a.weights != WeightFormat::Q8 && backend.kind == crate::backend::BackendKind::Cpu {
+            let peak = measure_peak(backend.precision, 0.5);
+            if peak.is_finite() && peak > 0.0 {
+                r.prefill_peak_gflops = Some(peak);
+                r.prefill_fraction_of_peak = Some(r.prefill_gflops / peak);
+            }
+        }
+        Ok(r)
+    })?;
     if a.json {
         return print_json("generate", &r);
     }
@@ -467,9 +478,17 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
         "{}: {} weights, prompt on {backend}, {} threads",
         r.model, r.weights, r.threads
     );
+    let of_peak = match (r.prefill_fraction_of_peak, r.prefill_peak_gflops) {
+        (Some(f), Some(p)) => format!(
+            " = {:.1}% of the measured {} peak {p:.1} GFLOP/s",
+            100.0 * f,
+            backend.precision
+        ),
+        _ => String::new(),
+    };
     println!(
-        "prefill {} tokens: {:.0} tokens/s",
-        r.prompt_tokens, r.prefill_tokens_per_s
+        "prefill {} tokens: {:.0} tokens/s, {:.1} GFLOP/s{of_peak}",
+        r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_gflops
     );
     println!(
         "decode {} tokens: {:.1} tokens/s ({:.1}% of the roofline {:.1} tokens/s = {:.1} GB/s measured read bandwidth / {:.1} MB of weights per token)",

@@ -414,6 +414,18 @@ impl ModelConfig {
                 * batch as f64
     }
 
+    /// FLOPs of a prompt's forward pass over `tokens` positions when only the last position's
+    /// logits are computed (decoding): `2 * matmul_params_without_classifier * tokens + 2 *
+    /// dim * vocab + 4 * layers * heads * tokens^2 * head_dim` (the attention term counts the
+    /// full square, as [`ModelConfig::train_flops`]).
+    pub fn prefill_flops(&self, tokens: usize) -> f64 {
+        let classifier = self.vocab_size * self.dim;
+        let t = tokens as f64;
+        2.0 * (self.matmul_params() - classifier) as f64 * t
+            + 2.0 * classifier as f64
+            + 4.0 * (self.n_layers * self.n_heads * self.head_dim) as f64 * t * t
+    }
+
     /// A multi-line human summary of the shapes and counts.
     pub fn describe(&self) -> String {
         let c = self.param_counts();
