@@ -3,6 +3,7 @@ fn main() {
 }
 
 /// mimalloc keeps freed memory for reuse instead of returning large blocks to the kernel after
-/// every call, which removed page-fault and TLB-shootdown churn from the training step.
+/// every call, which removed page-fault and TLB-shootdown churn from the training step; large
+/// blocks start on a cache line (`util::alloc`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: handgrad::util::alloc::LineAligned = handgrad::util::alloc::LineAligned;
