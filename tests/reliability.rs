@@ -182,6 +182,30 @@ fn a_second_trainer_on_the_same_folder_is_refused_and_readers_still_work() {
     assert!(!run_dir.join(".lock").exists());
 }
 
+/// A trainer killed while starting leaves a folder with its lock and nothing else: `--resume`
+/// starts that run afresh with the command's settings (found by the kill test: the error
+/// "no checkpoint to resume from" when a kill landed before `train_config.json` was written),
+/// and the result is the uninterrupted run's.
+#[test]
+fn resuming_a_run_killed_while_starting_starts_it_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = run(&train_args("reference", 6, 3), d, &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    std::fs::create_dir_all(d.join("run")).unwrap();
+    std::fs::write(d.join("run/.lock"), "pid 999999999\n").unwrap();
+    let mut args = train_args("run", 6, 3);
+    args.push("--resume".into());
+    let o = run(&args, d, &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("starting it afresh"), "{}", o.stderr);
+    assert!(
+        params(&d.join("run/checkpoints/latest"))
+            == params(&d.join("reference/checkpoints/latest")),
+        "the restarted run differs from the uninterrupted one"
+    );
+}
+
 #[test]
 fn sigkill_at_random_moments_then_resume_ends_with_the_uninterrupted_weights() {
     let kills: usize = std::env::var("HANDGRAD_KILLS")

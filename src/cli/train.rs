@@ -364,8 +364,9 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         sample_tokens: a.sample_tokens,
         ..d()
     };
-    if cfg.warmup >= cfg.steps && a.steps.is_some() && !a.resume {
-        // Short runs: keep warmup to a tenth of the run unless the user chose otherwise.
+    if cfg.warmup >= cfg.steps && a.steps.is_some() {
+        // Short runs: keep warmup to a tenth of the run unless the user chose otherwise. (On
+        // --resume these settings are used only by a run stopped before it saved its own.)
         cfg.warmup = cfg.warmup.min(cfg.steps / 10);
     }
     cfg

@@ -76,19 +76,15 @@ pub fn resume_config(
 }
 
 /// The saved settings of a run that has no checkpoint yet (it was stopped before its first),
-/// to start it again: `train_config.json`, with `--steps` applied.
-pub fn restart_config(paths: &RunPaths, changes: &ResumeChanges) -> Result<TrainConfig> {
+/// to start it again: `train_config.json`, with `--steps` applied. `None` when the run never
+/// wrote them (stopped during start-up).
+pub fn restart_config(paths: &RunPaths, changes: &ResumeChanges) -> Result<Option<TrainConfig>> {
     let path = paths.dir.join("train_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::checkpoint(
-                paths.latest(),
-                format!("no checkpoint to resume from in {}", paths.dir.display()),
-            )
-        } else {
-            Error::io("reading", &path, e)
-        }
-    })?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("reading", &path, e)),
+    };
     let mut cfg: TrainConfig = serde_json::from_str(&text)
         .map_err(|e| Error::json(format!("reading {}", path.display()), e))?;
     if let Some(s) = changes.steps {
@@ -98,7 +94,15 @@ pub fn restart_config(paths: &RunPaths, changes: &ResumeChanges) -> Result<Train
         cfg.backend = b.kind;
         cfg.precision = b.precision;
     }
-    Ok(cfg)
+    Ok(Some(cfg))
+}
+
+/// The error of `--resume` in a folder that holds nothing to resume.
+pub fn nothing_to_resume(paths: &RunPaths) -> Error {
+    Error::checkpoint(
+        paths.latest(),
+        format!("no checkpoint to resume from in {}", paths.dir.display()),
+    )
 }
 
 /// The pretrained weights of `--init-from` (fresh runs only).

@@ -193,6 +193,7 @@ impl Trainer {
 
         // 0. The run folder is this trainer's from here on (a second one is refused); what a
         // killed predecessor left half-written goes. Only rank 0 writes in it.
+        let folder_existed = paths.dir.exists();
         let lock = if leader {
             let lock = RunLock::acquire(&paths.dir, &mut warnings)?;
             let stale =
@@ -209,13 +210,25 @@ impl Trainer {
 
         // 1. The configuration: the user's, or the checkpoint's on resume.
         let (mut cfg, resume) = if opts.resume && !paths.has_checkpoint() {
-            // Killed before its first checkpoint: the run starts again from its saved settings.
-            let c = setup::restart_config(&paths, &opts.resume_changes)?;
-            warnings.push(format!(
-                "{} has no checkpoint yet: the run starts again from update 0 with its saved settings",
-                paths.dir.display()
-            ));
-            (c, None)
+            // Killed before its first checkpoint: the run starts again from its saved settings,
+            // or, killed before it saved them, from this command's.
+            match setup::restart_config(&paths, &opts.resume_changes)? {
+                Some(c) => {
+                    warnings.push(format!(
+                        "{} has no checkpoint yet: the run starts again from update 0 with its saved settings",
+                        paths.dir.display()
+                    ));
+                    (c, None)
+                }
+                None if folder_existed => {
+                    warnings.push(format!(
+                        "{} holds no saved run yet (it was stopped while starting): starting it afresh with this command's settings",
+                        paths.dir.display()
+                    ));
+                    (cfg, None)
+                }
+                None => return Err(setup::nothing_to_resume(&paths)),
+            }
         } else if opts.resume {
             let (c, r) = setup::resume_config(&paths, &opts.resume_changes, &mut warnings)?;
             (c, Some(r))
