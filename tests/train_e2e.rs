@@ -136,17 +136,34 @@ fn tiny_model_learns_the_builtin_stories() {
 
 #[test]
 fn resume_is_bit_exact() {
+    check_resume_is_bit_exact(tiny_config);
+}
+
+/// The bf16 path (AMX tiles where the CPU has them, else `vdpbf16ps`) resumes bit-exactly too.
+#[test]
+fn bf16_resume_is_bit_exact() {
+    if !handgrad::backend::cpu::bf16_in_hardware() {
+        common::skip("this CPU has no AVX512_BF16, so the bf16 path cannot run");
+        return;
+    }
+    check_resume_is_bit_exact(|steps| TrainConfig {
+        precision: handgrad::backend::Precision::Bf16,
+        ..tiny_config(steps)
+    });
+}
+
+fn check_resume_is_bit_exact(config: fn(usize) -> TrainConfig) {
     let dir = tempfile::tempdir().unwrap();
     let n = 12;
     // One run of 2N updates.
     let full_dir = dir.path().join("full");
     let (opts, full_sink) = options(&full_dir);
-    train(tiny_config(2 * n), opts).unwrap();
+    train(config(2 * n), opts).unwrap();
     // N updates, stop, resume for the other N (with accumulation of 2 micro-batches too).
     let split_dir = dir.path().join("split");
     let (mut opts, first_sink) = options(&split_dir);
     opts.stop_after = Some(n);
-    let first = train(tiny_config(2 * n), opts).unwrap();
+    let first = train(config(2 * n), opts).unwrap();
     assert_eq!(first.reason, EndReason::Stopped);
     assert_eq!(first.step, n as u64);
     let (mut opts, second_sink) = options(&split_dir);
