@@ -204,6 +204,20 @@ fn resuming_a_run_killed_while_starting_starts_it_afresh() {
             == params(&d.join("reference/checkpoints/latest")),
         "the restarted run differs from the uninterrupted one"
     );
+    // A folder with anything else in it (a mistyped --run-dir, say) is not a run to start.
+    std::fs::create_dir_all(d.join("other")).unwrap();
+    std::fs::write(d.join("other/.lock"), "pid 999999999\n").unwrap();
+    std::fs::write(d.join("other/notes.txt"), "mine").unwrap();
+    let mut args = train_args("other", 6, 3);
+    args.push("--resume".into());
+    let o = run(&args, d, &[]);
+    assert_ne!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("no checkpoint to resume from"),
+        "{}",
+        o.stderr
+    );
+    assert!(!d.join("other/checkpoints").exists());
 }
 
 #[test]

@@ -44,6 +44,24 @@ impl RunPaths {
     }
 }
 
+/// Whether `dir` holds a trainer's lock file and nothing else but unfinished temporary files:
+/// what a trainer killed while starting leaves behind.
+pub fn holds_only_a_lock(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut lock = false;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == super::run_lock::LOCK_FILE {
+            lock = true;
+        } else if !(name.contains(".tmp-") || name.starts_with(".write-test-")) {
+            return false;
+        }
+    }
+    lock
+}
+
 /// Loads the newest valid "latest" checkpoint of a run: `latest`, or `latest.prev` (with a
 /// warning) when `latest` is damaged or missing.
 pub fn load_latest(paths: &RunPaths, warnings: &mut Vec<String>) -> Result<(Checkpoint, PathBuf)> {

@@ -193,7 +193,10 @@ impl Trainer {
 
         // 0. The run folder is this trainer's from here on (a second one is refused); what a
         // killed predecessor left half-written goes. Only rank 0 writes in it.
-        let folder_existed = paths.dir.exists();
+        // A lone trainer killed while starting leaves its lock and nothing else: `--resume`
+        // starts that run afresh (decided before this trainer takes the lock; MPI ranks do not
+        // share what they see of the folder, so they keep the error).
+        let killed_while_starting = ranks.size() == 1 && run_dir::holds_only_a_lock(&paths.dir);
         let lock = if leader {
             let lock = RunLock::acquire(&paths.dir, &mut warnings)?;
             let stale =
@@ -220,7 +223,7 @@ impl Trainer {
                     ));
                     (c, None)
                 }
-                None if folder_existed => {
+                None if killed_while_starting => {
                     warnings.push(format!(
                         "{} holds no saved run yet (it was stopped while starting): starting it afresh with this command's settings",
                         paths.dir.display()
@@ -334,7 +337,7 @@ impl Trainer {
         if leader {
             run_dir::prepare(
                 &paths,
-                opts.resume,
+                opts.resume && !killed_while_starting,
                 &cfg,
                 &model.cfg,
                 data.tokenizer.as_deref(),

@@ -127,8 +127,8 @@ mod tiles {
     /// what `C` holds instead of overwriting it.
     ///
     /// # Safety
-    /// The configuration must be loaded on this thread; `a` and `b` valid for `blocks * 2048`
-    /// bytes each; `c` valid for reads and writes of a 32 x 32 block.
+    /// The configuration must be loaded on this thread; `blocks >= 1`; `a` and `b` valid for
+    /// `blocks * 2048` bytes each; `c` valid for reads and writes of a 32 x 32 block.
     pub unsafe fn block(
         blocks: usize,
         a: *const u32,
@@ -137,6 +137,7 @@ mod tiles {
         ldc_bytes: usize,
         load_c: bool,
     ) {
+        debug_assert!(blocks > 0, "an AMX block of no depth");
         let c_low = c.wrapping_byte_add(16 * ldc_bytes);
         // SAFETY: contract: the block of C is valid; tiles 0..3 hold its quarters.
         unsafe {

@@ -476,6 +476,11 @@ pub fn matmul_q8(y: &mut [f32], x: &[f32], rows: usize, w: Q8Matrix, out: usize,
 
 /// [`matmul_q8`] with the input already quantised (several products of one input share it).
 pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matrix, out: usize) {
+    assert_eq!(
+        xq.group, w.group,
+        "input quantised in groups of {}, weights of {}",
+        xq.group, w.group
+    );
     let cols = xq.cols;
     let isa = dot_isa();
     let g = w.group;

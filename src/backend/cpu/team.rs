@@ -44,8 +44,8 @@ struct Shared {
     holding: AtomicUsize,
     /// Workers asleep (or about to be) on `wake`.
     sleeping: AtomicUsize,
-    /// A task panicked.
-    panicked: AtomicUsize,
+    /// The payload of the first task of the current region that panicked.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -71,7 +71,7 @@ impl Team {
             done: AtomicUsize::new(0),
             holding: AtomicUsize::new(0),
             sleeping: AtomicUsize::new(0),
-            panicked: AtomicUsize::new(0),
+            panic: Mutex::new(None),
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -91,8 +91,11 @@ impl Team {
 
     /// Runs `run(0..tasks)` on the team and the calling thread.
     fn run(&self, tasks: usize, run: &(dyn Fn(usize) + Sync)) {
-        let Ok(_guard) = self.busy.try_lock() else {
-            return inline(tasks, run);
+        // A poisoned lock only means an earlier region's caller unwound while holding it.
+        let guard = match self.busy.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return inline(tasks, run),
         };
         let s = &*self.shared;
         let job = Job { tasks, run };
@@ -118,8 +121,10 @@ impl Team {
         while s.holding.load(Ordering::SeqCst) > 0 {
             std::hint::spin_loop();
         }
-        if s.panicked.swap(0, Ordering::SeqCst) > 0 {
-            panic!("a task of a parallel region panicked");
+        let payload = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(guard);
+        if let Some(p) = payload {
+            std::panic::resume_unwind(p);
         }
     }
 }
@@ -137,9 +142,11 @@ fn take_tasks(s: &Shared, job: &Job) {
         if i >= job.tasks {
             break;
         }
-        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.run)(i))).is_ok();
-        if !ok {
-            s.panicked.fetch_add(1, Ordering::SeqCst);
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.run)(i))) {
+            let mut first = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(p);
+            }
         }
         s.done.fetch_add(1, Ordering::Release);
     }
@@ -209,7 +216,8 @@ fn team(threads: usize) -> Option<&'static Team> {
 
 /// Runs `run(i)` for every `i < tasks`, spread over `rayon::current_num_threads()` threads
 /// (the caller's included); returns when all have finished. Tasks are handed out in order
-/// from a shared counter. A panic in a task is raised again here once the others finished.
+/// from a shared counter. A panic in a task is raised again here (with its payload) once the
+/// others finished.
 pub fn for_each(tasks: usize, run: impl Fn(usize) + Sync) {
     if tasks <= 1 || IN_REGION.with(Cell::get) {
         return inline(tasks, &run);
@@ -331,9 +339,22 @@ mod tests {
                     }
                 })
             });
-            assert!(r.is_err());
-            // The team still works afterwards.
+            let payload = r.unwrap_err();
+            assert_eq!(payload.downcast_ref::<&str>(), Some(&"task 9"));
+            // The team still works afterwards, on both threads.
             assert_eq!(map(4, |i| i + 1), vec![1, 2, 3, 4]);
+            let threads: std::collections::HashSet<_> = (0..200)
+                .flat_map(|_| {
+                    map(8, |_| {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        std::thread::current().id()
+                    })
+                })
+                .collect();
+            assert!(
+                threads.len() >= 2,
+                "after a panic every region ran on one thread"
+            );
         });
     }
 
