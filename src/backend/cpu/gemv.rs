@@ -60,53 +60,60 @@ impl GemvWeights<'_> {
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 const ROW_BLOCK: usize = 4;
 
-/// `ys[i] = w[i * cols..][..cols] · x` for f32 weights (`cols = x.len()`).
-fn rows_dot_f32(w: &[f32], x: &[f32], ys: &mut [f32]) {
+/// A kernel of [`avx512`]: `ys[r] = row r · x` for the rows of a block starting at the pointer.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+type RowsKernel<T> = unsafe fn(*const T, &[f32], &mut [f32]);
+
+/// `ys[i] = w[i * cols..][..cols] · x` (`cols = x.len()`) by blocks of [`ROW_BLOCK`] rows with
+/// `block`, the last rows one at a time with `one`.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn rows_blocked<T>(w: &[T], x: &[f32], ys: &mut [f32], block: RowsKernel<T>, one: RowsKernel<T>) {
     let cols = x.len();
     assert!(w.len() >= ys.len() * cols);
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        let mut blocks = ys.chunks_exact_mut(ROW_BLOCK);
-        let mut r = 0;
-        for yb in &mut blocks {
-            // SAFETY: rows `r..r + ROW_BLOCK` of `cols` weights lie in `w` (asserted above).
-            unsafe { avx512::rows_f32::<ROW_BLOCK>(w[r * cols..].as_ptr(), x, yb) };
-            r += ROW_BLOCK;
-        }
-        for y in blocks.into_remainder() {
-            // SAFETY: as above, one row.
-            unsafe { avx512::rows_f32::<1>(w[r * cols..].as_ptr(), x, std::slice::from_mut(y)) };
-            r += 1;
-        }
+    let mut blocks = ys.chunks_exact_mut(ROW_BLOCK);
+    let mut r = 0;
+    for yb in &mut blocks {
+        // SAFETY: rows `r..r + ROW_BLOCK` of `cols` weights lie in `w` (asserted above); the
+        // kernels need AVX-512F, enabled at compile time for this function.
+        unsafe { block(w[r * cols..].as_ptr(), x, yb) };
+        r += ROW_BLOCK;
     }
+    for y in blocks.into_remainder() {
+        // SAFETY: as above, one row.
+        unsafe { one(w[r * cols..].as_ptr(), x, std::slice::from_mut(y)) };
+        r += 1;
+    }
+}
+
+/// `ys[i] = w[i * cols..][..cols] · x` for f32 weights (`cols = x.len()`).
+fn rows_dot_f32(w: &[f32], x: &[f32], ys: &mut [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    rows_blocked(
+        w,
+        x,
+        ys,
+        avx512::rows_f32::<ROW_BLOCK>,
+        avx512::rows_f32::<1>,
+    );
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
     for (r, y) in ys.iter_mut().enumerate() {
-        *y = dot(&w[r * cols..(r + 1) * cols], x);
+        *y = dot(&w[r * x.len()..(r + 1) * x.len()], x);
     }
 }
 
 /// `ys[i] = w[i * cols..][..cols] · x` for bf16 weights (widened exactly to f32).
 fn rows_dot_bf16(w: &[u16], x: &[f32], ys: &mut [f32]) {
-    let cols = x.len();
-    assert!(w.len() >= ys.len() * cols);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        let mut blocks = ys.chunks_exact_mut(ROW_BLOCK);
-        let mut r = 0;
-        for yb in &mut blocks {
-            // SAFETY: rows `r..r + ROW_BLOCK` of `cols` weights lie in `w` (asserted above).
-            unsafe { avx512::rows_bf16::<ROW_BLOCK>(w[r * cols..].as_ptr(), x, yb) };
-            r += ROW_BLOCK;
-        }
-        for y in blocks.into_remainder() {
-            // SAFETY: as above, one row.
-            unsafe { avx512::rows_bf16::<1>(w[r * cols..].as_ptr(), x, std::slice::from_mut(y)) };
-            r += 1;
-        }
-    }
+    rows_blocked(
+        w,
+        x,
+        ys,
+        avx512::rows_bf16::<ROW_BLOCK>,
+        avx512::rows_bf16::<1>,
+    );
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
     for (r, y) in ys.iter_mut().enumerate() {
-        *y = dot_bf16(&w[r * cols..(r + 1) * cols], x);
+        *y = dot_bf16(&w[r * x.len()..(r + 1) * x.len()], x);
     }
 }
 
