@@ -15,7 +15,6 @@ use rayon::prelude::*;
 use super::SendPtr;
 use super::gemm_bf16::gemm_bf16_serial;
 use super::linear::gemm_crate;
-use super::math::prefetch;
 use super::matrix::{MatMut, MatRef};
 use crate::backend::types::{AttentionShape, CachedAttentionShape, Qkv, QkvGrads};
 
@@ -279,13 +278,7 @@ pub fn attention_cached(
                 scores.resize(visible, 0.0);
             }
             let scores = &mut scores[..visible];
-            // Keys and values of one head are `hd` floats every `kvd`: too far apart for the
-            // hardware prefetcher, so each loop asks for the position `AHEAD` further on.
-            const AHEAD: usize = 8;
-            let lines = (hd * 4).div_ceil(64);
-            let head = |cache: &[f32], j: usize| cache.as_ptr().wrapping_add(j * kvd + kvh * hd);
             for (j, sc) in scores.iter_mut().enumerate() {
-                prefetch(head(k_cache, j + AHEAD), lines);
                 *sc = super::math::dot(qh, &k_cache[j * kvd + kvh * hd..][..hd]);
             }
             let max = super::math::max(scores);
@@ -293,7 +286,6 @@ pub fn attention_cached(
             let inv = 1.0 / sum;
             o.fill(0.0);
             for (j, &sc) in scores.iter().enumerate() {
-                prefetch(head(v_cache, j + AHEAD), lines);
                 axpy(o, sc * inv, &v_cache[j * kvd + kvh * hd..][..hd]);
             }
         });

@@ -156,24 +156,6 @@ pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     s + reduce_lanes(acc)
 }
 
-/// Asks for the cache lines of `lines * 64` bytes from `p` ahead of their use (a hint; nothing
-/// on other architectures).
-#[inline(always)]
-pub fn prefetch<T>(p: *const T, lines: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for l in 0..lines {
-        // SAFETY: a prefetch never faults, whatever the address; `wrapping_byte_add` keeps
-        // the address arithmetic defined.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                p.wrapping_byte_add(64 * l) as *const i8,
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, lines);
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
