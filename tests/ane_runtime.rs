@@ -48,6 +48,9 @@ impl AnePlatform for Shared {
     fn model_identifier(&mut self, m: u64) -> Result<String, String> {
         self.0.lock().unwrap().model_identifier(m)
     }
+    fn temporary_directory(&mut self) -> Result<std::path::PathBuf, String> {
+        self.0.lock().unwrap().temporary_directory()
+    }
     fn compile(&mut self, m: u64) -> Result<(), String> {
         self.0.lock().unwrap().compile(m)
     }
@@ -143,6 +146,7 @@ fn the_call_sequence_runs_a_kernel_like_the_simulator_and_cleans_up() {
             [
                 "CreateModel",
                 "ModelIdentifier",
+                "TemporaryDirectory",
                 "Compile",
                 "Load",
                 "CreateSurface",
@@ -165,8 +169,15 @@ fn the_call_sequence_runs_a_kernel_like_the_simulator_and_cleans_up() {
                 assert!(*b >= MIN_SURFACE_BYTES);
             }
         }
-        let hex = f.lock().unwrap().model_identifier(0x1001).unwrap();
-        let folder = std::env::temp_dir().join(hex);
+        // The folder is in the platform's temporary directory (NSTemporaryDirectory() on a
+        // Mac), not $TMPDIR.
+        let mut fk = f.lock().unwrap();
+        let hex = fk.model_identifier(0x1001).unwrap();
+        let tmp = fk
+            .temp_path()
+            .expect("the runtime asked for the temporary directory");
+        assert_ne!(tmp, std::env::temp_dir());
+        let folder = tmp.join(hex);
         assert!(folder.join("model.mil").exists());
         folder
     };

@@ -1,6 +1,8 @@
 //! The backend conformance suite (`backend::conformance`) on every backend there is, and a
 //! proof that it catches a wrong kernel.
 
+mod common;
+
 use handgrad::backend::conformance::{self, ane_cases, standard_cases};
 use handgrad::backend::cpu::{CpuBf16Kernels, CpuKernels};
 use handgrad::backend::{AttentionWeights, Backend, BackendKind, Kernels, Precision};
@@ -31,10 +33,33 @@ fn cpu_fp32_conforms() {
     assert_conforms("cpu fp32", &mut CpuKernels);
 }
 
+/// bf16 on every path this CPU can take (AMX tiles, AVX512_BF16, the portable emulation), each
+/// in its own process: `HANDGRAD_BF16` is read once per process.
 #[test]
-fn cpu_bf16_conforms() {
-    // Without AVX512_BF16 this checks the portable emulation, which has the same numerics.
-    assert_conforms("cpu bf16", &mut CpuBf16Kernels);
+fn cpu_bf16_conforms_on_every_path() {
+    if common::in_child() {
+        let path = handgrad::backend::cpu::bf16_path();
+        assert_conforms(&format!("cpu bf16 ({path})"), &mut CpuBf16Kernels);
+        eprintln!("conformed on bf16 path {path}");
+        return;
+    }
+    for path in handgrad::backend::cpu::Bf16Path::available_paths() {
+        let out = common::rerun_in_child(
+            "cpu_bf16_conforms_on_every_path",
+            &[("HANDGRAD_BF16", path.name())],
+        );
+        assert_eq!(
+            out.code, 0,
+            "bf16 path {path}:\n{}{}",
+            out.stdout, out.stderr
+        );
+        assert!(
+            out.stderr
+                .contains(&format!("conformed on bf16 path {path}")),
+            "{}",
+            out.stderr
+        );
+    }
 }
 
 #[test]

@@ -157,11 +157,17 @@ impl Backend {
     /// Things a user should know about this choice on this machine.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        if self.precision == Precision::Bf16 && !cpu::bf16_in_hardware() {
-            w.push(
+        if self.kind == BackendKind::Cpu
+            && self.precision == Precision::Bf16
+            && !cpu::bf16_in_hardware()
+        {
+            w.push(if cpu::Bf16Path::available_paths().len() > 1 {
+                "HANDGRAD_BF16=portable: bf16 matmuls are emulated (same numerics, slower than fp32)"
+                    .to_string()
+            } else {
                 "this CPU has no AVX512_BF16: bf16 matmuls are emulated (same numerics, slower than fp32)"
-                    .to_string(),
-            );
+                    .to_string()
+            });
         }
         w
     }

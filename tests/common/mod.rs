@@ -161,3 +161,29 @@ pub fn small_qwen3_dims() -> handgrad::backend::ModelDims {
         rope_style: handgrad::backend::RopeStyle::RotateHalf,
     }
 }
+
+/// Set in a child process started by [`rerun_in_child`].
+pub const CHILD_ENV: &str = "HANDGRAD_TEST_CHILD";
+
+/// Whether this process is a child started by [`rerun_in_child`].
+pub fn in_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// Runs the test `name` of this test binary again in a child process with extra environment
+/// variables (e.g. `HANDGRAD_BF16=portable`, which a process reads once) and returns its
+/// output. The child sees [`in_child`] true.
+pub fn rerun_in_child(name: &str, env: &[(&str, &str)]) -> Output {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_ENV, "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("failed to start the test binary again");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -30,15 +30,16 @@ const KC: usize = 1024;
 /// Most rows of `A` packed by one task (`MC x KC` bf16 = 512 KB, inside L2).
 const MC_MAX: usize = 256;
 
-/// Whether the AMX kernel is used: the CPU has AMX-TILE and AMX-BF16, the OS granted this
-/// process the tile state, the AVX-512 packing kernels exist, and `HANDGRAD_AMX` is not `0`.
+/// Whether the AMX kernel is used: the CPU has it, the OS granted the tile state, and
+/// `HANDGRAD_BF16` / `HANDGRAD_AMX` do not turn it off (see [`super::bf16_path`]).
 pub fn available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        std::env::var("HANDGRAD_AMX").map_or(true, |v| v != "0")
-            && super::gemm_bf16::available()
-            && os::enable()
-    })
+    super::bf16_path::bf16_path() == super::bf16_path::Bf16Path::Amx
+}
+
+/// CPUID says AMX-TILE and AMX-BF16 and the OS grants this process the tile state (asked once).
+pub(crate) fn cpu_grants_amx() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(os::enable)
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

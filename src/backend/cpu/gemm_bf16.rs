@@ -54,18 +54,10 @@ pub(crate) fn row_block_of(m: usize, mr: usize, mc_max: usize, least: usize) -> 
     best.1 * mr
 }
 
-/// Whether this CPU can run the bf16 kernels.
+/// Whether the AVX512_BF16 kernels run (the CPU has them and `HANDGRAD_BF16` does not ask
+/// for the portable emulation; see [`super::bf16_path`]).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::bf16_path::bf16_path() >= super::bf16_path::Bf16Path::Avx512
 }
 
 /// Rounds f32 to bf16 (nearest even) and returns the 16 bits in the low half of a word.

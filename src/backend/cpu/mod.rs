@@ -3,6 +3,7 @@
 //! multiplies) implement [`Kernels`]; both inherit every block method's default composition.
 
 pub mod attention;
+pub mod bf16_path;
 pub mod embedding;
 pub mod gemm_amx;
 pub mod gemm_bf16;
@@ -19,6 +20,7 @@ pub mod rope;
 pub mod swiglu;
 pub mod team;
 
+pub use self::bf16_path::{Bf16Path, bf16_path};
 use self::gemv::{GemvOut, GemvWeights, gemv_many};
 use self::matrix::{MatMut, MatRef};
 use super::kernels::{Kernels, LinearOut, Tolerance};
@@ -64,7 +66,7 @@ pub fn describe(bf16: bool) -> String {
     } else if bf16_in_hardware() {
         "packed AVX512_BF16 GEMM (bf16 products, f32 accumulation)".to_string()
     } else {
-        "bf16 products emulated without AVX512_BF16 (same numerics, slower than fp32)".to_string()
+        "bf16 products emulated in portable code (same numerics, slower than fp32)".to_string()
     }
 }
 

@@ -42,6 +42,9 @@ struct Api {
     surface_base: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
     surface_alloc_size: unsafe extern "C" fn(*mut c_void) -> usize,
     cf_release: unsafe extern "C" fn(*mut c_void),
+    /// Foundation's `NSTemporaryDirectory()`: the folder the framework itself uses (it
+    /// differs from `$TMPDIR` under sudo, launchd or `env -i`).
+    temporary_directory: unsafe extern "C" fn() -> Id,
 }
 
 fn dl_error() -> String {
@@ -93,7 +96,7 @@ macro_rules! func {
 impl Api {
     fn load() -> std::result::Result<Api, String> {
         let objc = open_lib(OBJC)?;
-        open_lib(FOUNDATION)?;
+        let foundation = open_lib(FOUNDATION)?;
         let iosurface = open_lib(IOSURFACE)?;
         open_lib(ANE_FRAMEWORK)?;
         let cf = open_lib("/System/Library/Frameworks/CoreFoundation.framework/CoreFoundation")?;
@@ -147,6 +150,11 @@ impl Api {
                 unsafe extern "C" fn(*mut c_void) -> usize
             ),
             cf_release: func!(cf, "CFRelease", unsafe extern "C" fn(*mut c_void)),
+            temporary_directory: func!(
+                foundation,
+                "NSTemporaryDirectory",
+                unsafe extern "C" fn() -> Id
+            ),
         })
     }
 
@@ -438,6 +446,24 @@ impl AnePlatform for ApplePlatform {
             }
             // SAFETY: NUL-terminated, valid within the pool; copied at once.
             Ok(unsafe { CStr::from_ptr(c) }.to_string_lossy().into_owned())
+        })
+    }
+
+    fn temporary_directory(&mut self) -> PlatformResult<std::path::PathBuf> {
+        self.pooled(|api| {
+            // SAFETY: NSTemporaryDirectory takes no arguments and returns an autoreleased
+            // NSString (or nil), used inside this pool.
+            let s = unsafe { (api.temporary_directory)() };
+            if s.is_null() {
+                return Err("NSTemporaryDirectory returned nil".into());
+            }
+            let c = send!(api, FnCStr, s, "UTF8String");
+            if c.is_null() {
+                return Err("NSTemporaryDirectory is not text".into());
+            }
+            // SAFETY: NUL-terminated, valid within the pool; copied at once.
+            let path = unsafe { CStr::from_ptr(c) }.to_string_lossy().into_owned();
+            Ok(std::path::PathBuf::from(path))
         })
     }
 

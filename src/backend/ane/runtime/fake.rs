@@ -21,6 +21,7 @@ pub enum Call {
         weights: usize,
     },
     ModelIdentifier(Handle),
+    TemporaryDirectory,
     Compile(Handle),
     Load(Handle),
     Unload(Handle),
@@ -72,6 +73,16 @@ pub struct FakePlatform {
     loads: usize,
     evaluates: usize,
     surfaces_made: usize,
+    /// This fake device's own temporary directory (as `NSTemporaryDirectory()` is the
+    /// process's on a Mac), so that fakes in one process never share model folders.
+    temp: Option<tempfile::TempDir>,
+}
+
+impl Drop for FakePlatform {
+    fn drop(&mut self) {
+        // The directory goes with the fake (TempDir removes it).
+        self.temp.take();
+    }
 }
 
 impl Default for FakePlatform {
@@ -94,7 +105,13 @@ impl FakePlatform {
             loads: 0,
             evaluates: 0,
             surfaces_made: 0,
+            temp: None,
         }
+    }
+
+    /// The folder [`AnePlatform::temporary_directory`] reports, once it has been asked.
+    pub fn temp_path(&self) -> Option<std::path::PathBuf> {
+        self.temp.as_ref().map(|t| t.path().to_path_buf())
     }
 
     /// Faults from `HANDGRAD_ANE_FAKE_FAULTS` (`compile:N,load:N,evaluate:N,surface:N`).
@@ -178,6 +195,22 @@ impl AnePlatform for FakePlatform {
             return Err("no such model".into());
         }
         Ok(format!("handgrad-fake-{}-{model:x}", std::process::id()))
+    }
+
+    fn temporary_directory(&mut self) -> PlatformResult<std::path::PathBuf> {
+        self.calls.push(Call::TemporaryDirectory);
+        if self.temp.is_none() {
+            let t = tempfile::Builder::new()
+                .prefix("handgrad-fake-ane-")
+                .tempdir()
+                .map_err(|e| format!("cannot make the fake's temporary directory: {e}"))?;
+            self.temp = Some(t);
+        }
+        Ok(self
+            .temp
+            .as_ref()
+            .map(|t| t.path().to_path_buf())
+            .unwrap_or_default())
     }
 
     fn compile(&mut self, model: Handle) -> PlatformResult<()> {

@@ -52,6 +52,9 @@ pub trait AnePlatform: Send {
     /// `-[_ANEInMemoryModel hexStringIdentifier]`: the name of the model's folder in the
     /// temporary directory.
     fn model_identifier(&mut self, model: Handle) -> PlatformResult<String>;
+    /// Foundation's `NSTemporaryDirectory()`: where the framework looks for the model's
+    /// folder (not `$TMPDIR`, which differs under sudo, launchd or `env -i`).
+    fn temporary_directory(&mut self) -> PlatformResult<PathBuf>;
     /// `-compileWithQoS:options:error:`.
     fn compile(&mut self, model: Handle) -> PlatformResult<()>;
     /// `-loadWithQoS:options:error:`.
@@ -250,7 +253,10 @@ impl LoadedProgram {
         }
         // The identifier may come from the program's content: identical programs share the
         // folder, which goes when its last user does.
-        let folder = std::env::temp_dir().join(&hex);
+        let tmp = guard
+            .temporary_directory()
+            .map_err(|e| err(name, &pname, "asking for the temporary directory", e))?;
+        let folder = tmp.join(&hex);
         folder_users(&folder, 1);
         p.folder = Some(folder.clone());
         write_model_folder(&folder, files)
