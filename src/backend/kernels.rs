@@ -77,6 +77,15 @@ pub trait Kernels: Send + Sync {
         Tolerance::FP32
     }
 
+    /// Bytes this backend allocates for steps of `shape` besides the activations (packing
+    /// buffers, device surfaces), for the memory check made before a run starts. The CPU's
+    /// products pack one depth block (1024) of their widest operand, and each thread a panel.
+    fn workspace_bytes(&self, shape: &StepShape) -> usize {
+        let d = &shape.dims;
+        let widest = shape.vocab_out.max(d.ffn_dim).max(d.q_dim()).max(d.dim);
+        4 * 1024 * widest + rayon::current_num_threads() * 4 * 256 * 1024
+    }
+
     /// Things the user should know about the prepared kernels (e.g. hardware rules their
     /// programs break), said once after `prepare`.
     fn warnings(&self) -> Vec<String> {

@@ -30,9 +30,4 @@ impl BackendArgs {
             precision: self.precision.unwrap_or(default_precision),
         }
     }
-
-    /// The backend, only if the user gave `--backend` or `--precision`.
-    pub fn given(&self) -> Option<Backend> {
-        (self.backend.is_some() || self.precision.is_some()).then(|| self.resolve())
-    }
 }

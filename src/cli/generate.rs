@@ -90,8 +90,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     a.weights.check_backend(backend.kind)?;
     let mut kernels = backend.kernels()?;
     kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len.min(a.max_tokens + 1)))?;
-    print!("{}", a.prompt);
-    let _ = std::io::stdout().flush();
+    // The text streams to stdout; when its reader goes away (`| head`), generation stops
+    // quietly.
+    let mut out = std::io::stdout();
+    let mut write = |s: &str| out.write_all(s.as_bytes()).and_then(|()| out.flush());
+    if write(&a.prompt).is_err() {
+        return Ok(());
+    }
     let t0 = std::time::Instant::now();
     let g = pool.install(|| {
         generate(
@@ -100,14 +105,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             kernels.as_ref(),
             tok.as_ref(),
             &opts,
-            &mut |s: &str| {
-                print!("{s}");
-                let _ = std::io::stdout().flush();
+            &mut |s: &str| match write(s) {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(_) => std::ops::ControlFlow::Break(()),
             },
         )
     })?;
-    println!();
-    let _ = std::io::stdout().flush();
+    if g.stop == StopReason::Stopped || write("\n").is_err() {
+        return Ok(());
+    }
     summarize(&g, t0.elapsed().as_secs_f64());
     Ok(())
 }
@@ -157,6 +163,7 @@ fn summarize(g: &crate::generate::Generation, secs: f64) {
         StopReason::EndOfSequence => "end of text",
         StopReason::MaxTokens => "--max-tokens reached",
         StopReason::ContextFull => "context full",
+        StopReason::Stopped => "stopped",
     };
     let decode_rate = g.ids.len() as f64 / g.decode_seconds.max(1e-9);
     eprintln!(

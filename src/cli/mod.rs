@@ -14,7 +14,7 @@ mod prepare;
 mod tokenizer;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::error::Result;
 
@@ -60,9 +60,28 @@ enum Command {
 
 /// Parses the command line and runs the command; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // Commands that print and exit stop quietly when their reader goes away (`| head`), as
+    // Unix tools do. `train` keeps training (its console is detached) and `generate` stops
+    // generating: both handle a closed stream themselves.
+    if !matches!(
+        cli.command,
+        Command::Train(_) | Command::Generate(_) | Command::Dashboard(_)
+    ) {
+        default_sigpipe();
+    }
     let result: Result<()> = match cli.command {
-        Command::Train(a) => train::run(*a),
+        Command::Train(a) => {
+            let given = matches
+                .subcommand_matches("train")
+                .map(given_flags)
+                .unwrap_or_default();
+            train::run(*a, given)
+        }
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Dashboard(a) => dashboard::run(a),
@@ -79,10 +98,37 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         Err(crate::Error::Interrupted) => 130,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            say(&format!("error: {}", one_line(&e)));
             1
         }
     }
+}
+
+/// A line on stderr, which may be closed (then nothing is said).
+pub(crate) fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Restores the default action of SIGPIPE (Rust ignores it, which turns a closed pipe into a
+/// panic at the next `println!`): the process ends quietly instead.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's action to the default has no preconditions; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// The names of the options given on the command line (not defaults), e.g. `min_lr_ratio`.
+fn given_flags(m: &clap::ArgMatches) -> crate::train::GivenFlags {
+    crate::train::GivenFlags::new(
+        m.ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.as_str().to_string()),
+    )
 }
 
 /// A pool of `threads` workers (default: the physical cores).

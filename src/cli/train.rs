@@ -10,7 +10,7 @@ use super::backend_args::BackendArgs;
 use crate::error::{Error, Result};
 use crate::telemetry::{ConsoleMode, EndReason};
 use crate::train::distributed::{self, Collective, Distributed};
-use crate::train::{ResumeChanges, RunOptions, TrainConfig, train};
+use crate::train::{GivenFlags, RunOptions, TrainConfig, train};
 
 fn d() -> TrainConfig {
     TrainConfig::default()
@@ -187,9 +187,13 @@ fn default_run_dir(model: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("runs").join(stem))
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let cfg = train_config(&a);
+pub fn run(a: TrainArgs, given: GivenFlags) -> Result<()> {
+    let (cfg, notes) = train_config(&a, &given);
     let mut opts = run_options(&a, &cfg)?;
+    opts.notes = notes;
+    if a.resume {
+        opts.given = given;
+    }
     let ranks: Arc<dyn Collective> = Arc::from(distributed::connect(a.distributed)?);
     if ranks.size() > 1 {
         return run_rank(a, cfg, opts, ranks);
@@ -207,7 +211,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }) if !a.no_restart => return restart_process(used, needed, limit),
         other => other?,
     };
-    report(&outcome)
+    report(&outcome, a.quiet)
 }
 
 /// One rank of a data-parallel job. An error on any rank ends the whole job (the other ranks
@@ -235,7 +239,7 @@ fn run_rank(
     match train(cfg, opts) {
         Ok(outcome) => {
             if rank == 0 {
-                report(&outcome)?;
+                report(&outcome, a.quiet)?;
             }
             Ok(())
         }
@@ -318,7 +322,7 @@ fn with_dashboard(
         resume_options: None,
     })?;
     match outcome {
-        Some(o) => report(&o).or_else(|e| match e {
+        Some(o) => report(&o, false).or_else(|e| match e {
             // Quitting the dashboard saves and stops: not an error here.
             Error::Interrupted => Ok(()),
             other => Err(other),
@@ -327,8 +331,8 @@ fn with_dashboard(
     }
 }
 
-/// The training configuration the flags ask for.
-fn train_config(a: &TrainArgs) -> TrainConfig {
+/// The training configuration the flags ask for, and notes on what was adjusted.
+fn train_config(a: &TrainArgs, given: &GivenFlags) -> (TrainConfig, Vec<String>) {
     let backend = a.backend.resolve();
     let mut cfg = TrainConfig {
         model: a
@@ -364,12 +368,17 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         sample_tokens: a.sample_tokens,
         ..d()
     };
-    if cfg.warmup >= cfg.steps && a.steps.is_some() {
-        // Short runs: keep warmup to a tenth of the run unless the user chose otherwise. (On
-        // --resume these settings are used only by a run stopped before it saved its own.)
-        cfg.warmup = cfg.warmup.min(cfg.steps / 10);
+    let mut notes = Vec::new();
+    if cfg.warmup >= cfg.steps && !given.contains("warmup") && !a.resume {
+        // Short runs: keep warmup to a tenth of the run unless the user chose otherwise.
+        let cut = cfg.warmup.min(cfg.steps / 10);
+        notes.push(format!(
+            "warmup shortened from the default {} to {cut} updates for this {}-update run (give --warmup to choose)",
+            cfg.warmup, cfg.steps
+        ));
+        cfg.warmup = cut;
     }
-    cfg
+    (cfg, notes)
 }
 
 /// The settings of this invocation.
@@ -430,10 +439,6 @@ fn run_options(a: &TrainArgs, cfg: &TrainConfig) -> Result<RunOptions> {
     opts.cap_seq_to_model = a.seq.is_none();
     if a.resume {
         opts.requested_model = a.model.clone();
-        opts.resume_changes = ResumeChanges {
-            steps: a.steps,
-            backend: a.backend.given(),
-        };
     }
     Ok(opts)
 }
@@ -456,30 +461,34 @@ fn ctrl_c_flag() -> Arc<AtomicBool> {
 }
 
 /// What to do next, after the run (the trainer has finished: plain lines are safe).
-fn report(outcome: &crate::train::TrainOutcome) -> Result<()> {
+/// With `quiet`, a completed run says nothing (the sample was its output).
+fn report(outcome: &crate::train::TrainOutcome, quiet: bool) -> Result<()> {
     let dir = outcome.run_dir.display().to_string();
     match outcome.reason {
         EndReason::Interrupted => {
-            eprintln!(
+            super::say(&format!(
                 "saved {dir}/checkpoints/latest at update {}; continue with:",
                 outcome.step
-            );
-            eprintln!("  handgrad train --resume --run-dir {dir}");
+            ));
+            super::say(&format!("  handgrad train --resume --run-dir {dir}"));
             Err(Error::Interrupted)
         }
         EndReason::Stopped => {
-            eprintln!(
+            super::say(&format!(
                 "stopped at update {}; continue with: handgrad train --resume --run-dir {dir}",
                 outcome.step
-            );
+            ));
             Ok(())
         }
+        EndReason::Completed if quiet => Ok(()),
         EndReason::Completed => {
             if let Some(v) = outcome.best_val_loss {
-                eprintln!("best validation loss {v:.4}");
+                super::say(&format!("best validation loss {v:.4}"));
             }
-            eprintln!("run saved in {dir}; generate more with:");
-            eprintln!("  handgrad generate --run-dir {dir} --prompt \"Once upon a time\"");
+            super::say(&format!("run saved in {dir}; generate more with:"));
+            super::say(&format!(
+                "  handgrad generate --run-dir {dir} --prompt \"Once upon a time\""
+            ));
             Ok(())
         }
     }

@@ -129,7 +129,7 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
             &crate::backend::cpu::CpuKernels,
             tok.as_ref(),
             &opts,
-            &mut |_| {},
+            &mut |_| std::ops::ControlFlow::Continue(()),
         )
     })?;
     Ok((step, format!("{}{}", opts.prompt, g.text)))

@@ -56,6 +56,50 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// What a file that is not token ids looks like, from its first bytes: `Some("JSON")`,
+/// `Some("text")`, or `None` (binary, so possibly token ids). Token ids as uint16 are binary:
+/// ids below 256 put zero bytes in every other byte, others control characters, so 64 KB of
+/// them are never all printable UTF-8.
+pub fn looks_like_text(head: &[u8]) -> Option<&'static str> {
+    // Valid UTF-8 up to a character the cut may have split.
+    let text = match std::str::from_utf8(head) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() && e.valid_up_to() + 4 > head.len() => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).ok()?
+        }
+        Err(_) => return None,
+    };
+    if text.is_empty()
+        || text
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t' | '\u{c}'))
+    {
+        return None;
+    }
+    match text.trim_start().chars().next() {
+        Some('{') | Some('[') => Some("JSON"),
+        _ => Some("text"),
+    }
+}
+
+/// The error for text given where token ids are expected, with the command that makes them.
+fn not_token_ids(path: &Path, kind: &str) -> Error {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let out = path.with_file_name(format!("{stem}-tokens"));
+    Error::data(
+        path,
+        format!(
+            "this is {kind}, not token ids: tokenize it first with `handgrad prepare {} --tokenizer TOKENIZER --out {}` (the model's tokenizer.json or tokenizer.bin), then train with --data {}",
+            path.display(),
+            out.display(),
+            out.display()
+        ),
+    )
+}
+
 impl TokenShard {
     /// Opens a shard, checking its header and size.
     pub fn open(path: &Path) -> Result<Self> {
@@ -122,6 +166,9 @@ impl TokenShard {
             shard.width = width;
             shard.len = count;
         } else {
+            if let Some(kind) = looks_like_text(&map[..size.min(64 * 1024)]) {
+                return Err(not_token_ids(path, kind));
+            }
             if !size.is_multiple_of(2) {
                 return Err(Error::data(
                     path,
@@ -234,4 +281,33 @@ pub fn write_shard(
         }
     }
     write_atomic(path, |f| f.write_all(&buf))
+}
+
+#[cfg(test)]
+mod text_tests {
+    use super::*;
+
+    #[test]
+    fn text_and_json_are_told_from_token_ids() {
+        assert_eq!(
+            looks_like_text(b"Once upon a time\nthere was"),
+            Some("text")
+        );
+        assert_eq!(
+            looks_like_text("Caf\u{e9} \u{4e2d}".as_bytes()),
+            Some("text")
+        );
+        assert_eq!(looks_like_text(b"  {\"text\": \"hi\"}\n"), Some("JSON"));
+        assert_eq!(looks_like_text(b"[{\"story\": 1}]"), Some("JSON"));
+        // A UTF-8 character cut at the end of the sniffed bytes.
+        let cut = &"ab\u{4e2d}".as_bytes()[..3];
+        assert_eq!(looks_like_text(cut), Some("text"));
+        // uint16 token ids, small and large.
+        let ids: Vec<u8> = [1u16, 450, 29871, 13, 3118, 31999]
+            .iter()
+            .flat_map(|i| i.to_le_bytes())
+            .collect();
+        assert_eq!(looks_like_text(&ids), None);
+        assert_eq!(looks_like_text(&[]), None);
+    }
 }

@@ -10,6 +10,7 @@ use crate::backend::Kernels;
 use crate::error::Result;
 use crate::model::Transformer;
 use crate::tokenizer::Tokenizer;
+use std::ops::ControlFlow;
 
 /// Settings of one generation.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub enum StopReason {
     EndOfSequence,
     MaxTokens,
     ContextFull,
+    /// The caller's `on_text` asked to stop (e.g. the reader of stdout went away).
+    Stopped,
 }
 
 /// The result of a generation.
@@ -48,14 +51,15 @@ pub struct Generation {
 }
 
 /// Generates a continuation of `opts.prompt`, calling `on_text` with each new piece of text as
-/// soon as it decodes to complete characters.
+/// soon as it decodes to complete characters; `on_text` returning `Break` stops the generation
+/// there ([`StopReason::Stopped`]).
 pub fn generate(
     model: &Transformer,
     params: &[f32],
     kernels: &dyn Kernels,
     tokenizer: &dyn Tokenizer,
     opts: &GenerateOptions,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let mut prompt_ids = Vec::new();
     if opts.add_bos
@@ -115,8 +119,12 @@ pub fn generate(
         let text = decode_new(&ids)?;
         // Print only complete characters: a byte-level token can end inside one.
         if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
-            on_text(&text[printed.len()..]);
+            let flow = on_text(&text[printed.len()..]);
             printed = text;
+            if flow.is_break() {
+                stop = StopReason::Stopped;
+                break;
+            }
         }
         if ids.len() == opts.max_tokens {
             break;
@@ -128,8 +136,8 @@ pub fn generate(
         logits.copy_from_slice(dec.step(kernels, next)?);
     }
     let text = decode_new(&ids)?;
-    if text.len() > printed.len() && text.starts_with(&printed) {
-        on_text(&text[printed.len()..]);
+    if stop != StopReason::Stopped && text.len() > printed.len() && text.starts_with(&printed) {
+        let _ = on_text(&text[printed.len()..]);
     }
     Ok(Generation {
         prompt_ids,

@@ -83,8 +83,9 @@ impl EventBus {
             failed = Vec::new();
             for message in warnings.into_iter().rev() {
                 if self.sinks.is_empty() {
-                    // Nothing is left to show it; stderr is all there is.
-                    eprintln!("warning: {message}");
+                    // Nothing is left to show it; stderr is all there is (and may be closed).
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "warning: {message}");
                     continue;
                 }
                 let record = Record::now(Event::Warning { message });

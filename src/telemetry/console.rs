@@ -51,15 +51,19 @@ impl ConsoleSink {
         }
     }
 
-    /// A line on stderr that does not tear the progress bar.
-    fn println(&self, s: &str) {
+    /// A line on stderr that does not tear the progress bar. A closed stderr is an error (the
+    /// bus then detaches this sink; training goes on).
+    fn println(&self, s: &str) -> Result<()> {
         match &self.bar {
-            Some(b) => b.println(s),
-            None => eprintln!("{s}"),
+            Some(b) => {
+                b.println(s);
+                Ok(())
+            }
+            None => line_to(&mut std::io::stderr(), s),
         }
     }
 
-    fn run_start(&mut self, e: &Event) {
+    fn run_start(&mut self, e: &Event) -> Result<()> {
         let Event::RunStart {
             run_dir,
             params,
@@ -75,7 +79,7 @@ impl ConsoleSink {
             ..
         } = e
         else {
-            return;
+            return Ok(());
         };
         let total = train.get("steps").and_then(|s| s.as_u64()).unwrap_or(0);
         let mut s = format!(
@@ -105,12 +109,14 @@ impl ConsoleSink {
         if let Some(st) = resumed_from_step {
             s += &format!("\nresuming at update {st}");
         }
-        eprintln!("{s}");
+        line_to(&mut std::io::stderr(), &s)?;
         if self.mode == ConsoleMode::Bar {
             let bar = ProgressBar::new(total);
             bar.set_style(
+                // `wide_msg` takes what is left of the terminal's width and is cut there, so
+                // the line never wraps (at 80 columns the loss and speed still show).
                 ProgressStyle::with_template(
-                    "{spinner:.green} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} (eta {eta})",
+                    "{spinner:.green} {pos}/{len} {bar:20.cyan/blue} eta {eta} {wide_msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
@@ -118,9 +124,10 @@ impl ConsoleSink {
             bar.set_position(resumed_from_step.unwrap_or(0));
             self.bar = Some(bar);
         }
+        Ok(())
     }
 
-    fn step(&mut self, e: &Event) {
+    fn step(&mut self, e: &Event) -> Result<()> {
         let Event::Step {
             step,
             total_steps,
@@ -134,10 +141,11 @@ impl ConsoleSink {
             ..
         } = e
         else {
-            return;
+            return Ok(());
         };
+        // Most important first: a narrow terminal cuts the end.
         let mut msg = format!(
-            "loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.2} | {ms:.0} ms | {:.1}k tok/s",
+            "loss {loss:.4} | {:.1}k tok/s | {ms:.0} ms | lr {lr:.2e} | gnorm {grad_norm:.2}",
             tokens_per_s / 1e3
         );
         if let Some(s) = loss_scale {
@@ -155,13 +163,17 @@ impl ConsoleSink {
                 let due = self.last_line.elapsed().as_secs_f64() >= 5.0;
                 if due || *step == 1 || step == total_steps || step % 100 == 0 {
                     self.last_line = std::time::Instant::now();
-                    eprintln!("step {step}/{total_steps} | {msg}");
+                    line_to(
+                        &mut std::io::stderr(),
+                        &format!("step {step}/{total_steps} | {msg}"),
+                    )?;
                 }
             }
         }
+        Ok(())
     }
 
-    fn run_end(&mut self, e: &Event) {
+    fn run_end(&mut self, e: &Event) -> Result<()> {
         let Event::RunEnd {
             reason,
             wall_s,
@@ -174,7 +186,7 @@ impl ConsoleSink {
             ..
         } = e
         else {
-            return;
+            return Ok(());
         };
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
@@ -182,26 +194,30 @@ impl ConsoleSink {
         let rss = peak_rss_bytes
             .map(|b| format!(" | peak memory {}", human_bytes(b as f64)))
             .unwrap_or_default();
-        eprintln!(
-            "{}: {updates} updates in {wall_s:.1}s | {mean_ms_per_update:.1} ms/update mean, {median_ms_per_update:.1} median | {:.1}k tok/s | {gflops_per_s:.1} GFLOP/s{rss}",
-            reason.name(),
-            tokens_per_s / 1e3
-        );
+        line_to(
+            &mut std::io::stderr(),
+            &format!(
+                "{}: {updates} updates in {wall_s:.1}s | {mean_ms_per_update:.1} ms/update mean, {median_ms_per_update:.1} median | {:.1}k tok/s | {gflops_per_s:.1} GFLOP/s{rss}",
+                reason.name(),
+                tokens_per_s / 1e3
+            ),
+        )
     }
 
-    fn sample(&self, prompt_and_text: &str) {
-        if let Some(b) = &self.bar {
-            b.suspend(|| print_sample(prompt_and_text));
-        } else {
-            print_sample(prompt_and_text);
+    fn sample(&self, prompt_and_text: &str) -> Result<()> {
+        let text = format!("--- sample (temperature 0.8, top-k 50) ---\n{prompt_and_text}\n---");
+        match &self.bar {
+            Some(b) => b.suspend(|| line_to(&mut std::io::stdout(), &text)),
+            None => line_to(&mut std::io::stdout(), &text),
         }
     }
 }
 
-fn print_sample(text: &str) {
-    // `println!` (not a locked handle) so that test harnesses capture it.
-    println!("--- sample (temperature 0.8, top-k 50) ---\n{text}\n---");
-    let _ = std::io::stdout().flush();
+/// Writes a line and flushes; a closed stream (a pipe whose reader left) is an error.
+fn line_to(w: &mut dyn Write, s: &str) -> Result<()> {
+    writeln!(w, "{s}")
+        .and_then(|()| w.flush())
+        .map_err(|e| crate::Error::io("writing to", "the console", e))
 }
 
 /// Bytes for people: KB, MB or GB.
@@ -226,13 +242,12 @@ impl EventSink for ConsoleSink {
             return Ok(());
         }
         if self.mode == ConsoleMode::Quiet {
-            match event {
-                Event::Warning { message } => eprintln!("warning: {message}"),
-                Event::Restart { reason, .. } => eprintln!("restarting: {reason}"),
+            return match event {
+                Event::Warning { message } => self.println(&format!("warning: {message}")),
+                Event::Restart { reason, .. } => self.println(&format!("restarting: {reason}")),
                 Event::Sample { text, .. } => self.sample(text),
-                _ => {}
-            }
-            return Ok(());
+                _ => Ok(()),
+            };
         }
         match event {
             Event::RunStart { .. } => self.run_start(event),
@@ -250,7 +265,7 @@ impl EventSink for ConsoleSink {
                 };
                 self.println(&format!(
                     "step {step}: val loss {val_loss:.4}{kind} (best {best_val_loss:.4})"
-                ));
+                ))
             }
             Event::Checkpoint {
                 kind,
@@ -264,7 +279,9 @@ impl EventSink for ConsoleSink {
                         "saved {} checkpoint {path} ({}, {ms:.0} ms)",
                         kind.name(),
                         human_bytes(*bytes as f64)
-                    ));
+                    ))
+                } else {
+                    Ok(())
                 }
             }
             Event::Sample { text, .. } => self.sample(text),
@@ -276,10 +293,10 @@ impl EventSink for ConsoleSink {
                 if let Some(b) = self.bar.take() {
                     b.finish_and_clear();
                 }
+                Ok(())
             }
             Event::RunEnd { .. } => self.run_end(event),
         }
-        Ok(())
     }
 
     fn finish(&mut self) -> Result<()> {

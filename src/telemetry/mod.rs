@@ -11,6 +11,6 @@ pub mod tensorboard;
 pub mod wandb;
 
 pub use bus::EventBus;
-pub use console::{ConsoleMode, ConsoleSink};
+pub use console::{ConsoleMode, ConsoleSink, human_bytes};
 pub use events::{CheckpointKind, EndReason, Event, LossKind, Record};
 pub use sinks::{EventSink, JsonlSink, MemorySink};

@@ -80,7 +80,9 @@ pub fn hostname() -> String {
 pub struct RunLock {
     file: Option<File>,
     path: PathBuf,
-    created_dir: Option<PathBuf>,
+    /// The folders this lock created (the run folder and any missing parents, such as
+    /// `runs/`), deepest first.
+    created_dirs: Vec<PathBuf>,
 }
 
 impl RunLock {
@@ -88,17 +90,19 @@ impl RunLock {
     /// is an error naming it; one left by a process that died is taken over, with a warning
     /// pushed to `warnings`.
     pub fn acquire(dir: &Path, warnings: &mut Vec<String>) -> Result<Self> {
-        let created_dir = if dir.exists() {
-            None
-        } else {
+        let created_dirs: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        if !created_dirs.is_empty() {
             crate::util::fsutil::create_dir_all(dir)?;
-            Some(dir.to_path_buf())
-        };
+        }
         let path = dir.join(LOCK_FILE);
         let mut guard = RunLock {
             file: None,
             path: path.clone(),
-            created_dir,
+            created_dirs,
         };
         // The file can be removed by its releasing owner between our open and our lock: then
         // we hold a lock on a name that no longer exists, and try again.
@@ -172,9 +176,12 @@ impl Drop for RunLock {
             let _ = std::fs::remove_file(&self.path);
             drop(f);
         }
-        if let Some(d) = &self.created_dir {
-            // Only succeeds if nothing was written: a refused run leaves no empty folder.
-            let _ = std::fs::remove_dir(d);
+        for d in &self.created_dirs {
+            // Only succeeds if nothing was written: a refused run leaves no empty folder
+            // (nor an empty `runs/`).
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
         }
     }
 }

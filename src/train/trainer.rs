@@ -12,7 +12,7 @@ use super::distributed::{Collective, Single, rescale_accum};
 use super::loss_scale::{LossScaler, Verdict};
 use super::run_dir::{self, RunPaths};
 use super::run_lock::RunLock;
-use super::setup::{self, ResumeChanges, ResumePoint};
+use super::setup::{self, GivenFlags, ResumePoint};
 use super::step::{StepState, TrainStep};
 use crate::backend::Kernels;
 use crate::data::{Dataset, WindowSampler, builtin};
@@ -54,8 +54,11 @@ pub struct RunOptions {
     pub cache_root: PathBuf,
     /// On resume: the model the user asked for, to refuse a checkpoint of another model.
     pub requested_model: Option<String>,
-    /// On resume: what may change.
-    pub resume_changes: ResumeChanges,
+    /// Notes from the caller for the run header (e.g. a default it adjusted).
+    pub notes: Vec<String>,
+    /// The settings the command line gave (a resumed run applies or refuses those that differ
+    /// from its saved ones; the rest are defaults and change nothing).
+    pub given: GivenFlags,
     /// When the model has fewer positions than `seq`, train on the model's limit (with a note)
     /// instead of failing: set when `seq` is a default rather than the user's choice.
     pub cap_seq_to_model: bool,
@@ -81,7 +84,8 @@ impl RunOptions {
             extra_sinks: Vec::new(),
             cache_root: builtin::cache_root(),
             requested_model: None,
-            resume_changes: ResumeChanges::default(),
+            notes: Vec::new(),
+            given: GivenFlags::default(),
             cap_seq_to_model: false,
             restart_on_compile_budget: false,
             ranks: None,
@@ -189,7 +193,7 @@ impl Trainer {
             sinks.append(&mut opts.extra_sinks);
         }
         let mut bus = EventBus::new(sinks);
-        let (mut warnings, mut notes) = (Vec::new(), Vec::new());
+        let (mut warnings, mut notes) = (Vec::new(), std::mem::take(&mut opts.notes));
 
         // 0. The run folder is this trainer's from here on (a second one is refused); what a
         // killed predecessor left half-written goes. Only rank 0 writes in it.
@@ -215,7 +219,7 @@ impl Trainer {
         let (mut cfg, resume) = if opts.resume && !paths.has_checkpoint() {
             // Killed before its first checkpoint: the run starts again from its saved settings,
             // or, killed before it saved them, from this command's.
-            match setup::restart_config(&paths, &opts.resume_changes)? {
+            match setup::restart_config(&paths, &cfg, &opts.given, &mut warnings)? {
                 Some(c) => {
                     warnings.push(format!(
                         "{} has no checkpoint yet: the run starts again from update 0 with its saved settings",
@@ -233,7 +237,7 @@ impl Trainer {
                 None => return Err(setup::nothing_to_resume(&paths)),
             }
         } else if opts.resume {
-            let (c, r) = setup::resume_config(&paths, &opts.resume_changes, &mut warnings)?;
+            let (c, r) = setup::resume_config(&paths, &cfg, &opts.given, &mut warnings)?;
             (c, Some(r))
         } else {
             (cfg, None)
@@ -295,8 +299,11 @@ impl Trainer {
         let compaction = setup::compaction(&cfg, &model, &data.data, resume.as_ref());
         model.set_compaction(compaction);
 
-        // 4. The kernels, prepared once for this shape: a backend fails here, not mid-run.
+        // 4. The memory the run needs, against what the machine has; then the kernels,
+        // prepared once for this shape: a backend fails here, not mid-run.
         let mut kernels = backend.kernels()?;
+        super::memory::MemoryNeed::of(&model, kernels.as_ref(), cfg.batch, cfg.seq)
+            .check(crate::util::mem::available_bytes())?;
         if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
             if let Error::AneCompileBudget {
                 used,
@@ -828,7 +835,7 @@ impl Trainer {
             self.kernels.as_ref(),
             tok,
             &opts,
-            &mut |_| {},
+            &mut |_| std::ops::ControlFlow::Continue(()),
         )?;
         let text = format!("{}{}", opts.prompt, g.text);
         let event = Event::Sample {
