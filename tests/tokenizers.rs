@@ -286,7 +286,10 @@ fn generated_text_keeps_the_space_after_a_sentencepiece_prompt() {
             &CpuKernels,
             tok.as_ref(),
             &opts,
-            &mut |s: &str| streamed.push_str(s),
+            &mut |s: &str| {
+                streamed.push_str(s);
+                std::ops::ControlFlow::Continue(())
+            },
         )
         .unwrap();
         let mut all = g.prompt_ids.clone();
