@@ -400,7 +400,7 @@ fn training_through_the_runtime_equals_the_simulator_backend() {
     let run = |backend: BackendKind| {
         let mut o = RunOptions::new(dir.path().join(backend.to_string()));
         o.threads = 2;
-        o.console = ConsoleMode::Quiet;
+        o.console = ConsoleMode::Off;
         o.cache_root = common::test_cache();
         let sink = MemorySink::default();
         o.extra_sinks.push(Box::new(sink.clone()));

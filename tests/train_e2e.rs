@@ -30,7 +30,7 @@ fn tiny_config(steps: usize) -> TrainConfig {
 fn options(dir: &std::path::Path) -> (RunOptions, MemorySink) {
     let mut o = RunOptions::new(dir);
     o.threads = 2;
-    o.console = ConsoleMode::Quiet;
+    o.console = ConsoleMode::Off;
     o.cache_root = common::test_cache();
     let sink = MemorySink::default();
     o.extra_sinks.push(Box::new(sink.clone()));

@@ -369,13 +369,17 @@ fn train_config(a: &TrainArgs, given: &GivenFlags) -> (TrainConfig, Vec<String>)
         ..d()
     };
     let mut notes = Vec::new();
-    if cfg.warmup >= cfg.steps && !given.contains("warmup") && !a.resume {
-        // Short runs: keep warmup to a tenth of the run unless the user chose otherwise.
+    if cfg.warmup >= cfg.steps && !given.contains("warmup") {
+        // Short runs: keep warmup to a tenth of the run unless the user chose otherwise. (A
+        // resumed run keeps its own warmup; these settings start only a run that never
+        // saved them.)
         let cut = cfg.warmup.min(cfg.steps / 10);
-        notes.push(format!(
-            "warmup shortened from the default {} to {cut} updates for this {}-update run (give --warmup to choose)",
-            cfg.warmup, cfg.steps
-        ));
+        if !a.resume {
+            notes.push(format!(
+                "warmup shortened from the default {} to {cut} updates for this {}-update run (give --warmup to choose)",
+                cfg.warmup, cfg.steps
+            ));
+        }
         cfg.warmup = cut;
     }
     (cfg, notes)
