@@ -72,6 +72,8 @@ pub enum Precision {
     Fp32,
     /// bf16 operands, f32 accumulation.
     Bf16,
+    /// fp16 throughout the kernels: the Neural Engine's (ane, ane-sim), not the CPU's.
+    Fp16,
 }
 
 impl fmt::Display for Precision {
@@ -79,6 +81,7 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
         })
     }
 }
@@ -99,7 +102,28 @@ pub struct BackendInfo {
     pub details: String,
 }
 
+impl BackendKind {
+    /// The precision this backend computes in when none is asked for: fp16 on the Neural
+    /// Engine backends, fp32 on the CPU.
+    pub fn default_precision(self) -> Precision {
+        match self {
+            BackendKind::AneSim | BackendKind::Ane | BackendKind::AneFake => Precision::Fp16,
+            BackendKind::Cpu | BackendKind::FaultInjection => Precision::Fp32,
+        }
+    }
+}
+
 impl Backend {
+    /// A backend in a precision, as it is reported: the Neural Engine backends compute in
+    /// fp16 whatever a configuration saved before they said so holds (`fp32`).
+    pub fn new(kind: BackendKind, precision: Precision) -> Self {
+        let precision = match (kind.default_precision(), precision) {
+            (Precision::Fp16, Precision::Fp32) => Precision::Fp16,
+            _ => precision,
+        };
+        Backend { kind, precision }
+    }
+
     /// The CPU in a precision.
     pub fn cpu(precision: Precision) -> Self {
         Backend {
@@ -113,16 +137,21 @@ impl Backend {
         Ok(match (self.kind, self.precision) {
             (BackendKind::Cpu, Precision::Fp32) => Box::new(cpu::CpuKernels),
             (BackendKind::Cpu, Precision::Bf16) => Box::new(cpu::CpuBf16Kernels),
+            (BackendKind::Cpu | BackendKind::FaultInjection, Precision::Fp16) => {
+                return Err(crate::Error::invalid(
+                    "--precision fp16 is the Neural Engine's (--backend ane or ane-sim); the CPU computes in fp32 or bf16",
+                ));
+            }
             (BackendKind::AneSim | BackendKind::Ane | BackendKind::AneFake, Precision::Bf16) => {
                 return Err(crate::Error::invalid(format!(
                     "--backend {} computes in fp16 on the Neural Engine's terms; --precision bf16 is a CPU option (drop it)",
                     self.kind
                 )));
             }
-            (BackendKind::AneSim, Precision::Fp32) => {
+            (BackendKind::AneSim, Precision::Fp32 | Precision::Fp16) => {
                 Box::new(ane::AneKernels::simulator(ane::runtime::program_form("")))
             }
-            (BackendKind::Ane, Precision::Fp32) => {
+            (BackendKind::Ane, Precision::Fp32 | Precision::Fp16) => {
                 let platform = ane::runtime::apple::ApplePlatform::open()?;
                 let chip = ane::runtime::chip_name().unwrap_or_default();
                 Box::new(ane::AneKernels::device(
@@ -131,11 +160,13 @@ impl Backend {
                     "ane",
                 ))
             }
-            (BackendKind::AneFake, Precision::Fp32) => Box::new(ane::AneKernels::device(
-                Box::new(ane::runtime::fake::FakePlatform::from_env()),
-                ane::runtime::program_form(""),
-                "ane-fake",
-            )),
+            (BackendKind::AneFake, Precision::Fp32 | Precision::Fp16) => {
+                Box::new(ane::AneKernels::device(
+                    Box::new(ane::runtime::fake::FakePlatform::from_env()),
+                    ane::runtime::program_form(""),
+                    "ane-fake",
+                ))
+            }
             (BackendKind::FaultInjection, _) => Box::new(fault::FaultKernels::from_env()?),
         })
     }

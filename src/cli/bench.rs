@@ -110,12 +110,14 @@ struct TrainBenchArgs {
 struct GenerateBenchArgs {
     #[arg(long, default_value = "stories110m")]
     model: String,
-    /// Prompt tokens (prefilled in one batched forward pass).
-    #[arg(long, default_value_t = 256)]
-    prompt: usize,
-    /// Tokens decoded one at a time.
-    #[arg(long, default_value_t = 128)]
-    tokens: usize,
+    /// Prompt tokens, prefilled in one batched forward pass [default: 256, or half the
+    /// model's positions when it has fewer than 512].
+    #[arg(long)]
+    prompt: Option<usize>,
+    /// Tokens decoded one at a time [default: 128, or what the model's positions leave after
+    /// the prompt].
+    #[arg(long)]
+    tokens: Option<usize>,
     /// Weights streamed while decoding: fp32, bf16 or q8 (int8, CPU backend only).
     #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
     weights: WeightFormat,
@@ -348,7 +350,8 @@ fn human(b: u64) -> String {
 fn measure_peak(precision: Precision, seconds: f64) -> f64 {
     match precision {
         Precision::Bf16 => bench::peak::bf16_peak(seconds).unwrap_or(f64::NAN),
-        Precision::Fp32 => bench::peak::fp32_peak(seconds).0,
+        // The CPU's share of an fp16 (Neural Engine) step runs in fp32.
+        Precision::Fp32 | Precision::Fp16 => bench::peak::fp32_peak(seconds).0,
     }
 }
 
@@ -437,9 +440,14 @@ fn train(a: TrainBenchArgs) -> Result<()> {
 
 fn generate(a: GenerateBenchArgs) -> Result<()> {
     let cfg = ModelConfig::from_preset_or_path(&a.model)?;
-    if a.prompt + a.tokens + 1 > cfg.max_seq_len {
+    // Defaults that fit the model: the prompt takes at most half of its positions.
+    let prompt = a.prompt.unwrap_or(256.min(cfg.max_seq_len / 2));
+    let tokens = a
+        .tokens
+        .unwrap_or(128.min(cfg.max_seq_len.saturating_sub(prompt + 1)));
+    if prompt + tokens + 1 > cfg.max_seq_len {
         return Err(Error::invalid(format!(
-            "--prompt + --tokens exceed the model's {} positions",
+            "--prompt {prompt} + --tokens {tokens} (+1) exceed the model's {} positions",
             cfg.max_seq_len
         )));
     }
@@ -452,10 +460,10 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     let backend: Backend = a.backend.resolve_with(default_precision);
     a.weights.check_backend(backend.kind)?;
     let mut kernels = backend.kernels()?;
-    kernels.prepare(&crate::model::Transformer::new(cfg.clone()).step_shape(1, a.prompt))?;
+    kernels.prepare(&crate::model::Transformer::new(cfg.clone()).step_shape(1, prompt))?;
     let run = GenerateRun {
-        prompt: a.prompt,
-        tokens: a.tokens,
+        prompt,
+        tokens,
         weights: a.weights,
     };
     let r = pool(a.threads)?.install(|| -> Result<_> {
@@ -675,12 +683,12 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
     // There is no measured int8 peak: int8 products are compared with the theoretical one.
     let own_peak = match (a.int8, backend.precision) {
         (true, _) => int8_ceiling,
-        (false, Precision::Fp32) => peak,
+        (false, Precision::Fp32 | Precision::Fp16) => peak,
         (false, Precision::Bf16) => bf16.unwrap_or(f64::NAN),
     };
     let ceiling = match (a.int8, backend.precision) {
         (true, _) => int8_ceiling,
-        (false, Precision::Fp32) => theo.fp32_gflops,
+        (false, Precision::Fp32 | Precision::Fp16) => theo.fp32_gflops,
         (false, Precision::Bf16) => theo.bf16_gflops.unwrap_or(theo.fp32_gflops),
     };
     if a.json {

@@ -27,7 +27,7 @@ pub struct DashboardArgs {
 
 pub fn run(a: DashboardArgs) -> Result<()> {
     let threads = a.threads;
-    let outcome = dashboard::run(Options {
+    let exit = dashboard::run(Options {
         run_dir: a.run_dir,
         training: None,
         sample_every: a.sample_every,
@@ -40,13 +40,16 @@ pub fn run(a: DashboardArgs) -> Result<()> {
             o
         })),
     })?;
-    if let Some(o) = outcome {
-        eprintln!(
+    if let Some(o) = exit.outcome {
+        super::say(&format!(
             "{} at update {}: {}",
             o.run_dir.display(),
             o.step,
             o.reason.name()
-        );
+        ));
+    }
+    if exit.ctrl_c {
+        return Err(crate::Error::Interrupted);
     }
     Ok(())
 }

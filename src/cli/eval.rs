@@ -59,7 +59,9 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let (path, data, seq_default) = match (&a.run_dir, &a.model) {
         (Some(dir), None) => {
-            let cfg_path = dir.join("train_config.json");
+            let run = crate::train::RunPaths::existing(dir)?;
+            let ck = run.checkpoint_to_read(a.best)?;
+            let cfg_path = run.train_config();
             let text = std::fs::read_to_string(&cfg_path)
                 .map_err(|e| Error::io("reading", &cfg_path, e))?;
             let cfg: TrainConfig = serde_json::from_str(&text)
@@ -76,9 +78,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 }
                 None => Dataset::open(std::path::Path::new(&cfg.data), cfg.val_fraction)?,
             };
-            let ck = dir
-                .join("checkpoints")
-                .join(if a.best { "best" } else { "latest" });
             (ck, data, cfg.seq)
         }
         (None, Some(m)) => {

@@ -122,8 +122,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 fn load(a: &GenerateArgs) -> Result<(Transformer, Vec<f32>, Box<dyn tokenizer::Tokenizer>)> {
     let path = match (&a.run_dir, &a.checkpoint, &a.model) {
         (Some(dir), None, None) => {
-            dir.join("checkpoints")
-                .join(if a.best { "best" } else { "latest" })
+            crate::train::RunPaths::existing(dir)?.checkpoint_to_read(a.best)?
         }
         (None, Some(p), None) | (None, None, Some(p)) => p.clone(),
         _ => {

@@ -314,21 +314,25 @@ fn with_dashboard(
     opts.console = ConsoleMode::Off;
     let run_dir = opts.run_dir.clone();
     let thread = std::thread::spawn(move || train(cfg, opts));
-    let outcome = crate::dashboard::run(crate::dashboard::Options {
+    let exit = crate::dashboard::run(crate::dashboard::Options {
         run_dir,
         training: Some(crate::dashboard::Training { stop, thread }),
         sample_every,
         peak_gflops,
         resume_options: None,
     })?;
-    match outcome {
-        Some(o) => report(&o, false).or_else(|e| match e {
-            // Quitting the dashboard saves and stops: not an error here.
-            Error::Interrupted => Ok(()),
-            other => Err(other),
-        }),
-        None => Ok(()),
+    if let Some(o) = exit.outcome {
+        match report(&o, false) {
+            // Quitting the dashboard with q saves and stops: not an error; Ctrl-C exits 130
+            // below, as it does without the dashboard.
+            Ok(()) | Err(Error::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
     }
+    if exit.ctrl_c {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
 }
 
 /// The training configuration the flags ask for, and notes on what was adjusted.
@@ -414,7 +418,7 @@ fn run_options(a: &TrainArgs, cfg: &TrainConfig) -> Result<RunOptions> {
     opts.stop_after = a.stop_after;
     if let Some(dir) = &a.tensorboard {
         opts.extra_sinks.push(Box::new(
-            crate::telemetry::tensorboard::TensorBoardSink::new(dir),
+            crate::telemetry::tensorboard::TensorBoardSink::for_run(dir, &opts.run_dir),
         ));
     }
     if a.wandb {

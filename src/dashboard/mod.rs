@@ -49,6 +49,14 @@ pub struct Options {
     pub resume_options: Option<ResumeOptions>,
 }
 
+/// How the dashboard ended.
+pub struct Exit {
+    /// How the run it started (or resumed) ended, if it did.
+    pub outcome: Option<TrainOutcome>,
+    /// The user left with Ctrl-C (the CLI then exits 130, as on the plain console), not `q`.
+    pub ctrl_c: bool,
+}
+
 /// Restores the terminal when dropped (and on a panic).
 struct TerminalGuard {
     terminal: Terminal<CrosstermBackend<std::io::Stdout>>,
@@ -137,7 +145,7 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
 
 /// Runs the dashboard until the user quits. Returns how the run it started ended (or its
 /// error).
-pub fn run(mut o: Options) -> Result<Option<TrainOutcome>> {
+pub fn run(mut o: Options) -> Result<Exit> {
     let events = o.run_dir.join("events.jsonl");
     if !o.run_dir.exists() && o.training.is_none() {
         return Err(Error::invalid(format!(
@@ -171,6 +179,7 @@ pub fn run(mut o: Options) -> Result<Option<TrainOutcome>> {
     let mut sampling: Option<Receiver<Result<(u64, String)>>> = None;
     let mut last_sample_step = 0u64;
     let mut quitting = false;
+    let mut ctrl_c_pressed = false;
     let mut result = Ok(None);
     loop {
         // New events (a scrolled or paused log keeps showing the same lines).
@@ -250,6 +259,7 @@ pub fn run(mut o: Options) -> Result<Option<TrainOutcome>> {
         let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
         match k.code {
             _ if ctrl_c || k.code == KeyCode::Char('q') || k.code == KeyCode::Esc => {
+                ctrl_c_pressed |= ctrl_c;
                 match &o.training {
                     Some(t) => {
                         t.stop.store(true, Ordering::SeqCst);
@@ -291,7 +301,10 @@ pub fn run(mut o: Options) -> Result<Option<TrainOutcome>> {
         }
     }
     drop(guard);
-    result
+    result.map(|outcome| Exit {
+        outcome,
+        ctrl_c: ctrl_c_pressed,
+    })
 }
 
 fn start_sample(run_dir: &Path) -> Receiver<Result<(u64, String)>> {

@@ -17,6 +17,16 @@
 //! | CRC-32 of everything above (u32) | 4 |
 //! | end magic `HGCKEND\0` | 8 |
 
+/// Where a handgrad run folder keeps its checkpoints, relative to the folder (the one place
+/// this layout is spelled; `train::RunPaths` and the model loader use it).
+pub const RUN_CHECKPOINTS: &str = "checkpoints";
+/// The checkpoint a run writes as it goes, in [`RUN_CHECKPOINTS`].
+pub const RUN_LATEST: &str = "latest";
+/// The checkpoint of the best validation loss, in [`RUN_CHECKPOINTS`].
+pub const RUN_BEST: &str = "best";
+/// The training settings a run folder holds.
+pub const RUN_TRAIN_CONFIG: &str = "train_config.json";
+
 use std::io::Write;
 use std::path::Path;
 

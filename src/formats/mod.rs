@@ -88,11 +88,19 @@ pub enum ModelFormat {
     Llama2c,
     Gguf,
     Checkpoint,
+    /// A handgrad run folder: its latest checkpoint.
+    RunFolder,
 }
 
 /// Recognises a model file or folder by its content.
 pub fn detect(path: &Path) -> Result<ModelFormat> {
     if path.is_dir() {
+        // A run folder also holds a config.json: tell it apart by its training settings.
+        if path.join(checkpoint::RUN_TRAIN_CONFIG).exists()
+            || path.join(checkpoint::RUN_CHECKPOINTS).is_dir()
+        {
+            return Ok(ModelFormat::RunFolder);
+        }
         if path.join("config.json").exists() {
             return Ok(ModelFormat::HuggingFace);
         }
@@ -131,6 +139,20 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         ModelFormat::HuggingFace => hf::load(path),
         ModelFormat::Llama2c => llama2c::load(path),
         ModelFormat::Gguf => gguf::load(path),
+        ModelFormat::RunFolder => {
+            let latest = path
+                .join(checkpoint::RUN_CHECKPOINTS)
+                .join(checkpoint::RUN_LATEST);
+            if !latest.exists() {
+                return Err(Error::format(
+                    path,
+                    "a handgrad run folder without a checkpoint yet (it saves one every --save-every updates and when it ends)",
+                ));
+            }
+            let mut m = load_model(&latest)?;
+            m.format = format!("handgrad run folder, {}", m.format);
+            Ok(m)
+        }
         ModelFormat::Checkpoint => {
             let ck = checkpoint::Checkpoint::load(path)?;
             let cfg =

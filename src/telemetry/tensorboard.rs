@@ -124,6 +124,19 @@ impl TensorBoardSink {
         }
     }
 
+    /// A writer for the run in `run_dir` under a TensorBoard log folder: its files go into
+    /// `logdir/NAME` (NAME: the run folder's name), so each run shows as its own run in
+    /// TensorBoard, as Hugging Face and Lightning lay them out; a resumed run adds its file
+    /// beside its first.
+    pub fn for_run(logdir: &Path, run_dir: &Path) -> Self {
+        let name = run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .unwrap_or_else(|| "run".into());
+        Self::new(&logdir.join(name))
+    }
+
     /// The event file, once created.
     pub fn path(&self) -> Option<&Path> {
         self.file.as_ref().map(|(p, _)| p.as_path())

@@ -156,10 +156,7 @@ impl TrainConfig {
 
     /// The backend and precision.
     pub fn backend(&self) -> Backend {
-        Backend {
-            kind: self.backend,
-            precision: self.precision,
-        }
+        Backend::new(self.backend, self.precision)
     }
 
     /// Tokens consumed by one optimizer update (by all ranks together).

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use super::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::Checkpoint;
+use crate::formats::checkpoint::{
+    Checkpoint, RUN_BEST, RUN_CHECKPOINTS, RUN_LATEST, RUN_TRAIN_CONFIG,
+};
 use crate::model::ModelConfig;
 use crate::tokenizer::Tokenizer;
 use crate::util::fsutil::{create_dir_all, write_atomic};
@@ -17,17 +19,55 @@ pub struct RunPaths {
 }
 
 impl RunPaths {
+    /// An existing run folder to read from (`generate`, `eval`): a missing folder, or one that
+    /// is not a run, is refused in one line.
+    pub fn existing(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "there is no run folder {} (runs are in runs/ unless --run-dir chose another)",
+                dir.display()
+            )));
+        }
+        let p = RunPaths {
+            dir: dir.to_path_buf(),
+        };
+        if !p.train_config().exists() && !p.checkpoints().exists() {
+            return Err(Error::invalid(format!(
+                "{} is not a handgrad run folder (it has no {RUN_TRAIN_CONFIG}); for a model file or folder use --model",
+                dir.display()
+            )));
+        }
+        Ok(p)
+    }
+
+    /// The checkpoint to read: `latest`, or `best` with `best`; an error when the run has not
+    /// saved it yet.
+    pub fn checkpoint_to_read(&self, best: bool) -> Result<PathBuf> {
+        let path = if best { self.best() } else { self.latest() };
+        if path.exists() {
+            return Ok(path);
+        }
+        Err(Error::invalid(format!(
+            "the run in {} has no {} checkpoint yet (it saves one every --save-every updates and when it ends)",
+            self.dir.display(),
+            if best { RUN_BEST } else { RUN_LATEST }
+        )))
+    }
+
+    pub fn train_config(&self) -> PathBuf {
+        self.dir.join(RUN_TRAIN_CONFIG)
+    }
     pub fn checkpoints(&self) -> PathBuf {
-        self.dir.join("checkpoints")
+        self.dir.join(RUN_CHECKPOINTS)
     }
     pub fn latest(&self) -> PathBuf {
-        self.checkpoints().join("latest")
+        self.checkpoints().join(RUN_LATEST)
     }
     pub fn latest_prev(&self) -> PathBuf {
-        self.checkpoints().join("latest.prev")
+        self.checkpoints().join(format!("{RUN_LATEST}.prev"))
     }
     pub fn best(&self) -> PathBuf {
-        self.checkpoints().join("best")
+        self.checkpoints().join(RUN_BEST)
     }
     pub fn events(&self) -> PathBuf {
         self.dir.join("events.jsonl")
@@ -120,11 +160,7 @@ pub fn prepare(
     }
     check_writable(&paths.dir)?;
     create_dir_all(&paths.checkpoints())?;
-    write_json(
-        &paths.dir.join("train_config.json"),
-        cfg,
-        "encoding the training config",
-    )?;
+    write_json(&paths.train_config(), cfg, "encoding the training config")?;
     // A fresh run writes them; a resumed one only if they are missing (a run restarted before
     // its first checkpoint, a folder tidied by hand).
     if !resume || !paths.dir.join("config.json").exists() {

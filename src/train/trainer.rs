@@ -194,6 +194,14 @@ impl Trainer {
         }
         let mut bus = EventBus::new(sinks);
         let (mut warnings, mut notes) = (Vec::new(), std::mem::take(&mut opts.notes));
+        let cores = num_cpus::get();
+        if opts.threads > cores {
+            warnings.push(format!(
+                "{} threads on a machine with {cores} logical cores: the threads take turns and dense math slows down (the default is the physical cores, {})",
+                opts.threads,
+                default_threads()
+            ));
+        }
 
         // 0. The run folder is this trainer's from here on (a second one is refused); what a
         // killed predecessor left half-written goes. Only rank 0 writes in it.

@@ -21,20 +21,22 @@ pub fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// Path of a shared fixture (`../shared/fixtures/REL` from the repository root), or `None`
-/// after printing why the test skips.
+/// Path of a test fixture: `../shared/fixtures/REL` beside the repository, or `fixtures/REL`
+/// in it (where `tools/fixtures/fetch_fixtures.py` puts the public files it fetches); `None`
+/// after printing why the test skips (strict mode fails instead).
 pub fn fixture(rel: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("shared")
-        .join("fixtures")
-        .join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        skip(&format!("fixture {} not found", p.display()));
-        None
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let places = [
+        root.join("..").join("shared").join("fixtures").join(rel),
+        root.join("fixtures").join(rel),
+    ];
+    if let Some(p) = places.iter().find(|p| p.exists()) {
+        return Some(p.clone());
     }
+    skip(&format!(
+        "fixture {rel} not found in ../shared/fixtures or fixtures/ (fetch it: python3 tools/fixtures/fetch_fixtures.py)"
+    ));
+    None
 }
 
 /// Derivative of `f` at 0 along a coordinate by the 4-point central stencil
