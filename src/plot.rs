@@ -121,9 +121,11 @@ pub fn read_run(path: &Path) -> Result<RunSeries> {
 }
 
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-        (a.min(v), b.max(v))
-    });
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -150,52 +152,187 @@ fn short(v: &f64) -> String {
     }
 }
 
-/// One run's series in one chart: its name, its lines and its dots.
-type Series = (String, Vec<(f64, f64)>, Vec<(f64, f64)>);
+/// One run's curve in one chart.
+struct Curve {
+    name: String,
+    /// The measurements, drawn as a line (faint behind their moving average when smoothed).
+    line: Vec<(f64, f64)>,
+    /// Separate measurements (validation), drawn as marked points.
+    points: Vec<(f64, f64)>,
+}
+
+/// How one chart is drawn.
+struct Spec<'a> {
+    title: &'a str,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    /// A logarithmic value axis (losses: their fall after the first hundred updates stays
+    /// visible).
+    log_y: bool,
+    /// Draw the moving average bright and the raw values faint behind it.
+    smooth: bool,
+    /// A value range that a few spikes do not flatten; points beyond it are drawn at the edge.
+    robust: bool,
+}
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-/// One chart: for every run, `lines` (solid) and optionally `points` (circles).
-fn chart(area: &Area, title: &str, x_label: &str, runs: &[Series]) -> Result<()> {
-    let err = |e: String| Error::invalid(format!("drawing the chart '{title}': {e}"));
+/// One chart of `runs` as `spec` says; every point is kept inside the panel.
+fn chart(area: &Area, spec: &Spec, runs: &[Curve]) -> Result<()> {
     let (x0, x1) = range(
         runs.iter()
-            .flat_map(|r| r.1.iter().chain(&r.2).map(|p| p.0)),
+            .flat_map(|r| r.line.iter().chain(&r.points).map(|p| p.0)),
     );
-    let (y0, y1) = range(
-        runs.iter()
-            .flat_map(|r| r.1.iter().chain(&r.2).map(|p| p.1)),
-    );
+    let ys: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.line.iter().chain(&r.points).map(|p| p.1))
+        .filter(|y| y.is_finite() && (!spec.log_y || *y > 0.0))
+        .collect();
+    let (mut y0, mut y1) = if spec.robust {
+        crate::util::series::robust_range(&ys)
+    } else {
+        range(ys.iter().copied())
+    };
+    if spec.log_y {
+        let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (y0, y1) = if lo.is_finite() && hi > 0.0 {
+            (lo / 1.05, hi * 1.05)
+        } else {
+            (0.1, 10.0)
+        };
+    }
+    // Every value inside the panel: nothing is drawn over a neighbouring chart.
+    let fit = |p: &(f64, f64)| (p.0, crate::util::series::clamp(p.1, y0, y1));
+    let curves: Vec<(String, Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>)> = runs
+        .iter()
+        .map(|r| {
+            let raw: Vec<(f64, f64)> = r.line.iter().map(fit).collect();
+            let smooth = if spec.smooth {
+                let ys: Vec<f64> = r.line.iter().map(|p| p.1).collect();
+                let e = crate::util::series::ema(&ys, crate::util::series::ema_window(ys.len()));
+                r.line.iter().zip(e).map(|(p, y)| fit(&(p.0, y))).collect()
+            } else {
+                Vec::new()
+            };
+            (
+                r.name.clone(),
+                raw,
+                smooth,
+                r.points.iter().map(fit).collect(),
+            )
+        })
+        .collect();
+    if spec.log_y {
+        // Drawn in ln space with ticks at 1-2-5 values of each decade (plotters' own log axis
+        // labels only powers of ten, often a single "1" for a loss curve).
+        let ln = |c: &Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+            c.iter().map(|p| (p.0, p.1.ln())).collect()
+        };
+        let logged: Vec<_> = curves
+            .iter()
+            .map(|(n, a, b, c)| (n.clone(), ln(a), ln(b), ln(c)))
+            .collect();
+        let ticks = crate::util::series::log_ticks(y0, y1, 8);
+        draw(area, spec, &logged, x0..x1, y0.ln()..y1.ln(), Some(&ticks))
+    } else {
+        draw(area, spec, &curves, x0..x1, y0..y1, None)
+    }
+}
+
+/// Draws prepared curves `(name, raw, smoothed, points)` on a value axis `y`.
+/// With `log_ticks`, the values are logarithms and the axis is labelled at those values.
+fn draw(
+    area: &Area,
+    spec: &Spec,
+    curves: &[(String, Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>)],
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    log_ticks: Option<&[f64]>,
+) -> Result<()> {
+    let title = spec.title;
+    let err = |e: String| Error::invalid(format!("drawing the chart '{title}': {e}"));
+    let (x0, x1) = (x.start, x.end);
     let mut c = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 22))
         .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, y0..y1)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, y)
         .map_err(|e| err(e.to_string()))?;
     c.configure_mesh()
         .x_labels(6)
-        .y_labels(6)
+        .y_labels(if log_ticks.is_some() { 0 } else { 8 })
         .x_label_formatter(&short)
         .y_label_formatter(&short)
-        .x_desc(x_label)
+        .x_desc(spec.x_desc)
+        .y_desc(spec.y_desc)
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
         .draw()
         .map_err(|e| err(e.to_string()))?;
-    for (i, (name, lines, points)) in runs.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        c.draw_series(LineSeries::new(
-            lines.iter().copied(),
-            color.stroke_width(2),
-        ))
-        .map_err(|e| err(e.to_string()))?
-        .label(name.clone())
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        if !points.is_empty() {
-            c.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(|e| err(e.to_string()))?;
+    if let Some(ticks) = log_ticks {
+        // Grid lines and labels at the tick values (the labels left of the axis).
+        for &t in ticks {
+            let yv = t.ln();
+            c.draw_series(std::iter::once(PathElement::new(
+                vec![(x0, yv), (x1, yv)],
+                BLACK.mix(0.15),
+            )))
+            .map_err(|e| err(e.to_string()))?;
+            c.draw_series(std::iter::once(
+                EmptyElement::at((x0, yv))
+                    + Text::new(
+                        short(&t),
+                        (-8, 0),
+                        ("sans-serif", 14).into_font().into_text_style(area).pos(
+                            plotters::style::text_anchor::Pos::new(
+                                plotters::style::text_anchor::HPos::Right,
+                                plotters::style::text_anchor::VPos::Center,
+                            ),
+                        ),
+                    ),
+            ))
+            .map_err(|e| err(e.to_string()))?;
         }
+    }
+    let mut any_points = false;
+    for (i, (name, raw, smooth, points)) in curves.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let main = if smooth.is_empty() { raw } else { smooth };
+        if !smooth.is_empty() {
+            c.draw_series(LineSeries::new(
+                raw.iter().copied(),
+                color.mix(0.25).stroke_width(1),
+            ))
+            .map_err(|e| err(e.to_string()))?;
+        }
+        c.draw_series(LineSeries::new(main.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(e.to_string()))?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        if !points.is_empty() {
+            any_points = true;
+            // Validation: diamonds with a dark edge, unlike any line.
+            c.draw_series(points.iter().map(|&p| {
+                EmptyElement::at(p)
+                    + Polygon::new(vec![(0, -6), (6, 0), (0, 6), (-6, 0)], color.filled())
+                    + PathElement::new(vec![(0, -6), (6, 0), (0, 6), (-6, 0), (0, -6)], BLACK)
+            }))
+            .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    if any_points {
+        // One legend entry for the marker itself.
+        c.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+            .map_err(|e| err(e.to_string()))?
+            .label("validation")
+            .legend(|(x, y)| {
+                EmptyElement::at((x + 9, y))
+                    + Polygon::new(vec![(0, -5), (5, 0), (0, 5), (-5, 0)], BLACK.filled())
+            });
     }
     c.configure_series_labels()
         .border_style(BLACK)
@@ -220,43 +357,69 @@ pub fn plot(runs: &[RunSeries], out: &Path, width: u32, height: u32) -> Result<(
         root.fill(&WHITE)
             .map_err(|e| Error::invalid(format!("drawing {}: {e}", out.display())))?;
         let panels = root.split_evenly((2, 2));
-        let by_step: Vec<_> = runs
-            .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    r.loss.iter().map(|p| (p.0, p.2)).collect(),
-                    r.val.iter().map(|p| (p.0, p.2)).collect(),
-                )
-            })
-            .collect();
+        let loss = |x: fn(&(f64, f64, f64)) -> f64| -> Vec<Curve> {
+            runs.iter()
+                .map(|r| Curve {
+                    name: r.name.clone(),
+                    line: r.loss.iter().map(|p| (x(p), p.2)).collect(),
+                    points: r.val.iter().map(|p| (x(p), p.2)).collect(),
+                })
+                .collect()
+        };
+        let loss_spec = |title, x_desc| Spec {
+            title,
+            x_desc,
+            y_desc: "loss (nats, log scale)",
+            log_y: true,
+            smooth: true,
+            robust: false,
+        };
         chart(
             &panels[0],
-            "loss (line: train, dots: validation)",
-            "update",
-            &by_step,
+            &loss_spec(
+                "loss: training (moving average, raw faint), validation",
+                "update",
+            ),
+            &loss(|p| p.0),
         )?;
-        let by_tokens: Vec<_> = runs
-            .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    r.loss.iter().map(|p| (p.1, p.2)).collect(),
-                    r.val.iter().map(|p| (p.1, p.2)).collect(),
-                )
-            })
-            .collect();
-        chart(&panels[1], "loss against tokens", "tokens", &by_tokens)?;
-        let lr: Vec<_> = runs
-            .iter()
-            .map(|r| (r.name.clone(), r.lr.clone(), Vec::new()))
-            .collect();
-        chart(&panels[2], "learning rate", "update", &lr)?;
-        let tps: Vec<_> = runs
-            .iter()
-            .map(|r| (r.name.clone(), r.tokens_per_s.clone(), Vec::new()))
-            .collect();
-        chart(&panels[3], "throughput (tokens/s)", "update", &tps)?;
+        chart(
+            &panels[1],
+            &loss_spec("loss against tokens", "tokens seen"),
+            &loss(|p| p.1),
+        )?;
+        let plain = |series: fn(&RunSeries) -> &Vec<(f64, f64)>| -> Vec<Curve> {
+            runs.iter()
+                .map(|r| Curve {
+                    name: r.name.clone(),
+                    line: series(r).clone(),
+                    points: Vec::new(),
+                })
+                .collect()
+        };
+        chart(
+            &panels[2],
+            &Spec {
+                title: "learning rate",
+                x_desc: "update",
+                y_desc: "learning rate",
+                log_y: false,
+                smooth: false,
+                robust: false,
+            },
+            &plain(|r| &r.lr),
+        )?;
+        chart(
+            &panels[3],
+            &Spec {
+                title: "throughput (spikes cut at the top)",
+                x_desc: "update",
+                y_desc: "tokens / s",
+                log_y: false,
+                smooth: true,
+                robust: true,
+            },
+            &plain(|r| &r.tokens_per_s),
+        )?;
         root.present()
             .map_err(|e| Error::invalid(format!("writing {}: {e}", out.display())))?;
     }

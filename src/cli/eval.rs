@@ -38,9 +38,11 @@ pub struct EvalArgs {
         default_value = "fp32,bf16,q8"
     )]
     weights: Vec<WeightFormat>,
-    /// Validation windows (evenly spread over the split).
-    #[arg(long, default_value_t = 64)]
-    windows: usize,
+    /// Validation windows, evenly spread over the split [default with --run-dir: the run's
+    /// own (its --eval-batches x --batch), so the fp32 loss is the run's validation loss at
+    /// that checkpoint; else 64].
+    #[arg(long)]
+    windows: Option<usize>,
     /// Tokens per window [default: the run's sequence length, else 256, at most the model's
     /// context].
     #[arg(long)]
@@ -57,7 +59,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let (path, data, seq_default) = match (&a.run_dir, &a.model) {
+    // What the numbers are compared with, said under the table.
+    let mut note = None;
+    let (path, data, seq_default, windows_default) = match (&a.run_dir, &a.model) {
         (Some(dir), None) => {
             let run = crate::train::RunPaths::existing(dir)?;
             let ck = run.checkpoint_to_read(a.best)?;
@@ -78,7 +82,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 }
                 None => Dataset::open(std::path::Path::new(&cfg.data), cfg.val_fraction)?,
             };
-            (ck, data, cfg.seq)
+            note = Some(if cfg.vocab_compaction {
+                "the run validated with vocabulary compaction (a compacted loss); these losses are over the full vocabulary, so they are higher".to_string()
+            } else if a.windows.is_none() && a.seq.is_none() && a.data.is_none() {
+                format!(
+                    "the run's own validation windows ({} = --eval-batches {} x --batch {}): fp32 is its validation loss at this checkpoint",
+                    cfg.eval_batches * cfg.batch,
+                    cfg.eval_batches,
+                    cfg.batch
+                )
+            } else {
+                "other windows than the run validated on (--windows, --seq or --data given): losses differ from its validation loss by sampling".to_string()
+            });
+            (ck, data, cfg.seq, (cfg.eval_batches * cfg.batch).max(1))
         }
         (None, Some(m)) => {
             let Some(d) = &a.data else {
@@ -86,7 +102,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                     "--model needs --data (token shards from handgrad prepare)",
                 ));
             };
-            (m.clone(), Dataset::open(d, a.val_fraction)?, 256)
+            (m.clone(), Dataset::open(d, a.val_fraction)?, 256, 64)
         }
         _ => return Err(Error::invalid("give --run-dir or --model")),
     };
@@ -97,7 +113,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let model = loaded.transformer();
     let seq = a.seq.unwrap_or(seq_default).min(model.cfg.max_seq_len);
     data.validate(model.cfg.vocab_size, seq)?;
-    let windows = data.val_windows(a.windows, seq);
+    let windows = data.val_windows(a.windows.unwrap_or(windows_default), seq);
     if windows.is_empty() {
         return Err(Error::invalid(format!(
             "the validation split has no window of {} tokens",
@@ -136,6 +152,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "windows": windows.len(),
             "seq": seq,
             "results": results,
+            "note": note,
         });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return Ok(());
@@ -159,6 +176,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "| {} | {:.4} | {:.3} | {vs} |",
             r.weights, r.loss, r.perplexity
         );
+    }
+    if let Some(n) = note {
+        println!("({n})");
     }
     Ok(())
 }

@@ -166,43 +166,68 @@ fn draw_waiting(f: &mut Frame, v: &RunView, ui: &UiState, area: Rect) {
     f.render_widget(Paragraph::new(lines).block(Block::bordered()), area);
 }
 
+/// The loss on a logarithmic axis (its fall after the first hundred updates stays visible):
+/// the training loss's moving average bright, the raw values dim behind it, validation as
+/// separate marks.
 fn draw_loss(f: &mut Frame, v: &RunView, area: Rect) {
-    let train: Vec<(f64, f64)> = v.train.iter().map(|&(s, _, l)| (s, l)).collect();
-    let val: Vec<(f64, f64)> = v.val.iter().map(|&(s, _, l)| (s, l)).collect();
-    let all = train.iter().chain(&val);
-    let (lo, hi) = all
-        .clone()
+    use crate::util::series::{ema, ema_window};
+    let positive = |&(s, _, l): &(f64, f64, f64)| (l > 0.0 && l.is_finite()).then_some((s, l));
+    let train: Vec<(f64, f64)> = v.train.iter().filter_map(positive).collect();
+    let val: Vec<(f64, f64)> = v.val.iter().filter_map(positive).collect();
+    let (lo, hi) = train
+        .iter()
+        .chain(&val)
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &(_, y)| {
             (a.min(y), b.max(y))
         });
     let (lo, hi) = if lo.is_finite() {
-        (lo, hi.max(lo + 1e-6))
+        (lo / 1.02, (hi * 1.02).max(lo * 1.05))
     } else {
-        (0.0, 1.0)
+        (0.5, 10.0)
     };
+    let ln =
+        |pts: &[(f64, f64)]| -> Vec<(f64, f64)> { pts.iter().map(|&(s, y)| (s, y.ln())).collect() };
+    let raw = ln(&train);
+    let ys: Vec<f64> = train.iter().map(|p| p.1).collect();
+    let smooth: Vec<(f64, f64)> = train
+        .iter()
+        .zip(ema(&ys, ema_window(ys.len())))
+        .map(|(&(s, _), y)| (s, y.ln()))
+        .collect();
+    let val = ln(&val);
     let x_max = v
         .latest
         .as_ref()
         .map_or(1.0, |l| l.total.max(l.step).max(1) as f64);
     let tokens = v.latest.as_ref().map_or(0, |l| l.tokens_seen);
+    let last = smooth
+        .last()
+        .map_or(String::new(), |p| format!(" {:.3}", p.1.exp()));
     let title = format!(
-        "loss ─train •val  {lo:.3}..{hi:.3}  {} tokens",
+        "loss{last} (log) ━avg ┄raw █val {} tok",
         crate::model::config::human_count(tokens as usize)
     );
     let datasets = vec![
         Dataset::default()
-            .name("train")
+            .name("raw")
+            .marker(Marker::Braille)
+            .graph_type(GraphType::Line)
+            .style(Style::default().fg(Color::DarkGray))
+            .data(&raw),
+        Dataset::default()
+            .name("average")
             .marker(Marker::Braille)
             .graph_type(GraphType::Line)
             .style(Style::default().fg(Color::Cyan))
-            .data(&train),
+            .data(&smooth),
         Dataset::default()
             .name("val")
-            .marker(Marker::Dot)
+            .marker(Marker::Block)
             .graph_type(GraphType::Scatter)
             .style(Style::default().fg(Color::Yellow))
             .data(&val),
     ];
+    let labels = ((area.height as usize).saturating_sub(3) / 2).clamp(2, 6);
     let chart = Chart::new(datasets)
         .block(Block::bordered().title(title))
         .x_axis(Axis::default().bounds([0.0, x_max]).labels(vec![
@@ -210,12 +235,29 @@ fn draw_loss(f: &mut Frame, v: &RunView, area: Rect) {
             Span::raw(format!("{:.0}", x_max / 2.0)),
             Span::raw(format!("{x_max:.0} updates")),
         ]))
-        .y_axis(Axis::default().bounds([lo, hi]).labels(vec![
-            Span::raw(format!("{lo:.2}")),
-            Span::raw(format!("{hi:.2}")),
-        ]))
+        .y_axis(
+            Axis::default()
+                .bounds([lo.ln(), hi.ln()])
+                .labels(log_axis_labels(lo, hi, labels)),
+        )
         .hidden_legend_constraints((Constraint::Ratio(0, 1), Constraint::Ratio(0, 1)));
     f.render_widget(chart, area);
+}
+
+/// `n` labels of a ratatui axis over `[ln lo, ln hi]`: ratatui spreads labels evenly, so each
+/// gets the value at its height.
+fn log_axis_labels(lo: f64, hi: f64, n: usize) -> Vec<Span<'static>> {
+    let n = n.max(2);
+    (0..n)
+        .map(|i| {
+            let y = (lo.ln() + (hi.ln() - lo.ln()) * i as f64 / (n - 1) as f64).exp();
+            Span::raw(if y >= 10.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.2}")
+            })
+        })
+        .collect()
 }
 
 fn draw_stats(f: &mut Frame, v: &RunView, ui: &UiState, area: Rect) {

@@ -4,3 +4,4 @@ pub mod alloc;
 pub mod fsutil;
 pub mod mem;
 pub mod rng;
+pub mod series;
