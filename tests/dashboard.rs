@@ -63,7 +63,7 @@ fn a_short_run_shows_every_panel_at_80x24_and_200x60() {
                 "[completed]",
                 "LlamaForCausalLM",
                 "backend cpu fp32",
-                "loss ─train",
+                "(log) ━avg",
                 "update 12/12 (100%)",
                 "tokens/s",
                 "time per block",
@@ -133,7 +133,7 @@ fn a_resumed_run_continues_its_curve() {
 fn small_terminals_degrade_cleanly() {
     let v = view("eval");
     let s = render(&v, 60, 16);
-    assert_has(&s, &["loss ─train", "stats"]);
+    assert_has(&s, &["(log) ━avg", "stats"]);
     let s = render(&v, 30, 8);
     assert_has(&s, &["terminal too small", "update 30/30"]);
 }
@@ -193,6 +193,14 @@ fn the_dashboard_runs_in_a_real_terminal_and_restores_it() {
         common::skip("tmux is not installed (apt-get install tmux)");
         return;
     }
+    // q quits (exit 0); Ctrl-C quits too, with the exit status of an interrupt (130), as
+    // without the dashboard.
+    for (key, status) in [("q", 0), ("C-c", 130)] {
+        dashboard_in_tmux(key, status);
+    }
+}
+
+fn dashboard_in_tmux(key: &str, status: i32) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     std::fs::create_dir(&run).unwrap();
@@ -201,7 +209,7 @@ fn the_dashboard_runs_in_a_real_terminal_and_restores_it() {
         run.join("events.jsonl"),
     )
     .unwrap();
-    let session = format!("hg{}", std::process::id());
+    let session = format!("hg{}{}", std::process::id(), status);
     let cmd = format!(
         "{} dashboard {} --sample-every 0; echo DASHBOARD-EXITED-$?; sleep 30",
         env!("CARGO_BIN_EXE_handgrad"),
@@ -231,10 +239,10 @@ fn the_dashboard_runs_in_a_real_terminal_and_restores_it() {
         }
     }
     let shown = screen.contains("update 30/30")
-        && screen.contains("loss ─train")
+        && screen.contains("(log) ━avg")
         && screen.contains("tokens/s");
     if shown {
-        tmux(&["send-keys", "-t", &session, "q"]);
+        tmux(&["send-keys", "-t", &session, key]);
         for _ in 0..50 {
             std::thread::sleep(std::time::Duration::from_millis(100));
             if capture().contains("DASHBOARD-EXITED") {
@@ -246,12 +254,41 @@ fn the_dashboard_runs_in_a_real_terminal_and_restores_it() {
     tmux(&["kill-session", "-t", &session]);
     assert!(shown, "the dashboard did not show the run:\n{screen}");
     assert!(
-        after.contains("DASHBOARD-EXITED-0"),
-        "q did not exit cleanly:\n{after}"
+        after.contains(&format!("DASHBOARD-EXITED-{status}")),
+        "{key} did not exit with {status}:\n{after}"
     );
     // The alternate screen is gone: the UI is no longer on screen.
     assert!(
-        !after.contains("loss ─train"),
+        !after.contains("(log) ━avg"),
         "the terminal was not restored:\n{after}"
     );
+}
+
+/// The loss axis is logarithmic: with a loss falling from 10 to 1, the middle label of three is
+/// the geometric mean (3.16), not the arithmetic one (5.5), so the slow fall after the first
+/// updates keeps its height on screen.
+#[test]
+fn the_loss_axis_is_logarithmic() {
+    let mut v = view("short");
+    v.train = (0..100)
+        .map(|i| (i as f64, 0.0, 10f64.powf(1.0 - i as f64 / 99.0)))
+        .collect();
+    v.val.clear();
+    // Labels from about 10 at the top to about 1 at the bottom.
+    let s = render(&v, 200, 40);
+    let labels: Vec<f64> = s
+        .iter()
+        .filter_map(|r| {
+            let cell = r.trim_start_matches('│').split('│').next()?.trim();
+            cell.parse::<f64>().ok()
+        })
+        .collect();
+    assert!(labels.len() >= 3, "{labels:?}\n{}", s.join("\n"));
+    let (top, bottom) = (labels[0], labels[labels.len() - 1]);
+    assert!(top > 9.0 && bottom < 1.1, "{labels:?}");
+    // Evenly spaced labels are evenly spaced in log: each is the same ratio from the next.
+    let ratios: Vec<f64> = labels.windows(2).map(|w| w[0] / w[1]).collect();
+    for r in &ratios {
+        assert!((r / ratios[0] - 1.0).abs() < 0.05, "{labels:?}");
+    }
 }
