@@ -72,6 +72,14 @@ impl AnePlatform for Shared {
     fn write_surface(&mut self, s: u64, d: &[u8]) -> Result<(), String> {
         self.0.lock().unwrap().write_surface(s, d)
     }
+    fn write_surface_rows(
+        &mut self,
+        s: u64,
+        rows: handgrad::backend::ane::runtime::RowWrite,
+        d: &[u8],
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().write_surface_rows(s, rows, d)
+    }
     fn read_surface(&mut self, s: u64, o: &mut [u8]) -> Result<(), String> {
         self.0.lock().unwrap().read_surface(s, o)
     }
@@ -226,7 +234,8 @@ fn several_inputs_are_bound_alphabetically_with_equal_surfaces() {
             _ => None,
         })
         .collect();
-    assert_eq!(sizes, vec![60_000, 60_000, 60_000, MIN_SURFACE_BYTES]);
+    // The output surface first (shared by every binding set), then the inputs.
+    assert_eq!(sizes, vec![MIN_SURFACE_BYTES, 60_000, 60_000, 60_000]);
     // Written in binding order a_weights, m, x: 60000, 10, 100 bytes.
     let writes: Vec<usize> = calls
         .iter()
@@ -360,20 +369,49 @@ fn a_new_kernel_set_is_compiled_whole_within_the_budget_or_not_at_all() {
     );
     // The set of seq 16 is still the one in use.
     assert_eq!(budget.used(), 20);
-    // A compile that fails mid-set (the leaking compiler) leaves the previous set in place.
-    let mut k = AneKernels::device(
-        Box::new(FakePlatform::new(Faults {
-            compile_fails_at: Some(14),
-            ..Default::default()
-        })),
-        Target::Ios18,
-        "ane-fake",
-    )
-    .with_budget(Arc::new(CompileBudget::new(100)));
+    // With --ane-strict, a compile that fails mid-set (the leaking compiler) is an error and
+    // leaves the previous set in place.
+    let fails_at_14 = || {
+        AneKernels::device(
+            Box::new(FakePlatform::new(Faults {
+                compile_fails_at: Some(14),
+                ..Default::default()
+            })),
+            Target::Ios18,
+            "ane-fake",
+        )
+        .with_budget(Arc::new(CompileBudget::new(100)))
+    };
+    let mut k = fails_at_14().with_options(handgrad::backend::ane::AneOptions {
+        strict: true,
+        ..Default::default()
+    });
     k.prepare(&shape(32)).unwrap();
     let e = k.prepare(&shape(16)).unwrap_err().to_string();
-    assert!(e.contains("ANECCompile() FAILED"), "{e}");
+    assert!(
+        e.contains("ANECCompile() FAILED") && e.contains("ffnBwdW2t"),
+        "{e}"
+    );
     assert!(k.is_prepared_for(&shape(32)));
+    // Without it, that kernel (the 4th of the second set: ffnBwdW2t) runs on the CPU.
+    let mut k = fails_at_14();
+    k.prepare(&shape(32)).unwrap();
+    k.prepare(&shape(16)).unwrap();
+    assert!(k.is_prepared_for(&shape(16)));
+    let placed = k.placement();
+    let cpu: Vec<&str> = placed
+        .iter()
+        .filter(|p| p.on == "cpu")
+        .map(|p| p.kernel.as_str())
+        .collect();
+    assert_eq!(cpu, ["ffnBwdW2t"]);
+    assert!(
+        k.warnings()
+            .iter()
+            .any(|w| w.contains("ffnBwdW2t runs on the CPU instead") && w.contains("ANECCompile")),
+        "{:?}",
+        k.warnings()
+    );
 }
 
 fn tiny(steps: usize, backend: BackendKind) -> TrainConfig {

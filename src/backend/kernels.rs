@@ -33,6 +33,33 @@ pub struct LinearOut<'a> {
     pub w: Matrix<'a>,
 }
 
+/// What an accelerator did since it was last asked ([`Kernels::take_accelerator_stats`]): a
+/// step event reports it per optimizer update, so the time of the kernels themselves can be
+/// told from the CPU's work around them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AcceleratorStats {
+    /// Time in the accelerator's programs (the device's evaluations, or the simulator's runs).
+    pub kernel_ms: f64,
+    /// Time writing their input surfaces and reading their outputs (f32 <-> fp16 packing).
+    pub staging_ms: f64,
+    /// Bytes written into input surfaces.
+    pub bytes_staged: u64,
+    /// Of which weights (written once per optimizer update when the caller tracks its weights).
+    pub weight_bytes_staged: u64,
+    /// Program evaluations.
+    pub calls: u64,
+}
+
+/// Where one of the original's ten kernels runs (`on`: the backend's name, or `cpu` with the
+/// reason).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KernelPlacement {
+    pub kernel: String,
+    pub on: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// How closely a backend matches the reference kernels, as the conformance suite checks it:
 /// the largest absolute difference of any output element, divided by the largest absolute
 /// reference value of that output, must not exceed `rel`.
@@ -75,6 +102,26 @@ pub trait Kernels: Send + Sync {
     /// `backend::conformance`).
     fn tolerance(&self) -> Tolerance {
         Tolerance::FP32
+    }
+
+    /// Where the original's ten kernels run after `prepare` (empty: all on this backend's own
+    /// kernels, as on the CPU).
+    fn placement(&self) -> Vec<KernelPlacement> {
+        Vec::new()
+    }
+
+    /// The caller tracks its weights: it calls [`Kernels::weights_changed`] whenever they
+    /// change. Until then a backend that copies weights (the Neural Engine's surfaces) copies
+    /// them on every call. Idempotent.
+    fn track_weights(&self) {}
+
+    /// The weights the next calls read are not those of the previous calls (after an optimizer
+    /// update): a backend keeping copies writes them again, once.
+    fn weights_changed(&self) {}
+
+    /// What an accelerator did since the last call of this method (`None` on the CPU).
+    fn take_accelerator_stats(&self) -> Option<AcceleratorStats> {
+        None
     }
 
     /// Bytes this backend allocates for steps of `shape` besides the activations (packing

@@ -19,7 +19,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use blocks::{Attend, AttentionActs, AttentionWeights, FfnActs, FfnWeights, KvCache};
-pub use kernels::{Kernels, LinearOut, Tolerance};
+pub use kernels::{AcceleratorStats, KernelPlacement, Kernels, LinearOut, Tolerance};
 pub use types::{
     AttentionShape, CachedAttentionShape, CompactWeights, LinearShape, Matrix, ModelDims,
     NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable, StepShape,
@@ -100,6 +100,10 @@ pub struct BackendInfo {
     pub precision: Precision,
     /// The kernels in use, in words.
     pub details: String,
+    /// Where the original's ten kernels run, on an accelerator backend (a kernel the device
+    /// rejected runs on the CPU, with the reason).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<KernelPlacement>,
 }
 
 impl BackendKind {
@@ -182,6 +186,7 @@ impl Backend {
                 BackendKind::AneFake => "the ten ANE kernels through the ANE runtime's call sequence against a fake device (the simulator); the rest on the CPU in f32".to_string(),
                 _ => cpu::describe(self.precision == Precision::Bf16),
             },
+            kernels: Vec::new(),
         }
     }
 

@@ -141,6 +141,11 @@ pub enum Event {
         /// Time per kernel block of this update.
         #[serde(default)]
         kernels: Vec<KernelTime>,
+        /// On an accelerator backend (ane, ane-sim): the time of its programs, of staging
+        /// their surfaces, and of the CPU's work (the rest of `ms`, the optimizer included),
+        /// and the bytes written into its surfaces.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        accelerator: Option<AcceleratorStep>,
         /// Resident memory of the process (every few updates; absent otherwise).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rss_bytes: Option<u64>,
@@ -215,6 +220,24 @@ pub enum Event {
         /// Peak resident memory of the process, where the platform reports it.
         peak_rss_bytes: Option<u64>,
     },
+}
+
+/// Where an update's time went on an accelerator backend.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AcceleratorStep {
+    /// The accelerator's programs: evaluations on the device (or in the simulator).
+    pub kernel_ms: f64,
+    /// Writing their input surfaces and reading their outputs (f32 <-> fp16 packing).
+    pub staging_ms: f64,
+    /// Everything else, on the CPU: embedding, norms, SwiGLU and RoPE backward, weight
+    /// gradients, classifier and loss, AdamW (the update's `ms` minus the two above).
+    pub cpu_ms: f64,
+    /// Bytes written into the programs' input surfaces during the update.
+    pub bytes_staged: u64,
+    /// Of which weights (each layer's, once per optimizer update).
+    pub weight_bytes_staged: u64,
+    /// Program evaluations.
+    pub calls: u64,
 }
 
 /// An event with its time and format version, as sinks receive it and `events.jsonl` holds it.

@@ -12,5 +12,5 @@ pub mod wandb;
 
 pub use bus::EventBus;
 pub use console::{ConsoleMode, ConsoleSink, human_bytes};
-pub use events::{CheckpointKind, EndReason, Event, LossKind, Record};
+pub use events::{AcceleratorStep, CheckpointKind, EndReason, Event, LossKind, Record};
 pub use sinks::{EventSink, JsonlSink, MemorySink};

@@ -62,6 +62,9 @@ pub struct StepStats {
     pub clipped: bool,
     /// False when the loss or the gradient was not finite: the update was not applied.
     pub applied: bool,
+    /// What an accelerator backend did during the update (its kernels' time, staging, bytes
+    /// written into its surfaces); `None` on the CPU.
+    pub accelerator: Option<crate::backend::AcceleratorStats>,
 }
 
 impl TrainStep<'_> {
@@ -76,6 +79,11 @@ impl TrainStep<'_> {
         lr: f64,
     ) -> Result<StepStats> {
         crate::optim::adamw::zero(&mut state.grads);
+        // The parameters change only in the update below: a backend may keep copies of them
+        // between calls (the Neural Engine's staged weights).
+        self.kernels.track_weights();
+        // What the accelerator did outside updates (evaluation) is not this update's.
+        let _ = self.kernels.take_accelerator_stats();
         let mut loss_sum = 0.0;
         for _ in 0..self.accum.max(1) {
             next_batch(&mut state.inputs, &mut state.targets);
@@ -116,6 +124,7 @@ impl TrainStep<'_> {
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
             state.opt.step(&mut state.params, &state.grads, lr, factor);
+            self.kernels.weights_changed();
         }
         acts.timings.add(Section::Optimizer, t_opt);
         Ok(StepStats {
@@ -123,6 +132,7 @@ impl TrainStep<'_> {
             grad_norm,
             clipped,
             applied,
+            accelerator: self.kernels.take_accelerator_stats(),
         })
     }
 }

@@ -499,7 +499,11 @@ impl Trainer {
                 split: self.data.split.clone(),
             },
             tokenizer: self.tokenizer_id(),
-            backend: cfg.backend().info(),
+            backend: {
+                let mut info = cfg.backend().info();
+                info.kernels = self.kernels.placement();
+                info
+            },
             tokens_per_update: cfg.tokens_per_update(),
             flops_per_update: model.cfg.train_flops(cfg.batch, cfg.seq)
                 * (cfg.accum * cfg.ranks.max(1)) as f64,
@@ -609,6 +613,16 @@ impl Trainer {
             tokens_per_s: tokens as f64 / secs,
             tokens_seen: c.tokens_seen,
             kernels: acts.timings.kernel_ms(),
+            accelerator: stats
+                .accelerator
+                .map(|a| crate::telemetry::AcceleratorStep {
+                    kernel_ms: a.kernel_ms,
+                    staging_ms: a.staging_ms,
+                    cpu_ms: (secs * 1e3 - a.kernel_ms - a.staging_ms).max(0.0),
+                    bytes_staged: a.bytes_staged,
+                    weight_bytes_staged: a.weight_bytes_staged,
+                    calls: a.calls,
+                }),
             rss_bytes: rss,
             loss_scale: reported_scale,
             skipped: verdict == Verdict::Skipped,

@@ -76,8 +76,34 @@ pub const MANY_BLOBS: Rule = Rule {
     source: "maderix/ANE community compatibility matrix",
 };
 
+pub const UNPROVEN_FORM: Rule = Rule {
+    id: "ANE011",
+    title: "op form not yet run on the Neural Engine (no program known to run on the chip uses it; the compiler may reject it or compute something else)",
+    source: "DESIGN.md section 3: the forms of maderix/ANE training_dynamic/mil_dynamic.h",
+};
+pub const TILE: Rule = Rule {
+    id: "ANE012",
+    title: "tile is reported to wedge the device until the process exits (repeat with slice_by_size and concat)",
+    source: "DESIGN.md section 3 (reports of people who ran such programs)",
+};
+pub const CONV_DYNAMIC_WEIGHT: Rule = Rule {
+    id: "ANE013",
+    title: "conv with a weight that is not a constant: the weight is ignored",
+    source: "DESIGN.md section 3 (reports of people who ran such programs)",
+};
+pub const QUANT_FORM: Rule = Rule {
+    id: "ANE014",
+    title: "quantize/dequantize exist only in the ios18 form (iOS 17 opset and later)",
+    source: "coremltools op definitions (iOS17 quantization ops)",
+};
+pub const NARROW_INPUT: Rule = Rule {
+    id: "ANE015",
+    title: "input width under 32 columns reads as garbage (M3 Max); widths should be multiples of 32",
+    source: "DESIGN.md section 3 (reports of people who ran such programs)",
+};
+
 /// Every rule.
-pub const RULES: [Rule; 10] = [
+pub const RULES: [Rule; 15] = [
     MATMUL_INNER_32,
     SDPA_MASK,
     CONCAT,
@@ -88,6 +114,11 @@ pub const RULES: [Rule; 10] = [
     CAST_IOS16,
     SURFACE_SHAPE,
     MANY_BLOBS,
+    UNPROVEN_FORM,
+    TILE,
+    CONV_DYNAMIC_WEIGHT,
+    QUANT_FORM,
+    NARROW_INPUT,
 ];
 
 /// Ops known to compile for the Neural Engine (those handgrad uses and their close relatives).
@@ -118,6 +149,7 @@ const KNOWN_OPS: &[&str] = &[
     "scaled_dot_product_attention",
     "quantize",
     "dequantize",
+    "tile",
 ];
 
 /// The smallest surface known to evaluate (bytes).
@@ -190,6 +222,24 @@ pub fn lint(p: &Program, files: &ProgramFiles) -> Vec<Finding> {
         }
         let bytes = t.elements() * t.dtype.bytes();
         io_sizes.push((*kind, *name, bytes));
+        if *kind == "input" && t.rank() == 4 {
+            let w = t.shape[3];
+            if w < 32 {
+                push(
+                    NARROW_INPUT,
+                    Severity::Error,
+                    format!("input '{name}'"),
+                    format!("{w} columns"),
+                );
+            } else if !w.is_multiple_of(32) {
+                push(
+                    NARROW_INPUT,
+                    Severity::Warning,
+                    format!("input '{name}'"),
+                    format!("{w} columns is not a multiple of 32"),
+                );
+            }
+        }
         if bytes < MIN_SURFACE_BYTES {
             push(
                 SMALL_SURFACE,
@@ -315,8 +365,45 @@ pub fn lint(p: &Program, files: &ProgramFiles) -> Vec<Finding> {
                     at.clone(),
                     "cast on target ios16".into(),
                 ),
+                "tile" => push(
+                    TILE,
+                    Severity::Error,
+                    at.clone(),
+                    "tile in a program".into(),
+                ),
+                "conv" => {
+                    let constant = match op.arg("weight") {
+                        Some(super::mil::Arg::Var(v)) => {
+                            matches!(p.op(v).map(|o| &o.kind), Some(OpKind::Const(_)))
+                        }
+                        _ => false,
+                    };
+                    if !constant {
+                        push(
+                            CONV_DYNAMIC_WEIGHT,
+                            Severity::Error,
+                            at.clone(),
+                            "the weight is computed, not a constant".into(),
+                        );
+                    }
+                }
+                "quantize" | "dequantize" if p.target != Target::Ios18 => push(
+                    QUANT_FORM,
+                    Severity::Error,
+                    at.clone(),
+                    format!("{name} on target {}", p.target),
+                ),
                 _ => {}
             },
+        }
+        // The op's form against the forms proven on the chip.
+        if let Some((form, false)) = super::forms::form_of(p, op) {
+            push(
+                UNPROVEN_FORM,
+                Severity::Warning,
+                at.clone(),
+                format!("{form} is not yet run on the Neural Engine"),
+            );
         }
     }
     out

@@ -82,6 +82,15 @@ impl Surface {
         }
     }
 
+    /// Writes each `v[i]` along channel `ch0 + i` over `n` columns from `col0`.
+    pub fn put_repeated(&mut self, ch0: usize, col0: usize, v: &[f32], n: usize) {
+        self.check(ch0, v.len(), col0, n);
+        for (i, &x) in v.iter().enumerate() {
+            let h = f16::from_f32(x);
+            self.data[(ch0 + i) * self.width + col0..][..n].fill(h);
+        }
+    }
+
     /// Writes a vector down one column: channel `ch0 + i`, column `col` gets `v[i]`.
     pub fn put_column(&mut self, ch0: usize, col: usize, v: &[f32]) {
         self.check(ch0, v.len(), col, 1);

@@ -15,7 +15,7 @@
 
 use std::ffi::{CStr, CString, c_char, c_void};
 
-use super::{AnePlatform, Handle, PlatformResult, QOS};
+use super::{AnePlatform, Handle, PlatformResult, QOS, RowWrite};
 use crate::error::{Error, Result};
 
 type Id = *mut c_void;
@@ -580,6 +580,33 @@ impl AnePlatform for ApplePlatform {
             }
             let base = (self.api.surface_base)(s.surface) as *mut u8;
             std::ptr::copy_nonoverlapping(data.as_ptr(), base, data.len());
+            (self.api.surface_unlock)(s.surface, 0, std::ptr::null_mut());
+        }
+        Ok(())
+    }
+
+    fn write_surface_rows(
+        &mut self,
+        surface: Handle,
+        rows: RowWrite,
+        data: &[u8],
+    ) -> PlatformResult<()> {
+        let s = self.surfaces.get(&surface).ok_or("no such surface")?;
+        rows.check(data.len(), s.bytes)?;
+        // SAFETY: the surface is live and locked for writing while its base address is used;
+        // every row copied stays within its allocation and within `data` (checked above).
+        unsafe {
+            if (self.api.surface_lock)(s.surface, 0, std::ptr::null_mut()) != 0 {
+                return Err("IOSurfaceLock failed".into());
+            }
+            let base = (self.api.surface_base)(s.surface) as *mut u8;
+            for (i, row) in data.chunks_exact(rows.row_len).enumerate() {
+                std::ptr::copy_nonoverlapping(
+                    row.as_ptr(),
+                    base.add(rows.offset + i * rows.stride),
+                    rows.row_len,
+                );
+            }
             (self.api.surface_unlock)(s.surface, 0, std::ptr::null_mut());
         }
         Ok(())

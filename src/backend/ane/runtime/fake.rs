@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use half::f16;
 
-use super::{AnePlatform, Handle, MIN_SURFACE_BYTES, PlatformResult};
+use super::{AnePlatform, Handle, MIN_SURFACE_BYTES, PlatformResult, RowWrite};
 use crate::backend::ane::mil::{DType, ProgramFiles, parse};
 use crate::backend::ane::sim::{Simulator, Tensor};
 
@@ -29,6 +29,8 @@ pub enum Call {
     CreateSurface(usize),
     ReleaseSurface(Handle),
     Write(Handle, usize),
+    /// A strided write: the surface, its rows and their bytes.
+    WriteRows(Handle, usize, usize),
     Read(Handle, usize),
     CreateRequest {
         inputs: Vec<Handle>,
@@ -49,6 +51,9 @@ pub struct Faults {
     pub evaluate_fails_at: Option<usize>,
     /// The N-th surface cannot be created.
     pub surface_fails_at: Option<usize>,
+    /// The N-th model compiled computes wrong results (every output value off by one), as a
+    /// compiler that mis-computes a form it was not shown would.
+    pub wrong_results_at: Option<usize>,
 }
 
 struct Model {
@@ -57,6 +62,8 @@ struct Model {
     sim: Option<Simulator>,
     compiled: bool,
     loaded: bool,
+    /// Computes wrong results (an injected fault).
+    wrong: bool,
 }
 
 /// The fake platform.
@@ -114,7 +121,7 @@ impl FakePlatform {
         self.temp.as_ref().map(|t| t.path().to_path_buf())
     }
 
-    /// Faults from `HANDGRAD_ANE_FAKE_FAULTS` (`compile:N,load:N,evaluate:N,surface:N`).
+    /// Faults from `HANDGRAD_ANE_FAKE_FAULTS` (`compile:N,load:N,evaluate:N,surface:N,wrong:N`).
     pub fn from_env() -> Self {
         let mut f = Faults::default();
         if let Ok(spec) = std::env::var("HANDGRAD_ANE_FAKE_FAULTS") {
@@ -127,6 +134,7 @@ impl FakePlatform {
                         "load" => f.load_fails_at = Some(n),
                         "evaluate" => f.evaluate_fails_at = Some(n),
                         "surface" => f.surface_fails_at = Some(n),
+                        "wrong" => f.wrong_results_at = Some(n),
                         _ => {}
                     }
                 }
@@ -184,6 +192,7 @@ impl AnePlatform for FakePlatform {
                 sim: None,
                 compiled: false,
                 loaded: false,
+                wrong: false,
             },
         );
         Ok(h)
@@ -223,7 +232,9 @@ impl AnePlatform for FakePlatform {
             ));
         }
         let execute = self.execute;
+        let wrong = self.faults.wrong_results_at == Some(self.compiles);
         let m = self.models.get_mut(&model).ok_or("no such model")?;
+        m.wrong = wrong;
         // The compiler reads what the program names; the simulator checks the same.
         if execute {
             let sim = Simulator::new(&m.files)
@@ -289,6 +300,26 @@ impl AnePlatform for FakePlatform {
             ));
         }
         s[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn write_surface_rows(
+        &mut self,
+        surface: Handle,
+        rows: RowWrite,
+        data: &[u8],
+    ) -> PlatformResult<()> {
+        self.calls.push(Call::WriteRows(
+            surface,
+            data.len() / rows.row_len.max(1),
+            rows.row_len,
+        ));
+        let s = self.surfaces.get_mut(&surface).ok_or("no such surface")?;
+        rows.check(data.len(), s.len())?;
+        for (i, row) in data.chunks_exact(rows.row_len).enumerate() {
+            let at = rows.offset + i * rows.stride;
+            s[at..at + rows.row_len].copy_from_slice(row);
+        }
         Ok(())
     }
 
@@ -394,10 +425,11 @@ impl AnePlatform for FakePlatform {
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect();
         let out = sim.run(&Tensor::new(&ty, data))?;
+        let off = if m.wrong { 1.0 } else { 0.0 };
         let out_bytes: Vec<u8> = out
             .data
             .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .flat_map(|v| f16::from_f32(*v + off).to_le_bytes())
             .collect();
         let dst = self.surfaces.get_mut(&outs[0]).ok_or("no such surface")?;
         if out_bytes.len() > dst.len() {

@@ -68,6 +68,14 @@ pub trait AnePlatform: Send {
     fn release_surface(&mut self, surface: Handle);
     /// Lock, copy `data` to the start of the surface, unlock.
     fn write_surface(&mut self, surface: Handle, data: &[u8]) -> PlatformResult<()>;
+    /// Lock, copy `data` as rows of `rows.row_len` bytes to `rows.offset + i * rows.stride`,
+    /// unlock (a block of columns of every channel of a `[1, C, 1, W]` surface).
+    fn write_surface_rows(
+        &mut self,
+        surface: Handle,
+        rows: RowWrite,
+        data: &[u8],
+    ) -> PlatformResult<()>;
     /// Lock read-only, copy the start of the surface into `out`, unlock.
     fn read_surface(&mut self, surface: Handle, out: &mut [u8]) -> PlatformResult<()>;
     /// `+[_ANERequest requestWithInputs:inputIndices:outputs:outputIndices:weightsBuffer:nil
@@ -76,6 +84,50 @@ pub trait AnePlatform: Send {
     fn release_request(&mut self, request: Handle);
     /// `-evaluateWithQoS:options:request:error:`; its BOOL and error are checked.
     fn evaluate(&mut self, model: Handle, request: Handle) -> PlatformResult<()>;
+}
+
+/// Where a strided write puts its rows: row `i` of `row_len` bytes at `offset + i * stride`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowWrite {
+    pub offset: usize,
+    pub row_len: usize,
+    pub stride: usize,
+}
+
+impl RowWrite {
+    /// Checks that `data_len` bytes of whole rows fit a surface of `bytes`.
+    pub fn check(&self, data_len: usize, bytes: usize) -> PlatformResult<()> {
+        if self.row_len == 0 || !data_len.is_multiple_of(self.row_len) || self.stride < self.row_len
+        {
+            return Err(format!(
+                "a write of {data_len} bytes in rows of {} every {} bytes is malformed",
+                self.row_len, self.stride
+            ));
+        }
+        let rows = data_len / self.row_len;
+        let end = match rows {
+            0 => 0,
+            n => self.offset + (n - 1) * self.stride + self.row_len,
+        };
+        if end > bytes {
+            return Err(format!(
+                "{rows} rows of {} bytes from byte {} do not fit a {bytes}-byte surface",
+                self.row_len, self.offset
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The step of loading a program that failed, for reports (`ane selftest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Making the in-memory model and its folder.
+    Create,
+    Compile,
+    Load,
+    /// Creating its surfaces and request.
+    Bind,
 }
 
 /// A platform shared by the kernels of a backend.
@@ -186,18 +238,28 @@ pub struct Binding {
     pub bytes: usize,
 }
 
-/// A compiled, loaded program with its surfaces and request, built once and evaluated many
+/// One group of input surfaces with the request that binds them (and the program's output
+/// surfaces): a program keeps one per layer, so each layer's weights stay in its own surfaces
+/// and are written once per optimizer update.
+struct BindingSet {
+    /// Input surfaces in binding (alphabetical) order, with the caller's index.
+    inputs: Vec<(usize, Handle)>,
+    request: Handle,
+}
+
+/// A compiled, loaded program with its surfaces and requests, built once and evaluated many
 /// times. Dropping it unloads and releases everything, in reverse order of creation.
 pub struct LoadedProgram {
     platform: SharedPlatform,
     model: Handle,
     loaded: bool,
-    /// Input and output surfaces in binding (alphabetical) order, with the caller's index.
-    inputs: Vec<(usize, Handle)>,
+    /// Binding set 0 is made with the program; [`LoadedProgram::add_set`] makes more.
+    sets: Vec<BindingSet>,
+    /// Output surfaces (shared by every set) in binding order, with the caller's index.
     outputs: Vec<(usize, Handle)>,
     input_bytes: Vec<usize>,
     output_bytes: Vec<usize>,
-    request: Option<Handle>,
+    input_names: Vec<String>,
     folder: Option<PathBuf>,
     name: String,
 }
@@ -222,91 +284,219 @@ impl LoadedProgram {
         inputs: &[Binding],
         outputs: &[Binding],
     ) -> Result<Self> {
+        Self::new_staged(platform, name, files, inputs, outputs).map_err(|(_, e)| e)
+    }
+
+    /// [`LoadedProgram::new`], saying at which step a failure happened.
+    pub fn new_staged(
+        platform: &SharedPlatform,
+        name: &str,
+        files: &ProgramFiles,
+        inputs: &[Binding],
+        outputs: &[Binding],
+    ) -> std::result::Result<Self, (Stage, Error)> {
         let mut p = LoadedProgram {
             platform: platform.clone(),
             model: 0,
             loaded: false,
-            inputs: Vec::new(),
+            sets: Vec::new(),
             outputs: Vec::new(),
             input_bytes: inputs.iter().map(|b| b.bytes).collect(),
             output_bytes: outputs.iter().map(|b| b.bytes).collect(),
-            request: None,
+            input_names: inputs.iter().map(|b| b.name.clone()).collect(),
             folder: None,
             name: name.to_string(),
         };
         // On an error below, dropping `p` releases what exists so far.
         let mut guard = lock(platform);
         let pname = guard.name().to_string();
+        let create = |e| (Stage::Create, e);
         p.model = guard
             .create_model(files.text.as_bytes(), &files.blobs)
-            .map_err(|e| err(name, &pname, "creating the in-memory model", e))?;
+            .map_err(|e| create(err(name, &pname, "creating the in-memory model", e)))?;
         let hex = guard
             .model_identifier(p.model)
-            .map_err(|e| err(name, &pname, "reading the model identifier", e))?;
+            .map_err(|e| create(err(name, &pname, "reading the model identifier", e)))?;
         if hex.is_empty() || hex.contains(['/', '\\']) || hex.contains("..") {
-            return Err(err(
+            return Err(create(err(
                 name,
                 &pname,
                 "reading the model identifier",
                 format!("unexpected identifier {hex:?}"),
-            ));
+            )));
         }
         // The identifier may come from the program's content: identical programs share the
         // folder, which goes when its last user does.
         let tmp = guard
             .temporary_directory()
-            .map_err(|e| err(name, &pname, "asking for the temporary directory", e))?;
+            .map_err(|e| create(err(name, &pname, "asking for the temporary directory", e)))?;
         let folder = tmp.join(&hex);
         folder_users(&folder, 1);
         p.folder = Some(folder.clone());
         write_model_folder(&folder, files)
-            .map_err(|e| err(name, &pname, "writing the model folder", e.to_string()))?;
+            .map_err(|e| create(err(name, &pname, "writing the model folder", e.to_string())))?;
         guard
             .compile(p.model)
-            .map_err(|e| err(name, &pname, "compile", e))?;
+            .map_err(|e| (Stage::Compile, err(name, &pname, "compile", e)))?;
         // The original's bridge retries a failed load once after 100 ms.
         if let Err(first) = guard.load(p.model) {
             std::thread::sleep(std::time::Duration::from_millis(100));
-            guard
-                .load(p.model)
-                .map_err(|e| err(name, &pname, "load", format!("{e} (first try: {first})")))?;
+            guard.load(p.model).map_err(|e| {
+                (
+                    Stage::Load,
+                    err(name, &pname, "load", format!("{e} (first try: {first})")),
+                )
+            })?;
         }
         p.loaded = true;
-        let in_alloc = surface_alloc(inputs);
         let out_alloc = surface_alloc(outputs);
-        for (list, bindings, alloc) in [
-            (&mut p.inputs, inputs, in_alloc),
-            (&mut p.outputs, outputs, out_alloc),
-        ] {
-            for i in binding_order(bindings) {
-                let s = guard
-                    .create_surface(alloc)
-                    .map_err(|e| err(name, &pname, "creating a surface", e))?;
-                list.push((i, s));
-            }
+        for i in binding_order(outputs) {
+            let s = guard
+                .create_surface(out_alloc)
+                .map_err(|e| (Stage::Bind, err(name, &pname, "creating a surface", e)))?;
+            p.outputs.push((i, s));
         }
-        let ins: Vec<Handle> = p.inputs.iter().map(|x| x.1).collect();
-        let outs: Vec<Handle> = p.outputs.iter().map(|x| x.1).collect();
-        p.request = Some(
-            guard
-                .create_request(&ins, &outs)
-                .map_err(|e| err(name, &pname, "building the request", e))?,
-        );
         drop(guard);
+        p.add_set().map_err(|e| (Stage::Bind, e))?;
         Ok(p)
     }
 
-    /// Writes the inputs (in declaration order), evaluates, reads the outputs.
+    /// A new set of input surfaces bound to the program by a request of its own; returns its
+    /// index (set 0 exists from the start).
+    pub fn add_set(&mut self) -> Result<usize> {
+        let mut g = lock(&self.platform);
+        let pname = g.name().to_string();
+        let name = self.name.clone();
+        let bindings: Vec<Binding> = self
+            .input_names
+            .iter()
+            .zip(&self.input_bytes)
+            .map(|(n, &bytes)| Binding {
+                name: n.clone(),
+                bytes,
+            })
+            .collect();
+        let alloc = surface_alloc(&bindings);
+        let mut inputs: Vec<(usize, Handle)> = Vec::new();
+        let release = |g: &mut MutexGuard<'_, Box<dyn AnePlatform>>, inputs: &[(usize, Handle)]| {
+            for &(_, s) in inputs.iter().rev() {
+                g.release_surface(s);
+            }
+        };
+        for i in binding_order(&bindings) {
+            match g.create_surface(alloc) {
+                Ok(s) => inputs.push((i, s)),
+                Err(e) => {
+                    release(&mut g, &inputs);
+                    return Err(err(&name, &pname, "creating a surface", e));
+                }
+            }
+        }
+        let ins: Vec<Handle> = inputs.iter().map(|x| x.1).collect();
+        let outs: Vec<Handle> = self.outputs.iter().map(|x| x.1).collect();
+        match g.create_request(&ins, &outs) {
+            Ok(request) => {
+                self.sets.push(BindingSet { inputs, request });
+                Ok(self.sets.len() - 1)
+            }
+            Err(e) => {
+                release(&mut g, &inputs);
+                Err(err(&name, &pname, "building the request", e))
+            }
+        }
+    }
+
+    /// Binding sets made so far.
+    pub fn sets(&self) -> usize {
+        self.sets.len()
+    }
+
+    fn set(&self, set: usize) -> Result<&BindingSet> {
+        self.sets
+            .get(set)
+            .ok_or_else(|| Error::backend("ane", format!("{}: no binding set {set}", self.name)))
+    }
+
+    /// Writes rows of bytes into input `input` of binding set `set` (see [`RowWrite`]).
+    pub fn write_input_rows(
+        &self,
+        set: usize,
+        input: usize,
+        rows: RowWrite,
+        data: &[u8],
+    ) -> Result<()> {
+        let s = self.set(set)?;
+        let handle = s
+            .inputs
+            .iter()
+            .find(|x| x.0 == input)
+            .map(|x| x.1)
+            .ok_or_else(|| Error::backend("ane", format!("{}: no input {input}", self.name)))?;
+        if let Some(&bytes) = self.input_bytes.get(input) {
+            rows.check(data.len(), bytes)
+                .map_err(|e| Error::backend("ane", format!("{}: {e}", self.name)))?;
+        }
+        let mut g = lock(&self.platform);
+        let pname = g.name().to_string();
+        g.write_surface_rows(handle, rows, data)
+            .map_err(|e| err(&self.name, &pname, "writing an input surface", e))
+    }
+
+    /// Evaluates binding set `set` and reads the outputs (in declaration order).
+    pub fn evaluate_set(&self, set: usize, outputs: &mut [&mut [u8]]) -> Result<()> {
+        let s = self.set(set)?;
+        self.check_outputs(outputs)?;
+        let mut g = lock(&self.platform);
+        let pname = g.name().to_string();
+        g.evaluate(self.model, s.request)
+            .map_err(|e| err(&self.name, &pname, "evaluate", e))?;
+        for &(i, h) in &self.outputs {
+            g.read_surface(h, outputs[i])
+                .map_err(|e| err(&self.name, &pname, "reading an output surface", e))?;
+        }
+        Ok(())
+    }
+
+    fn check_outputs(&self, outputs: &[&mut [u8]]) -> Result<()> {
+        let name = &self.name;
+        if outputs.len() != self.outputs.len() {
+            return Err(Error::backend(
+                "ane",
+                format!(
+                    "{name}: called with {} outputs, the program has {}",
+                    outputs.len(),
+                    self.outputs.len()
+                ),
+            ));
+        }
+        for (i, o) in outputs.iter().enumerate() {
+            if o.len() != self.output_bytes[i] {
+                return Err(Error::backend(
+                    "ane",
+                    format!(
+                        "{name}: output {i} has room for {} bytes, the program writes {}",
+                        o.len(),
+                        self.output_bytes[i]
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the whole inputs of binding set 0 (in declaration order), evaluates, reads the
+    /// outputs.
     pub fn run(&self, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
         let name = &self.name;
-        if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
+        let set = self.set(0)?;
+        if inputs.len() != set.inputs.len() {
             return Err(Error::backend(
                 "ane",
                 format!(
                     "{name}: called with {} inputs and {} outputs, the program has {} and {}",
                     inputs.len(),
                     outputs.len(),
-                    self.inputs.len(),
+                    set.inputs.len(),
                     self.outputs.len()
                 ),
             ));
@@ -323,45 +513,29 @@ impl LoadedProgram {
                 ));
             }
         }
-        for (i, o) in outputs.iter().enumerate() {
-            if o.len() != self.output_bytes[i] {
-                return Err(Error::backend(
-                    "ane",
-                    format!(
-                        "{name}: output {i} has room for {} bytes, the program writes {}",
-                        o.len(),
-                        self.output_bytes[i]
-                    ),
-                ));
+        self.check_outputs(outputs)?;
+        {
+            let mut g = lock(&self.platform);
+            let pname = g.name().to_string();
+            for &(i, s) in &set.inputs {
+                g.write_surface(s, inputs[i])
+                    .map_err(|e| err(name, &pname, "writing an input surface", e))?;
             }
         }
-        let mut g = lock(&self.platform);
-        let pname = g.name().to_string();
-        for &(i, s) in &self.inputs {
-            g.write_surface(s, inputs[i])
-                .map_err(|e| err(name, &pname, "writing an input surface", e))?;
-        }
-        let request = self.request.unwrap_or(0);
-        g.evaluate(self.model, request)
-            .map_err(|e| err(name, &pname, "evaluate", e))?;
-        for &(i, s) in &self.outputs {
-            g.read_surface(s, outputs[i])
-                .map_err(|e| err(name, &pname, "reading an output surface", e))?;
-        }
-        Ok(())
+        self.evaluate_set(0, outputs)
     }
 }
 
 impl Drop for LoadedProgram {
     fn drop(&mut self) {
         let mut g = lock(&self.platform);
-        if let Some(r) = self.request.take() {
-            g.release_request(r);
+        for set in self.sets.drain(..).rev() {
+            g.release_request(set.request);
+            for (_, s) in set.inputs.into_iter().rev() {
+                g.release_surface(s);
+            }
         }
         for (_, s) in self.outputs.drain(..).rev() {
-            g.release_surface(s);
-        }
-        for (_, s) in self.inputs.drain(..).rev() {
             g.release_surface(s);
         }
         if self.loaded {
