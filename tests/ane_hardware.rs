@@ -1,20 +1,33 @@
-//! On a Mac with a Neural Engine only (`cargo test --release --features ane-hardware`): the
-//! real runtime runs a probe program and matches the CPU, and the `ane` backend passes the
-//! conformance suite the CPU and the simulator pass.
+//! On a Mac with a Neural Engine only (`cargo test --release --features ane-hardware`), in the
+//! order a first run should go: the simplest program (an fp16 convolution chain) against the
+//! CPU; then the self-test of the ten kernels of a small and a real model against the
+//! simulator, kernel by kernel; the int8 probe only where the program form has quantize
+//! (ios18); and last the `ane` backend through the conformance suite the CPU and the simulator
+//! pass. Tests run one at a time (`--test-threads 1` is not needed: each opens its own
+//! platform, and the device serialises them).
 #![cfg(feature = "ane-hardware")]
 
 use std::sync::{Arc, Mutex};
 
+use handgrad::backend::ane::kernels::{KernelShape, build_all};
+use handgrad::backend::ane::mil::Target;
 use handgrad::backend::ane::probe::{self, ProbeCase};
 use handgrad::backend::ane::runtime::{self, SharedPlatform};
+use handgrad::backend::ane::selftest::check_kernel;
 use handgrad::backend::conformance::{self, ane_cases, standard_cases};
 use handgrad::backend::{Backend, BackendKind, Precision};
+use handgrad::model::ModelConfig;
 
-#[test]
-fn a_conv_chain_on_the_neural_engine_matches_the_cpu() {
+fn platform() -> (SharedPlatform, String) {
     let platform = runtime::apple::ApplePlatform::open().expect("no Neural Engine here");
-    let shared: SharedPlatform = Arc::new(Mutex::new(Box::new(platform)));
-    let chip = runtime::chip_name().unwrap_or_default();
+    (
+        Arc::new(Mutex::new(Box::new(platform))),
+        runtime::chip_name().unwrap_or_default(),
+    )
+}
+
+fn conv_chain(precision: probe::Precision) {
+    let (shared, chip) = platform();
     let case = ProbeCase {
         channels: 256,
         spatial: 64,
@@ -24,7 +37,7 @@ fn a_conv_chain_on_the_neural_engine_matches_the_cpu() {
         &shared,
         &case,
         runtime::program_form(&chip),
-        probe::Precision::Int8,
+        precision,
         2,
         10,
     )
@@ -33,10 +46,51 @@ fn a_conv_chain_on_the_neural_engine_matches_the_cpu() {
 }
 
 #[test]
-fn the_ane_backend_conforms() {
+fn a_01_fp16_conv_chain_matches_the_cpu() {
+    conv_chain(probe::Precision::Fp16);
+}
+
+#[test]
+fn a_02_the_ten_kernels_pass_the_self_test() {
+    let (shared, chip) = platform();
+    let target = runtime::program_form(&chip);
+    let mut failed = Vec::new();
+    for model in ["stories15m", "stories110m", "qwen3-0.6b"] {
+        let cfg = ModelConfig::preset(model).unwrap();
+        let shape = KernelShape {
+            dims: cfg.dims(),
+            seq: 256.min(cfg.max_seq_len),
+            target,
+        };
+        for k in build_all(&shape).unwrap() {
+            let c = check_kernel(&shared, &k, 3);
+            eprintln!(
+                "{model} {}: compiled {} loaded {} error {:?} {:?} ms: {}",
+                c.kernel, c.compiled, c.loaded, c.max_rel_error, c.device_ms, c.verdict
+            );
+            if !c.ok {
+                failed.push(format!("{model} {}: {}", c.kernel, c.verdict));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[test]
+fn a_03_int8_conv_chain_matches_the_cpu_on_the_ios18_form() {
+    let chip = runtime::chip_name().unwrap_or_default();
+    if runtime::program_form(&chip) != Target::Ios18 {
+        eprintln!("{chip} takes the ios16 form, which has no quantize/dequantize: not run");
+        return;
+    }
+    conv_chain(probe::Precision::Int8);
+}
+
+#[test]
+fn a_04_the_ane_backend_conforms() {
     let mut k = Backend {
         kind: BackendKind::Ane,
-        precision: Precision::Fp32,
+        precision: Precision::Fp16,
     }
     .kernels()
     .unwrap();
@@ -44,4 +98,10 @@ fn the_ane_backend_conforms() {
     cases.extend(ane_cases());
     let report = conformance::run(k.as_mut(), &cases).unwrap();
     assert!(report.failures().is_empty(), "{:#?}", report.failures());
+    let cpu: Vec<_> = k
+        .placement()
+        .into_iter()
+        .filter(|p| p.on == "cpu")
+        .collect();
+    assert!(cpu.is_empty(), "kernels fell back to the CPU: {cpu:#?}");
 }

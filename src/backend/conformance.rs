@@ -70,6 +70,12 @@ impl Case {
         }
     }
 
+    /// The same case with another RoPE pairing.
+    pub fn with_rope(mut self, style: RopeStyle) -> Self {
+        self.dims.rope_style = style;
+        self
+    }
+
     fn step(&self) -> StepShape {
         StepShape {
             dims: self.dims,
@@ -145,6 +151,28 @@ pub fn ane_cases() -> Vec<Case> {
             true,
             (2, 32),
         ),
+        Case::new(
+            "Llama GQA group 4, head_dim 64, rotate-half",
+            256,
+            (8, 2),
+            64,
+            320,
+            53,
+            false,
+            (2, 32),
+        )
+        .with_rope(RopeStyle::RotateHalf),
+        Case::new(
+            "Qwen3 GQA group 4, head_dim 64, interleaved",
+            128,
+            (4, 1),
+            64,
+            192,
+            61,
+            true,
+            (1, 64),
+        )
+        .with_rope(RopeStyle::Interleaved),
     ]
 }
 

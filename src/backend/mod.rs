@@ -86,6 +86,14 @@ impl fmt::Display for Precision {
     }
 }
 
+/// Choices about the kernels that do not change their numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// On the Neural Engine: a kernel the device rejects (or computes wrongly) is an error
+    /// instead of running on the CPU (`--ane-strict`).
+    pub ane_strict: bool,
+}
+
 /// A backend and precision, as chosen with `--backend` and `--precision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Backend {
@@ -138,6 +146,17 @@ impl Backend {
 
     /// A fresh set of kernels (call [`Kernels::prepare`] before the first step).
     pub fn kernels(&self) -> Result<Box<dyn Kernels>> {
+        self.kernels_with(KernelOptions::default())
+    }
+
+    /// [`Backend::kernels`] with options that do not change the numbers.
+    pub fn kernels_with(&self, options: KernelOptions) -> Result<Box<dyn Kernels>> {
+        let ane = ane::AneOptions {
+            strict: options.ane_strict,
+            // For comparing the bytes moved with and without staging (`bench train`).
+            restage_every_call: std::env::var("HANDGRAD_ANE_STAGING")
+                .is_ok_and(|v| v == "per-call"),
+        };
         Ok(match (self.kind, self.precision) {
             (BackendKind::Cpu, Precision::Fp32) => Box::new(cpu::CpuKernels),
             (BackendKind::Cpu, Precision::Bf16) => Box::new(cpu::CpuBf16Kernels),
@@ -152,25 +171,29 @@ impl Backend {
                     self.kind
                 )));
             }
-            (BackendKind::AneSim, Precision::Fp32 | Precision::Fp16) => {
-                Box::new(ane::AneKernels::simulator(ane::runtime::program_form("")))
-            }
+            (BackendKind::AneSim, Precision::Fp32 | Precision::Fp16) => Box::new(
+                ane::AneKernels::simulator(ane::runtime::program_form("")).with_options(ane),
+            ),
             (BackendKind::Ane, Precision::Fp32 | Precision::Fp16) => {
                 let platform = ane::runtime::apple::ApplePlatform::open()?;
                 let chip = ane::runtime::chip_name().unwrap_or_default();
-                Box::new(ane::AneKernels::device(
-                    Box::new(platform),
-                    ane::runtime::program_form(&chip),
-                    "ane",
-                ))
+                Box::new(
+                    ane::AneKernels::device(
+                        Box::new(platform),
+                        ane::runtime::program_form(&chip),
+                        "ane",
+                    )
+                    .with_options(ane),
+                )
             }
-            (BackendKind::AneFake, Precision::Fp32 | Precision::Fp16) => {
-                Box::new(ane::AneKernels::device(
+            (BackendKind::AneFake, Precision::Fp32 | Precision::Fp16) => Box::new(
+                ane::AneKernels::device(
                     Box::new(ane::runtime::fake::FakePlatform::from_env()),
                     ane::runtime::program_form(""),
                     "ane-fake",
-                ))
-            }
+                )
+                .with_options(ane),
+            ),
             (BackendKind::FaultInjection, _) => Box::new(fault::FaultKernels::from_env()?),
         })
     }

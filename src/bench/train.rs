@@ -39,6 +39,10 @@ pub struct TrainBench {
     pub breakdown: Vec<BreakdownEntry>,
     /// What the backend said about its prepared kernels.
     pub warnings: Vec<String>,
+    /// On an accelerator backend: the last measured step's kernel and staging time and the
+    /// bytes written into the programs' surfaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<crate::backend::AcceleratorStats>,
 }
 
 /// A model and a batch shape to time.
@@ -81,14 +85,16 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         }
     };
     let mut times = Vec::with_capacity(steps);
+    let mut accelerator = None;
     for s in 0..=steps {
         if s == 1 {
             acts.timings.reset();
         }
         let t0 = Instant::now();
-        step.run(&mut state, &mut acts, &mut random_batch, 3e-4)?;
+        let stats = step.run(&mut state, &mut acts, &mut random_batch, 3e-4)?;
         if s > 0 {
             times.push(t0.elapsed().as_secs_f64());
+            accelerator = stats.accelerator;
         }
     }
     let mut sorted = times.clone();
@@ -115,7 +121,11 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         params: state.params.len(),
         batch,
         seq,
-        backend: backend.info(),
+        backend: {
+            let mut info = backend.info();
+            info.kernels = kernels.placement();
+            info
+        },
         threads: rayon::current_num_threads(),
         steps,
         median_ms: median * 1e3,
@@ -130,5 +140,6 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         peak_rss_bytes: crate::util::mem::peak_rss_bytes(),
         breakdown,
         warnings,
+        accelerator,
     })
 }

@@ -80,6 +80,33 @@ enum AneCommand {
         #[arg(long, default_value = "ane", hide = true)]
         device: String,
     },
+    /// Check the ten kernels on this Mac's Neural Engine, the first thing to run on a Mac:
+    /// compile and load each kernel of each model on its own, run it on random data on the
+    /// device and in handgrad's simulator, and print a table (compiled, loaded, largest error
+    /// against the simulator, time per call, verdict); then an fp16 and (ios18 form) an int8
+    /// probe. Write the JSON with --json and attach it to an issue. A kernel that fails here
+    /// runs on the CPU when training (or, with --ane-strict, stops the run).
+    Selftest {
+        /// Models to check [default: stories110m, then qwen3-0.6b]; repeat the flag for more.
+        #[arg(long)]
+        model: Vec<String>,
+        /// Sequence length the kernels are built for [default: 256, or the model's limit].
+        #[arg(long)]
+        seq: Option<usize>,
+        /// Timed evaluations per kernel.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Write the results here (JSON).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Program form [default: the chip's: ios16 on M1/M2, ios18 on M3 and later].
+        #[arg(long, value_enum)]
+        target: Option<Target>,
+        /// The device: ane, or fake (the runtime's fake device running the simulator; for
+        /// testing the self-test anywhere).
+        #[arg(long, default_value = "ane", hide = true)]
+        device: String,
+    },
     /// Validate probe result files: recompute every figure, reject impossible or unverified
     /// results with the reason. Exits non-zero if any is rejected.
     Validate {
@@ -118,8 +145,195 @@ pub fn run(a: AneArgs) -> Result<()> {
             };
             run_probe(probe, &cases, evals, warmup, out.as_deref(), &device)
         }
+        AneCommand::Selftest {
+            model,
+            seq,
+            runs,
+            json,
+            target,
+            device,
+        } => selftest(&model, seq, runs, json.as_deref(), target, &device),
         AneCommand::Validate { files } => validate_files(&files),
     }
+}
+
+/// The platform of `--device` and the chip's name.
+fn open_device(
+    device: &str,
+) -> Result<(Box<dyn crate::backend::ane::runtime::AnePlatform>, String)> {
+    use crate::backend::ane::runtime;
+    match device {
+        "ane" => Ok((
+            Box::new(runtime::apple::ApplePlatform::open()?),
+            runtime::chip_name().unwrap_or_else(|| "unknown Apple chip".into()),
+        )),
+        "fake" => Ok((
+            Box::new(runtime::fake::FakePlatform::from_env()),
+            "fake device (handgrad's simulator)".into(),
+        )),
+        other => Err(Error::invalid(format!(
+            "--device {other}: expected ane or fake"
+        ))),
+    }
+}
+
+/// What `ane selftest --json` writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SelftestReport {
+    pub schema: String,
+    pub schema_version: u32,
+    pub device: String,
+    pub chip: String,
+    pub os: String,
+    pub handgrad_version: String,
+    pub date_unix: u64,
+    pub target: String,
+    pub models: Vec<SelftestModel>,
+    pub probes: Vec<probe::ProbeResult>,
+    /// Probes that could not run, with why.
+    pub probe_errors: Vec<String>,
+}
+
+/// The kernels of one model in a self-test.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SelftestModel {
+    pub model: String,
+    pub seq: usize,
+    pub kernels: Vec<crate::backend::ane::selftest::KernelCheck>,
+}
+
+fn selftest(
+    models: &[String],
+    seq: Option<usize>,
+    runs: usize,
+    json: Option<&Path>,
+    target: Option<Target>,
+    device: &str,
+) -> Result<()> {
+    use crate::backend::ane::runtime;
+    use crate::backend::ane::selftest::check_kernel;
+    let (platform, chip) = open_device(device)?;
+    let target = target.unwrap_or_else(|| runtime::program_form(&chip));
+    let shared: runtime::SharedPlatform = std::sync::Arc::new(std::sync::Mutex::new(platform));
+    let models: Vec<String> = if models.is_empty() {
+        vec!["stories110m".into(), "qwen3-0.6b".into()]
+    } else {
+        models.to_vec()
+    };
+    let mut report = SelftestReport {
+        schema: "handgrad-ane-selftest".into(),
+        schema_version: 1,
+        device: if device == "ane" { "ane" } else { "ane-fake" }.into(),
+        chip: chip.clone(),
+        os: crate::bench::machine::os_description(),
+        handgrad_version: env!("CARGO_PKG_VERSION").into(),
+        date_unix: crate::telemetry::events::unix_now() as u64,
+        target: target.to_string(),
+        models: Vec::new(),
+        probes: Vec::new(),
+        probe_errors: Vec::new(),
+    };
+    println!(
+        "Neural Engine self-test on {chip} ({} form)",
+        target.opset()
+    );
+    let mut failed = 0;
+    for model in &models {
+        let cfg = ModelConfig::from_preset_or_path(model)?;
+        let seq = seq
+            .unwrap_or_else(|| cfg.max_seq_len.min(256))
+            .min(cfg.max_seq_len);
+        let kernels = build_all(&KernelShape {
+            dims: cfg.dims(),
+            seq,
+            target,
+        })?;
+        runtime::COMPILE_BUDGET.reserve(kernels.len())?;
+        println!("\n{model}, seq {seq}:");
+        println!(
+            "{:<11} {:>8} {:>6} {:>11} {:>10}  verdict",
+            "kernel", "compiled", "loaded", "max error", "ms/call"
+        );
+        let mut checks = Vec::new();
+        for k in &kernels {
+            let c = check_kernel(&shared, k, runs);
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            println!(
+                "{:<11} {:>8} {:>6} {:>11} {:>10}  {}",
+                c.kernel,
+                yes(c.compiled),
+                yes(c.loaded),
+                c.max_rel_error.map_or("-".into(), |e| format!("{e:.2e}")),
+                c.device_ms.map_or("-".into(), |m| format!("{m:.3}")),
+                c.verdict
+            );
+            failed += usize::from(!c.ok);
+            checks.push(c);
+        }
+        report.models.push(SelftestModel {
+            model: model.clone(),
+            seq,
+            kernels: checks,
+        });
+    }
+    // The probes: one fp16 convolution chain, and fp16 against W8A8 where the form has
+    // quantize (ios18).
+    let case = probe::ProbeCase {
+        channels: 512,
+        spatial: 64,
+        depth: 32,
+    };
+    let rated = probe::rated_tops(&chip);
+    let mut precisions = vec![probe::Precision::Fp16];
+    if target == Target::Ios18 {
+        precisions.push(probe::Precision::Int8);
+    } else {
+        report
+            .probe_errors
+            .push("int8: skipped, the ios16 form has no quantize/dequantize".into());
+    }
+    println!("\nprobes (512 channels, 64 columns, 32 convolutions):");
+    for precision in precisions {
+        runtime::COMPILE_BUDGET.reserve(1)?;
+        match probe::run_case(&shared, &case, target, precision, 2, 10) {
+            Ok(mut r) => {
+                r.rejected = probe::check(&r, rated);
+                println!(
+                    "{:>5}: {:.3} ms/eval, {:.3} TFLOPS, rel err {:.1e}: {}",
+                    format!("{precision:?}").to_lowercase(),
+                    r.ms_per_eval,
+                    r.tflops,
+                    r.rel_rms_error,
+                    r.rejected.as_deref().unwrap_or("ok")
+                );
+                report.probes.push(r);
+            }
+            Err(e) => {
+                let line = format!("{precision:?}: {}", super::one_line(&e));
+                println!("{line}");
+                report.probe_errors.push(line);
+            }
+        }
+    }
+    if device != "ane" {
+        println!(
+            "(fake device: the outputs are checked, the timings are the simulator's, not a Neural Engine's)"
+        );
+    }
+    if let Some(path) = json {
+        let bytes = serde_json::to_vec_pretty(&report)
+            .map_err(|e| Error::json("writing the self-test", e))?;
+        write_atomic(path, |f| std::io::Write::write_all(f, &bytes))?;
+        println!("wrote {} (attach it to an issue)", path.display());
+    }
+    let total: usize = report.models.iter().map(|m| m.kernels.len()).sum();
+    if failed > 0 {
+        return Err(Error::invalid(format!(
+            "{failed} of {total} kernels cannot run on this device (training runs them on the CPU; see the verdicts above)"
+        )));
+    }
+    println!("all {total} kernels run on this device and agree with the simulator");
+    Ok(())
 }
 
 use crate::backend::ane::probe::{self, ProbeKind, ProbeReport};
@@ -132,7 +346,7 @@ fn run_probe(
     out: Option<&Path>,
     device: &str,
 ) -> Result<()> {
-    use crate::backend::ane::runtime::{self, AnePlatform};
+    use crate::backend::ane::runtime;
     if cases
         .iter()
         .any(|c| c.channels == 0 || c.spatial == 0 || c.depth == 0)
@@ -141,21 +355,7 @@ fn run_probe(
             "--channels, --spatial and --depth must be at least 1",
         ));
     }
-    let (platform, chip): (Box<dyn AnePlatform>, String) = match device {
-        "ane" => (
-            Box::new(runtime::apple::ApplePlatform::open()?),
-            runtime::chip_name().unwrap_or_else(|| "unknown Apple chip".into()),
-        ),
-        "fake" => (
-            Box::new(runtime::fake::FakePlatform::default()),
-            "fake device (handgrad's simulator)".into(),
-        ),
-        other => {
-            return Err(Error::invalid(format!(
-                "--device {other}: expected ane or fake"
-            )));
-        }
-    };
+    let (platform, chip) = open_device(device)?;
     let target = runtime::program_form(&chip);
     let shared: runtime::SharedPlatform = std::sync::Arc::new(std::sync::Mutex::new(platform));
     let rated = probe::rated_tops(&chip);
@@ -296,7 +496,14 @@ fn surface(c: usize, w: usize) -> String {
 fn describe(k: &Kernel) -> String {
     let parts = |v: &[crate::backend::ane::kernels::Slab]| {
         v.iter()
-            .map(|s| format!("{} {}", s.name, s.len))
+            .map(|s| {
+                let w = if s.kind == crate::backend::ane::kernels::SlabKind::Weight {
+                    " [w]"
+                } else {
+                    ""
+                };
+                format!("{} {}+{}{w}", s.name, s.start, s.len)
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -334,7 +541,7 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
     );
     let _ = writeln!(
         readme,
-        "Written by `handgrad ane emit`. Each folder holds `model.mil` and its `weights/` (one blob per file); `@model_path` is the folder. Inputs carry the activations in their first columns and the weights after them (dynamic weights: no recompile on update); surfaces are fp16 `[1, C, 1, W]`, channel-first, unpadded.\n"
+        "Written by `handgrad ane emit`. Each folder holds `model.mil` and its `weights/` (one blob per file); `@model_path` is the folder. Inputs carry the activations in their first columns and the weights after them (dynamic weights: no recompile on update), each slab starting on a multiple of 32 columns (`name start+len`; `[w]` marks weights, written once per optimizer update); surfaces are fp16 `[1, C, 1, W]`, channel-first, unpadded.\n"
     );
     let _ = writeln!(
         readme,
@@ -355,6 +562,31 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
         for f in lint::lint(&k.program, &k.files) {
             findings.push(format!("- {}: {f}", k.kind.name()));
         }
+    }
+    let _ = writeln!(
+        readme,
+        "\n## Op forms\n\nEach statement's form (op, operand ranks, broadcast axes, transpose flags, sliced and concatenated axes) against the forms proven on the chip (the original's kernels, run on M1 to M5; see `src/backend/ane/forms.rs`).\n\n| kernel | statements | forms | every form proven | unproven forms |\n|---|---|---|---|---|"
+    );
+    for k in &kernels {
+        let forms = crate::backend::ane::forms::forms(&k.program);
+        let unproven: Vec<String> = forms
+            .iter()
+            .filter(|(_, ok, _)| !ok)
+            .map(|(f, _, names)| format!("`{f}` ({})", names.join(", ")))
+            .collect();
+        let _ = writeln!(
+            readme,
+            "| {} | {} | {} | {} | {} |",
+            k.kind.name(),
+            k.program
+                .ops
+                .iter()
+                .filter(|o| o.op_name() != "const")
+                .count(),
+            forms.len(),
+            if unproven.is_empty() { "yes" } else { "no" },
+            unproven.join("; ")
+        );
     }
     let _ = writeln!(readme, "\n## Lint (`handgrad ane check`)\n");
     if findings.is_empty() {
@@ -415,6 +647,17 @@ fn check(file: &Path, model_path: Option<&Path>) -> Result<()> {
         .iter()
         .filter(|f| f.severity == Severity::Error)
         .count();
+    let forms = crate::backend::ane::forms::forms(&program);
+    let unproven = forms.iter().filter(|(_, ok, _)| !ok).count();
+    println!(
+        "forms: {} distinct, {}",
+        forms.len(),
+        if unproven == 0 {
+            "all proven on the chip".to_string()
+        } else {
+            format!("{unproven} not yet run on the Neural Engine (ANE011 above)")
+        }
+    );
     let types = sim::check(&program, &files);
     match &types {
         Ok(_) => println!(

@@ -406,6 +406,16 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         r.threads,
         r.steps
     );
+    if let Some(a) = &r.accelerator {
+        println!(
+            "accelerator (last step): programs {:.1} ms, staging {:.1} ms, {} evaluations; {:.1} MB written into surfaces ({:.1} MB of it weights)",
+            a.kernel_ms,
+            a.staging_ms,
+            a.calls,
+            a.bytes_staged as f64 / 1e6,
+            a.weight_bytes_staged as f64 / 1e6
+        );
+    }
     println!(
         "step: median {:.1} ms (min {:.1}, max {:.1}) | {:.0} tokens/s | {:.1} GFLOP/s | MFU {:.1}% of the measured {} peak {:.1} GFLOP/s",
         r.median_ms,

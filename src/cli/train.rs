@@ -100,6 +100,11 @@ pub struct TrainArgs {
     /// last checkpoint is intact). With dynamic loss scaling the scale is lowered instead.
     #[arg(long, default_value_t = 3, value_name = "K")]
     max_bad_updates: usize,
+    /// With --backend ane: stop with an error when a kernel cannot run on the Neural Engine
+    /// (the device rejects it, or its first evaluation disagrees with the simulator), instead
+    /// of running that kernel on the CPU with a warning.
+    #[arg(long)]
+    ane_strict: bool,
     /// With --backend ane: when the Neural Engine compiler's per-process budget
     /// (HANDGRAD_ANE_COMPILE_BUDGET, default 100 compiles) would be passed, stop with an error
     /// instead of restarting the process to continue from the last checkpoint.
@@ -402,6 +407,7 @@ fn run_options(a: &TrainArgs, cfg: &TrainConfig) -> Result<RunOptions> {
     };
     let mut opts = RunOptions::new(run_dir);
     opts.resume = a.resume;
+    opts.kernel_options.ane_strict = a.ane_strict;
     if let Some(t) = a.threads {
         if t == 0 {
             return Err(Error::invalid("--threads must be at least 1"));

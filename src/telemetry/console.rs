@@ -94,6 +94,30 @@ impl ConsoleSink {
             "\nbackend {} {}: {}",
             backend.backend, backend.precision, backend.details
         );
+        if !backend.kernels.is_empty() {
+            let on: Vec<&str> = backend
+                .kernels
+                .iter()
+                .filter(|k| k.on != "cpu")
+                .map(|k| k.kernel.as_str())
+                .collect();
+            s += &format!(
+                "\nkernels on {}: {}",
+                backend.backend,
+                if on.is_empty() {
+                    "none".to_string()
+                } else {
+                    on.join(", ")
+                }
+            );
+            for k in backend.kernels.iter().filter(|k| k.on == "cpu") {
+                s += &format!(
+                    "\nkernel {} on the CPU: {}",
+                    k.kernel,
+                    k.reason.as_deref().unwrap_or("")
+                );
+            }
+        }
         s += &format!(
             "\ndata {}: {} train / {} val tokens, split {}",
             data.source, data.train_tokens, data.val_tokens, data.split
@@ -138,6 +162,7 @@ impl ConsoleSink {
             tokens_per_s,
             loss_scale,
             skipped,
+            accelerator,
             ..
         } = e
         else {
@@ -148,6 +173,12 @@ impl ConsoleSink {
             "loss {loss:.4} | {:.1}k tok/s | {ms:.0} ms | lr {lr:.2e} | gnorm {grad_norm:.2}",
             tokens_per_s / 1e3
         );
+        if let Some(a) = accelerator {
+            msg += &format!(
+                " | kernels {:.0} ms, staging {:.0} ms, cpu {:.0} ms",
+                a.kernel_ms, a.staging_ms, a.cpu_ms
+            );
+        }
         if let Some(s) = loss_scale {
             msg += &format!(" | scale {s}");
         }

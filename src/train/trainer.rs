@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub cache_root: PathBuf,
     /// On resume: the model the user asked for, to refuse a checkpoint of another model.
     pub requested_model: Option<String>,
+    /// Options of the kernels that do not change the numbers (`--ane-strict`).
+    pub kernel_options: crate::backend::KernelOptions,
     /// Notes from the caller for the run header (e.g. a default it adjusted).
     pub notes: Vec<String>,
     /// The settings the command line gave (a resumed run applies or refuses those that differ
@@ -84,6 +86,7 @@ impl RunOptions {
             extra_sinks: Vec::new(),
             cache_root: builtin::cache_root(),
             requested_model: None,
+            kernel_options: Default::default(),
             notes: Vec::new(),
             given: GivenFlags::default(),
             cap_seq_to_model: false,
@@ -309,7 +312,7 @@ impl Trainer {
 
         // 4. The memory the run needs, against what the machine has; then the kernels,
         // prepared once for this shape: a backend fails here, not mid-run.
-        let mut kernels = backend.kernels()?;
+        let mut kernels = backend.kernels_with(opts.kernel_options)?;
         super::memory::MemoryNeed::of(&model, kernels.as_ref(), cfg.batch, cfg.seq)
             .check(crate::util::mem::available_bytes())?;
         if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {

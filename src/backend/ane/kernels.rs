@@ -24,12 +24,12 @@
 //!
 //! Qwen3's per-head q/k RMSNorm needs a reciprocal square root, which no proven form has: it
 //! uses `pow(x, -0.5)` on `[1, H, S, 1]` and a product broadcast along axis 3 — the only two
-//! forms outside the proven set, flagged by the lint. Its gains come in a slab of `S` columns
+//! forms outside the proven set, flagged by the lint. Its gains come in slabs of `S` columns
 //! (each gain repeated along its channel) so that they multiply in the proven form.
 //!
 //! | kernel | input channels x slabs | output channels |
 //! |---|---|---|
-//! | sdpaFwd | D x: xn S, Wq^T Q, Wk^T KV, Wv^T KV [, q/k gains S] | attn Q, q Q, k KV, v KV [, q_raw Q, k_raw KV] |
+//! | sdpaFwd | D x: xn S, Wq^T Q, Wk^T KV, Wv^T KV [, q gains S, k gains S] | attn Q, q Q, k KV, v KV [, q_raw Q, k_raw KV] |
 //! | woFwd | Q x: attn S, Wo^T D | D |
 //! | ffnFused | D x: xn S, W1^T H, W3^T H, W2 H | ffn D, h1 H, h3 H, gate H |
 //! | ffnBwdW2t | D x: dffn S, W2 H | dgate H |
@@ -464,8 +464,9 @@ fn sdpa_fwd(sh: &KernelShape) -> Result<Kernel> {
         ("wv", kvd, Wt),
     ];
     if d.qk_norm {
-        // Channels 0..HD: the q gains, HD..2HD: the k gains, each along its S columns.
-        parts.push(("qk_norm", s, Wt));
+        // Channels 0..HD: the gains, each repeated along its S columns.
+        parts.push(("q_norm", s, Wt));
+        parts.push(("k_norm", s, Wt));
     }
     let (input_slabs, width) = input_slabs(&parts);
     let col = |name: &str| {
@@ -487,12 +488,12 @@ fn sdpa_fwd(sh: &KernelShape) -> Result<Kernel> {
     let kh = k.heads("k_heads", &kf, nkv, hd)?;
     let vh = k.heads("v_heads", &vf, nkv, hd)?;
     let (q, kh) = if d.qk_norm {
-        let gcols = k.columns("qk_gain_cols", col("qk_norm"), s)?;
-        let mut gain = |name: &str, ch: usize| -> Result<V> {
-            let g = k.channels_of(&format!("{name}_ch"), &gcols, ch, hd)?;
+        let mut gain = |name: &str, slab: &str| -> Result<V> {
+            let cols = k.columns(&format!("{name}_cols"), col(slab), s)?;
+            let g = k.channels_of(&format!("{name}_ch"), &cols, 0, hd)?;
             k.rows(name, &g)
         };
-        let (gq, gk) = (gain("q_gain", 0)?, gain("k_gain", hd)?);
+        let (gq, gk) = (gain("q_gain", "q_norm")?, gain("k_gain", "k_norm")?);
         let eps =
             k.b.fp16_tensor("qk_norm_eps", &[1, 1, s, 1], &vec![d.norm_eps; s])?;
         (
@@ -700,14 +701,12 @@ fn sdpa_bwd2(sh: &KernelShape) -> Result<Kernel> {
 pub fn build(kind: KernelKind, sh: &KernelShape) -> Result<Kernel> {
     let d = &sh.dims;
     let (dim, qd, kvd, f) = (d.dim, d.q_dim(), d.kv_dim(), d.ffn_dim);
-    if d.qk_norm && 2 * d.head_dim > d.dim {
+    if d.qk_norm && d.head_dim > d.dim {
         return Err(Error::backend(
             "ane",
             format!(
-                "sdpaFwd carries the q and k norm gains in channels 0..{} of its {}-channel input: 2 x head_dim {} must not exceed dim",
-                2 * d.head_dim,
-                d.dim,
-                d.head_dim
+                "sdpaFwd carries the q/k norm gains in {} channels of its {}-channel input: head_dim must not exceed dim",
+                d.head_dim, d.dim
             ),
         ));
     }

@@ -469,13 +469,8 @@ enum Fill<'a> {
     MatrixT { w: &'a [f32], n: usize, c: usize },
     /// A matrix `m [c, n]` as it is.
     Matrix { m: &'a [f32], c: usize, n: usize },
-    /// Qwen3's q/k norm gains, each repeated along its channel over `s` columns: q gains in
-    /// channels `0..HD`, k gains in `HD..2HD`.
-    Gains {
-        q: &'a [f32],
-        k: &'a [f32],
-        s: usize,
-    },
+    /// Gains (Qwen3's q/k norm), each repeated along its channel over `s` columns.
+    Repeated { v: &'a [f32], s: usize },
 }
 
 impl Fill<'_> {
@@ -484,10 +479,7 @@ impl Fill<'_> {
             Fill::Rows { x, c } => dst.put_rows(0, col, x, x.len() / c.max(1), c),
             Fill::MatrixT { w, n, c } => dst.put_matrix_t(0, col, w, n, c),
             Fill::Matrix { m, c, n } => dst.put_matrix(0, col, m, c, n),
-            Fill::Gains { q, k, s } => {
-                dst.put_repeated(0, col, q, s);
-                dst.put_repeated(q.len(), col, k, s);
-            }
+            Fill::Repeated { v, s } => dst.put_repeated(0, col, v, s),
         }
     }
 }
@@ -790,7 +782,8 @@ impl Kernels for AneKernels {
                 ),
             ];
             if let (Some(q), Some(kn)) = (w.q_norm, w.k_norm) {
-                weights.push(("qk_norm", Fill::Gains { q, k: kn, s: seq }));
+                weights.push(("q_norm", Fill::Repeated { v: q, s: seq }));
+                weights.push(("k_norm", Fill::Repeated { v: kn, s: seq }));
             }
             let layer = w.wq.f32.as_ptr() as usize;
             for b in 0..batch {

@@ -36,11 +36,12 @@ pub struct KernelCheck {
 }
 
 /// A runtime error without the backend's prefix (the caller names the backend and kernel).
-fn device_error(e: &crate::error::Error) -> String {
+fn device_error(e: &crate::error::Error, kernel: &str) -> String {
     let s = e.to_string();
-    s.strip_prefix("backend ane: ")
-        .map(str::to_string)
+    let s = s.strip_prefix("backend ane: ").unwrap_or(&s);
+    s.strip_prefix(&format!("{kernel}: "))
         .unwrap_or(s)
+        .to_string()
 }
 
 /// The bindings of a kernel's one input and one output.
@@ -99,7 +100,7 @@ pub fn load_and_verify(
 ) -> Result<LoadedProgram, String> {
     let (ins, outs) = bindings(k, sim);
     let program = LoadedProgram::new(platform, k.kind.name(), &k.files, &ins, &outs)
-        .map_err(|e| device_error(&e))?;
+        .map_err(|e| device_error(&e, k.kind.name()))?;
     let (err, _) = compare(&program, k, sim, 1)?;
     if err > Tolerance::FP16.rel {
         return Err(format!(
@@ -136,7 +137,7 @@ pub fn check_kernel(platform: &SharedPlatform, k: &Kernel, runs: usize) -> Kerne
         Err((stage, e)) => {
             c.compiled = !matches!(stage, Stage::Create | Stage::Compile);
             c.loaded = matches!(stage, Stage::Bind);
-            c.verdict = device_error(&e);
+            c.verdict = device_error(&e, k.kind.name());
             return c;
         }
     };
