@@ -601,9 +601,37 @@ impl Kernels for AneKernels {
                 )
             })
             .collect();
-        // One line per rule, with the kernels it concerns.
+        // One line per form not yet run on the chip, with the op, its form and the kernels.
+        let mut forms: Vec<(&str, Vec<&str>)> = Vec::new();
+        for (kind, f) in set
+            .findings
+            .iter()
+            .filter(|(_, f)| f.rule.id == lint::UNPROVEN_FORM.id)
+        {
+            let form = f
+                .message
+                .trim_end_matches(" is not yet run on the Neural Engine");
+            match forms.iter_mut().find(|(g, _)| *g == form) {
+                Some((_, ks)) if !ks.contains(&kind.name()) => ks.push(kind.name()),
+                Some(_) => {}
+                None => forms.push((form, vec![kind.name()])),
+            }
+        }
+        out.extend(forms.into_iter().map(|(form, ks)| {
+            format!(
+                "{}: {} {form} ({}): not yet run on the Neural Engine; if the device rejects it, that kernel runs on the CPU",
+                self.backend_name(),
+                lint::UNPROVEN_FORM.id,
+                ks.join(", ")
+            )
+        }));
+        // One line per other rule, with the kernels it concerns.
         let mut by_rule: Vec<(lint::Rule, Severity, Vec<&str>)> = Vec::new();
-        for (kind, f) in &set.findings {
+        for (kind, f) in set
+            .findings
+            .iter()
+            .filter(|(_, f)| f.rule.id != lint::UNPROVEN_FORM.id)
+        {
             match by_rule.iter_mut().find(|(r, _, _)| r.id == f.rule.id) {
                 Some((_, sev, ks)) => {
                     *sev = (*sev).max(f.severity);
