@@ -3,8 +3,8 @@
 //! CPU; then the self-test of the ten kernels of a small and a real model against the
 //! simulator, kernel by kernel; the int8 probe only where the program form has quantize
 //! (ios18); and last the `ane` backend through the conformance suite the CPU and the simulator
-//! pass. Tests run one at a time (`--test-threads 1` is not needed: each opens its own
-//! platform, and the device serialises them).
+//! pass. One test runs the four steps in that order and stops at the first that fails, so the
+//! report points at the simplest thing that does not work.
 #![cfg(feature = "ane-hardware")]
 
 use std::sync::{Arc, Mutex};
@@ -46,12 +46,23 @@ fn conv_chain(precision: probe::Precision) {
 }
 
 #[test]
-fn a_01_fp16_conv_chain_matches_the_cpu() {
+fn on_the_neural_engine_in_order() {
+    // 1. The simplest program: an fp16 convolution chain against the CPU.
     conv_chain(probe::Precision::Fp16);
+    // 2. The self-test of the ten kernels of three models against the simulator.
+    the_ten_kernels_pass_the_self_test();
+    // 3. W8A8 only where the program form has quantize/dequantize.
+    let chip = runtime::chip_name().unwrap_or_default();
+    if runtime::program_form(&chip) == Target::Ios18 {
+        conv_chain(probe::Precision::Int8);
+    } else {
+        eprintln!("{chip} takes the ios16 form, which has no quantize/dequantize: no int8 probe");
+    }
+    // 4. The backend through the conformance suite, every kernel on the device.
+    the_ane_backend_conforms();
 }
 
-#[test]
-fn a_02_the_ten_kernels_pass_the_self_test() {
+fn the_ten_kernels_pass_the_self_test() {
     let (shared, chip) = platform();
     let target = runtime::program_form(&chip);
     let mut failed = Vec::new();
@@ -76,18 +87,7 @@ fn a_02_the_ten_kernels_pass_the_self_test() {
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
-#[test]
-fn a_03_int8_conv_chain_matches_the_cpu_on_the_ios18_form() {
-    let chip = runtime::chip_name().unwrap_or_default();
-    if runtime::program_form(&chip) != Target::Ios18 {
-        eprintln!("{chip} takes the ios16 form, which has no quantize/dequantize: not run");
-        return;
-    }
-    conv_chain(probe::Precision::Int8);
-}
-
-#[test]
-fn a_04_the_ane_backend_conforms() {
+fn the_ane_backend_conforms() {
     let mut k = Backend {
         kind: BackendKind::Ane,
         precision: Precision::Fp16,

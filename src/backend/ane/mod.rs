@@ -314,9 +314,14 @@ impl AneKernels {
                 },
                 Exec::Device(program) => {
                     let mut program = program.lock().unwrap_or_else(|e| e.into_inner());
-                    // The first layer uses the set the program was made with.
+                    // Layers take the sets made at `prepare` in the order they first run;
+                    // another set of weights (another model's) gets a new one.
                     let used = staged.keys().filter(|(kk, _)| *kk == kind).count();
-                    let set = if used == 0 { 0 } else { program.add_set()? };
+                    let set = if used < program.sets() {
+                        used
+                    } else {
+                        program.add_set()?
+                    };
                     Staged {
                         version: None,
                         host: None,
@@ -546,7 +551,19 @@ impl Kernels for AneKernels {
             let exec = match &self.runner {
                 Runner::Simulator => Exec::Sim(sim),
                 Runner::Device { platform, name } => {
-                    match selftest::load_and_verify(platform, &kernel, &sim) {
+                    let loaded = selftest::load_and_verify(platform, &kernel, &sim).and_then(
+                        |mut program| {
+                            // The surfaces of every layer's weights, made now: a device that
+                            // cannot hold them says so before the run starts.
+                            if kernel.kind.has_weights() {
+                                for _ in 1..shape.dims.n_layers {
+                                    program.add_set().map_err(|e| e.to_string())?;
+                                }
+                            }
+                            Ok(program)
+                        },
+                    );
+                    match loaded {
                         Ok(program) => Exec::Device(Mutex::new(program)),
                         Err(why) => {
                             if self.options.strict {
