@@ -204,7 +204,7 @@ fn chart(area: &Area, spec: &Spec, runs: &[Curve]) -> Result<()> {
     }
     // Every value inside the panel: nothing is drawn over a neighbouring chart.
     let fit = |p: &(f64, f64)| (p.0, crate::util::series::clamp(p.1, y0, y1));
-    let curves: Vec<(String, Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>)> = runs
+    let curves: Vec<DrawnCurve> = runs
         .iter()
         .map(|r| {
             let raw: Vec<(f64, f64)> = r.line.iter().map(fit).collect();
@@ -240,12 +240,15 @@ fn chart(area: &Area, spec: &Spec, runs: &[Curve]) -> Result<()> {
     }
 }
 
+/// A prepared curve: its name, raw line, smoothed line and points, in chart coordinates.
+type DrawnCurve = (String, Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>);
+
 /// Draws prepared curves `(name, raw, smoothed, points)` on a value axis `y`.
 /// With `log_ticks`, the values are logarithms and the axis is labelled at those values.
 fn draw(
     area: &Area,
     spec: &Spec,
-    curves: &[(String, Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>)],
+    curves: &[DrawnCurve],
     x: std::ops::Range<f64>,
     y: std::ops::Range<f64>,
     log_ticks: Option<&[f64]>,

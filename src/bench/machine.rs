@@ -112,6 +112,39 @@ pub fn os_description() -> String {
     }
 }
 
+/// The vector instruction sets of this CPU that the kernels use.
+fn cpu_flags() -> Vec<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            (
+                "avx512bf16",
+                std::arch::is_x86_feature_detected!("avx512bf16"),
+            ),
+            (
+                "avx512vnni",
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+            ),
+            ("avxvnni", std::arch::is_x86_feature_detected!("avxvnni")),
+        ]
+        .into_iter()
+        .filter(|&(_, on)| on)
+        .map(|(name, _)| name.to_string())
+        .collect()
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        vec!["neon".to_string()]
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        Vec::new()
+    }
+}
+
 impl MachineInfo {
     /// This machine.
     pub fn detect() -> Self {
@@ -133,30 +166,7 @@ impl MachineInfo {
                     .filter(|s| !s.is_empty())
             })
             .unwrap_or_else(|| "unknown CPU".into());
-        let mut flags = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            for (name, on) in [
-                ("avx2", std::arch::is_x86_feature_detected!("avx2")),
-                ("fma", std::arch::is_x86_feature_detected!("fma")),
-                ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
-                (
-                    "avx512bf16",
-                    std::arch::is_x86_feature_detected!("avx512bf16"),
-                ),
-                (
-                    "avx512vnni",
-                    std::arch::is_x86_feature_detected!("avx512vnni"),
-                ),
-                ("avxvnni", std::arch::is_x86_feature_detected!("avxvnni")),
-            ] {
-                if on {
-                    flags.push(name.to_string());
-                }
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        flags.push("neon".to_string());
+        let flags = cpu_flags();
         let memory_bytes = read("/proc/meminfo")
             .lines()
             .find(|l| l.starts_with("MemTotal:"))

@@ -20,8 +20,13 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
-use super::gemm_bf16::{NR, PackBuf, pack_b, row_block_of, store_tile, with_packed_b};
-use super::matrix::{MatRef, Product, TileAt};
+use super::gemm_bf16::{PackBuf, pack_b, row_block_of, with_packed_b};
+use super::matrix::{MatRef, Product};
+#[cfg(target_arch = "x86_64")]
+use super::{
+    gemm_bf16::{NR, store_tile},
+    matrix::TileAt,
+};
 
 /// Rows of a packed `A` panel and of a micro-block of `C` (two tiles of 16).
 const MR: usize = 32;
@@ -516,6 +521,7 @@ fn block_loop(
 }
 
 /// A 32 x 32 f32 block aligned for tile stores.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct Scratch([f32; MR * NR]);
 

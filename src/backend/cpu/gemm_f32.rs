@@ -125,6 +125,28 @@ mod simd {
     }
 }
 
+/// Whether [`gemm_f32`] can run here: with AVX-512F on x86-64, and elsewhere with
+/// [`micro_tile_portable`] (for the tests of the packing on every architecture; the CPU backend
+/// dispatches here only when [`available`], the `gemm` crate's kernels being faster elsewhere).
+fn runnable() -> bool {
+    available() || cfg!(not(target_arch = "x86_64"))
+}
+
+/// The micro-kernel in plain Rust: `tile = A-panel x B-panel` over `kc` (panels as packed by
+/// [`pack_a`] and [`pack_b`]).
+#[cfg(not(target_arch = "x86_64"))]
+fn micro_tile_portable(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; MR * NR]) {
+    tile.fill(0.0);
+    for kk in 0..kc {
+        let (ar, br) = (&a[kk * MR..(kk + 1) * MR], &b[kk * NR..(kk + 1) * NR]);
+        for (r, &av) in ar.iter().enumerate() {
+            for (t, &bv) in tile[r * NR..(r + 1) * NR].iter_mut().zip(br) {
+                *t += av * bv;
+            }
+        }
+    }
+}
+
 /// Packs `A[i0..i0+mc, p0..p0+kc]` into MR-row panels `[kk][r]` (stale padding, see
 /// `gemm_bf16::grow`).
 fn pack_a(buf: &mut PackBuf<f32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc: usize) {
@@ -312,6 +334,8 @@ fn run(p: &Product, bbuf: &mut PackBuf<f32>) {
                                 simd::micro_tile(kc, apanel.as_ptr(), bpanel.as_ptr(), &mut tile)
                             };
                         }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        micro_tile_portable(kc, apanel, bpanel, &mut tile);
                         let at = TileAt {
                             row: i0 + ir,
                             col: jr,
@@ -335,7 +359,7 @@ pub fn gemm_f32(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
     let Some(p) = Product::new("gemm_f32", a, b, c, accumulate) else {
         return;
     };
-    assert!(available(), "gemm_f32 needs AVX-512F");
+    assert!(runnable(), "gemm_f32 needs AVX-512F on x86-64");
     PACKED_B.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => run(&p, &mut buf),
         Err(_) => run(&p, &mut PackBuf::new()),
@@ -348,7 +372,7 @@ mod tests {
 
     #[test]
     fn matches_a_naive_product_in_every_layout() {
-        if !available() {
+        if !runnable() {
             return;
         }
         for (m, n, k) in [

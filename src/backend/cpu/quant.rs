@@ -501,13 +501,13 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
         let per = rows_per_task(out).next_multiple_of(4);
         #[cfg(target_arch = "x86_64")]
         let rows4 = isa == DotIsa::Avx512Vnni && g == 64;
-        #[cfg(not(target_arch = "x86_64"))]
-        let rows4 = false;
         super::team::for_each_chunk_mut(&mut y[..out], per, |c, ys| {
             let r0 = c * per;
-            let mut done = 0;
+            // Rows done by the 4-row kernel.
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
             #[cfg(target_arch = "x86_64")]
-            if rows4 {
+            let done = if rows4 {
                 let (xr, xs) = xq.row(0);
                 for (b, yb) in ys.chunks_exact_mut(4).enumerate() {
                     let r = r0 + 4 * b;
@@ -525,9 +525,11 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
                         )
                     };
                     yb.copy_from_slice(&v);
-                    done += 4;
                 }
-            }
+                ys.len() / 4 * 4
+            } else {
+                0
+            };
             for (i, v) in ys.iter_mut().enumerate().skip(done) {
                 *v = dot(r0 + i, 0);
             }
@@ -540,15 +542,14 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
     let ptr = super::SendPtr(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     let blocked = isa == DotIsa::Avx512Vnni && g == 64;
-    #[cfg(not(target_arch = "x86_64"))]
-    let blocked = false;
     (0..blocks).into_par_iter().for_each(|b| {
         let r0 = b * per;
         let r1 = (r0 + per).min(out);
-        let mut done_t = 0;
-        let mut done_r = r0;
+        // The token rows and weight rows done by the register blocks.
+        #[cfg(not(target_arch = "x86_64"))]
+        let (done_t, done_r) = (0, r0);
         #[cfg(target_arch = "x86_64")]
-        if blocked {
+        let (done_t, done_r) = if blocked {
             use x86::{BR, BT};
             let full_t = rows / BT * BT;
             let full_r = r0 + (r1 - r0) / BR * BR;
@@ -572,9 +573,10 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
                     }
                 }
             }
-            done_t = full_t;
-            done_r = full_r;
-        }
+            (full_t, full_r)
+        } else {
+            (0, r0)
+        };
         // What the register blocks left: the last token rows for every weight row of this
         // task, and the last weight rows for the blocked token rows.
         for t in 0..rows {
