@@ -116,6 +116,26 @@ pub struct Output {
     pub stderr: String,
 }
 
+/// The environment variable naming a command prefix that starts this build's binaries, e.g.
+/// `qemu-aarch64 -L /usr/aarch64-linux-gnu` when cross-built tests run under an emulator
+/// (tools/ci/aarch64.sh): such a binary cannot be started directly.
+pub const RUNNER_ENV: &str = "HANDGRAD_TEST_RUNNER";
+
+/// A command that starts the program `exe` (the `handgrad` binary, or this test binary again):
+/// directly, or through [`RUNNER_ENV`] when it is set.
+pub fn command(exe: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let runner = std::env::var(RUNNER_ENV).unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = std::process::Command::new(program);
+            c.args(words).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    }
+}
+
 /// Runs the `handgrad` binary with arguments, in `cwd`, with the shared test cache.
 pub fn handgrad(args: &[&str], cwd: &std::path::Path) -> Output {
     handgrad_env(args, cwd, &[])
@@ -123,7 +143,7 @@ pub fn handgrad(args: &[&str], cwd: &std::path::Path) -> Output {
 
 /// [`handgrad`] with extra environment variables.
 pub fn handgrad_env(args: &[&str], cwd: &std::path::Path, env: &[(&str, &str)]) -> Output {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handgrad"))
+    let out = command(env!("CARGO_BIN_EXE_handgrad"))
         .args(args)
         .current_dir(cwd)
         .env("HANDGRAD_CACHE", test_cache())
@@ -177,7 +197,7 @@ pub fn in_child() -> bool {
 /// output. The child sees [`in_child`] true.
 pub fn rerun_in_child(name: &str, env: &[(&str, &str)]) -> Output {
     let exe = std::env::current_exe().expect("the test binary's path");
-    let out = std::process::Command::new(exe)
+    let out = command(exe)
         .args([name, "--exact", "--nocapture", "--test-threads", "1"])
         .env(CHILD_ENV, "1")
         .envs(env.iter().copied())
