@@ -253,6 +253,15 @@ fn int8_products_and_latencies_are_measured_checked_and_reported() {
         (Some(64), Some(96))
     );
     assert_eq!(validate(&v).unwrap(), "matmul");
+    // Without an int8 instruction (the portable loop: every aarch64 CPU) there is no
+    // theoretical int8 rate: the ceiling is twice the fp32 one, as `bench matmul` prints it.
+    let mut portable = v.clone();
+    portable["theoretical"]["int8_gops"] = serde_json::Value::Null;
+    assert_eq!(validate(&portable).unwrap(), "matmul");
+    let fp32 = portable["theoretical"]["fp32_gflops"].as_f64().unwrap();
+    portable["matmuls"][0]["gflops"] = (2.2 * fp32).into();
+    let e = validate(&portable).unwrap_err();
+    assert!(e.contains("above the measured peak"), "{e}");
     std::fs::write(dir.path().join("int8.json"), &o.stdout).unwrap();
 
     let o = common::handgrad(

@@ -223,6 +223,13 @@ pub struct TheoreticalPeak {
     pub assumptions: String,
 }
 
+/// The ceiling of int8 products: the theoretical int8 rate, or twice the fp32 rate for a CPU
+/// without an int8 dot-product instruction handgrad uses (the portable loop: every aarch64
+/// CPU, x86-64 without AVX2), where nothing better bounds it.
+pub fn int8_ceiling(int8_gops: Option<f64>, fp32_gflops: f64) -> f64 {
+    int8_gops.unwrap_or(2.0 * fp32_gflops)
+}
+
 /// The clock ceiling in GHz and where it came from.
 fn clock_ghz() -> (f64, String) {
     let khz = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")

@@ -116,8 +116,14 @@ pub fn validate(v: &Value) -> Result<String, String> {
         "matmul" => {
             let int8 = v.get("int8").and_then(Value::as_bool).unwrap_or(false);
             let peak = if int8 {
-                // int8 products against the theoretical int8 rate (nothing measures it).
-                num(&v["theoretical"], "int8_gops")?
+                // int8 products against the theoretical int8 rate (nothing measures it), as
+                // `bench matmul --int8` bounds them (null without an int8 instruction).
+                let theo = &v["theoretical"];
+                let gops = match theo.get("int8_gops") {
+                    None | Some(Value::Null) => None,
+                    Some(_) => Some(num(theo, "int8_gops")?),
+                };
+                crate::bench::peak::int8_ceiling(gops, num(theo, "fp32_gflops")?)
             } else {
                 num(v, "fp32_peak_gflops")?.max(
                     v.get("bf16_peak_gflops")

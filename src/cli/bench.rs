@@ -689,7 +689,7 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
             .unwrap_or_else(crate::train::default_threads)
             .max(1),
     );
-    let int8_ceiling = theo.int8_gops.unwrap_or(2.0 * theo.fp32_gflops);
+    let int8_ceiling = bench::peak::int8_ceiling(theo.int8_gops, theo.fp32_gflops);
     // There is no measured int8 peak: int8 products are compared with the theoretical one.
     let own_peak = match (a.int8, backend.precision) {
         (true, _) => int8_ceiling,
