@@ -33,6 +33,37 @@ fn cpu_fp32_conforms() {
     assert_conforms("cpu fp32", &mut CpuKernels);
 }
 
+/// fp32 through the CBLAS calls that use Accelerate on macOS, here against the fake CBLAS (it
+/// checks every argument as a BLAS does and computes with the portable kernel), in its own
+/// process (the fp32 path is chosen once per process): every product and matrix-vector
+/// product of the suite goes through `cblas_sgemm` / `cblas_sgemv`.
+#[test]
+fn cpu_fp32_conforms_through_the_cblas_calls() {
+    use handgrad::backend::cpu::accelerate::{Cblas, fake};
+    use handgrad::backend::cpu::f32_path::{F32Path, f32_path, use_cblas};
+    if common::in_child() {
+        assert!(
+            use_cblas(Cblas::fake()),
+            "the fp32 path was chosen before the test"
+        );
+        assert_eq!(f32_path(), F32Path::Cblas);
+        assert_conforms("cpu fp32 (fake CBLAS)", &mut CpuKernels);
+        let (gemm, gemv) = fake::calls();
+        assert!(gemm > 0 && gemv > 0, "sgemm {gemm}, sgemv {gemv} calls");
+        let errors = fake::take_errors();
+        assert!(errors.is_empty(), "argument errors: {errors:?}");
+        eprintln!("conformed through the fake CBLAS: {gemm} sgemm and {gemv} sgemv calls");
+        return;
+    }
+    let out = common::rerun_in_child("cpu_fp32_conforms_through_the_cblas_calls", &[]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("conformed through the fake CBLAS"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// bf16 on every path this CPU can take (AMX tiles, AVX512_BF16, the portable emulation), each
 /// in its own process: `HANDGRAD_BF16` is read once per process.
 #[test]

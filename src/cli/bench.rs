@@ -706,6 +706,7 @@ fn matmul(a: MatmulBenchArgs) -> Result<()> {
             "matmul",
             &serde_json::json!({
                 "backend": backend.info(), "fp32_peak_gflops": peak, "fp32_isa": isa,
+                "f32_path": crate::backend::cpu::f32_path().name(),
                 "bf16_peak_gflops": bf16, "theoretical": theo, "int8": a.int8,
                 "int8_isa": a.int8.then(|| crate::backend::cpu::quant::dot_isa().describe()),
                 "matmuls": results

@@ -85,8 +85,15 @@ fn rows_blocked<T>(w: &[T], x: &[f32], ys: &mut [f32], block: RowsKernel<T>, one
     }
 }
 
-/// `ys[i] = w[i * cols..][..cols] · x` for f32 weights (`cols = x.len()`).
+/// `ys[i] = w[i * cols..][..cols] · x` for f32 weights (`cols = x.len()`): through the
+/// process's CBLAS (`cblas_sgemv` of Accelerate on macOS, see [`super::f32_path`]) when it has
+/// one, else handgrad's kernels.
 fn rows_dot_f32(w: &[f32], x: &[f32], ys: &mut [f32]) {
+    if let Some(blas) = super::f32_path::cblas()
+        && blas.rows_dot(w, x, ys)
+    {
+        return;
+    }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     rows_blocked(
         w,

@@ -1,10 +1,12 @@
 //! Linear layers (no bias) as matrix multiplies. Weights are stored `[out, in]` as in
 //! PyTorch / Hugging Face, so `y = x W^T`.
 //!
-//! Large products run on handgrad's packed AVX-512 GEMM (`gemm_f32`) where the CPU has
-//! AVX-512F; small ones (tests, tiny models) and other CPUs use the `gemm` crate, whose
-//! single-threaded path has less overhead than packing.
+//! The products run on the kernel of [`super::f32_path`]: Accelerate's `cblas_sgemm` on macOS;
+//! handgrad's packed AVX-512 GEMM (`gemm_f32`) for large products where the CPU has AVX-512F,
+//! small ones (tests, tiny models) on the `gemm` crate, whose single-threaded path has less
+//! overhead than packing; the `gemm` crate on other CPUs.
 
+use super::f32_path::{self, F32Path};
 use super::matrix::{MatMut, MatRef, check_product};
 use crate::backend::types::LinearShape;
 
@@ -62,9 +64,16 @@ pub(crate) fn gemm_crate(a: MatRef, b: MatRef, c: MatMut, accumulate: bool, para
     }
 }
 
-/// `C (+)= A · B` on the packed GEMM for large products where available, else the crate.
+/// `C (+)= A · B` on this process's [`F32Path`]: a CBLAS (Accelerate on macOS), the packed
+/// GEMM for large products where the CPU has AVX-512F, else the crate.
 fn matmul(a: MatRef, b: MatRef, c: MatMut, accumulate: bool) {
-    if super::gemm_f32::available() && a.rows * b.cols * a.cols >= PACKED_THRESHOLD {
+    let mut c = c;
+    if let Some(blas) = f32_path::cblas()
+        && blas.gemm(a, b, &mut c, accumulate)
+    {
+        return;
+    }
+    if f32_path::f32_path() == F32Path::Avx512 && a.rows * b.cols * a.cols >= PACKED_THRESHOLD {
         super::gemm_f32::gemm_f32(a, b, c, accumulate);
     } else {
         gemm_crate(a, b, c, accumulate, true);

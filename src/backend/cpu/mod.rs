@@ -2,9 +2,11 @@
 //! documented on the function. [`CpuKernels`] (fp32) and [`CpuBf16Kernels`] (bf16 matrix
 //! multiplies) implement [`Kernels`]; both inherit every block method's default composition.
 
+pub mod accelerate;
 pub mod attention;
 pub mod bf16_path;
 pub mod embedding;
+pub mod f32_path;
 pub mod gemm_amx;
 pub mod gemm_bf16;
 pub mod gemm_f32;
@@ -21,6 +23,7 @@ pub mod swiglu;
 pub mod team;
 
 pub use self::bf16_path::{Bf16Path, bf16_path};
+pub use self::f32_path::{F32Path, f32_path};
 use self::gemv::{GemvOut, GemvWeights, gemv_many};
 use self::matrix::{MatMut, MatRef};
 use super::kernels::{Kernels, LinearOut, Tolerance};
@@ -53,13 +56,8 @@ pub fn bf16_in_hardware() -> bool {
 
 /// A short description of the CPU kernels of a precision, for run headers and reports.
 pub fn describe(bf16: bool) -> String {
-    let f32_gemm = if gemm_f32::available() {
-        "packed AVX-512 fp32 GEMM (the gemm crate for small products)"
-    } else {
-        "fp32 GEMM of the gemm crate"
-    };
     if !bf16 {
-        return f32_gemm.to_string();
+        return f32_path::describe();
     }
     if gemm_amx::available() {
         "packed bf16 GEMM on AMX tiles (bf16 products, f32 accumulation)".to_string()
