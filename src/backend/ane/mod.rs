@@ -145,7 +145,8 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
         .iter()
         .zip(want)
         .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
-    if got.len() != want.len() || !diff.is_finite() {
+    // `f64::max` drops NaN: a non-finite output is caught here.
+    if got.len() != want.len() || !diff.is_finite() || got.iter().any(|v| !v.is_finite()) {
         f64::INFINITY
     } else {
         diff / scale
