@@ -588,6 +588,21 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
             unproven.join("; ")
         );
     }
+    let mut all: Vec<(crate::backend::ane::forms::Form, bool)> = Vec::new();
+    for k in &kernels {
+        for (f, ok, _) in crate::backend::ane::forms::forms(&k.program) {
+            if !all.iter().any(|(g, _)| *g == f) {
+                all.push((f, ok));
+            }
+        }
+    }
+    let unproven = all.iter().filter(|(_, ok)| !ok).count();
+    let _ = writeln!(
+        readme,
+        "\nAll ten kernels: {} distinct forms, {} of them outside the proven set.",
+        all.len(),
+        unproven
+    );
     let _ = writeln!(readme, "\n## Lint (`handgrad ane check`)\n");
     if findings.is_empty() {
         let _ = writeln!(readme, "No rule fires.");
@@ -600,9 +615,10 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
         std::io::Write::write_all(f, readme.as_bytes())
     })?;
     println!(
-        "wrote {} kernels for {model} (seq {seq}, {target}) to {}; {} lint finding(s), listed in README.md",
+        "wrote {} kernels for {model} (seq {seq}, {target}) to {}; {} distinct op forms, {unproven} not yet run on the Neural Engine; {} lint finding(s), listed in README.md",
         kernels.len(),
         out.display(),
+        all.len(),
         findings.len()
     );
     Ok(())
