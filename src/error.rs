@@ -52,6 +52,10 @@ pub enum Error {
         needed: usize,
         limit: usize,
     },
+    /// The run must continue in a fresh process (the Neural Engine compiler's budget of this
+    /// one is spent); the command line re-executes itself with `restarts` in its environment.
+    #[error("{reason}; restart handgrad to continue")]
+    RestartProcess { restarts: u32, reason: String },
     /// Training was interrupted by the user (Ctrl-C) after saving.
     #[error("interrupted")]
     Interrupted,

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod run;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod train;

@@ -64,7 +64,7 @@ pub struct RunSeries {
 /// Reads a run (a run folder or an `events.jsonl` file).
 pub fn read_run(path: &Path) -> Result<RunSeries> {
     let file = if path.is_dir() {
-        path.join("events.jsonl")
+        crate::run::RunDir::new(path).events()
     } else {
         path.to_path_buf()
     };

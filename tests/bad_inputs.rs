@@ -307,7 +307,7 @@ fn every_bad_input_gives_its_documented_error() {
     let pid = first.id().to_string();
     let second = second.replace(&format!("process {pid} "), "process PID ");
     let second = regex_lite_age(&second);
-    let host = handgrad::train::run_lock::hostname();
+    let host = handgrad::run::lock::hostname();
     let second = second.replace(&format!(" on {host}, "), " on HOST, ");
     rows.push(("a second trainer on the same folder", second));
 

@@ -145,7 +145,7 @@ fn resume_applies_sound_changes_refuses_the_others_and_knows_a_finished_run() {
     );
     let ck =
         handgrad::formats::checkpoint::Checkpoint::load(&d.join("run/checkpoints/latest")).unwrap();
-    assert_eq!(ck.meta.train_config["lr"], 0.001);
+    assert_eq!(ck.meta.train_config.lr, 0.001);
     // Finished: said, with how to extend it.
     let o = handgrad(&["train", "--resume", "--run-dir", "run"], d);
     let line = one_error_line(&o);

@@ -23,7 +23,7 @@ use super::blocks::{self, AttentionActs, AttentionWeights, FfnForward, FfnWeight
 use super::cpu;
 use super::types::{
     AttentionShape, CachedAttentionShape, LinearShape, Matrix, NormSaved, Positions, Qkv, QkvGrads,
-    RopeTable, StepShape,
+    RopeTable, StepShape, WeightFormat,
 };
 use crate::error::Result;
 
@@ -131,6 +131,28 @@ pub trait Kernels: Send + Sync {
         let d = &shape.dims;
         let widest = shape.vocab_out.max(d.ffn_dim).max(d.q_dim()).max(d.dim);
         4 * 1024 * widest + rayon::current_num_threads() * 4 * 256 * 1024
+    }
+
+    // ---- what this backend can do -----------------------------------------------------
+
+    /// Whether small gradients vanish in these kernels' products without loss scaling (fp16
+    /// kernels): `--loss-scale auto` then scales dynamically.
+    fn needs_loss_scaling(&self) -> bool {
+        false
+    }
+
+    /// Whether these kernels read the matrices in `format` when decoding (the compact copy
+    /// the caller keeps): fp32 and bf16 everywhere, int8 only where the int8 products are
+    /// (the CPU's).
+    fn reads_weights(&self, format: WeightFormat) -> bool {
+        format != WeightFormat::Q8
+    }
+
+    /// Whether every matrix product runs on the CPU's own kernels, in the backend's
+    /// precision, so that the CPU's measured peak is their limit (benchmarks report the
+    /// fraction).
+    fn products_on_cpu(&self) -> bool {
+        false
     }
 
     /// Things the user should know about the prepared kernels (e.g. hardware rules their
@@ -419,5 +441,17 @@ pub trait Kernels: Send + Sync {
     ) -> Result<()> {
         self.linear_backward_input(dxn, dk, w.wk.f32, w.wk.linear(rows), true)?;
         self.linear_backward_input(dxn, dv, w.wv.f32, w.wv.linear(rows), true)
+    }
+}
+
+impl WeightFormat {
+    /// Refuses a format the kernels cannot read (q8 runs only on the CPU's int8 products).
+    pub fn check_kernels(self, kernels: &dyn Kernels, backend: super::BackendKind) -> Result<()> {
+        if !kernels.reads_weights(self) {
+            return Err(crate::Error::invalid(format!(
+                "--weights {self} runs on the CPU kernels; --backend {backend} computes in its own precision"
+            )));
+        }
+        Ok(())
     }
 }

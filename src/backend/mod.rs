@@ -22,7 +22,7 @@ pub use blocks::{Attend, AttentionActs, AttentionWeights, FfnActs, FfnWeights, K
 pub use kernels::{AcceleratorStats, KernelPlacement, Kernels, LinearOut, Tolerance};
 pub use types::{
     AttentionShape, CachedAttentionShape, CompactWeights, LinearShape, Matrix, ModelDims,
-    NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable, StepShape,
+    NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable, StepShape, WeightFormat,
 };
 
 use crate::error::Result;

@@ -299,3 +299,30 @@ pub struct NormSaved<'a> {
     pub w: &'a [f32],
     pub rstd: &'a [f32],
 }
+
+/// The weights streamed for each decoded token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// The f32 parameters.
+    #[default]
+    #[value(alias = "f32")]
+    Fp32,
+    /// A bf16 copy: half the bytes per token (products still accumulate in f32).
+    Bf16,
+    /// Int8 matrices in groups of up to 64 with f32 scales (Q8_0, as llama2.c's runq.c), and
+    /// activations quantised per group at run time: about a quarter of the bytes per token.
+    /// Every forward product, prompt included, uses the int8 weights.
+    #[value(alias = "int8")]
+    Q8,
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightFormat::Fp32 => "fp32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Q8 => "q8",
+        })
+    }
+}

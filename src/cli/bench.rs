@@ -468,8 +468,8 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
             Precision::Fp32
         };
     let backend: Backend = a.backend.resolve_with(default_precision);
-    a.weights.check_backend(backend.kind)?;
     let mut kernels = backend.kernels()?;
+    a.weights.check_kernels(kernels.as_ref(), backend.kind)?;
     kernels.prepare(&crate::model::Transformer::new(cfg.clone()).step_shape(1, prompt))?;
     let run = GenerateRun {
         prompt,
@@ -480,7 +480,7 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
         let mut r = bench::generate::run(kernels.as_ref(), &a.model, &cfg, run)?;
         // The prompt's products run in the backend's precision (int8 with q8 weights, which
         // has no measured peak).
-        if a.weights != WeightFormat::Q8 && backend.kind == crate::backend::BackendKind::Cpu {
+        if a.weights != WeightFormat::Q8 && kernels.products_on_cpu() {
             let peak = measure_peak(backend.precision, 0.5);
             if peak.is_finite() && peak > 0.0 {
                 r.prefill_peak_gflops = Some(peak);

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::eval::{Perplexity, perplexity};
 use crate::formats::load_model;
 use crate::generate::WeightFormat;
-use crate::train::config::TrainConfig;
+use crate::run::TrainConfig;
 
 /// Options of `handgrad eval`.
 #[derive(Args, Debug)]
@@ -63,7 +63,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut note = None;
     let (path, data, seq_default, windows_default) = match (&a.run_dir, &a.model) {
         (Some(dir), None) => {
-            let run = crate::train::RunPaths::existing(dir)?;
+            let run = crate::run::RunDir::existing(dir)?;
             let ck = run.checkpoint_to_read(a.best)?;
             let cfg_path = run.train_config();
             let text = std::fs::read_to_string(&cfg_path)

@@ -87,8 +87,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     for w in backend.warnings() {
         eprintln!("warning: {w}");
     }
-    a.weights.check_backend(backend.kind)?;
     let mut kernels = backend.kernels()?;
+    a.weights.check_kernels(kernels.as_ref(), backend.kind)?;
     kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len.min(a.max_tokens + 1)))?;
     // The text streams to stdout; when its reader goes away (`| head`), generation stops
     // quietly.
@@ -121,9 +121,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 /// The model, its parameters and the tokenizer the flags name.
 fn load(a: &GenerateArgs) -> Result<(Transformer, Vec<f32>, Box<dyn tokenizer::Tokenizer>)> {
     let path = match (&a.run_dir, &a.checkpoint, &a.model) {
-        (Some(dir), None, None) => {
-            crate::train::RunPaths::existing(dir)?.checkpoint_to_read(a.best)?
-        }
+        (Some(dir), None, None) => crate::run::RunDir::existing(dir)?.checkpoint_to_read(a.best)?,
         (None, Some(p), None) | (None, None, Some(p)) => p.clone(),
         _ => {
             return Err(Error::invalid(

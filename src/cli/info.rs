@@ -54,7 +54,7 @@ fn describe_file(path: &PathBuf) -> Result<()> {
     }
     if &head == b"HGCKPT01" {
         let ck = Checkpoint::load(path)?;
-        let cfg = ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
+        let cfg = ck.meta.model_config.clone();
         println!("handgrad checkpoint (format {})", ck.meta.format_version);
         println!(
             "step              {} of {}",

@@ -209,11 +209,7 @@ pub fn run(a: TrainArgs, given: GivenFlags) -> Result<()> {
     opts.stop_flag = Some(ctrl_c_flag());
     opts.restart_on_compile_budget = !a.no_restart;
     let outcome = match train(cfg, opts) {
-        Err(Error::AneCompileBudget {
-            used,
-            needed,
-            limit,
-        }) if !a.no_restart => return restart_process(used, needed, limit),
+        Err(Error::RestartProcess { restarts, .. }) => return restart_process(restarts),
         other => other?,
     };
     report(&outcome, a.quiet)
@@ -261,36 +257,19 @@ fn run_rank(
 }
 
 /// Restarts handgrad in this process's place (exec), with the same arguments, for a fresh
-/// Neural Engine compiler. The trainer prepares its kernels before anything of the run is
-/// written, so the new process starts (or resumes) exactly as this one would have. Refused
-/// when a fresh process could not compile the set either, or after three restarts in a row.
-fn restart_process(used: usize, needed: usize, limit: usize) -> Result<()> {
-    const RESTARTS: &str = "HANDGRAD_ANE_RESTARTS";
-    let restarts: u32 = std::env::var(RESTARTS)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let spent = Error::AneCompileBudget {
-        used,
-        needed,
-        limit,
-    };
-    if needed > limit {
-        return Err(Error::invalid(format!(
-            "{spent}; one kernel set needs {needed} compiles, more than the budget of {limit} (raise HANDGRAD_ANE_COMPILE_BUDGET)"
-        )));
-    }
-    if restarts >= 3 {
-        return Err(Error::invalid(format!(
-            "{spent}; still so after {restarts} restarts in a row"
-        )));
-    }
+/// Neural Engine compiler (the trainer decided it: `train::compile_budget`). The trainer
+/// prepares its kernels before anything of the run is written, so the new process starts (or
+/// resumes) exactly as this one would have.
+fn restart_process(restarts: u32) -> Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let exe =
         std::env::current_exe().map_err(|e| Error::io("finding the executable", "handgrad", e))?;
     let mut cmd = std::process::Command::new(&exe);
     cmd.args(&args)
-        .env(RESTARTS, (restarts + 1).to_string())
+        .env(
+            crate::train::compile_budget::RESTARTS_VAR,
+            restarts.to_string(),
+        )
         .env_remove(crate::backend::ane::runtime::COMPILES_USED_VAR);
     #[cfg(unix)]
     {
@@ -481,7 +460,8 @@ fn report(outcome: &crate::train::TrainOutcome, quiet: bool) -> Result<()> {
     match outcome.reason {
         EndReason::Interrupted => {
             super::say(&format!(
-                "saved {dir}/checkpoints/latest at update {}; continue with:",
+                "saved {} at update {}; continue with:",
+                crate::run::RunDir::new(&outcome.run_dir).latest().display(),
                 outcome.step
             ));
             super::say(&format!("  handgrad train --resume --run-dir {dir}"));

@@ -100,10 +100,9 @@ impl Drop for TerminalGuard {
 
 /// Generates a short sample from the newest checkpoint of a run, on one thread.
 pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
-    let ck_dir = run_dir.join("checkpoints");
-    let path = ["latest", "latest.prev", "best"]
-        .iter()
-        .map(|n| ck_dir.join(n))
+    let run = crate::run::RunDir::new(run_dir);
+    let path = [run.latest(), run.latest_prev(), run.best()]
+        .into_iter()
         .find(|p| p.exists())
         .ok_or_else(|| Error::invalid("no checkpoint yet"))?;
     let step = crate::formats::checkpoint::Checkpoint::load(&path)
@@ -146,7 +145,8 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
 /// Runs the dashboard until the user quits. Returns how the run it started ended (or its
 /// error).
 pub fn run(mut o: Options) -> Result<Exit> {
-    let events = o.run_dir.join("events.jsonl");
+    let run = crate::run::RunDir::new(&o.run_dir);
+    let events = run.events();
     if !o.run_dir.exists() && o.training.is_none() {
         return Err(Error::invalid(format!(
             "{} does not exist",
@@ -156,7 +156,7 @@ pub fn run(mut o: Options) -> Result<Exit> {
     if o.run_dir.is_dir()
         && o.training.is_none()
         && !events.exists()
-        && !o.run_dir.join("checkpoints").exists()
+        && !run.checkpoints().exists()
         && std::fs::read_dir(&o.run_dir).is_ok_and(|mut d| d.next().is_some())
     {
         return Err(Error::invalid(format!(

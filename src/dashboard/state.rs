@@ -152,33 +152,27 @@ impl RunView {
             } => {
                 self.status = Status::Running;
                 self.run_dir = run_dir.clone();
-                let get = |k: &str| model.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                let arch = model
-                    .get("architectures")
-                    .and_then(|a| a.get(0))
-                    .and_then(|a| a.as_str())
-                    .unwrap_or("?");
-                let t = |k: &str| train.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+                let arch = model.arch.hf_class();
                 self.header = vec![
                     format!(
                         "{arch}: {} params ({} non-embedding) | dim {} | {} layers | {}/{} heads x {} | ffn {} | vocab {}",
                         human(params.total as f64),
                         human(params.non_embedding as f64),
-                        get("hidden_size"),
-                        get("num_hidden_layers"),
-                        get("num_attention_heads"),
-                        get("num_key_value_heads"),
-                        get("head_dim"),
-                        get("intermediate_size"),
-                        get("vocab_size")
+                        model.dim,
+                        model.n_layers,
+                        model.n_heads,
+                        model.n_kv_heads,
+                        model.head_dim,
+                        model.ffn_dim,
+                        model.vocab_size
                     ),
                     format!(
                         "batch {} x seq {} x accum {} = {} tokens/update | {} updates | backend {} {}",
-                        t("batch"),
-                        t("seq"),
-                        t("accum"),
+                        train.batch,
+                        train.seq,
+                        train.accum,
                         tokens_per_update,
-                        t("steps"),
+                        train.steps,
                         backend.backend,
                         backend.precision
                     ),

@@ -17,16 +17,6 @@
 //! | CRC-32 of everything above (u32) | 4 |
 //! | end magic `HGCKEND\0` | 8 |
 
-/// Where a handgrad run folder keeps its checkpoints, relative to the folder (the one place
-/// this layout is spelled; `train::RunPaths` and the model loader use it).
-pub const RUN_CHECKPOINTS: &str = "checkpoints";
-/// The checkpoint a run writes as it goes, in [`RUN_CHECKPOINTS`].
-pub const RUN_LATEST: &str = "latest";
-/// The checkpoint of the best validation loss, in [`RUN_CHECKPOINTS`].
-pub const RUN_BEST: &str = "best";
-/// The training settings a run folder holds.
-pub const RUN_TRAIN_CONFIG: &str = "train_config.json";
-
 use std::io::Write;
 use std::path::Path;
 
@@ -35,6 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::SamplerState;
 use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use crate::run::TrainConfig;
 use crate::util::fsutil::write_atomic_keeping;
 
 const MAGIC: &[u8; 8] = b"HGCKPT01";
@@ -48,10 +40,10 @@ const TRAILER: usize = 12;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointMeta {
     pub format_version: u32,
-    /// The model's Hugging Face `config.json`.
-    pub model_config: serde_json::Value,
-    /// The training configuration (see `train::TrainConfig`).
-    pub train_config: serde_json::Value,
+    /// The model (its Hugging Face `config.json` in the file).
+    pub model_config: ModelConfig,
+    /// The training configuration.
+    pub train_config: TrainConfig,
     /// Identity of the tokenizer the model was trained with.
     pub tokenizer_id: String,
     /// File name of the embedded tokenizer (`tokenizer.json`, ...), if any.
@@ -79,7 +71,15 @@ pub struct CheckpointMeta {
     pub written_unix: f64,
     /// The loss scaler's state, when the run scales its loss.
     #[serde(default)]
-    pub loss_scale: Option<crate::train::loss_scale::ScalerState>,
+    pub loss_scale: Option<ScalerState>,
+}
+
+/// What the scaler carries between updates (saved in checkpoints for exact resume).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScalerState {
+    pub scale: f64,
+    /// Clean updates since the scale last changed.
+    pub good_steps: u64,
 }
 
 /// A checkpoint in memory.
@@ -304,8 +304,8 @@ mod tests {
         Checkpoint {
             meta: CheckpointMeta {
                 format_version: FORMAT_VERSION,
-                model_config: serde_json::json!({"a": 1}),
-                train_config: serde_json::json!({}),
+                model_config: ModelConfig::preset("tiny").unwrap(),
+                train_config: TrainConfig::default(),
                 tokenizer_id: "hf-1".into(),
                 tokenizer_file: Some("tokenizer.json".into()),
                 tokenizer_bytes: 0,

@@ -96,9 +96,7 @@ pub enum ModelFormat {
 pub fn detect(path: &Path) -> Result<ModelFormat> {
     if path.is_dir() {
         // A run folder also holds a config.json: tell it apart by its training settings.
-        if path.join(checkpoint::RUN_TRAIN_CONFIG).exists()
-            || path.join(checkpoint::RUN_CHECKPOINTS).is_dir()
-        {
+        if crate::run::RunDir::is_run_folder(path) {
             return Ok(ModelFormat::RunFolder);
         }
         if path.join("config.json").exists() {
@@ -140,9 +138,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         ModelFormat::Llama2c => llama2c::load(path),
         ModelFormat::Gguf => gguf::load(path),
         ModelFormat::RunFolder => {
-            let latest = path
-                .join(checkpoint::RUN_CHECKPOINTS)
-                .join(checkpoint::RUN_LATEST);
+            let latest = crate::run::RunDir::new(path).latest();
             if !latest.exists() {
                 return Err(Error::format(
                     path,
@@ -155,8 +151,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         }
         ModelFormat::Checkpoint => {
             let ck = checkpoint::Checkpoint::load(path)?;
-            let cfg =
-                ModelConfig::from_hf_json(&ck.meta.model_config, &path.display().to_string())?;
+            let cfg = ck.meta.model_config.clone();
             if ck.params.len() != crate::model::ParamLayout::new(&cfg).total() {
                 return Err(Error::checkpoint(
                     path,

@@ -3,51 +3,11 @@
 //! head `h` reads cached head `h / (heads / kv_heads)`, as in training); a prompt runs through
 //! the same code as one batch of rows.
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::backend::WeightFormat;
 use crate::backend::{Attend, Kernels, KvCache};
 use crate::error::{Error, Result};
 use crate::model::timing::{Section, StepTimings};
 use crate::model::{CompactParams, LayerActivations, LayerIo, Transformer, Weights};
-
-/// The weights streamed for each decoded token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum WeightFormat {
-    /// The f32 parameters.
-    #[default]
-    #[value(alias = "f32")]
-    Fp32,
-    /// A bf16 copy: half the bytes per token (products still accumulate in f32).
-    Bf16,
-    /// Int8 matrices in groups of up to 64 with f32 scales (Q8_0, as llama2.c's runq.c), and
-    /// activations quantised per group at run time: about a quarter of the bytes per token.
-    /// Every forward product, prompt included, uses the int8 weights.
-    #[value(alias = "int8")]
-    Q8,
-}
-
-impl WeightFormat {
-    /// Refuses q8 on a backend whose kernels do not read int8 weights (only the CPU's do).
-    pub fn check_backend(self, kind: crate::backend::BackendKind) -> Result<()> {
-        if self == WeightFormat::Q8 && kind != crate::backend::BackendKind::Cpu {
-            return Err(Error::invalid(format!(
-                "--weights q8 runs on the CPU kernels; --backend {kind} computes in its own precision"
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl std::fmt::Display for WeightFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WeightFormat::Fp32 => "fp32",
-            WeightFormat::Bf16 => "bf16",
-            WeightFormat::Q8 => "q8",
-        })
-    }
-}
 
 /// Buffers of a layer forward over some rows, reused across layers (no backward pass).
 struct RowBuffers {

@@ -35,7 +35,8 @@ impl Architecture {
 
 pub use crate::backend::types::RopeStyle;
 
-/// The shape and hyper-parameters of a transformer.
+/// The shape and hyper-parameters of a transformer. In JSON (checkpoints, `run_start`
+/// events) it is its Hugging Face `config.json` object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub arch: Architecture,
@@ -637,6 +638,19 @@ pub fn human_count(n: usize) -> String {
         format!("{:.1}K", x / 1e3)
     } else {
         format!("{n}")
+    }
+}
+
+impl serde::Serialize for ModelConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_hf_json().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        ModelConfig::from_hf_json(&v, "a model config").map_err(serde::de::Error::custom)
     }
 }
 

@@ -81,7 +81,7 @@ impl ConsoleSink {
         else {
             return Ok(());
         };
-        let total = train.get("steps").and_then(|s| s.as_u64()).unwrap_or(0);
+        let total = train.steps as u64;
         let mut s = format!(
             "run {run_dir}: {} parameters ({} non-embedding), {} tokens/update, {} threads, activations {}",
             human_count(params.total),

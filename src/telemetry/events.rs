@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendInfo;
+use crate::model::ModelConfig;
 use crate::model::timing::KernelTime;
+use crate::run::TrainConfig;
 
 /// Version of the record format. Fields are only ever added within a version.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -96,8 +98,8 @@ pub enum Event {
     /// The run (or a resumed part of it) begins.
     RunStart {
         run_dir: String,
-        model: serde_json::Value,
-        train: serde_json::Value,
+        model: ModelConfig,
+        train: TrainConfig,
         params: ParamSummary,
         data: DataSummary,
         tokenizer: String,

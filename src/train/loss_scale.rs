@@ -4,88 +4,12 @@
 //! system's 256); dynamic scaling skips an update whose gradient overflowed, halves the scale,
 //! and doubles it again after a run of clean updates.
 
-use serde::{Deserialize, Serialize};
-
-use crate::backend::BackendKind;
 use crate::error::{Error, Result};
+pub use crate::formats::checkpoint::ScalerState;
+pub use crate::run::config::{DEFAULT_GROWTH_INTERVAL, DEFAULT_SCALE, LossScale};
 
-/// The loss-scaling policy of a run (`--loss-scale`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum LossScale {
-    /// Dynamic on fp16 backends (`ane-sim`), none on the CPU.
-    #[default]
-    Auto,
-    /// No scaling (the f32 and bf16 CPU paths need none).
-    None,
-    /// One fixed scale; a non-finite gradient stops the run.
-    Static { scale: f64 },
-    /// Starts at `scale`; an overflow skips the update and halves it; `growth_interval`
-    /// clean updates in a row double it.
-    Dynamic { scale: f64, growth_interval: u64 },
-}
-
-/// Dynamic scaling's defaults: the original's static scale to start from, and PyTorch's
-/// growth and back-off factors (2 and 1/2) with a shorter growth interval.
-pub const DEFAULT_SCALE: f64 = 256.0;
-pub const DEFAULT_GROWTH_INTERVAL: u64 = 200;
 /// Below this the scale cannot help any more: the run has diverged.
 const MIN_SCALE: f64 = 1.0 / (1u64 << 24) as f64;
-
-impl std::str::FromStr for LossScale {
-    type Err = String;
-
-    /// `auto`, `none`, `static`, `static:S`, `dynamic`, `dynamic:S`.
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (kind, value) = match s.split_once(':') {
-            Some((k, v)) => (k, Some(v)),
-            None => (s, None),
-        };
-        let scale = match value {
-            None => DEFAULT_SCALE,
-            Some(v) => match v.parse::<f64>() {
-                Ok(x) if x > 0.0 && x.is_finite() => x,
-                _ => return Err(format!("loss scale '{v}' must be a positive number")),
-            },
-        };
-        match (kind, value) {
-            ("auto", None) => Ok(LossScale::Auto),
-            ("none", None) => Ok(LossScale::None),
-            ("static", _) => Ok(LossScale::Static { scale }),
-            ("dynamic", _) => Ok(LossScale::Dynamic {
-                scale,
-                growth_interval: DEFAULT_GROWTH_INTERVAL,
-            }),
-            _ => Err(format!(
-                "'{s}': expected auto, none, static[:SCALE] or dynamic[:SCALE]"
-            )),
-        }
-    }
-}
-
-impl LossScale {
-    /// The policy for a backend (`Auto` resolved).
-    pub fn resolve(self, backend: BackendKind) -> LossScale {
-        match (self, backend) {
-            (LossScale::Auto, BackendKind::AneSim | BackendKind::Ane | BackendKind::AneFake) => {
-                LossScale::Dynamic {
-                    scale: DEFAULT_SCALE,
-                    growth_interval: DEFAULT_GROWTH_INTERVAL,
-                }
-            }
-            (LossScale::Auto, _) => LossScale::None,
-            (p, _) => p,
-        }
-    }
-}
-
-/// What the scaler carries between updates (saved in checkpoints for exact resume).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ScalerState {
-    pub scale: f64,
-    /// Clean updates since the scale last changed.
-    pub good_steps: u64,
-}
 
 /// The loss scaler of a run.
 #[derive(Debug, Clone)]

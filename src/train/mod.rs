@@ -1,20 +1,20 @@
 //! Training: the configuration, the resolution of a run, the training step, the loop,
 //! checkpoints and resume.
 
-pub mod config;
+pub mod compile_budget;
 pub mod distributed;
 pub mod loss_scale;
 pub mod memory;
-pub mod run_dir;
-pub mod run_lock;
-pub mod setup;
+pub mod options;
+pub mod resolve;
+pub mod resume;
+pub mod run_folder;
 pub mod step;
 pub mod trainer;
 
-pub use config::TrainConfig;
-pub use loss_scale::LossScale;
-pub use run_dir::{RunPaths, load_latest};
-pub use run_lock::RunLock;
-pub use setup::GivenFlags;
+pub use crate::run::{LossScale, RunDir, RunLock, TrainConfig};
+pub use options::{RunOptions, default_threads};
+pub use resume::GivenFlags;
+pub use run_folder::load_latest;
 pub use step::{StepState, StepStats, TrainStep};
-pub use trainer::{RunOptions, TrainOutcome, default_threads, train};
+pub use trainer::{TrainOutcome, train};

@@ -1,105 +1,39 @@
-//! The training loop: resolve the run (`setup`), prepare the kernels and the run folder, then
-//! one [`TrainStep`] per update with evaluation, crash-safe checkpoints, events and a final
-//! sample.
+//! The training loop: resolve the run (`resolve`), prepare the kernels and the run folder,
+//! then one [`TrainStep`] per update with evaluation, crash-safe checkpoints
+//! (`trainer/checkpoints.rs`), resource readings (`trainer/meter.rs`), events and a final
+//! sample (`trainer/sample.rs`).
 
-use std::path::{Path, PathBuf};
+mod checkpoints;
+mod meter;
+mod sample;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::config::TrainConfig;
-use super::distributed::{Collective, Single, rescale_accum};
+use self::checkpoints::initial_state;
+use self::meter::{Meter, Readings};
+use super::compile_budget;
+use super::distributed::{Collective, Single};
 use super::loss_scale::{LossScaler, Verdict};
-use super::run_dir::{self, RunPaths};
-use super::run_lock::RunLock;
-use super::setup::{self, GivenFlags, ResumePoint};
+use super::options::{RunOptions, default_threads};
+use super::resolve::{ResolveRequest, ResolvedRun, resolve};
+use super::run_folder;
 use super::step::{StepState, TrainStep};
 use crate::backend::Kernels;
-use crate::data::{Dataset, WindowSampler, builtin};
+use crate::data::{Dataset, WindowSampler};
 use crate::error::{Error, Result};
-use crate::formats::LoadedModel;
-use crate::formats::checkpoint::{CheckpointMeta, CheckpointRef, FORMAT_VERSION};
-use crate::generate::{GenerateOptions, Sampling, WeightFormat, generate};
-use crate::model::{Activations, Batch, ModelConfig, Transformer};
-use crate::optim::{AdamW, AdamWConfig, CosineSchedule};
-use crate::telemetry::events::{DataSummary, ParamSummary, unix_now};
-use crate::telemetry::power::PowerMeter;
+use crate::model::{Activations, Batch, Transformer};
+use crate::optim::CosineSchedule;
+use crate::run::{RunDir, RunLock, TrainConfig};
+use crate::telemetry::events::{DataSummary, ParamSummary};
 use crate::telemetry::{
     CheckpointKind, ConsoleMode, ConsoleSink, EndReason, Event, EventBus, EventSink, JsonlSink,
     LossKind,
 };
 use crate::tokenizer::Tokenizer;
 use crate::util::fsutil::remove_stale_temp_files;
-
-/// Step events carry the process's resident memory every this many updates (and the first).
-const RSS_EVERY: u64 = 10;
-
-/// Settings of one invocation that do not change what is computed.
-pub struct RunOptions {
-    /// The run directory (`runs/NAME`).
-    pub run_dir: PathBuf,
-    /// Continue the run in `run_dir` from `checkpoints/latest`.
-    pub resume: bool,
-    /// Worker threads.
-    pub threads: usize,
-    /// How progress is shown.
-    pub console: ConsoleMode,
-    /// Stop (and save) after this many updates in this invocation.
-    pub stop_after: Option<usize>,
-    /// Set from outside (Ctrl-C) to save and stop after the current update.
-    pub stop_flag: Option<Arc<AtomicBool>>,
-    /// Extra event sinks (dashboards, loggers, tests).
-    pub extra_sinks: Vec<Box<dyn EventSink>>,
-    /// Where the built-in dataset is cached.
-    pub cache_root: PathBuf,
-    /// On resume: the model the user asked for, to refuse a checkpoint of another model.
-    pub requested_model: Option<String>,
-    /// Options of the kernels that do not change the numbers (`--ane-strict`).
-    pub kernel_options: crate::backend::KernelOptions,
-    /// Notes from the caller for the run header (e.g. a default it adjusted).
-    pub notes: Vec<String>,
-    /// The settings the command line gave (a resumed run applies or refuses those that differ
-    /// from its saved ones; the rest are defaults and change nothing).
-    pub given: GivenFlags,
-    /// When the model has fewer positions than `seq`, train on the model's limit (with a note)
-    /// instead of failing: set when `seq` is a default rather than the user's choice.
-    pub cap_seq_to_model: bool,
-    /// The caller restarts the process when the Neural Engine compile budget is spent (so a
-    /// `restart` event is logged); otherwise that is an error.
-    pub restart_on_compile_budget: bool,
-    /// The data-parallel job this process is one rank of (`None`: a single process). Rank 0
-    /// owns the run folder (lock, checkpoints, events, evaluation, the sample); the others
-    /// only train and say nothing but errors.
-    pub ranks: Option<Arc<dyn Collective>>,
-}
-
-impl RunOptions {
-    /// Defaults for a run directory.
-    pub fn new(run_dir: impl Into<PathBuf>) -> Self {
-        RunOptions {
-            run_dir: run_dir.into(),
-            resume: false,
-            threads: default_threads(),
-            console: ConsoleMode::auto(),
-            stop_after: None,
-            stop_flag: None,
-            extra_sinks: Vec::new(),
-            cache_root: builtin::cache_root(),
-            requested_model: None,
-            kernel_options: Default::default(),
-            notes: Vec::new(),
-            given: GivenFlags::default(),
-            cap_seq_to_model: false,
-            restart_on_compile_budget: false,
-            ranks: None,
-        }
-    }
-}
-
-/// Physical cores (hyper-threads share FMA units and slow dense math down).
-pub fn default_threads() -> usize {
-    num_cpus::get_physical().max(1)
-}
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -149,7 +83,7 @@ struct Session {
 /// A run in progress.
 struct Trainer {
     cfg: TrainConfig,
-    paths: RunPaths,
+    paths: RunDir,
     stop_after: Option<usize>,
     stop_flag: Option<Arc<AtomicBool>>,
     model: Transformer,
@@ -160,8 +94,8 @@ struct Trainer {
     sampler: WindowSampler,
     state: StepState,
     scaler: LossScaler,
-    /// Power readings, where the machine offers them.
-    power: Option<PowerMeter>,
+    /// CPU use, power and memory readings.
+    meter: Meter,
     schedule: CosineSchedule,
     counters: Counters,
     bus: EventBus,
@@ -178,184 +112,88 @@ struct Trainer {
 }
 
 impl Trainer {
-    /// Resolves and validates everything, prepares the kernels, then (and only then) writes
-    /// the run folder.
+    /// Resolves the run, prepares the kernels, then (and only then) writes the run folder.
     fn start(cfg: TrainConfig, mut opts: RunOptions) -> Result<Self> {
-        let paths = RunPaths {
-            dir: opts.run_dir.clone(),
-        };
+        let paths = RunDir::new(opts.run_dir.clone());
         let ranks: Arc<dyn Collective> = opts.ranks.clone().unwrap_or_else(|| Arc::new(Single));
         let leader = ranks.rank() == 0;
-        let console = if leader {
-            opts.console
-        } else {
-            ConsoleMode::Off
-        };
-        let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(ConsoleSink::new(console))];
-        if leader {
-            sinks.append(&mut opts.extra_sinks);
-        }
-        let mut bus = EventBus::new(sinks);
+        let mut bus = event_bus(&mut opts, leader);
         let (mut warnings, mut notes) = (Vec::new(), std::mem::take(&mut opts.notes));
-        let cores = num_cpus::get();
-        if opts.threads > cores {
-            warnings.push(format!(
-                "{} threads on a machine with {cores} logical cores: the threads take turns and dense math slows down (the default is the physical cores, {})",
-                opts.threads,
-                default_threads()
-            ));
+        if let Some(w) = thread_warning(opts.threads) {
+            warnings.push(w);
         }
 
-        // 0. The run folder is this trainer's from here on (a second one is refused); what a
+        // The run folder is this trainer's from here on (a second one is refused); what a
         // killed predecessor left half-written goes. Only rank 0 writes in it.
         // A lone trainer killed while starting leaves its lock and nothing else: `--resume`
         // starts that run afresh (decided before this trainer takes the lock; MPI ranks do not
         // share what they see of the folder, so they keep the error).
-        let killed_while_starting = ranks.size() == 1 && run_dir::holds_only_a_lock(&paths.dir);
+        let killed_while_starting = ranks.size() == 1 && paths.holds_only_a_lock();
         let lock = if leader {
-            let lock = RunLock::acquire(&paths.dir, &mut warnings)?;
-            let stale =
-                remove_stale_temp_files(&paths.checkpoints()) + remove_stale_temp_files(&paths.dir);
-            if stale > 0 {
-                warnings.push(format!(
-                    "removed {stale} unfinished temporary file(s) left by an interrupted write"
-                ));
-            }
-            Some(lock)
+            Some(take_folder(&paths, &mut warnings)?)
         } else {
             None
         };
 
-        // 1. The configuration: the user's, or the checkpoint's on resume.
-        let (mut cfg, resume) = if opts.resume && !paths.has_checkpoint() {
-            // Killed before its first checkpoint: the run starts again from its saved settings,
-            // or, killed before it saved them, from this command's.
-            match setup::restart_config(&paths, &cfg, &opts.given, &mut warnings)? {
-                Some(c) => {
-                    warnings.push(format!(
-                        "{} has no checkpoint yet: the run starts again from update 0 with its saved settings",
-                        paths.dir.display()
-                    ));
-                    (c, None)
-                }
-                None if killed_while_starting => {
-                    warnings.push(format!(
-                        "{} holds no saved run yet (it was stopped while starting): starting it afresh with this command's settings",
-                        paths.dir.display()
-                    ));
-                    (cfg, None)
-                }
-                None => return Err(setup::nothing_to_resume(&paths)),
-            }
-        } else if opts.resume {
-            let (c, r) = setup::resume_config(&paths, &cfg, &opts.given, &mut warnings)?;
-            (c, Some(r))
-        } else {
-            (cfg, None)
+        // What the run is: its settings, model, data and tokenizer, the point it resumes from.
+        let request = ResolveRequest {
+            folder: &paths,
+            resume: opts.resume,
+            given: &opts.given,
+            requested_model: opts.requested_model.as_deref(),
+            cache_root: &opts.cache_root,
+            cap_seq_to_model: opts.cap_seq_to_model,
+            killed_while_starting,
         };
-        cfg.validate()?;
-        let size = ranks.size();
-        if resume.is_some() && cfg.ranks.max(1) != size {
-            let accum = rescale_accum(cfg.batch, cfg.accum, cfg.ranks.max(1), size)?;
-            warnings.push(format!(
-                "the run was trained on {} rank(s) and continues on {size}: --accum {} -> {accum} keeps {} sequences per update",
-                cfg.ranks.max(1),
-                cfg.accum,
-                cfg.batch * cfg.accum * cfg.ranks.max(1)
-            ));
-            cfg.accum = accum;
-        }
-        cfg.ranks = size;
-        if size > 1 {
-            notes.push(format!(
-                "data parallel: {}; rank 0 of {size} writes the run; {} sequences per update ({} per rank)",
-                ranks.describe(),
-                cfg.batch * cfg.accum * size,
-                cfg.batch * cfg.accum
-            ));
-        }
-        let backend = cfg.backend();
-        warnings.extend(backend.warnings());
-        // Fail fast on a bad model name or config before any data work.
-        if cfg.init_from.is_none() {
-            ModelConfig::from_preset_or_path(&cfg.model)?;
-        }
-        if let Some(spec) = &opts.requested_model {
-            ModelConfig::from_preset_or_path(spec)?;
-        }
-
-        // 2. Weights to start from, data and tokenizer.
-        let init = setup::load_init(&cfg, resume.as_ref())?;
-        let model_tok = setup::weights_tokenizer(&cfg, resume.as_ref(), init.as_ref())?;
         let mut log = |m: &str| bus.emit(Event::Info { message: m.into() });
-        let data = setup::data(&cfg, &opts.cache_root, model_tok, &mut log)?;
-        let tok = data.tokenizer.as_deref();
+        let run = resolve(
+            cfg,
+            &request,
+            ranks.as_ref(),
+            &mut log,
+            &mut warnings,
+            &mut notes,
+        )?;
+        let ResolvedRun {
+            cfg,
+            model,
+            data,
+            resume,
+            init,
+            continues_folder,
+        } = run;
 
-        // 3. The model.
-        let model_cfg = match (&resume, &init) {
-            (Some(r), _) => setup::model_of_checkpoint(r, opts.requested_model.as_deref(), tok)?,
-            (None, Some(m)) => {
-                let origin = cfg.init_from.as_deref().unwrap_or("");
-                setup::model_of_init(m, origin, tok, &mut warnings)?
-            }
-            (None, None) => setup::model_from_spec(&cfg.model, tok)?,
-        };
-        let cap = opts.cap_seq_to_model && resume.is_none();
-        cfg.seq = setup::sequence_length(&cfg, &model_cfg, cap, &mut notes)?;
-        data.data.validate(model_cfg.vocab_size, cfg.seq)?;
-        if data.data.val.is_empty() && (cfg.eval_every > 0 || cfg.eval_batches > 0) {
-            warnings.push("no validation data: evaluation is skipped".into());
-        }
-        let mut model = Transformer::new(model_cfg);
-        let compaction = setup::compaction(&cfg, &model, &data.data, resume.as_ref());
-        model.set_compaction(compaction);
-
-        // 4. The memory the run needs, against what the machine has; then the kernels,
-        // prepared once for this shape: a backend fails here, not mid-run.
-        let mut kernels = backend.kernels_with(opts.kernel_options)?;
+        // The memory the run needs, against what the machine has; then the kernels, prepared
+        // once for this shape: a backend fails here, not mid-run.
+        let mut kernels = cfg.backend().kernels_with(opts.kernel_options)?;
         super::memory::MemoryNeed::of(&model, kernels.as_ref(), cfg.batch, cfg.seq)
             .check(crate::util::mem::available_bytes())?;
         if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
-            if let Error::AneCompileBudget {
-                used,
-                limit,
-                needed,
-            } = &e
-                && opts.restart_on_compile_budget
-                && needed <= limit
-            {
-                // Said in the run's log (when it has one) before the CLI restarts the process.
-                if paths.events().exists()
-                    && let Ok(log) = JsonlSink::open(&paths.events())
-                {
-                    bus.attach_log(Box::new(log));
-                }
-                bus.emit(Event::Restart {
-                    step: resume.as_ref().map_or(0, |r| r.checkpoint.meta.step),
-                    reason: e.to_string(),
-                    compiles_used: *used,
-                    compile_budget: *limit,
-                });
-                bus.finish();
-            }
-            return Err(e);
+            let step = resume.as_ref().map_or(0, |r| r.checkpoint.meta.step);
+            return Err(compile_budget::restart_or_fail(
+                e,
+                opts.restart_on_compile_budget,
+                &paths,
+                &mut bus,
+                step,
+            ));
         }
         warnings.extend(kernels.warnings());
 
-        // 5. Parameters, optimizer and data position.
+        // Parameters, optimizer and data position.
         let saved_scale = resume.as_ref().and_then(|r| r.checkpoint.meta.loss_scale);
         let scaler = LossScaler::new(
-            cfg.loss_scale.resolve(cfg.backend),
+            cfg.loss_scale.resolve(kernels.needs_loss_scaling()),
             saved_scale,
             cfg.max_bad_updates,
         );
         let (state, sampler, counters) = initial_state(&cfg, &model, &data.data, resume, init)?;
 
-        // 6. The run folder, then its event log (which receives everything said so far).
+        // The run folder, then its event log (which receives everything said so far).
         if leader {
-            run_dir::prepare(
+            run_folder::prepare(
                 &paths,
-                opts.resume && !killed_while_starting,
+                continues_folder,
                 &cfg,
                 &model.cfg,
                 data.tokenizer.as_deref(),
@@ -380,7 +218,7 @@ impl Trainer {
             sampler,
             state,
             scaler,
-            power: PowerMeter::open(),
+            meter: Meter::open(),
             counters,
             bus,
             warnings,
@@ -487,9 +325,8 @@ impl Trainer {
         let counts = model.cfg.param_counts();
         let event = Event::RunStart {
             run_dir: self.paths.dir.display().to_string(),
-            model: model.cfg.to_hf_json(),
-            train: serde_json::to_value(cfg)
-                .map_err(|e| Error::json("encoding the training config", e))?,
+            model: model.cfg.clone(),
+            train: cfg.clone(),
             params: ParamSummary {
                 total: counts.total,
                 embedding: counts.embedding,
@@ -515,7 +352,7 @@ impl Trainer {
             vocab_compacted_to: model.compaction.as_ref().map(|c| c.len()),
             resumed_from_step: self.counters.resumed_from,
             notes: self.notes.clone(),
-            power_source: self.power.as_ref().map(|p| p.source().to_string()),
+            power_source: self.meter.power_source(),
         };
         self.bus.emit(event);
         Ok(())
@@ -524,10 +361,7 @@ impl Trainer {
     /// One optimizer update, and its `step` event.
     fn update(&mut self, acts: &mut Activations, session: &mut Session) -> Result<()> {
         let t0 = Instant::now();
-        let cpu0 = crate::util::mem::cpu_seconds();
-        if let Some(p) = &mut self.power {
-            p.joules_since_last();
-        }
+        self.meter.begin();
         acts.timings.reset();
         let (b, t_len) = (self.cfg.batch, self.cfg.seq);
         let lr = self.schedule.lr_at(self.counters.step as usize);
@@ -584,12 +418,10 @@ impl Trainer {
         }
         let tokens = self.cfg.tokens_per_update();
         let wall = t0.elapsed().as_secs_f64();
-        let cpu_percent = match (cpu0, crate::util::mem::cpu_seconds()) {
-            // /proc counts in 10 ms ticks: shorter updates give no meaningful figure.
-            (Some(a), Some(b)) if wall >= 0.1 => Some(100.0 * (b - a) / wall),
-            _ => None,
-        };
-        let energy_j = self.power.as_mut().and_then(|p| p.joules_since_last());
+        let Readings {
+            cpu_percent,
+            energy_j,
+        } = self.meter.end(wall);
         let loss_kind = self.loss_kind();
         let c = &mut self.counters;
         c.step += 1;
@@ -601,9 +433,7 @@ impl Trainer {
         }
         session.update_ms.push(secs * 1e3);
         session.losses.push(stats.loss);
-        let rss = (c.step == session.first_step + 1 || c.step.is_multiple_of(RSS_EVERY))
-            .then(crate::util::mem::rss_bytes)
-            .flatten();
+        let rss = meter::rss_due(c.step, session.first_step);
         let event = Event::Step {
             step: c.step,
             total_steps: self.cfg.steps as u64,
@@ -751,186 +581,41 @@ impl Trainer {
         }
         Ok(val)
     }
-
-    fn checkpoint_meta(&self) -> Result<CheckpointMeta> {
-        let c = &self.counters;
-        Ok(CheckpointMeta {
-            format_version: FORMAT_VERSION,
-            model_config: self.model.cfg.to_hf_json(),
-            train_config: serde_json::to_value(&self.cfg)
-                .map_err(|e| Error::json("encoding the training config", e))?,
-            tokenizer_id: self.tokenizer_id(),
-            tokenizer_file: self.tokenizer.as_ref().map(|t| t.file_name().to_string()),
-            tokenizer_bytes: 0,
-            n_params: self.state.params.len(),
-            step: c.step,
-            adam_t: self.state.opt.t,
-            schedule_total: self.cfg.steps as u64,
-            sampler: self.sampler.state(),
-            tokens_seen: c.tokens_seen,
-            best_val_loss: c.best_val_loss,
-            last_val_loss: c.last_val_loss,
-            last_train_loss: c.last_train_loss,
-            vocab_kept: self.model.compaction.as_ref().map(|c| c.kept.clone()),
-            train_seconds: c.train_seconds,
-            written_unix: unix_now(),
-            loss_scale: self.scaler.state(),
-        })
-    }
-
-    /// Writes a checkpoint straight from the live buffers (no copy of the weights or moments).
-    fn save(&mut self, path: &Path, with_moments: bool, kind: CheckpointKind) -> Result<()> {
-        let previous = (kind != CheckpointKind::Best).then(|| self.paths.latest_prev());
-        self.save_keeping(path, previous.as_deref(), with_moments, kind)
-    }
-
-    /// Writes a checkpoint, keeping the one it replaces as `previous`. Weights that are not
-    /// finite are never saved: the last good checkpoint stays what `--resume` loads.
-    fn save_keeping(
-        &mut self,
-        path: &Path,
-        previous: Option<&Path>,
-        with_moments: bool,
-        kind: CheckpointKind,
-    ) -> Result<()> {
-        if let Some((name, n)) = self.model.layout.first_non_finite(&self.state.params) {
-            return Err(Error::invalid(format!(
-                "refusing to save {}: the weights hold {n} non-finite values in {name} (and maybe elsewhere); the last checkpoint is intact",
-                path.display()
-            )));
-        }
-        let t0 = Instant::now();
-        let meta = self.checkpoint_meta()?;
-        let opt = &self.state.opt;
-        let bytes = CheckpointRef {
-            meta: &meta,
-            tokenizer: self
-                .tokenizer
-                .as_ref()
-                .map(|t| t.file_bytes())
-                .unwrap_or_default(),
-            params: &self.state.params,
-            moments: with_moments.then_some((opt.m.as_slice(), opt.v.as_slice())),
-        }
-        .save_keeping(path, previous)?;
-        let event = Event::Checkpoint {
-            step: self.counters.step,
-            kind,
-            path: path.display().to_string(),
-            bytes,
-            ms: t0.elapsed().as_secs_f64() * 1e3,
-        };
-        self.bus.emit(event);
-        Ok(())
-    }
-
-    /// Writes `checkpoints/latest`, keeping the previous one as `latest.prev` (rank 0 only).
-    fn save_latest(&mut self, kind: CheckpointKind) -> Result<()> {
-        if !self.leader() {
-            return Ok(());
-        }
-        let latest = self.paths.latest();
-        self.save(&latest, true, kind)
-    }
-
-    /// The sample at the end of a run (an event; the console prints it).
-    fn sample(&mut self) -> Result<Option<String>> {
-        if self.cfg.sample_tokens == 0 {
-            return Ok(None);
-        }
-        let Some(tok) = self.tokenizer.as_deref() else {
-            let message = "no tokenizer: skipping the sample".into();
-            self.bus.emit(Event::Warning { message });
-            return Ok(None);
-        };
-        let opts = GenerateOptions {
-            prompt: self.cfg.sample_prompt.clone(),
-            max_tokens: self.cfg.sample_tokens,
-            sampling: Sampling::TopK {
-                k: 50,
-                temperature: 0.8,
-            },
-            seed: self.cfg.seed,
-            add_bos: true,
-            weights: WeightFormat::Fp32,
-        };
-        let g = generate(
-            &self.model,
-            &self.state.params,
-            self.kernels.as_ref(),
-            tok,
-            &opts,
-            &mut |_| std::ops::ControlFlow::Continue(()),
-        )?;
-        let text = format!("{}{}", opts.prompt, g.text);
-        let event = Event::Sample {
-            step: self.counters.step,
-            prompt: opts.prompt.clone(),
-            text: text.clone(),
-        };
-        self.bus.emit(event);
-        Ok(Some(text))
-    }
 }
 
-/// Parameters, optimizer state, data position and counters: restored from the checkpoint on
-/// resume, else fresh (from `--init-from` weights or a seeded initialisation).
-fn initial_state(
-    cfg: &TrainConfig,
-    model: &Transformer,
-    data: &Dataset,
-    resume: Option<ResumePoint>,
-    init: Option<LoadedModel>,
-) -> Result<(StepState, WindowSampler, Counters)> {
-    let adam = AdamWConfig {
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: cfg.adam_eps,
-        weight_decay: cfg.weight_decay,
+/// The events' fan-out: the console (rank 0 only) and the caller's sinks.
+fn event_bus(opts: &mut RunOptions, leader: bool) -> EventBus {
+    let console = if leader {
+        opts.console
+    } else {
+        ConsoleMode::Off
     };
-    let mut opt = AdamW::new(adam, &model.layout);
-    let mut sampler = WindowSampler::new(data, cfg.seq, cfg.seed);
-    let tokens = cfg.batch * cfg.seq;
-    let Some(ResumePoint {
-        checkpoint: ck,
-        path,
-    }) = resume
-    else {
-        let params = match init {
-            Some(m) => m.params,
-            None => model.layout.init(model.cfg.n_layers, cfg.seed),
-        };
-        return Ok((
-            StepState::new(params, opt, tokens),
-            sampler,
-            Counters::default(),
-        ));
-    };
-    if ck.params.len() != model.layout.total() {
-        return Err(Error::checkpoint(
-            &path,
-            "parameter count does not match its model config",
+    let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(ConsoleSink::new(console))];
+    if leader {
+        sinks.append(&mut opts.extra_sinks);
+    }
+    EventBus::new(sinks)
+}
+
+/// More threads than logical cores slow dense math down: said once.
+fn thread_warning(threads: usize) -> Option<String> {
+    let cores = num_cpus::get();
+    (threads > cores).then(|| {
+        format!(
+            "{threads} threads on a machine with {cores} logical cores: the threads take turns and dense math slows down (the default is the physical cores, {})",
+            default_threads()
+        )
+    })
+}
+
+/// Locks the run folder for this trainer and removes what an interrupted write left.
+fn take_folder(paths: &RunDir, warnings: &mut Vec<String>) -> Result<RunLock> {
+    let lock = RunLock::acquire(&paths.dir, warnings)?;
+    let stale = remove_stale_temp_files(&paths.checkpoints()) + remove_stale_temp_files(&paths.dir);
+    if stale > 0 {
+        warnings.push(format!(
+            "removed {stale} unfinished temporary file(s) left by an interrupted write"
         ));
     }
-    let Some((m, v)) = ck.moments else {
-        return Err(Error::checkpoint(
-            &path,
-            "holds weights only (no optimizer state); cannot resume",
-        ));
-    };
-    opt.m = m;
-    opt.v = v;
-    opt.t = ck.meta.adam_t;
-    sampler.restore(&ck.meta.sampler);
-    let meta = &ck.meta;
-    let counters = Counters {
-        step: meta.step,
-        tokens_seen: meta.tokens_seen,
-        best_val_loss: meta.best_val_loss,
-        last_val_loss: meta.last_val_loss,
-        last_train_loss: meta.last_train_loss,
-        train_seconds: meta.train_seconds,
-        resumed_from: Some(meta.step),
-    };
-    Ok((StepState::new(ck.params, opt, tokens), sampler, counters))
+    Ok(lock)
 }

@@ -524,6 +524,10 @@ pub fn random_input(k: &Kernel, seed: u64) -> Surface {
 }
 
 impl Kernels for AneKernels {
+    fn needs_loss_scaling(&self) -> bool {
+        true
+    }
+
     fn prepare(&mut self, shape: &StepShape) -> Result<()> {
         let ks = KernelShape {
             dims: shape.dims,

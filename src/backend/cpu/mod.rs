@@ -27,7 +27,9 @@ pub use self::f32_path::{F32Path, f32_path};
 use self::gemv::{GemvOut, GemvWeights, gemv_many};
 use self::matrix::{MatMut, MatRef};
 use super::kernels::{Kernels, LinearOut, Tolerance};
-use super::types::{AttentionShape, CompactWeights, LinearShape, Matrix, Qkv, QkvGrads};
+use super::types::{
+    AttentionShape, CompactWeights, LinearShape, Matrix, Qkv, QkvGrads, WeightFormat,
+};
 use crate::error::Result;
 
 /// A raw pointer to f32 data that parallel tasks may share, each writing a disjoint part (the
@@ -123,6 +125,14 @@ fn gemv_outputs(x: &[f32], outs: &mut [LinearOut]) {
 pub struct CpuKernels;
 
 impl Kernels for CpuKernels {
+    fn reads_weights(&self, _format: WeightFormat) -> bool {
+        true
+    }
+
+    fn products_on_cpu(&self) -> bool {
+        true
+    }
+
     fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
         if q8_outputs(x, rows, &mut [LinearOut { y: &mut *y, w }]) {
             return Ok(());
@@ -159,6 +169,14 @@ impl Kernels for CpuKernels {
 pub struct CpuBf16Kernels;
 
 impl Kernels for CpuBf16Kernels {
+    fn reads_weights(&self, _format: WeightFormat) -> bool {
+        true
+    }
+
+    fn products_on_cpu(&self) -> bool {
+        true
+    }
+
     fn tolerance(&self) -> Tolerance {
         Tolerance::BF16
     }

@@ -1,9 +1,76 @@
-//! The training configuration (saved in the run directory and in every checkpoint).
+//! The training configuration (saved in the run directory and in every checkpoint) and the
+//! loss-scaling policy it names.
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendKind, Precision};
 use crate::error::{Error, Result};
+
+/// The loss-scaling policy of a run (`--loss-scale`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LossScale {
+    /// Dynamic on fp16 backends (`ane-sim`), none on the CPU.
+    #[default]
+    Auto,
+    /// No scaling (the f32 and bf16 CPU paths need none).
+    None,
+    /// One fixed scale; a non-finite gradient stops the run.
+    Static { scale: f64 },
+    /// Starts at `scale`; an overflow skips the update and halves it; `growth_interval`
+    /// clean updates in a row double it.
+    Dynamic { scale: f64, growth_interval: u64 },
+}
+
+/// Dynamic scaling's defaults: the original's static scale to start from, and PyTorch's
+/// growth and back-off factors (2 and 1/2) with a shorter growth interval.
+pub const DEFAULT_SCALE: f64 = 256.0;
+pub const DEFAULT_GROWTH_INTERVAL: u64 = 200;
+impl std::str::FromStr for LossScale {
+    type Err = String;
+
+    /// `auto`, `none`, `static`, `static:S`, `dynamic`, `dynamic:S`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (kind, value) = match s.split_once(':') {
+            Some((k, v)) => (k, Some(v)),
+            None => (s, None),
+        };
+        let scale = match value {
+            None => DEFAULT_SCALE,
+            Some(v) => match v.parse::<f64>() {
+                Ok(x) if x > 0.0 && x.is_finite() => x,
+                _ => return Err(format!("loss scale '{v}' must be a positive number")),
+            },
+        };
+        match (kind, value) {
+            ("auto", None) => Ok(LossScale::Auto),
+            ("none", None) => Ok(LossScale::None),
+            ("static", _) => Ok(LossScale::Static { scale }),
+            ("dynamic", _) => Ok(LossScale::Dynamic {
+                scale,
+                growth_interval: DEFAULT_GROWTH_INTERVAL,
+            }),
+            _ => Err(format!(
+                "'{s}': expected auto, none, static[:SCALE] or dynamic[:SCALE]"
+            )),
+        }
+    }
+}
+
+impl LossScale {
+    /// The policy for kernels that do (`needs_scaling`, fp16 kernels: see
+    /// `Kernels::needs_loss_scaling`) or do not need loss scaling (`Auto` resolved).
+    pub fn resolve(self, needs_scaling: bool) -> LossScale {
+        match self {
+            LossScale::Auto if needs_scaling => LossScale::Dynamic {
+                scale: DEFAULT_SCALE,
+                growth_interval: DEFAULT_GROWTH_INTERVAL,
+            },
+            LossScale::Auto => LossScale::None,
+            p => p,
+        }
+    }
+}
 
 /// Everything that defines a training run's numerics and data. Runtime settings that do not
 /// change the result (threads, console output) live in `RunOptions` instead.
@@ -56,7 +123,7 @@ pub struct TrainConfig {
     /// weights, optimizer, norms, softmax and residual stream).
     pub precision: Precision,
     /// Loss scaling (`auto`: dynamic on fp16 backends, none on the CPU).
-    pub loss_scale: super::loss_scale::LossScale,
+    pub loss_scale: LossScale,
     /// Without dynamic loss scaling: non-finite updates in a row (each skipped) that stop the
     /// run.
     pub max_bad_updates: usize,
@@ -95,9 +162,9 @@ impl Default for TrainConfig {
             eval_batches: 8,
             save_every: 200,
             vocab_compaction: false,
-            backend: BackendKind::Cpu,
+            backend: BackendKind::default(),
             precision: Precision::Fp32,
-            loss_scale: super::loss_scale::LossScale::Auto,
+            loss_scale: LossScale::Auto,
             max_bad_updates: 3,
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),

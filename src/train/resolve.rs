@@ -1,0 +1,428 @@
+//! Resolving a run before anything is written: the configuration (fresh or resumed, see
+//! `resume`), the weights to start from, the data and its tokenizer, the model configuration
+//! and the vocabulary compaction, into one [`ResolvedRun`]. Each step is a function of what
+//! the previous ones found, so each can fail with a clear error while the run folder is still
+//! untouched.
+
+use std::path::{Path, PathBuf};
+
+use super::distributed::{Collective, rescale_accum};
+use super::resume::{self, GivenFlags, ResumePoint};
+use crate::data::{Dataset, builtin};
+use crate::error::{Error, Result};
+use crate::formats::LoadedModel;
+use crate::model::{ModelConfig, Transformer, VocabCompaction};
+use crate::run::{DataSource, ModelSpec, RunDir, TrainConfig};
+use crate::tokenizer::{self, Tokenizer};
+
+/// A run with everything decided, before the kernels are prepared and the folder written.
+pub struct ResolvedRun {
+    /// The settings it trains with (a resumed run's, with the changes the command made).
+    pub cfg: TrainConfig,
+    /// The model, with its vocabulary compaction.
+    pub model: Transformer,
+    pub data: DataSetup,
+    /// The checkpoint it continues from.
+    pub resume: Option<ResumePoint>,
+    /// The pretrained weights it starts from (`--init-from`, fresh runs).
+    pub init: Option<LoadedModel>,
+    /// Whether the run folder is continued (`--resume` of a run that saved something) rather
+    /// than made.
+    pub continues_folder: bool,
+}
+
+/// What the command asked, besides the settings, that resolving a run reads.
+pub struct ResolveRequest<'a> {
+    pub folder: &'a RunDir,
+    /// `--resume`.
+    pub resume: bool,
+    /// The settings the command line gave (see [`GivenFlags`]).
+    pub given: &'a GivenFlags,
+    /// On resume: the model the user named, to refuse a checkpoint of another model.
+    pub requested_model: Option<&'a str>,
+    /// Where the built-in dataset is cached.
+    pub cache_root: &'a Path,
+    /// `--seq` was a default: a model with fewer positions trains on its limit.
+    pub cap_seq_to_model: bool,
+    /// The folder holds only the lock of a trainer killed while starting.
+    pub killed_while_starting: bool,
+}
+
+/// Resolves a run: the configuration (fresh, restarted or resumed), the ranks' share of the
+/// batch, the weights to start from, the data and its tokenizer, and the model. `log`
+/// receives progress (building the built-in data); warnings and notes for the run header
+/// are added to those given.
+pub fn resolve(
+    cfg: TrainConfig,
+    req: &ResolveRequest,
+    ranks: &dyn Collective,
+    log: &mut dyn FnMut(&str),
+    warnings: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Result<ResolvedRun> {
+    let (mut cfg, resume) = settings(cfg, req, warnings)?;
+    cfg.validate()?;
+    share_among_ranks(&mut cfg, resume.is_some(), ranks, warnings, notes)?;
+    warnings.extend(cfg.backend().warnings());
+    // Fail fast on a bad model name or config before any data work.
+    let spec = ModelSpec::of(&cfg.model, cfg.init_from.as_deref())?;
+    spec.config()?;
+    let requested = req.requested_model.map(ModelSpec::parse).transpose()?;
+    if let Some(r) = &requested {
+        r.config()?;
+    }
+
+    // The weights to start from, the data and the tokenizer.
+    let init = load_init(&cfg, resume.as_ref())?;
+    let model_tok = weights_tokenizer(&cfg, resume.as_ref(), init.as_ref())?;
+    let data = data(&cfg, req.cache_root, model_tok, log)?;
+    let tok = data.tokenizer.as_deref();
+
+    // The model.
+    let model_cfg = match (&resume, &init) {
+        (Some(r), _) => model_of_checkpoint(r, requested.as_ref(), tok)?,
+        (None, Some(m)) => {
+            let origin = cfg.init_from.as_deref().unwrap_or("");
+            model_of_init(m, origin, tok, warnings)?
+        }
+        (None, None) => model_from_spec(&spec, tok)?,
+    };
+    let cap = req.cap_seq_to_model && resume.is_none();
+    cfg.seq = sequence_length(&cfg, &model_cfg, cap, notes)?;
+    data.data.validate(model_cfg.vocab_size, cfg.seq)?;
+    if data.data.val.is_empty() && (cfg.eval_every > 0 || cfg.eval_batches > 0) {
+        warnings.push("no validation data: evaluation is skipped".into());
+    }
+    let mut model = Transformer::new(model_cfg);
+    let compaction = compaction(&cfg, &model, &data.data, resume.as_ref());
+    model.set_compaction(compaction);
+    Ok(ResolvedRun {
+        cfg,
+        model,
+        data,
+        resume,
+        init,
+        continues_folder: req.resume && !req.killed_while_starting,
+    })
+}
+
+/// The settings: the command's, or on `--resume` the checkpoint's (with the changes the
+/// command made), or those of a run stopped before its first checkpoint.
+fn settings(
+    cfg: TrainConfig,
+    req: &ResolveRequest,
+    warnings: &mut Vec<String>,
+) -> Result<(TrainConfig, Option<ResumePoint>)> {
+    let paths = req.folder;
+    if !req.resume {
+        return Ok((cfg, None));
+    }
+    if paths.has_checkpoint() {
+        let (c, r) = resume::resume_config(paths, &cfg, req.given, warnings)?;
+        return Ok((c, Some(r)));
+    }
+    // Killed before its first checkpoint: the run starts again from its saved settings, or,
+    // killed before it saved them, from this command's.
+    match resume::restart_config(paths, &cfg, req.given, warnings)? {
+        Some(c) => {
+            warnings.push(format!(
+                "{} has no checkpoint yet: the run starts again from update 0 with its saved settings",
+                paths.dir.display()
+            ));
+            Ok((c, None))
+        }
+        None if req.killed_while_starting => {
+            warnings.push(format!(
+                "{} holds no saved run yet (it was stopped while starting): starting it afresh with this command's settings",
+                paths.dir.display()
+            ));
+            Ok((cfg, None))
+        }
+        None => Err(resume::nothing_to_resume(paths)),
+    }
+}
+
+/// The job's ranks: a resumed run on another number of ranks keeps its sequences per update
+/// (through `--accum`).
+fn share_among_ranks(
+    cfg: &mut TrainConfig,
+    resumed: bool,
+    ranks: &dyn Collective,
+    warnings: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let size = ranks.size();
+    if resumed && cfg.ranks.max(1) != size {
+        let accum = rescale_accum(cfg.batch, cfg.accum, cfg.ranks.max(1), size)?;
+        warnings.push(format!(
+            "the run was trained on {} rank(s) and continues on {size}: --accum {} -> {accum} keeps {} sequences per update",
+            cfg.ranks.max(1),
+            cfg.accum,
+            cfg.batch * cfg.accum * cfg.ranks.max(1)
+        ));
+        cfg.accum = accum;
+    }
+    cfg.ranks = size;
+    if size > 1 {
+        notes.push(format!(
+            "data parallel: {}; rank 0 of {size} writes the run; {} sequences per update ({} per rank)",
+            ranks.describe(),
+            cfg.batch * cfg.accum * size,
+            cfg.batch * cfg.accum
+        ));
+    }
+    Ok(())
+}
+
+/// The pretrained weights of `--init-from` (fresh runs only).
+pub fn load_init(cfg: &TrainConfig, resume: Option<&ResumePoint>) -> Result<Option<LoadedModel>> {
+    match (resume, &cfg.init_from) {
+        (None, Some(p)) => Ok(Some(crate::formats::load_model(Path::new(p))?)),
+        _ => Ok(None),
+    }
+}
+
+/// The tokenizer that came with the weights: the checkpoint's on resume, the pretrained
+/// model's with `--init-from`.
+pub fn weights_tokenizer(
+    cfg: &TrainConfig,
+    resume: Option<&ResumePoint>,
+    init: Option<&LoadedModel>,
+) -> Result<Option<Box<dyn Tokenizer>>> {
+    match (resume, init) {
+        (Some(r), _) if !r.checkpoint.tokenizer.is_empty() => Ok(Some(tokenizer::from_bytes(
+            r.checkpoint.tokenizer.clone(),
+            &r.path,
+        )?)),
+        (_, Some(m)) => match &m.tokenizer {
+            Some(t) => Ok(Some(
+                t.load(Path::new(cfg.init_from.as_deref().unwrap_or("")))?,
+            )),
+            None => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// Resolved data and tokenizer.
+pub struct DataSetup {
+    pub data: Dataset,
+    pub tokenizer: Option<Box<dyn Tokenizer>>,
+    pub source: String,
+}
+
+/// Resolves the data and its tokenizer. `model_tok` is the tokenizer that came with the
+/// weights, which takes precedence over one found next to the data; `--tokenizer` takes
+/// precedence over both. `log` receives progress messages (building the built-in data).
+pub fn data(
+    cfg: &TrainConfig,
+    cache_root: &Path,
+    model_tok: Option<Box<dyn Tokenizer>>,
+    log: &mut dyn FnMut(&str),
+) -> Result<DataSetup> {
+    let source = DataSource::parse(&cfg.data);
+    let Some(path) = source.path() else {
+        if cfg.tokenizer.is_some() {
+            return Err(Error::invalid(
+                "the built-in data comes with its own tokenizer; drop --tokenizer or give --data",
+            ));
+        }
+        if cfg.init_from.is_some() {
+            return Err(Error::invalid(
+                "the built-in data has its own tokenizer, which a pretrained model does not share; \
+                 tokenize your text with the model's tokenizer (handgrad prepare) and pass --data",
+            ));
+        }
+        let b = builtin::ensure(cache_root, log)?;
+        let data = Dataset::from_files(
+            std::slice::from_ref(&b.train),
+            std::slice::from_ref(&b.val),
+            0.0,
+        )?;
+        let tok = tokenizer::load(&b.tokenizer)?;
+        return Ok(DataSetup {
+            data,
+            tokenizer: Some(tok),
+            source: format!("built-in stories ({})", b.dir.display()),
+        });
+    };
+    let data = Dataset::open(path, cfg.val_fraction)?;
+    let tok_path = match &cfg.tokenizer {
+        Some(t) => Some(PathBuf::from(t)),
+        None => source.folder().and_then(|dir| tokenizer::find_in_dir(&dir)),
+    };
+    let tokenizer = match (tok_path, model_tok) {
+        (Some(p), _) if cfg.tokenizer.is_some() => Some(tokenizer::load(&p)?),
+        (_, Some(t)) => Some(t),
+        (Some(p), None) => Some(tokenizer::load(&p)?),
+        (None, None) => None,
+    };
+    if let (Some(t), Some(id)) = (&tokenizer, &data.tokenizer_id)
+        && t.id() != id
+    {
+        return Err(Error::invalid(format!(
+            "the data was tokenized with tokenizer {id}, but the tokenizer in use is {} ({})",
+            t.id(),
+            cfg.tokenizer
+                .as_deref()
+                .unwrap_or("from the model or next to the data")
+        )));
+    }
+    Ok(DataSetup {
+        data,
+        tokenizer,
+        source: cfg.data.clone(),
+    })
+}
+
+/// The model config for a fresh run from a preset or `config.json`: presets take the
+/// tokenizer's vocabulary, explicit configs must cover it.
+pub fn model_from_spec(spec: &ModelSpec, tok: Option<&dyn Tokenizer>) -> Result<ModelConfig> {
+    let Some(mut mc) = spec.config()? else {
+        return Err(Error::invalid(format!(
+            "{spec} is a model with weights: give it to --init-from, not --model"
+        )));
+    };
+    let preset = spec.is_preset();
+    let spec = spec.to_string();
+    if let Some(t) = tok {
+        if preset {
+            mc.vocab_size = t.vocab_size();
+            mc.bos_token_id = t.bos_id();
+            mc.eos_token_id = t.eos_id();
+        } else if t.vocab_size() > mc.vocab_size {
+            return Err(Error::config(
+                &spec,
+                format!(
+                    "field `vocab_size` ({}) is smaller than the tokenizer's vocabulary ({})",
+                    mc.vocab_size,
+                    t.vocab_size()
+                ),
+            ));
+        }
+    }
+    mc.validate(&spec)?;
+    Ok(mc)
+}
+
+/// Names the fields in which two model configs differ.
+pub fn config_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
+    let (ja, jb) = (a.to_hf_json(), b.to_hf_json());
+    let mut diffs = Vec::new();
+    if let (Some(oa), Some(ob)) = (ja.as_object(), jb.as_object()) {
+        for (k, va) in oa {
+            if k == "bos_token_id" || k == "eos_token_id" {
+                continue;
+            }
+            let vb = ob.get(k).cloned().unwrap_or(serde_json::Value::Null);
+            if *va != vb {
+                diffs.push(format!("{k} {vb} in the checkpoint vs {va} requested"));
+            }
+        }
+    }
+    diffs
+}
+
+/// The model config of a resumed run: the checkpoint's, which must match `--model` when given
+/// and must have been trained with the tokenizer in use.
+pub fn model_of_checkpoint(
+    r: &ResumePoint,
+    requested: Option<&ModelSpec>,
+    tok: Option<&dyn Tokenizer>,
+) -> Result<ModelConfig> {
+    let meta = &r.checkpoint.meta;
+    let mc = meta.model_config.clone();
+    if let Some(spec) = requested {
+        let want = model_from_spec(spec, tok)?;
+        let diffs = config_differences(&want, &mc);
+        if !diffs.is_empty() {
+            return Err(Error::checkpoint(
+                &r.path,
+                format!(
+                    "holds a different model than --model {spec}: {}",
+                    diffs.join(", ")
+                ),
+            ));
+        }
+    }
+    let tok_id = tok
+        .map(|t| t.id().to_string())
+        .unwrap_or_else(|| "none".into());
+    if tok_id != meta.tokenizer_id {
+        return Err(Error::checkpoint(
+            &r.path,
+            format!(
+                "was trained with tokenizer {}, but this data uses {tok_id}",
+                meta.tokenizer_id
+            ),
+        ));
+    }
+    Ok(mc)
+}
+
+/// The model config of a fine-tuning run: the pretrained model's, whose vocabulary must cover
+/// the tokenizer's.
+pub fn model_of_init(
+    init: &LoadedModel,
+    origin: &str,
+    tok: Option<&dyn Tokenizer>,
+    warnings: &mut Vec<String>,
+) -> Result<ModelConfig> {
+    if let Some(t) = tok
+        && t.vocab_size() > init.cfg.vocab_size
+    {
+        return Err(Error::invalid(format!(
+            "the tokenizer has {} ids but the model in {origin} only {}",
+            t.vocab_size(),
+            init.cfg.vocab_size
+        )));
+    }
+    warnings.extend(init.warnings.iter().cloned());
+    Ok(init.cfg.clone())
+}
+
+/// The sequence length of a run: `cfg.seq`, or the model's limit when that is smaller and
+/// `cap` allows it (the length was a default, not the user's choice; a note says so).
+pub fn sequence_length(
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    cap: bool,
+    notes: &mut Vec<String>,
+) -> Result<usize> {
+    if cfg.seq <= model.max_seq_len {
+        return Ok(cfg.seq);
+    }
+    if cap {
+        notes.push(format!(
+            "sequences of {} tokens, the model's limit (the default --seq is {})",
+            model.max_seq_len, cfg.seq
+        ));
+        return Ok(model.max_seq_len);
+    }
+    Err(Error::invalid(format!(
+        "--seq {} exceeds the model's {} positions",
+        cfg.seq, model.max_seq_len
+    )))
+}
+
+/// The vocabulary compaction of a run (when on): the checkpoint's kept ids on resume, else the
+/// ids present in the data.
+pub fn compaction(
+    cfg: &TrainConfig,
+    model: &Transformer,
+    data: &Dataset,
+    resume: Option<&ResumePoint>,
+) -> Option<VocabCompaction> {
+    if !cfg.vocab_compaction {
+        return None;
+    }
+    let vocab = model.cfg.vocab_size;
+    match resume.and_then(|r| r.checkpoint.meta.vocab_kept.clone()) {
+        Some(kept) => Some(VocabCompaction::from_kept(kept, vocab)),
+        None => {
+            let mut present = vec![false; vocab];
+            data.mark_present(&mut present);
+            Some(VocabCompaction::from_presence(&present))
+        }
+    }
+}

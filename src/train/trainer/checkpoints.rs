@@ -1,0 +1,167 @@
+//! The trainer's checkpoints: what a checkpoint records, writing `latest` (keeping the one
+//! before) and `best`, and the state a run starts from (fresh, or restored from one).
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::{Counters, Trainer};
+use crate::data::{Dataset, WindowSampler};
+use crate::error::{Error, Result};
+use crate::formats::LoadedModel;
+use crate::formats::checkpoint::{CheckpointMeta, CheckpointRef, FORMAT_VERSION};
+use crate::model::Transformer;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::run::TrainConfig;
+use crate::telemetry::events::unix_now;
+use crate::telemetry::{CheckpointKind, Event};
+use crate::train::resume::ResumePoint;
+use crate::train::step::StepState;
+
+impl Trainer {
+    fn checkpoint_meta(&self) -> Result<CheckpointMeta> {
+        let c = &self.counters;
+        Ok(CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            model_config: self.model.cfg.clone(),
+            train_config: self.cfg.clone(),
+            tokenizer_id: self.tokenizer_id(),
+            tokenizer_file: self.tokenizer.as_ref().map(|t| t.file_name().to_string()),
+            tokenizer_bytes: 0,
+            n_params: self.state.params.len(),
+            step: c.step,
+            adam_t: self.state.opt.t,
+            schedule_total: self.cfg.steps as u64,
+            sampler: self.sampler.state(),
+            tokens_seen: c.tokens_seen,
+            best_val_loss: c.best_val_loss,
+            last_val_loss: c.last_val_loss,
+            last_train_loss: c.last_train_loss,
+            vocab_kept: self.model.compaction.as_ref().map(|c| c.kept.clone()),
+            train_seconds: c.train_seconds,
+            written_unix: unix_now(),
+            loss_scale: self.scaler.state(),
+        })
+    }
+
+    /// Writes a checkpoint straight from the live buffers (no copy of the weights or moments).
+    pub(super) fn save(
+        &mut self,
+        path: &Path,
+        with_moments: bool,
+        kind: CheckpointKind,
+    ) -> Result<()> {
+        let previous = (kind != CheckpointKind::Best).then(|| self.paths.latest_prev());
+        self.save_keeping(path, previous.as_deref(), with_moments, kind)
+    }
+
+    /// Writes a checkpoint, keeping the one it replaces as `previous`. Weights that are not
+    /// finite are never saved: the last good checkpoint stays what `--resume` loads.
+    fn save_keeping(
+        &mut self,
+        path: &Path,
+        previous: Option<&Path>,
+        with_moments: bool,
+        kind: CheckpointKind,
+    ) -> Result<()> {
+        if let Some((name, n)) = self.model.layout.first_non_finite(&self.state.params) {
+            return Err(Error::invalid(format!(
+                "refusing to save {}: the weights hold {n} non-finite values in {name} (and maybe elsewhere); the last checkpoint is intact",
+                path.display()
+            )));
+        }
+        let t0 = Instant::now();
+        let meta = self.checkpoint_meta()?;
+        let opt = &self.state.opt;
+        let bytes = CheckpointRef {
+            meta: &meta,
+            tokenizer: self
+                .tokenizer
+                .as_ref()
+                .map(|t| t.file_bytes())
+                .unwrap_or_default(),
+            params: &self.state.params,
+            moments: with_moments.then_some((opt.m.as_slice(), opt.v.as_slice())),
+        }
+        .save_keeping(path, previous)?;
+        let event = Event::Checkpoint {
+            step: self.counters.step,
+            kind,
+            path: path.display().to_string(),
+            bytes,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        self.bus.emit(event);
+        Ok(())
+    }
+
+    /// Writes `checkpoints/latest`, keeping the previous one as `latest.prev` (rank 0 only).
+    pub(super) fn save_latest(&mut self, kind: CheckpointKind) -> Result<()> {
+        if !self.leader() {
+            return Ok(());
+        }
+        let latest = self.paths.latest();
+        self.save(&latest, true, kind)
+    }
+}
+
+/// Parameters, optimizer state, data position and counters: restored from the checkpoint on
+/// resume, else fresh (from `--init-from` weights or a seeded initialisation).
+pub(super) fn initial_state(
+    cfg: &TrainConfig,
+    model: &Transformer,
+    data: &Dataset,
+    resume: Option<ResumePoint>,
+    init: Option<LoadedModel>,
+) -> Result<(StepState, WindowSampler, Counters)> {
+    let adam = AdamWConfig {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = AdamW::new(adam, &model.layout);
+    let mut sampler = WindowSampler::new(data, cfg.seq, cfg.seed);
+    let tokens = cfg.batch * cfg.seq;
+    let Some(ResumePoint {
+        checkpoint: ck,
+        path,
+    }) = resume
+    else {
+        let params = match init {
+            Some(m) => m.params,
+            None => model.layout.init(model.cfg.n_layers, cfg.seed),
+        };
+        return Ok((
+            StepState::new(params, opt, tokens),
+            sampler,
+            Counters::default(),
+        ));
+    };
+    if ck.params.len() != model.layout.total() {
+        return Err(Error::checkpoint(
+            &path,
+            "parameter count does not match its model config",
+        ));
+    }
+    let Some((m, v)) = ck.moments else {
+        return Err(Error::checkpoint(
+            &path,
+            "holds weights only (no optimizer state); cannot resume",
+        ));
+    };
+    opt.m = m;
+    opt.v = v;
+    opt.t = ck.meta.adam_t;
+    sampler.restore(&ck.meta.sampler);
+    let meta = &ck.meta;
+    let counters = Counters {
+        step: meta.step,
+        tokens_seen: meta.tokens_seen,
+        best_val_loss: meta.best_val_loss,
+        last_val_loss: meta.last_val_loss,
+        last_train_loss: meta.last_train_loss,
+        train_seconds: meta.train_seconds,
+        resumed_from: Some(meta.step),
+    };
+    Ok((StepState::new(ck.params, opt, tokens), sampler, counters))
+}
