@@ -26,7 +26,7 @@ fn platform() -> (SharedPlatform, String) {
     )
 }
 
-fn conv_chain(precision: probe::Precision) {
+fn conv_chain(precision: probe::ProbeDtype) {
     let (shared, chip) = platform();
     let case = ProbeCase {
         channels: 256,
@@ -48,13 +48,13 @@ fn conv_chain(precision: probe::Precision) {
 #[test]
 fn on_the_neural_engine_in_order() {
     // 1. The simplest program: an fp16 convolution chain against the CPU.
-    conv_chain(probe::Precision::Fp16);
+    conv_chain(probe::ProbeDtype::Fp16);
     // 2. The self-test of the ten kernels of three models against the simulator.
     the_ten_kernels_pass_the_self_test();
     // 3. W8A8 only where the program form has quantize/dequantize.
     let chip = runtime::chip_name().unwrap_or_default();
     if runtime::program_form(&chip) == Target::Ios18 {
-        conv_chain(probe::Precision::Int8);
+        conv_chain(probe::ProbeDtype::Int8);
     } else {
         eprintln!("{chip} takes the ios16 form, which has no quantize/dequantize: no int8 probe");
     }

@@ -77,8 +77,8 @@ enum AneCommand {
         out: Option<PathBuf>,
         /// The device: ane, or fake (the runtime's fake device running the simulator;
         /// correct outputs, meaningless timings: for testing the probes anywhere).
-        #[arg(long, default_value = "ane", hide = true)]
-        device: String,
+        #[arg(long, value_enum, default_value_t = Device::Ane, hide = true)]
+        device: Device,
     },
     /// Check the ten kernels on this Mac's Neural Engine, the first thing to run on a Mac:
     /// compile and load each kernel of each model on its own, run it on random data on the
@@ -104,8 +104,8 @@ enum AneCommand {
         target: Option<Target>,
         /// The device: ane, or fake (the runtime's fake device running the simulator; for
         /// testing the self-test anywhere).
-        #[arg(long, default_value = "ane", hide = true)]
-        device: String,
+        #[arg(long, value_enum, default_value_t = Device::Ane, hide = true)]
+        device: Device,
     },
     /// Validate probe result files: recompute every figure, reject impossible or unverified
     /// results with the reason. Exits non-zero if any is rejected.
@@ -143,7 +143,7 @@ pub fn run(a: AneArgs) -> Result<()> {
                 }],
                 None => crate::backend::ane::probe::default_cases(probe),
             };
-            run_probe(probe, &cases, evals, warmup, out.as_deref(), &device)
+            run_probe(probe, &cases, evals, warmup, out.as_deref(), device)
         }
         AneCommand::Selftest {
             model,
@@ -152,29 +152,58 @@ pub fn run(a: AneArgs) -> Result<()> {
             json,
             target,
             device,
-        } => selftest(&model, seq, runs, json.as_deref(), target, &device),
+        } => selftest(&model, seq, runs, json.as_deref(), target, device),
         AneCommand::Validate { files } => validate_files(&files),
     }
 }
 
-/// The platform of `--device` and the chip's name.
-fn open_device(
-    device: &str,
-) -> Result<(Box<dyn crate::backend::ane::runtime::AnePlatform>, String)> {
-    use crate::backend::ane::runtime;
-    match device {
-        "ane" => Ok((
-            Box::new(runtime::apple::ApplePlatform::open()?),
-            runtime::chip_name().unwrap_or_else(|| "unknown Apple chip".into()),
-        )),
-        "fake" => Ok((
-            Box::new(runtime::fake::FakePlatform::from_env()),
-            "fake device (handgrad's simulator)".into(),
-        )),
-        other => Err(Error::invalid(format!(
-            "--device {other}: expected ane or fake"
-        ))),
+/// Where `probe` and `selftest` run (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    // This Mac's Neural Engine.
+    Ane,
+    // The runtime's fake device running the simulator: correct outputs, meaningless timings.
+    Fake,
+}
+
+impl Device {
+    /// The device as result files name it.
+    fn report_name(self) -> &'static str {
+        match self {
+            Device::Ane => "ane",
+            Device::Fake => "ane-fake",
+        }
     }
+
+    /// The platform and the chip's name.
+    fn open(self) -> Result<(Box<dyn crate::backend::ane::runtime::AnePlatform>, String)> {
+        use crate::backend::ane::runtime;
+        match self {
+            Device::Ane => Ok((
+                Box::new(runtime::apple::ApplePlatform::open()?),
+                runtime::chip_name().unwrap_or_else(|| "unknown Apple chip".into()),
+            )),
+            Device::Fake => Ok((
+                Box::new(runtime::fake::FakePlatform::from_env()),
+                "fake device (handgrad's simulator)".into(),
+            )),
+        }
+    }
+
+    /// Says so under the tables when the timings are the simulator's.
+    fn note_fake_timings(self) {
+        if self != Device::Ane {
+            println!(
+                "(fake device: the outputs are checked, the timings are the simulator's, not a Neural Engine's)"
+            );
+        }
+    }
+}
+
+/// Writes `value` as pretty JSON to `path`.
+fn write_json(path: &Path, value: &impl serde::Serialize, context: &str) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::json(context, e))?;
+    write_atomic(path, |f| std::io::Write::write_all(f, &bytes))
 }
 
 /// What `ane selftest --json` writes.
@@ -208,11 +237,10 @@ fn selftest(
     runs: usize,
     json: Option<&Path>,
     target: Option<Target>,
-    device: &str,
+    device: Device,
 ) -> Result<()> {
     use crate::backend::ane::runtime;
-    use crate::backend::ane::selftest::check_kernel;
-    let (platform, chip) = open_device(device)?;
+    let (platform, chip) = device.open()?;
     let target = target.unwrap_or_else(|| runtime::program_form(&chip));
     let shared: runtime::SharedPlatform = std::sync::Arc::new(std::sync::Mutex::new(platform));
     let models: Vec<String> = if models.is_empty() {
@@ -223,7 +251,7 @@ fn selftest(
     let mut report = SelftestReport {
         schema: "handgrad-ane-selftest".into(),
         schema_version: 1,
-        device: if device == "ane" { "ane" } else { "ane-fake" }.into(),
+        device: device.report_name().into(),
         chip: chip.clone(),
         os: crate::bench::machine::os_description(),
         handgrad_version: env!("CARGO_PKG_VERSION").into(),
@@ -239,54 +267,91 @@ fn selftest(
     );
     let mut failed = 0;
     for model in &models {
-        let cfg = ModelConfig::from_preset_or_path(model)?;
-        let seq = seq
-            .unwrap_or_else(|| cfg.max_seq_len.min(256))
-            .min(cfg.max_seq_len);
-        let kernels = build_all(&KernelShape {
-            dims: cfg.dims(),
-            seq,
-            target,
-        })?;
-        runtime::COMPILE_BUDGET.reserve(kernels.len())?;
-        println!("\n{model}, seq {seq}:");
-        println!(
-            "{:<11} {:>8} {:>6} {:>11} {:>10}  verdict",
-            "kernel", "compiled", "loaded", "max error", "ms/call"
-        );
-        let mut checks = Vec::new();
-        for k in &kernels {
-            let c = check_kernel(&shared, k, runs);
-            let yes = |b: bool| if b { "yes" } else { "no" };
-            println!(
-                "{:<11} {:>8} {:>6} {:>11} {:>10}  {}",
-                c.kernel,
-                yes(c.compiled),
-                yes(c.loaded),
-                c.max_rel_error.map_or("-".into(), |e| format!("{e:.2e}")),
-                c.device_ms.map_or("-".into(), |m| format!("{m:.3}")),
-                c.verdict
-            );
-            failed += usize::from(!c.ok);
-            checks.push(c);
-        }
-        report.models.push(SelftestModel {
-            model: model.clone(),
-            seq,
-            kernels: checks,
-        });
+        let checked = selftest_model(&shared, model, seq, runs, target)?;
+        failed += checked.kernels.iter().filter(|c| !c.ok).count();
+        report.models.push(checked);
     }
-    // The probes: one fp16 convolution chain, and fp16 against W8A8 where the form has
-    // quantize (ios18).
+    selftest_probes(&shared, &chip, target, &mut report)?;
+    device.note_fake_timings();
+    if let Some(path) = json {
+        write_json(path, &report, "writing the self-test")?;
+        println!("wrote {} (attach it to an issue)", path.display());
+    }
+    let total: usize = report.models.iter().map(|m| m.kernels.len()).sum();
+    if failed > 0 {
+        return Err(Error::invalid(format!(
+            "{failed} of {total} kernels cannot run on this device (training runs them on the CPU; see the verdicts above)"
+        )));
+    }
+    println!("all {total} kernels run on this device and agree with the simulator");
+    Ok(())
+}
+
+/// Checks the ten kernels of one model, printing a row for each.
+fn selftest_model(
+    shared: &crate::backend::ane::runtime::SharedPlatform,
+    model: &str,
+    seq: Option<usize>,
+    runs: usize,
+    target: Target,
+) -> Result<SelftestModel> {
+    use crate::backend::ane::runtime;
+    use crate::backend::ane::selftest::check_kernel;
+    let cfg = ModelConfig::from_preset_or_path(model)?;
+    let seq = seq
+        .unwrap_or_else(|| cfg.max_seq_len.min(256))
+        .min(cfg.max_seq_len);
+    let kernels = build_all(&KernelShape {
+        dims: cfg.dims(),
+        seq,
+        target,
+    })?;
+    runtime::COMPILE_BUDGET.reserve(kernels.len())?;
+    println!("\n{model}, seq {seq}:");
+    println!(
+        "{:<11} {:>8} {:>6} {:>11} {:>10}  verdict",
+        "kernel", "compiled", "loaded", "max error", "ms/call"
+    );
+    let mut checks = Vec::new();
+    for k in &kernels {
+        let c = check_kernel(shared, k, runs);
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        println!(
+            "{:<11} {:>8} {:>6} {:>11} {:>10}  {}",
+            c.kernel,
+            yes(c.compiled),
+            yes(c.loaded),
+            c.max_rel_error.map_or("-".into(), |e| format!("{e:.2e}")),
+            c.device_ms.map_or("-".into(), |m| format!("{m:.3}")),
+            c.verdict
+        );
+        checks.push(c);
+    }
+    Ok(SelftestModel {
+        model: model.to_string(),
+        seq,
+        kernels: checks,
+    })
+}
+
+/// The self-test's probes: one fp16 convolution chain, and fp16 against W8A8 where the form
+/// has quantize (ios18).
+fn selftest_probes(
+    shared: &crate::backend::ane::runtime::SharedPlatform,
+    chip: &str,
+    target: Target,
+    report: &mut SelftestReport,
+) -> Result<()> {
+    use crate::backend::ane::runtime;
     let case = probe::ProbeCase {
         channels: 512,
         spatial: 64,
         depth: 32,
     };
-    let rated = probe::rated_tops(&chip);
-    let mut precisions = vec![probe::Precision::Fp16];
+    let rated = probe::rated_tops(chip);
+    let mut precisions = vec![probe::ProbeDtype::Fp16];
     if target == Target::Ios18 {
-        precisions.push(probe::Precision::Int8);
+        precisions.push(probe::ProbeDtype::Int8);
     } else {
         report
             .probe_errors
@@ -295,12 +360,12 @@ fn selftest(
     println!("\nprobes (512 channels, 64 columns, 32 convolutions):");
     for precision in precisions {
         runtime::COMPILE_BUDGET.reserve(1)?;
-        match probe::run_case(&shared, &case, target, precision, 2, 10) {
+        match probe::run_case(shared, &case, target, precision, 2, 10) {
             Ok(mut r) => {
                 r.rejected = probe::check(&r, rated);
                 println!(
                     "{:>5}: {:.3} ms/eval, {:.3} TFLOPS, rel err {:.1e}: {}",
-                    format!("{precision:?}").to_lowercase(),
+                    precision.name(),
                     r.ms_per_eval,
                     r.tflops,
                     r.rel_rms_error,
@@ -315,24 +380,6 @@ fn selftest(
             }
         }
     }
-    if device != "ane" {
-        println!(
-            "(fake device: the outputs are checked, the timings are the simulator's, not a Neural Engine's)"
-        );
-    }
-    if let Some(path) = json {
-        let bytes = serde_json::to_vec_pretty(&report)
-            .map_err(|e| Error::json("writing the self-test", e))?;
-        write_atomic(path, |f| std::io::Write::write_all(f, &bytes))?;
-        println!("wrote {} (attach it to an issue)", path.display());
-    }
-    let total: usize = report.models.iter().map(|m| m.kernels.len()).sum();
-    if failed > 0 {
-        return Err(Error::invalid(format!(
-            "{failed} of {total} kernels cannot run on this device (training runs them on the CPU; see the verdicts above)"
-        )));
-    }
-    println!("all {total} kernels run on this device and agree with the simulator");
     Ok(())
 }
 
@@ -344,7 +391,7 @@ fn run_probe(
     evals: usize,
     warmup: usize,
     out: Option<&Path>,
-    device: &str,
+    device: Device,
 ) -> Result<()> {
     use crate::backend::ane::runtime;
     if cases
@@ -355,7 +402,7 @@ fn run_probe(
             "--channels, --spatial and --depth must be at least 1",
         ));
     }
-    let (platform, chip) = open_device(device)?;
+    let (platform, chip) = device.open()?;
     let target = runtime::program_form(&chip);
     let shared: runtime::SharedPlatform = std::sync::Arc::new(std::sync::Mutex::new(platform));
     let rated = probe::rated_tops(&chip);
@@ -364,7 +411,7 @@ fn run_probe(
         schema: probe::SCHEMA.into(),
         schema_version: probe::SCHEMA_VERSION,
         probe: kind,
-        device: if device == "ane" { "ane" } else { "ane-fake" }.into(),
+        device: device.report_name().into(),
         chip: chip.clone(),
         os: crate::bench::machine::os_description(),
         handgrad_version: env!("CARGO_PKG_VERSION").into(),
@@ -382,37 +429,69 @@ fn run_probe(
         "{:>5} {:>8} {:>8} {:>6} {:>10} {:>12} {:>10} {:>10}  verdict",
         "prec", "channels", "spatial", "depth", "weights MB", "ms/eval", "TFLOPS", "rel err"
     );
-    let precisions: &[probe::Precision] = if kind == ProbeKind::Int8 {
-        &[probe::Precision::Fp16, probe::Precision::Int8]
-    } else {
-        &[probe::Precision::Fp16]
-    };
     if kind == ProbeKind::Int8 && target != Target::Ios18 {
         return Err(Error::invalid(
             "the int8 probe needs the ios18 program form (quantize/dequantize); this chip takes ios16",
         ));
     }
+    let precisions: &[probe::ProbeDtype] = if kind == ProbeKind::Int8 {
+        &[probe::ProbeDtype::Fp16, probe::ProbeDtype::Int8]
+    } else {
+        &[probe::ProbeDtype::Fp16]
+    };
     for (c, &precision) in cases
         .iter()
         .flat_map(|c| precisions.iter().map(move |p| (c, p)))
     {
-        let r = probe::run_case(&shared, c, target, precision, warmup, evals)?;
-        let verdict = probe::check(&r, rated);
-        println!(
-            "{:>5} {:>8} {:>8} {:>6} {:>10.2} {:>12.4} {:>10.3} {:>10.1e}  {}",
-            format!("{precision:?}").to_lowercase(),
-            c.channels,
-            c.spatial,
-            c.depth,
-            r.weight_mb,
-            r.ms_per_eval,
-            r.tflops,
-            r.rel_rms_error,
-            verdict.as_deref().unwrap_or("ok")
-        );
-        report.results.push(r);
+        report.results.push(probe_case(
+            &shared, c, target, precision, warmup, evals, rated,
+        )?);
     }
     let rejected = probe::validate(&mut report)?;
+    summarise_probe(kind, &mut report);
+    device.note_fake_timings();
+    if let Some(path) = out {
+        write_json(path, &report, "writing results")?;
+        println!("wrote {}", path.display());
+    }
+    if rejected > 0 {
+        return Err(Error::invalid(format!(
+            "{rejected} of {} results failed validation (see the verdicts above)",
+            report.results.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs and prints one case of a probe.
+fn probe_case(
+    shared: &crate::backend::ane::runtime::SharedPlatform,
+    c: &probe::ProbeCase,
+    target: Target,
+    precision: probe::ProbeDtype,
+    warmup: usize,
+    evals: usize,
+    rated: Option<f64>,
+) -> Result<probe::ProbeResult> {
+    let r = probe::run_case(shared, c, target, precision, warmup, evals)?;
+    let verdict = probe::check(&r, rated);
+    println!(
+        "{:>5} {:>8} {:>8} {:>6} {:>10.2} {:>12.4} {:>10.3} {:>10.1e}  {}",
+        precision.name(),
+        c.channels,
+        c.spatial,
+        c.depth,
+        r.weight_mb,
+        r.ms_per_eval,
+        r.tflops,
+        r.rel_rms_error,
+        verdict.as_deref().unwrap_or("ok")
+    );
+    Ok(r)
+}
+
+/// The lines under a probe's table: W8A8 against fp16 (int8), the on-chip memory cliff (sram).
+fn summarise_probe(kind: ProbeKind, report: &mut ProbeReport) {
     if kind == ProbeKind::Int8 {
         for pair in report.results.chunks(2) {
             if let [a, b] = pair {
@@ -435,24 +514,6 @@ fn run_probe(
             None => println!("no cliff within these sizes"),
         }
     }
-    if device != "ane" {
-        println!(
-            "(fake device: the outputs are checked, the timings are the simulator's, not a Neural Engine's)"
-        );
-    }
-    if let Some(path) = out {
-        let bytes =
-            serde_json::to_vec_pretty(&report).map_err(|e| Error::json("writing results", e))?;
-        write_atomic(path, |f| std::io::Write::write_all(f, &bytes))?;
-        println!("wrote {}", path.display());
-    }
-    if rejected > 0 {
-        return Err(Error::invalid(format!(
-            "{rejected} of {} results failed validation (see the verdicts above)",
-            report.results.len()
-        )));
-    }
-    Ok(())
 }
 
 fn validate_files(files: &[PathBuf]) -> Result<()> {

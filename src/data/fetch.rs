@@ -92,68 +92,133 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<Fetched> {
         create_dir_all(dir)?;
     }
     let marker = opts.dest.with_extension("sha256");
-    if opts.dest.exists() && marker.exists() {
-        let recorded = std::fs::read_to_string(&marker)
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        if opts
-            .sha256
-            .as_deref()
-            .is_none_or(|want| want.eq_ignore_ascii_case(&recorded))
-        {
-            let bytes = std::fs::metadata(&opts.dest).map(|m| m.len()).unwrap_or(0);
-            return Ok(Fetched {
-                path: opts.dest.clone(),
-                bytes,
-                sha256: recorded,
-                resumed: 0,
-                cached: true,
-            });
-        }
+    if let Some(done) = cached(opts, &marker) {
+        return Ok(done);
     }
     let part = partial_path(&opts.dest);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_recv_body(Some(Duration::from_secs(120)))
-        .build()
-        .new_agent();
-    let mut expected_total: Option<u64> = None;
-    let mut expected_sha = opts.sha256.clone().map(|s| s.to_ascii_lowercase());
-    let mut resumed = 0;
-    let mut last_error = String::new();
-    for attempt in 0..opts.retries.max(1) {
-        if attempt > 0 {
-            std::thread::sleep(Duration::from_millis((200 * attempt as u64).min(5000)));
+    let mut dl = Download {
+        expected_total: None,
+        expected_sha: opts.sha256.clone().map(|s| s.to_ascii_lowercase()),
+        resumed: 0,
+    };
+    let last_error = dl.run(opts, &part, progress)?;
+    if !last_error.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: {last_error}; giving up after {} attempts (run again to resume from {})",
+            opts.url,
+            opts.retries.max(1),
+            part.display()
+        )));
+    }
+    dl.finish(opts, &part, &marker)
+}
+
+/// The destination, when it is complete: a checksum marker beside it that matches the
+/// expected checksum (or any, when none is expected).
+fn cached(opts: &FetchOptions, marker: &Path) -> Option<Fetched> {
+    if !(opts.dest.exists() && marker.exists()) {
+        return None;
+    }
+    let recorded = std::fs::read_to_string(marker)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if !opts
+        .sha256
+        .as_deref()
+        .is_none_or(|want| want.eq_ignore_ascii_case(&recorded))
+    {
+        return None;
+    }
+    let bytes = std::fs::metadata(&opts.dest).map(|m| m.len()).unwrap_or(0);
+    Some(Fetched {
+        path: opts.dest.clone(),
+        bytes,
+        sha256: recorded,
+        resumed: 0,
+        cached: true,
+    })
+}
+
+/// How one request ended.
+enum Attempt {
+    /// The partial file holds everything the server sent.
+    Complete,
+    /// The server had nothing left to send (HTTP 416): the partial file may already be
+    /// complete (the size and checksum checks tell); an earlier attempt's error stands.
+    NothingLeft,
+    /// Try again (resuming), for this reason.
+    Retry(String),
+}
+
+/// What the server said about the file, across attempts.
+struct Download {
+    expected_total: Option<u64>,
+    expected_sha: Option<String>,
+    /// Requests answered with a part of the file (resumed).
+    resumed: usize,
+}
+
+impl Download {
+    /// Downloads into `part` over up to `opts.retries` attempts; returns the last attempt's
+    /// error (empty when the download completed).
+    fn run(&mut self, opts: &FetchOptions, part: &Path, progress: Progress) -> Result<String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(30)))
+            .timeout_recv_body(Some(Duration::from_secs(120)))
+            .build()
+            .new_agent();
+        let mut last_error = String::new();
+        for attempt in 0..opts.retries.max(1) {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis((200 * attempt as u64).min(5000)));
+            }
+            let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+            if let Some(total) = self.expected_total
+                && have == total
+            {
+                break;
+            }
+            match self.attempt(&agent, opts, part, have, progress)? {
+                Attempt::Complete => {
+                    last_error.clear();
+                    break;
+                }
+                Attempt::NothingLeft => break,
+                Attempt::Retry(why) => last_error = why,
+            }
         }
-        let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-        if let Some(total) = expected_total
-            && have == total
-        {
-            break;
-        }
+        Ok(last_error)
+    }
+
+    /// One request, resuming from `have` bytes, appended to `part`.
+    fn attempt(
+        &mut self,
+        agent: &ureq::Agent,
+        opts: &FetchOptions,
+        part: &Path,
+        have: u64,
+        progress: Progress,
+    ) -> Result<Attempt> {
         let mut req = agent.get(&opts.url);
         if have > 0 {
             req = req.header("Range", &format!("bytes={have}-"));
         }
         let mut resp = match req.call() {
             Ok(r) => r,
-            Err(e) => {
-                last_error = format!("request failed: {e}");
-                continue;
-            }
+            Err(e) => return Ok(Attempt::Retry(format!("request failed: {e}"))),
         };
         let status = resp.status().as_u16();
         if let Some(etag) = header(&resp, "x-linked-etag").or_else(|| header(&resp, "etag"))
             && is_sha256(&etag)
-            && expected_sha.is_none()
+            && self.expected_sha.is_none()
         {
-            expected_sha = Some(etag.to_ascii_lowercase());
+            self.expected_sha = Some(etag.to_ascii_lowercase());
         }
         let (append, total) = match status {
             206 => {
-                resumed += 1;
+                self.resumed += 1;
                 let total = header(&resp, "content-range")
                     .and_then(|r| r.rsplit('/').next().and_then(|t| t.parse::<u64>().ok()));
                 (true, total)
@@ -162,10 +227,7 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<Fetched> {
                 let len = header(&resp, "content-length").and_then(|l| l.parse::<u64>().ok());
                 (false, len)
             }
-            416 if have > 0 => {
-                // Nothing left to send: the partial file may already be complete.
-                break;
-            }
+            416 if have > 0 => return Ok(Attempt::NothingLeft),
             s => {
                 return Err(Error::invalid(format!(
                     "{}: the server answered HTTP {s}",
@@ -175,16 +237,35 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<Fetched> {
         };
         let linked = header(&resp, "x-linked-size").and_then(|l| l.parse::<u64>().ok());
         if let Some(t) = total.or(linked) {
-            expected_total = Some(t);
+            self.expected_total = Some(t);
         }
+        let start = if append { have } else { 0 };
+        let (done, result) = self.write_body(&mut resp, part, append, start, progress)?;
+        Ok(match result {
+            Ok(()) if self.expected_total.is_none_or(|t| t == done) => Attempt::Complete,
+            Ok(()) => Attempt::Retry(format!("connection closed after {done} bytes")),
+            Err(e) => Attempt::Retry(format!("download interrupted after {done} bytes: {e}")),
+        })
+    }
+
+    /// Writes the response's body into `part` (appended, or replacing it); returns the bytes
+    /// the file then holds and how the body's stream ended.
+    fn write_body(
+        &self,
+        resp: &mut ureq::http::Response<ureq::Body>,
+        part: &Path,
+        append: bool,
+        start: u64,
+        progress: Progress,
+    ) -> Result<(u64, std::io::Result<()>)> {
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
             .append(append)
             .truncate(!append)
-            .open(&part)
-            .map_err(|e| Error::io("opening", &part, e))?;
-        let mut done = if append { have } else { 0 };
+            .open(part)
+            .map_err(|e| Error::io("opening", part, e))?;
+        let mut done = start;
         let mut reader = resp.body_mut().as_reader();
         let mut buf = vec![0u8; 1 << 16];
         let result: std::io::Result<()> = loop {
@@ -192,66 +273,55 @@ pub fn fetch(opts: &FetchOptions, progress: Progress) -> Result<Fetched> {
                 Ok(0) => break Ok(()),
                 Ok(n) => {
                     if let Err(e) = file.write_all(&buf[..n]) {
-                        return Err(Error::io("writing", &part, e));
+                        return Err(Error::io("writing", part, e));
                     }
                     done += n as u64;
-                    progress(done, expected_total);
+                    progress(done, self.expected_total);
                 }
                 Err(e) => break Err(e),
             }
         };
-        file.sync_all()
-            .map_err(|e| Error::io("syncing", &part, e))?;
-        match result {
-            Ok(()) if expected_total.is_none_or(|t| t == done) => {
-                last_error.clear();
-                break;
-            }
-            Ok(()) => last_error = format!("connection closed after {done} bytes"),
-            Err(e) => last_error = format!("download interrupted after {done} bytes: {e}"),
+        file.sync_all().map_err(|e| Error::io("syncing", part, e))?;
+        Ok((done, result))
+    }
+
+    /// Checks the downloaded size and checksum, moves the file into place and writes its
+    /// checksum marker.
+    fn finish(self, opts: &FetchOptions, part: &Path, marker: &Path) -> Result<Fetched> {
+        let bytes = std::fs::metadata(part)
+            .map_err(|e| Error::io("reading metadata of", part, e))?
+            .len();
+        if let Some(t) = self.expected_total
+            && t != bytes
+        {
+            return Err(Error::data(
+                part,
+                format!("size check failed: expected {t} bytes, got {bytes}"),
+            ));
         }
+        let sha = sha256_file(part)?;
+        if let Some(want) = &self.expected_sha
+            && *want != sha
+        {
+            let _ = std::fs::remove_file(part);
+            return Err(Error::data(
+                &opts.dest,
+                format!(
+                    "checksum mismatch: expected SHA-256 {want}, got {sha}; the download was deleted"
+                ),
+            ));
+        }
+        std::fs::rename(part, &opts.dest)
+            .map_err(|e| Error::io("renaming into place", &opts.dest, e))?;
+        std::fs::write(marker, format!("{sha}\n")).map_err(|e| Error::io("writing", marker, e))?;
+        Ok(Fetched {
+            path: opts.dest.clone(),
+            bytes,
+            sha256: sha,
+            resumed: self.resumed,
+            cached: false,
+        })
     }
-    if !last_error.is_empty() {
-        return Err(Error::invalid(format!(
-            "{}: {last_error}; giving up after {} attempts (run again to resume from {})",
-            opts.url,
-            opts.retries.max(1),
-            part.display()
-        )));
-    }
-    let bytes = std::fs::metadata(&part)
-        .map_err(|e| Error::io("reading metadata of", &part, e))?
-        .len();
-    if let Some(t) = expected_total
-        && t != bytes
-    {
-        return Err(Error::data(
-            &part,
-            format!("size check failed: expected {t} bytes, got {bytes}"),
-        ));
-    }
-    let sha = sha256_file(&part)?;
-    if let Some(want) = &expected_sha
-        && *want != sha
-    {
-        let _ = std::fs::remove_file(&part);
-        return Err(Error::data(
-            &opts.dest,
-            format!(
-                "checksum mismatch: expected SHA-256 {want}, got {sha}; the download was deleted"
-            ),
-        ));
-    }
-    std::fs::rename(&part, &opts.dest)
-        .map_err(|e| Error::io("renaming into place", &opts.dest, e))?;
-    std::fs::write(&marker, format!("{sha}\n")).map_err(|e| Error::io("writing", &marker, e))?;
-    Ok(Fetched {
-        path: opts.dest.clone(),
-        bytes,
-        sha256: sha,
-        resumed,
-        cached: false,
-    })
 }
 
 /// Extracts the regular files of a `.tar.gz` archive into `dir` (paths that would escape

@@ -327,81 +327,7 @@ impl GgufFile {
 /// Loads a Llama or Qwen3 GGUF model.
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
-    let arch_name = g
-        .get("general.architecture")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::format(path, "GGUF: no general.architecture"))?
-        .to_string();
-    let arch = match arch_name.as_str() {
-        "llama" => Architecture::Llama,
-        "qwen3" => Architecture::Qwen3,
-        other => {
-            return Err(Error::format(
-                path,
-                format!("GGUF: architecture '{other}' is not supported (llama, qwen3)"),
-            ));
-        }
-    };
-    let key = |k: &str| format!("{arch_name}.{k}");
-    let need = |k: &str| -> Result<usize> {
-        g.get(&key(k))
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .ok_or_else(|| Error::format(path, format!("GGUF: metadata {} is missing", key(k))))
-    };
-    let dim = need("embedding_length")?;
-    let heads = need("attention.head_count")?;
-    let emb = g
-        .tensors
-        .get("token_embd.weight")
-        .ok_or_else(|| Error::format(path, "GGUF: tensor 'token_embd.weight' is missing"))?;
-    let vocab = emb.dims.get(1).copied().unwrap_or(0) as usize;
-    let kv_heads = g
-        .get(&key("attention.head_count_kv"))
-        .and_then(Value::as_u64)
-        .map(|x| x as usize)
-        .unwrap_or(heads);
-    let head_dim = g
-        .get(&key("attention.key_length"))
-        .and_then(Value::as_u64)
-        .map(|x| x as usize)
-        .unwrap_or(dim.checked_div(heads).unwrap_or(0));
-    let cfg = ModelConfig {
-        arch,
-        dim,
-        n_layers: need("block_count")?,
-        n_heads: heads,
-        n_kv_heads: kv_heads,
-        head_dim,
-        ffn_dim: need("feed_forward_length")?,
-        vocab_size: vocab,
-        max_seq_len: g
-            .get(&key("context_length"))
-            .and_then(Value::as_u64)
-            .unwrap_or(2048) as usize,
-        norm_eps: g
-            .get(&key("attention.layer_norm_rms_epsilon"))
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-5),
-        rope_theta: g
-            .get(&key("rope.freq_base"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10000.0),
-        rope_style: if arch == Architecture::Llama {
-            RopeStyle::Interleaved
-        } else {
-            RopeStyle::RotateHalf
-        },
-        tie_embeddings: !g.tensors.contains_key("output.weight"),
-        bos_token_id: g
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(Value::as_u64)
-            .map(|x| x as u32),
-        eos_token_id: g
-            .get("tokenizer.ggml.eos_token_id")
-            .and_then(Value::as_u64)
-            .map(|x| x as u32),
-    };
+    let cfg = config_of(&g, path)?;
     cfg.validate(&path.display().to_string())?;
     super::check_fits(&cfg, g.map.len(), path)?;
     let layout = ParamLayout::new(&cfg);
@@ -417,6 +343,108 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             ),
         ));
     }
+    let params = read_tensors(&g, &layout, path)?;
+    let mut types: Vec<String> = g.tensors.values().map(|t| type_name(t.ggml_type)).collect();
+    types.sort();
+    types.dedup();
+    Ok(LoadedModel {
+        cfg,
+        params,
+        tokenizer: None,
+        format: format!("GGUF v{} ({})", g.version, types.join(", ")),
+        warnings: Vec::new(),
+        vocab_kept: None,
+    })
+}
+
+/// The metadata of one architecture (`llama.embedding_length`, ...).
+struct Meta<'a> {
+    g: &'a GgufFile,
+    arch: &'a str,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    fn u64(&self, k: &str) -> Option<u64> {
+        self.g.get(&self.key(k)).and_then(Value::as_u64)
+    }
+
+    fn f64(&self, k: &str) -> Option<f64> {
+        self.g.get(&self.key(k)).and_then(Value::as_f64)
+    }
+
+    /// A count the model cannot do without.
+    fn need(&self, k: &str) -> Result<usize> {
+        self.u64(k).map(|x| x as usize).ok_or_else(|| {
+            Error::format(
+                self.path,
+                format!("GGUF: metadata {} is missing", self.key(k)),
+            )
+        })
+    }
+}
+
+/// The model's configuration from the file's metadata and tensor shapes.
+fn config_of(g: &GgufFile, path: &Path) -> Result<ModelConfig> {
+    let arch_name = g
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::format(path, "GGUF: no general.architecture"))?;
+    let arch = match arch_name {
+        "llama" => Architecture::Llama,
+        "qwen3" => Architecture::Qwen3,
+        other => {
+            return Err(Error::format(
+                path,
+                format!("GGUF: architecture '{other}' is not supported (llama, qwen3)"),
+            ));
+        }
+    };
+    let meta = Meta {
+        g,
+        arch: arch_name,
+        path,
+    };
+    let dim = meta.need("embedding_length")?;
+    let heads = meta.need("attention.head_count")?;
+    let emb = g
+        .tensors
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::format(path, "GGUF: tensor 'token_embd.weight' is missing"))?;
+    let token_id = |k: &str| g.get(k).and_then(Value::as_u64).map(|x| x as u32);
+    Ok(ModelConfig {
+        arch,
+        dim,
+        n_layers: meta.need("block_count")?,
+        n_heads: heads,
+        n_kv_heads: meta
+            .u64("attention.head_count_kv")
+            .map_or(heads, |x| x as usize),
+        head_dim: meta
+            .u64("attention.key_length")
+            .map_or(dim.checked_div(heads).unwrap_or(0), |x| x as usize),
+        ffn_dim: meta.need("feed_forward_length")?,
+        vocab_size: emb.dims.get(1).copied().unwrap_or(0) as usize,
+        max_seq_len: meta.u64("context_length").unwrap_or(2048) as usize,
+        norm_eps: meta.f64("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: meta.f64("rope.freq_base").unwrap_or(10000.0),
+        rope_style: if arch == Architecture::Llama {
+            RopeStyle::Interleaved
+        } else {
+            RopeStyle::RotateHalf
+        },
+        tie_embeddings: !g.tensors.contains_key("output.weight"),
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+    })
+}
+
+/// Every tensor of `layout`, read (and dequantized) from its GGUF tensor of the same shape.
+fn read_tensors(g: &GgufFile, layout: &ParamLayout, path: &Path) -> Result<Vec<f32>> {
     let mut params = vec![0.0f32; layout.total()];
     for t in &layout.tensors {
         let gname = gguf_name(&t.name);
@@ -439,17 +467,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let data = g.read_f32(&gname, path)?;
         params[t.range()].copy_from_slice(&data);
     }
-    let mut types: Vec<String> = g.tensors.values().map(|t| type_name(t.ggml_type)).collect();
-    types.sort();
-    types.dedup();
-    Ok(LoadedModel {
-        cfg,
-        params,
-        tokenizer: None,
-        format: format!("GGUF v{} ({})", g.version, types.join(", ")),
-        warnings: Vec::new(),
-        vocab_kept: None,
-    })
+    Ok(params)
 }
 
 /// The GGUF (llama.cpp) name of a Hugging Face tensor name.

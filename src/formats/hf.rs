@@ -17,23 +17,25 @@ use crate::model::rope_layout::convert_rope_style;
 use crate::model::{ModelConfig, ParamLayout};
 use crate::util::fsutil::{create_dir_all, write_atomic};
 
-/// Element type of exported tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Element type of exported tensors (`--dtype`; the names are matched without regard to
+/// case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportDtype {
+    #[value(name = "f32", alias = "fp32", alias = "float32")]
     F32,
+    #[value(name = "bf16", alias = "bfloat16")]
     Bf16,
 }
 
 impl ExportDtype {
-    /// Parses `f32` / `bf16`.
+    /// Parses `f32` / `bf16` (and `fp32`, `float32`, `bfloat16`), in any case.
     pub fn parse(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" | "fp32" => Ok(ExportDtype::F32),
-            "bf16" | "bfloat16" => Ok(ExportDtype::Bf16),
-            other => Err(Error::invalid(format!(
-                "unknown --dtype '{other}' (f32 or bf16)"
-            ))),
-        }
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            Error::invalid(format!(
+                "unknown --dtype '{}' (f32 or bf16)",
+                s.to_ascii_lowercase()
+            ))
+        })
     }
     fn safetensors_name(self) -> &'static str {
         match self {

@@ -182,37 +182,12 @@ pub fn has_magic(b: &[u8]) -> bool {
 /// Loads a llama2.c model file of any version.
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let b = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
-    let (version, h, mut at, group) = if has_magic(&b) {
-        if b.len() < 256 {
-            return Err(Error::format(
-                path,
-                "truncated llama2.c header (less than 256 bytes)",
-            ));
-        }
-        let version = i32_at(&b, 4);
-        let mut h = parse_header(&b, 8, path)?;
-        h.shared = b[36] != 0;
-        let group = if version == 2 { i32_at(&b, 37) } else { 0 };
-        match version {
-            1 => {}
-            2 if group > 0 => {}
-            2 => {
-                return Err(Error::format(
-                    path,
-                    format!("llama2.c v2: bad group size {group}"),
-                ));
-            }
-            v => {
-                return Err(Error::format(
-                    path,
-                    format!("llama2.c file version {v} is not supported (0, 1, 2 are)"),
-                ));
-            }
-        }
-        (version as u32, h, 256usize, group as usize)
-    } else {
-        (0, parse_header(&b, 0, path)?, 28usize, 0)
-    };
+    let FileHeader {
+        version,
+        h,
+        data_at,
+        group,
+    } = read_file_header(&b, path)?;
     let cfg = config_of(&h);
     super::check_fits(&cfg, b.len(), path)?;
     let layout = ParamLayout::new(&cfg);
@@ -231,25 +206,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     let mut params = vec![0.0f32; layout.total()];
     let ids = order(&layout, version, h.shared);
     let rope_tables = 2 * h.seq_len * (cfg.head_dim / 2);
-
-    // The exact size the header implies.
-    let expect = if version == 2 {
-        let norms: usize = ids
-            .iter()
-            .filter(|&&i| layout.tensors[i].shape.len() == 1)
-            .map(|&i| layout.tensors[i].len())
-            .sum();
-        let mats: usize = ids
-            .iter()
-            .filter(|&&i| layout.tensors[i].shape.len() == 2)
-            .map(|&i| layout.tensors[i].len())
-            .sum();
-        256 + 4 * norms + mats + 4 * (mats / group.max(1))
-    } else {
-        let floats: usize = ids.iter().map(|&i| layout.tensors[i].len()).sum::<usize>()
-            + if version == 0 { rope_tables } else { 0 };
-        at + 4 * floats
-    };
+    let expect = expected_size(&layout, &ids, version, group, data_at, rope_tables);
     if b.len() != expect {
         return Err(Error::format(
             path,
@@ -262,43 +219,24 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             ),
         ));
     }
-
     if version == 2 {
-        let (norms, mats): (Vec<usize>, Vec<usize>) = ids
-            .iter()
-            .partition(|&&i| layout.tensors[i].shape.len() == 1);
-        for &i in &norms {
-            let r = layout.tensors[i].range();
-            read_f32s(&b, at, &mut params[r.clone()]);
-            at += 4 * r.len();
-        }
-        for &i in &mats {
-            let t = &layout.tensors[i];
-            if !t.len().is_multiple_of(group) {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "tensor {} is not a multiple of the group size {group}",
-                        t.name
-                    ),
-                ));
-            }
-            let mut scales = vec![0.0f32; t.len() / group];
-            read_f32s(&b, at + t.len(), &mut scales);
-            for (k, p) in params[t.range()].iter_mut().enumerate() {
-                *p = (b[at + k] as i8) as f32 * scales[k / group];
-            }
-            at += t.len() + 4 * scales.len();
-        }
+        read_q8_tensors(&b, data_at, &layout, &ids, group, &mut params, path)?;
     } else {
-        for (n, &i) in ids.iter().enumerate() {
-            let r = layout.tensors[i].range();
-            read_f32s(&b, at, &mut params[r.clone()]);
-            at += 4 * r.len();
-            if version == 0 && n + 1 == ids.len() - usize::from(!h.shared) {
-                at += 4 * rope_tables; // the final norm is followed by the RoPE tables
-            }
-        }
+        let rope_at = if version == 0 {
+            // The final norm is followed by the RoPE tables.
+            Some(ids.len() - usize::from(!h.shared))
+        } else {
+            None
+        };
+        read_f32_tensors(
+            &b,
+            data_at,
+            &layout,
+            &ids,
+            rope_at,
+            rope_tables,
+            &mut params,
+        );
     }
     Ok(LoadedModel {
         cfg,
@@ -315,6 +253,147 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         warnings: Vec::new(),
         vocab_kept: None,
     })
+}
+
+/// What a file's header says: its version, the model's header, where the tensors start and
+/// (v2) the Q8_0 group size.
+struct FileHeader {
+    version: u32,
+    h: Header,
+    data_at: usize,
+    group: usize,
+}
+
+/// Reads the header of a legacy (v0, 28 bytes) or versioned (v1, v2: 256 bytes) file.
+fn read_file_header(b: &[u8], path: &Path) -> Result<FileHeader> {
+    if !has_magic(b) {
+        return Ok(FileHeader {
+            version: 0,
+            h: parse_header(b, 0, path)?,
+            data_at: 28,
+            group: 0,
+        });
+    }
+    if b.len() < 256 {
+        return Err(Error::format(
+            path,
+            "truncated llama2.c header (less than 256 bytes)",
+        ));
+    }
+    let version = i32_at(b, 4);
+    let mut h = parse_header(b, 8, path)?;
+    h.shared = b[36] != 0;
+    let group = if version == 2 { i32_at(b, 37) } else { 0 };
+    match version {
+        1 => {}
+        2 if group > 0 => {}
+        2 => {
+            return Err(Error::format(
+                path,
+                format!("llama2.c v2: bad group size {group}"),
+            ));
+        }
+        v => {
+            return Err(Error::format(
+                path,
+                format!("llama2.c file version {v} is not supported (0, 1, 2 are)"),
+            ));
+        }
+    }
+    Ok(FileHeader {
+        version: version as u32,
+        h,
+        data_at: 256,
+        group: group as usize,
+    })
+}
+
+/// The exact size of a file whose header describes `layout` (tensors `ids` in file order).
+fn expected_size(
+    layout: &ParamLayout,
+    ids: &[usize],
+    version: u32,
+    group: usize,
+    data_at: usize,
+    rope_tables: usize,
+) -> usize {
+    if version == 2 {
+        let norms: usize = ids
+            .iter()
+            .filter(|&&i| layout.tensors[i].shape.len() == 1)
+            .map(|&i| layout.tensors[i].len())
+            .sum();
+        let mats: usize = ids
+            .iter()
+            .filter(|&&i| layout.tensors[i].shape.len() == 2)
+            .map(|&i| layout.tensors[i].len())
+            .sum();
+        256 + 4 * norms + mats + 4 * (mats / group.max(1))
+    } else {
+        let floats: usize = ids.iter().map(|&i| layout.tensors[i].len()).sum::<usize>()
+            + if version == 0 { rope_tables } else { 0 };
+        data_at + 4 * floats
+    }
+}
+
+/// Reads v2 tensors from `at`: the norms in f32, then each matrix as int8 with its f32 scales.
+fn read_q8_tensors(
+    b: &[u8],
+    mut at: usize,
+    layout: &ParamLayout,
+    ids: &[usize],
+    group: usize,
+    params: &mut [f32],
+    path: &Path,
+) -> Result<()> {
+    let (norms, mats): (Vec<usize>, Vec<usize>) = ids
+        .iter()
+        .partition(|&&i| layout.tensors[i].shape.len() == 1);
+    for &i in &norms {
+        let r = layout.tensors[i].range();
+        read_f32s(b, at, &mut params[r.clone()]);
+        at += 4 * r.len();
+    }
+    for &i in &mats {
+        let t = &layout.tensors[i];
+        if !t.len().is_multiple_of(group) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor {} is not a multiple of the group size {group}",
+                    t.name
+                ),
+            ));
+        }
+        let mut scales = vec![0.0f32; t.len() / group];
+        read_f32s(b, at + t.len(), &mut scales);
+        for (k, p) in params[t.range()].iter_mut().enumerate() {
+            *p = (b[at + k] as i8) as f32 * scales[k / group];
+        }
+        at += t.len() + 4 * scales.len();
+    }
+    Ok(())
+}
+
+/// Reads v0/v1 tensors (f32) from `at`, skipping the RoPE tables after the tensor numbered
+/// `rope_at` in file order (v0).
+fn read_f32_tensors(
+    b: &[u8],
+    mut at: usize,
+    layout: &ParamLayout,
+    ids: &[usize],
+    rope_at: Option<usize>,
+    rope_tables: usize,
+    params: &mut [f32],
+) {
+    for (n, &i) in ids.iter().enumerate() {
+        let r = layout.tensors[i].range();
+        read_f32s(b, at, &mut params[r.clone()]);
+        at += 4 * r.len();
+        if rope_at == Some(n + 1) {
+            at += 4 * rope_tables;
+        }
+    }
 }
 
 /// The group size of a version 2 file written for `cfg`: 64, or the largest power of two

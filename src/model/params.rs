@@ -91,126 +91,31 @@ pub struct ParamLayout {
 impl ParamLayout {
     /// The layout for a configuration, in Hugging Face order.
     pub fn new(cfg: &ModelConfig) -> Self {
-        let mut tensors = Vec::new();
-        let mut offset = 0;
-        let mut add = |name: String, shape: Vec<usize>, kind: TensorKind| -> TensorId {
-            let spec = TensorSpec {
-                name,
-                shape,
-                offset,
-                kind,
-            };
-            offset += spec.len();
-            tensors.push(spec);
-            tensors.len() - 1
-        };
-        let (d, q, kv, f, hd) = (
-            cfg.dim,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.ffn_dim,
-            cfg.head_dim,
-        );
-        let embed = add(
+        let mut b = LayoutBuilder::default();
+        let d = cfg.dim;
+        let embed = b.add(
             "model.embed_tokens.weight".into(),
             vec![cfg.vocab_size, d],
             TensorKind::Embedding,
         );
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
-            let p = format!("model.layers.{l}");
-            let attn_norm = add(
-                format!("{p}.input_layernorm.weight"),
-                vec![d],
-                TensorKind::NormGain,
-            );
-            let wq = add(
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![q, d],
-                TensorKind::Matrix,
-            );
-            let wk = add(
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![kv, d],
-                TensorKind::Matrix,
-            );
-            let wv = add(
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![kv, d],
-                TensorKind::Matrix,
-            );
-            let wo = add(
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![d, q],
-                TensorKind::ResidualMatrix,
-            );
-            let (q_norm, k_norm) = if cfg.qk_norm() {
-                (
-                    Some(add(
-                        format!("{p}.self_attn.q_norm.weight"),
-                        vec![hd],
-                        TensorKind::NormGain,
-                    )),
-                    Some(add(
-                        format!("{p}.self_attn.k_norm.weight"),
-                        vec![hd],
-                        TensorKind::NormGain,
-                    )),
-                )
-            } else {
-                (None, None)
-            };
-            let ffn_norm = add(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![d],
-                TensorKind::NormGain,
-            );
-            let w_gate = add(
-                format!("{p}.mlp.gate_proj.weight"),
-                vec![f, d],
-                TensorKind::Matrix,
-            );
-            let w_up = add(
-                format!("{p}.mlp.up_proj.weight"),
-                vec![f, d],
-                TensorKind::Matrix,
-            );
-            let w_down = add(
-                format!("{p}.mlp.down_proj.weight"),
-                vec![d, f],
-                TensorKind::ResidualMatrix,
-            );
-            layers.push(LayerTensors {
-                attn_norm,
-                wq,
-                wk,
-                wv,
-                wo,
-                q_norm,
-                k_norm,
-                ffn_norm,
-                w_gate,
-                w_up,
-                w_down,
-            });
-        }
-        let final_norm = add("model.norm.weight".into(), vec![d], TensorKind::NormGain);
+        let layers = (0..cfg.n_layers).map(|l| b.layer(cfg, l)).collect();
+        let final_norm = b.add("model.norm.weight".into(), vec![d], TensorKind::NormGain);
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(add(
+            Some(b.add(
                 "lm_head.weight".into(),
                 vec![cfg.vocab_size, d],
                 TensorKind::Classifier,
             ))
         };
         ParamLayout {
-            tensors,
+            tensors: b.tensors,
             embed,
             layers,
             final_norm,
             lm_head,
-            total: offset,
+            total: b.offset,
         }
     }
 
@@ -277,6 +182,113 @@ impl ParamLayout {
             }
         }
         buf
+    }
+}
+
+/// Lays tensors out one after another in the flat parameter vector.
+#[derive(Default)]
+struct LayoutBuilder {
+    tensors: Vec<TensorSpec>,
+    offset: usize,
+}
+
+impl LayoutBuilder {
+    fn add(&mut self, name: String, shape: Vec<usize>, kind: TensorKind) -> TensorId {
+        let spec = TensorSpec {
+            name,
+            shape,
+            offset: self.offset,
+            kind,
+        };
+        self.offset += spec.len();
+        self.tensors.push(spec);
+        self.tensors.len() - 1
+    }
+
+    /// The tensors of layer `l`, in Hugging Face order.
+    fn layer(&mut self, cfg: &ModelConfig, l: usize) -> LayerTensors {
+        let (d, q, kv, f, hd) = (
+            cfg.dim,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.ffn_dim,
+            cfg.head_dim,
+        );
+        let p = format!("model.layers.{l}");
+        let attn_norm = self.add(
+            format!("{p}.input_layernorm.weight"),
+            vec![d],
+            TensorKind::NormGain,
+        );
+        let wq = self.add(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![q, d],
+            TensorKind::Matrix,
+        );
+        let wk = self.add(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, d],
+            TensorKind::Matrix,
+        );
+        let wv = self.add(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, d],
+            TensorKind::Matrix,
+        );
+        let wo = self.add(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, q],
+            TensorKind::ResidualMatrix,
+        );
+        let (q_norm, k_norm) = if cfg.qk_norm() {
+            (
+                Some(self.add(
+                    format!("{p}.self_attn.q_norm.weight"),
+                    vec![hd],
+                    TensorKind::NormGain,
+                )),
+                Some(self.add(
+                    format!("{p}.self_attn.k_norm.weight"),
+                    vec![hd],
+                    TensorKind::NormGain,
+                )),
+            )
+        } else {
+            (None, None)
+        };
+        let ffn_norm = self.add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            TensorKind::NormGain,
+        );
+        let w_gate = self.add(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![f, d],
+            TensorKind::Matrix,
+        );
+        let w_up = self.add(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![f, d],
+            TensorKind::Matrix,
+        );
+        let w_down = self.add(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![d, f],
+            TensorKind::ResidualMatrix,
+        );
+        LayerTensors {
+            attn_norm,
+            wq,
+            wk,
+            wv,
+            wo,
+            q_norm,
+            k_norm,
+            ffn_norm,
+            w_gate,
+            w_up,
+            w_down,
+        }
     }
 }
 

@@ -36,16 +36,38 @@ pub enum ProbeKind {
     Int8,
 }
 
+impl ProbeKind {
+    /// The name in result files: `peak`, `latency`, `sram`, `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeKind::Peak => "peak",
+            ProbeKind::Latency => "latency",
+            ProbeKind::Sram => "sram",
+            ProbeKind::Int8 => "int8",
+        }
+    }
+}
+
 /// The arithmetic of a probe program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Precision {
+pub enum ProbeDtype {
     /// fp16 weights and activations.
     #[default]
     Fp16,
     /// int8 weights (dequantized in the program) and int8 activations (quantized and
     /// dequantized before each convolution).
     Int8,
+}
+
+impl ProbeDtype {
+    /// The name in result files and tables: `fp16`, `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeDtype::Fp16 => "fp16",
+            ProbeDtype::Int8 => "int8",
+        }
+    }
 }
 
 /// One program shape: `depth` convolutions of `channels` x `channels` over `spatial` columns.
@@ -108,7 +130,7 @@ pub fn default_cases(kind: ProbeKind) -> Vec<ProbeCase> {
 pub struct ProbeResult {
     pub case: ProbeCase,
     #[serde(default)]
-    pub precision: Precision,
+    pub precision: ProbeDtype,
     pub weight_mb: f64,
     pub flops: f64,
     pub evals: usize,
@@ -191,7 +213,7 @@ fn round16(v: f32) -> f32 {
 /// The activation scale of each layer's input (max |x| / 127 of the fp16 computation).
 fn activation_scales(case: &ProbeCase) -> Vec<f32> {
     let mut scales = Vec::new();
-    reference_layers(case, Precision::Fp16, &[], &mut |x: &[f32]| {
+    reference_layers(case, ProbeDtype::Fp16, &[], &mut |x: &[f32]| {
         let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         scales.push(round16(if max > 0.0 { max / 127.0 } else { 1.0 }));
     });
@@ -202,14 +224,14 @@ fn activation_scales(case: &ProbeCase) -> Vec<f32> {
 /// weight files (fp16; or int8 dequantized in the program, with the activations quantized to
 /// int8 and back before each convolution).
 pub fn program(case: &ProbeCase, target: Target) -> Result<ProgramFiles> {
-    program_in(case, target, Precision::Fp16)
+    program_in(case, target, ProbeDtype::Fp16)
 }
 
 /// [`program`] in a precision.
-pub fn program_in(case: &ProbeCase, target: Target, precision: Precision) -> Result<ProgramFiles> {
+pub fn program_in(case: &ProbeCase, target: Target, precision: ProbeDtype) -> Result<ProgramFiles> {
     let act_scales = match precision {
-        Precision::Int8 => activation_scales(case),
-        Precision::Fp16 => Vec::new(),
+        ProbeDtype::Int8 => activation_scales(case),
+        ProbeDtype::Fp16 => Vec::new(),
     };
     let mut b = Builder::new(target);
     let (c, s) = (case.channels, case.spatial);
@@ -220,7 +242,7 @@ pub fn program_in(case: &ProbeCase, target: Target, precision: Precision) -> Res
     let groups = b.int("conv_groups", 1)?;
     let pad_type = b.string("conv_pad_type", "valid")?;
     let var = |v: &V| Arg::Var(v.0.clone());
-    let int8 = if precision == Precision::Int8 {
+    let int8 = if precision == ProbeDtype::Int8 {
         Some(b.string("q_dtype", "int8")?)
     } else {
         None
@@ -274,14 +296,14 @@ pub fn program_in(case: &ProbeCase, target: Target, precision: Precision) -> Res
 
 /// The CPU's output of a case (f32, rounding to fp16 between layers as the device stores).
 pub fn reference(case: &ProbeCase) -> Vec<f32> {
-    reference_in(case, Precision::Fp16)
+    reference_in(case, ProbeDtype::Fp16)
 }
 
 /// [`reference`] in a precision.
-pub fn reference_in(case: &ProbeCase, precision: Precision) -> Vec<f32> {
+pub fn reference_in(case: &ProbeCase, precision: ProbeDtype) -> Vec<f32> {
     let scales = match precision {
-        Precision::Int8 => activation_scales(case),
-        Precision::Fp16 => Vec::new(),
+        ProbeDtype::Int8 => activation_scales(case),
+        ProbeDtype::Fp16 => Vec::new(),
     };
     reference_layers(case, precision, &scales, &mut |_| {})
 }
@@ -289,7 +311,7 @@ pub fn reference_in(case: &ProbeCase, precision: Precision) -> Vec<f32> {
 /// Runs the layers on the CPU, telling `seen` each layer's input.
 fn reference_layers(
     case: &ProbeCase,
-    precision: Precision,
+    precision: ProbeDtype,
     act_scales: &[f32],
     seen: &mut dyn FnMut(&[f32]),
 ) -> Vec<f32> {
@@ -299,8 +321,8 @@ fn reference_layers(
     for l in 0..case.depth {
         seen(&x);
         let w: Vec<f32> = match precision {
-            Precision::Fp16 => weights(case, l).into_iter().map(round).collect(),
-            Precision::Int8 => {
+            ProbeDtype::Fp16 => weights(case, l).into_iter().map(round).collect(),
+            ProbeDtype::Int8 => {
                 let (q, scale) = quantize_weights(&weights(case, l));
                 let xs = act_scales.get(l).copied().unwrap_or(1.0);
                 for v in x.iter_mut() {
@@ -340,7 +362,7 @@ pub fn run_case(
     platform: &SharedPlatform,
     case: &ProbeCase,
     target: Target,
-    precision: Precision,
+    precision: ProbeDtype,
     warmup: usize,
     evals: usize,
 ) -> Result<ProbeResult> {
@@ -372,8 +394,8 @@ pub fn run_case(
         .collect();
     let flops = case.flops();
     let weight_bytes = match precision {
-        Precision::Fp16 => case.weight_bytes(),
-        Precision::Int8 => case.weight_bytes() / 2,
+        ProbeDtype::Fp16 => case.weight_bytes(),
+        ProbeDtype::Int8 => case.weight_bytes() / 2,
     };
     Ok(ProbeResult {
         case: *case,
@@ -484,7 +506,7 @@ mod tests {
         let flops = case.flops();
         ProbeResult {
             case,
-            precision: Precision::Fp16,
+            precision: ProbeDtype::Fp16,
             weight_mb: case.weight_bytes() as f64 / 1e6,
             flops,
             evals: 10,
@@ -527,14 +549,14 @@ mod tests {
             depth: 3,
         };
         let (a, b) = (
-            reference_in(&c, Precision::Fp16),
-            reference_in(&c, Precision::Int8),
+            reference_in(&c, ProbeDtype::Fp16),
+            reference_in(&c, ProbeDtype::Int8),
         );
         let d = rel_rms(&b, &a);
         // Quantization moves the result, by about what 8 bits allow.
         assert!(d > 1e-3 && d < 0.1, "{d}");
         // The simulator runs the emitted int8 program exactly as the reference computes it.
-        let files = program_in(&c, Target::Ios18, Precision::Int8).unwrap();
+        let files = program_in(&c, Target::Ios18, ProbeDtype::Int8).unwrap();
         assert!(files.text.contains("quantize(") && files.text.contains("tensor<int8"));
         let sim = crate::backend::ane::sim::Simulator::new(&files).unwrap();
         let ty = sim.input_type().clone();

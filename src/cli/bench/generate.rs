@@ -1,0 +1,137 @@
+//! `handgrad bench generate`.
+
+use clap::Args;
+
+use super::{measure_peak, pool, print_json};
+use crate::backend::{Backend, Precision};
+use crate::bench;
+use crate::bench::generate::{GenerateBench, GenerateRun};
+use crate::cli::backend_args::BackendArgs;
+use crate::error::{Error, Result};
+use crate::generate::WeightFormat;
+use crate::model::ModelConfig;
+
+#[derive(Args, Debug)]
+pub(super) struct GenerateBenchArgs {
+    #[arg(long, default_value = "stories110m")]
+    model: String,
+    /// Prompt tokens, prefilled in one batched forward pass [default: 256, or half the
+    /// model's positions when it has fewer than 512].
+    #[arg(long)]
+    prompt: Option<usize>,
+    /// Tokens decoded one at a time [default: 128, or what the model's positions leave after
+    /// the prompt].
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Weights streamed while decoding: fp32, bf16 or q8 (int8, CPU backend only).
+    #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
+    weights: WeightFormat,
+    /// Backend and precision of the prompt's batched pass [default precision: bf16 with
+    /// --weights bf16 on CPUs with AVX512_BF16, else fp32].
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The prompt and decode lengths: as given, else what fits the model's positions.
+fn lengths(a: &GenerateBenchArgs, cfg: &ModelConfig) -> Result<(usize, usize)> {
+    // Defaults that fit the model: the prompt takes at most half of its positions.
+    let prompt = a.prompt.unwrap_or(256.min(cfg.max_seq_len / 2));
+    let tokens = a
+        .tokens
+        .unwrap_or(128.min(cfg.max_seq_len.saturating_sub(prompt + 1)));
+    if prompt + tokens + 1 > cfg.max_seq_len {
+        return Err(Error::invalid(format!(
+            "--prompt {prompt} + --tokens {tokens} (+1) exceed the model's {} positions",
+            cfg.max_seq_len
+        )));
+    }
+    Ok((prompt, tokens))
+}
+
+pub(super) fn run(a: GenerateBenchArgs) -> Result<()> {
+    let cfg = ModelConfig::from_preset_or_path(&a.model)?;
+    let (prompt, tokens) = lengths(&a, &cfg)?;
+    let default_precision =
+        if a.weights == WeightFormat::Bf16 && crate::backend::cpu::bf16_in_hardware() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+    let backend: Backend = a.backend.resolve_with(default_precision);
+    let mut kernels = backend.kernels()?;
+    a.weights.check_kernels(kernels.as_ref(), backend.kind)?;
+    kernels.prepare(&crate::model::Transformer::new(cfg.clone()).step_shape(1, prompt))?;
+    let run = GenerateRun {
+        prompt,
+        tokens,
+        weights: a.weights,
+    };
+    let r = pool(a.threads)?.install(|| -> Result<_> {
+        let mut r = bench::generate::run(kernels.as_ref(), &a.model, &cfg, run)?;
+        // The prompt's products run in the backend's precision (int8 with q8 weights, which
+        // has no measured peak).
+        if a.weights != WeightFormat::Q8 && kernels.products_on_cpu() {
+            let peak = measure_peak(backend.precision, 0.5);
+            if peak.is_finite() && peak > 0.0 {
+                r.prefill_peak_gflops = Some(peak);
+                r.prefill_fraction_of_peak = Some(r.prefill_gflops / peak);
+            }
+        }
+        Ok(r)
+    })?;
+    if a.json {
+        return print_json("generate", &r);
+    }
+    print_summary(&r, &backend);
+    print_breakdown(&r);
+    Ok(())
+}
+
+fn print_summary(r: &GenerateBench, backend: &Backend) {
+    println!(
+        "{}: {} weights, prompt on {backend}, {} threads",
+        r.model, r.weights, r.threads
+    );
+    let of_peak = match (r.prefill_fraction_of_peak, r.prefill_peak_gflops) {
+        (Some(f), Some(p)) => format!(
+            " = {:.1}% of the measured {} peak {p:.1} GFLOP/s",
+            100.0 * f,
+            backend.precision
+        ),
+        _ => String::new(),
+    };
+    println!(
+        "prefill {} tokens: {:.0} tokens/s, {:.1} GFLOP/s{of_peak}",
+        r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_gflops
+    );
+    println!(
+        "decode {} tokens: {:.1} tokens/s ({:.1}% of the roofline {:.1} tokens/s = {:.1} GB/s measured read bandwidth / {:.1} MB of weights per token)",
+        r.decode_tokens,
+        r.decode_tokens_per_s,
+        100.0 * r.roofline_fraction,
+        r.roofline_tokens_per_s,
+        r.bandwidth_gb_s,
+        r.weight_bytes_per_token as f64 / 1e6
+    );
+    println!(
+        "prefill / decode speed: {:.1}x",
+        r.prefill_tokens_per_s / r.decode_tokens_per_s
+    );
+}
+
+fn print_breakdown(r: &GenerateBench) {
+    println!(
+        "\n{:16} {:38} {:>10} {:>7}",
+        "breakdown", "(mean per decoded token)", "ms", "%"
+    );
+    for e in &r.decode_breakdown {
+        println!(
+            "{:16} {:38} {:>10.2} {:>6.1}%",
+            e.section, e.label, e.ms, e.percent
+        );
+    }
+}
