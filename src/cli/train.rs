@@ -12,158 +12,82 @@ use crate::telemetry::{ConsoleMode, EndReason};
 use crate::train::distributed::{self, Collective, Distributed};
 use crate::train::{GivenFlags, RunOptions, TrainConfig, train};
 
-fn d() -> TrainConfig {
-    TrainConfig::default()
-}
-
-/// Options of `handgrad train`. Defaults train the `small` preset on the built-in stories.
+/// Options of `handgrad train`: the run's settings ([`TrainConfig`], declared there) and this
+/// invocation's. Defaults train the `small` preset on the built-in stories.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Model [default: small]: a preset (tiny, small, stories260k, stories15m, stories42m,
-    /// stories110m, qwen3-0.6b) or a Hugging Face config.json. Presets take the tokenizer's
-    /// vocabulary.
-    #[arg(long)]
-    model: Option<String>,
-    /// Fine-tune: start from this model's weights (Hugging Face folder or .safetensors,
-    /// llama2.c .bin, GGUF, or handgrad checkpoint); its tokenizer comes along when it has one.
-    #[arg(long, conflicts_with = "model")]
-    init_from: Option<String>,
-    /// Training data [default: builtin]: `builtin` (generated children's stories with their own
-    /// tokenizer), a token file (llama2.c uint16 or handgrad shard) or a folder of them.
-    #[arg(long)]
-    data: Option<String>,
-    /// Tokenizer file (tokenizer.json or llama2.c tokenizer.bin); by default the model's (with
-    /// --init-from) or the one next to the data.
-    #[arg(long)]
-    tokenizer: Option<String>,
-    /// Optimizer updates in the whole run [default: 1000]; on --resume, a new total.
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = d().batch)]
-    batch: usize,
-    /// Tokens per sequence [default: 128, or the model's limit when smaller].
-    #[arg(long)]
-    seq: Option<usize>,
-    /// Micro-batches accumulated per optimizer update.
-    #[arg(long, default_value_t = d().accum)]
-    accum: usize,
-    /// Peak learning rate (after warmup).
-    #[arg(long, default_value_t = d().lr)]
-    lr: f64,
-    /// Final learning rate of the cosine decay, as a fraction of --lr.
-    #[arg(long, default_value_t = d().min_lr_ratio)]
-    min_lr_ratio: f64,
-    /// Updates of linear learning-rate warmup.
-    #[arg(long, default_value_t = d().warmup)]
-    warmup: usize,
-    /// AdamW weight decay (matrices and embeddings; never norm gains).
-    #[arg(long, default_value_t = d().weight_decay)]
-    weight_decay: f64,
-    /// AdamW beta1.
-    #[arg(long, default_value_t = d().beta1)]
-    beta1: f64,
-    /// AdamW beta2.
-    #[arg(long, default_value_t = d().beta2)]
-    beta2: f64,
-    /// Clip the global gradient norm to this value (0: no clipping).
-    #[arg(long, default_value_t = d().clip)]
-    clip: f64,
-    /// Seed of initialisation, data order and the final sample.
-    #[arg(long, default_value_t = d().seed)]
-    seed: u64,
-    /// Evaluate on the validation windows every N updates (0: only at the end).
-    #[arg(long, default_value_t = d().eval_every)]
-    eval_every: usize,
-    /// Validation batches per evaluation.
-    #[arg(long, default_value_t = d().eval_batches)]
-    eval_batches: usize,
-    /// Save checkpoints/latest every N updates (0: only at the end and on Ctrl-C).
-    #[arg(long, default_value_t = d().save_every)]
-    save_every: usize,
-    /// Fraction of a single data file held out for validation.
-    #[arg(long, default_value_t = d().val_fraction)]
-    val_fraction: f64,
-    /// Restrict the classifier to token ids that occur in the data (faster for small corpora;
-    /// the reported loss is then over that compacted vocabulary, not the full one).
-    #[arg(long)]
-    vocab_compaction: bool,
+    /// Start from the settings of a saved run: its `train_config.json`, or the run folder;
+    /// the options given here change them (the run's seed, data and model included).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "resume",
+        help_heading = "Model and data"
+    )]
+    config: Option<PathBuf>,
+    /// The run's settings (saved as its train_config.json).
     #[command(flatten)]
+    train: TrainConfig,
+    #[command(flatten, next_help_heading = "Backend")]
     backend: BackendArgs,
-    /// Loss scaling: auto (dynamic on fp16 backends such as ane-sim, none on the CPU), none,
-    /// static[:SCALE] (a fixed factor), or dynamic[:SCALE] (start at SCALE, default 256; an
-    /// overflowing update is skipped and the scale halved; 200 clean updates double it).
-    #[arg(long, default_value = "auto")]
-    loss_scale: crate::train::LossScale,
-    /// An update whose loss or gradient is not finite (NaN or infinite) is skipped, with a
-    /// warning naming the first non-finite tensor; K such updates in a row stop the run (the
-    /// last checkpoint is intact). With dynamic loss scaling the scale is lowered instead.
-    #[arg(long, default_value_t = 3, value_name = "K")]
-    max_bad_updates: usize,
     /// With --backend ane: stop with an error when a kernel cannot run on the Neural Engine
     /// (the device rejects it, or its first evaluation disagrees with the simulator), instead
     /// of running that kernel on the CPU with a warning.
-    #[arg(long)]
+    #[arg(long, help_heading = "Backend")]
     ane_strict: bool,
     /// With --backend ane: when the Neural Engine compiler's per-process budget
     /// (HANDGRAD_ANE_COMPILE_BUDGET, default 100 compiles) would be passed, stop with an error
     /// instead of restarting the process to continue from the last checkpoint.
-    #[arg(long)]
+    #[arg(long, help_heading = "Backend")]
     no_restart: bool,
     /// Run folder (default: runs/MODEL-N, the first free N).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     run_dir: Option<PathBuf>,
     /// Continue the run in --run-dir from its latest checkpoint, exactly where it stopped.
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     resume: bool,
     /// Stop after N updates in this invocation (saving a checkpoint); the schedule still spans
     /// --steps, so a later --resume continues the same run.
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     stop_after: Option<usize>,
     /// Worker threads (default: physical cores, shared out among the ranks of an MPI job on
     /// this machine).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     threads: Option<usize>,
     /// Data-parallel training: auto (MPI when started by mpirun/mpiexec/srun), none, or mpi.
     /// Each rank trains on --batch sequences of every micro-batch; gradients are summed across
     /// ranks before one identical update everywhere; rank 0 writes the run.
-    #[arg(long, value_enum, default_value_t = Distributed::Auto)]
+    #[arg(long, value_enum, default_value_t = Distributed::Auto, help_heading = "Run")]
     distributed: Distributed,
-    /// Prompt of the sample generated at the end.
-    #[arg(long, default_value_t = d().sample_prompt)]
-    sample_prompt: String,
-    /// Tokens of the sample generated at the end (0: none).
-    #[arg(long, default_value_t = d().sample_tokens)]
-    sample_tokens: usize,
     /// Print plain progress lines instead of a progress bar.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output and logging")]
     plain: bool,
     /// Print only warnings, errors and the sample.
-    #[arg(long, short)]
+    #[arg(long, short, help_heading = "Output and logging")]
     quiet: bool,
     /// Show the run in the terminal dashboard (q saves and stops; see `handgrad dashboard`).
-    #[arg(long, conflicts_with_all = ["plain", "quiet"])]
+    #[arg(long, conflicts_with_all = ["plain", "quiet"], help_heading = "Output and logging")]
     dashboard: bool,
     /// With --dashboard: generate a sample from the latest checkpoint every N updates.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, help_heading = "Output and logging")]
     sample_every: u64,
     /// With --dashboard: the machine's peak GFLOP/s (from `handgrad bench matmul`), to show MFU.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output and logging")]
     peak_gflops: Option<f64>,
     /// Write TensorBoard event files into this folder (`tensorboard --logdir DIR`).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output and logging")]
     tensorboard: Option<PathBuf>,
     /// Log to Weights & Biases (through a Python sidecar using the `wandb` package).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output and logging")]
     wandb: bool,
     /// W&B project.
-    #[arg(long, default_value = "handgrad")]
+    #[arg(long, default_value = "handgrad", help_heading = "Output and logging")]
     wandb_project: String,
     /// W&B run name [default: the run folder's name].
-    #[arg(long)]
+    #[arg(long, help_heading = "Output and logging")]
     wandb_name: Option<String>,
     /// W&B mode: online, or offline (written locally; `wandb sync` uploads it).
-    #[arg(long, value_enum, default_value_t = crate::telemetry::wandb::WandbMode::Online)]
+    #[arg(long, value_enum, default_value_t = crate::telemetry::wandb::WandbMode::Online, help_heading = "Output and logging")]
     wandb_mode: crate::telemetry::wandb::WandbMode,
 }
 
@@ -193,8 +117,8 @@ fn default_run_dir(model: &str) -> PathBuf {
 }
 
 pub fn run(a: TrainArgs, given: GivenFlags) -> Result<()> {
-    let (cfg, notes) = train_config(&a, &given);
-    let mut opts = run_options(&a, &cfg)?;
+    let (cfg, notes) = train_config(&a, &given)?;
+    let mut opts = run_options(&a, &cfg, &given)?;
     opts.notes = notes;
     if a.resume {
         opts.given = given;
@@ -319,43 +243,25 @@ fn with_dashboard(
     Ok(())
 }
 
-/// The training configuration the flags ask for, and notes on what was adjusted.
-fn train_config(a: &TrainArgs, given: &GivenFlags) -> (TrainConfig, Vec<String>) {
+/// The training configuration the flags ask for (over a saved one with `--config`), and
+/// notes on what was adjusted.
+fn train_config(a: &TrainArgs, given: &GivenFlags) -> Result<(TrainConfig, Vec<String>)> {
     let backend = a.backend.resolve();
     let mut cfg = TrainConfig {
-        model: a
-            .model
-            .clone()
-            .or_else(|| a.init_from.clone())
-            .unwrap_or_else(|| d().model),
-        init_from: a.init_from.clone(),
-        data: a.data.clone().unwrap_or_else(|| d().data),
-        tokenizer: a.tokenizer.clone(),
-        steps: a.steps.unwrap_or(d().steps),
-        batch: a.batch,
-        seq: a.seq.unwrap_or(d().seq),
-        accum: a.accum,
-        lr: a.lr,
-        min_lr_ratio: a.min_lr_ratio,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        beta1: a.beta1,
-        beta2: a.beta2,
-        clip: a.clip,
-        seed: a.seed,
-        eval_every: a.eval_every,
-        eval_batches: a.eval_batches,
-        save_every: a.save_every,
-        vocab_compaction: a.vocab_compaction,
         backend: backend.kind,
         precision: backend.precision,
-        loss_scale: a.loss_scale,
-        max_bad_updates: a.max_bad_updates,
-        val_fraction: a.val_fraction,
-        sample_prompt: a.sample_prompt.clone(),
-        sample_tokens: a.sample_tokens,
-        ..d()
+        ..a.train.clone()
     };
+    if let (Some(init), false) = (&cfg.init_from, given.contains("model")) {
+        // A pretrained model's config replaces --model; the run is named after it.
+        cfg.model = init.clone();
+    }
+    if let Some(path) = &a.config {
+        return Ok((
+            crate::train::resume::with_given(path, &cfg, given)?,
+            Vec::new(),
+        ));
+    }
     let mut notes = Vec::new();
     if cfg.warmup >= cfg.steps && !given.contains("warmup") {
         // Short runs: keep warmup to a tenth of the run unless the user chose otherwise. (A
@@ -370,11 +276,11 @@ fn train_config(a: &TrainArgs, given: &GivenFlags) -> (TrainConfig, Vec<String>)
         }
         cfg.warmup = cut;
     }
-    (cfg, notes)
+    Ok((cfg, notes))
 }
 
 /// The settings of this invocation.
-fn run_options(a: &TrainArgs, cfg: &TrainConfig) -> Result<RunOptions> {
+fn run_options(a: &TrainArgs, cfg: &TrainConfig, given: &GivenFlags) -> Result<RunOptions> {
     let run_dir = match (&a.run_dir, a.resume) {
         (Some(p), _) => p.clone(),
         (None, true) => {
@@ -429,9 +335,9 @@ fn run_options(a: &TrainArgs, cfg: &TrainConfig) -> Result<RunOptions> {
             }
         }
     }
-    opts.cap_seq_to_model = a.seq.is_none();
+    opts.cap_seq_to_model = !given.contains("seq") && a.config.is_none();
     if a.resume {
-        opts.requested_model = a.model.clone();
+        opts.requested_model = given.contains("model").then(|| cfg.model.clone());
     }
     Ok(opts)
 }

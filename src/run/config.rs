@@ -72,70 +72,117 @@ impl LossScale {
     }
 }
 
-/// Everything that defines a training run's numerics and data. Runtime settings that do not
-/// change the result (threads, console output) live in `RunOptions` instead.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Everything that defines a training run's numerics and data: saved as the run folder's
+/// `train_config.json` and in every checkpoint, and declared once for the command line too
+/// (`handgrad train` flattens it; `--config FILE` reads a saved one). Runtime settings that
+/// do not change the result (threads, console output) live in `RunOptions` instead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, clap::Args)]
 #[serde(default)]
 pub struct TrainConfig {
-    /// Preset name or path of a `config.json`.
+    /// Model: a preset (tiny, small, stories260k, stories15m, stories42m, stories110m,
+    /// qwen3-0.6b) or a Hugging Face config.json. Presets take the tokenizer's vocabulary.
+    #[arg(long, default_value_t = d().model, help_heading = "Model and data")]
     pub model: String,
-    /// Start from the weights of this model file or folder (Hugging Face, llama2.c, GGUF or
-    /// handgrad checkpoint) instead of a fresh initialisation; its config replaces `model`.
+    /// Fine-tune: start from this model's weights (Hugging Face folder or .safetensors,
+    /// llama2.c .bin, GGUF, or handgrad checkpoint or run folder); its config replaces
+    /// --model, and its tokenizer comes along when it has one.
+    #[arg(long, conflicts_with = "model", help_heading = "Model and data")]
     pub init_from: Option<String>,
-    /// `builtin`, a token file, or a folder of token files.
+    /// Training data: `builtin` (generated children's stories with their own tokenizer), a
+    /// token file (llama2.c uint16 or handgrad shard) or a folder of them.
+    #[arg(long, default_value_t = d().data, help_heading = "Model and data")]
     pub data: String,
-    /// Tokenizer file; the built-in data brings its own.
+    /// Tokenizer file (tokenizer.json or llama2.c tokenizer.bin); by default the model's (with
+    /// --init-from) or the one next to the data; the built-in data brings its own.
+    #[arg(long, help_heading = "Model and data")]
     pub tokenizer: Option<String>,
-    /// Optimizer updates in the whole run (the schedule spans these).
+    /// Optimizer updates in the whole run (the schedule spans these); on --resume, a new total.
+    #[arg(long, default_value_t = d().steps, help_heading = "Schedule and batch")]
     pub steps: usize,
     /// Sequences per micro-batch.
+    #[arg(long, default_value_t = d().batch, help_heading = "Schedule and batch")]
     pub batch: usize,
-    /// Tokens per sequence.
+    /// Tokens per sequence (the model's limit when that is smaller and --seq is not given).
+    #[arg(long, default_value_t = d().seq, help_heading = "Schedule and batch")]
     pub seq: usize,
-    /// Micro-batches per optimizer update (gradient accumulation).
+    /// Micro-batches accumulated per optimizer update.
+    #[arg(long, default_value_t = d().accum, help_heading = "Schedule and batch")]
     pub accum: usize,
-    /// Peak learning rate.
+    /// Peak learning rate (after warmup).
+    #[arg(long, default_value_t = d().lr, help_heading = "Schedule and batch")]
     pub lr: f64,
-    /// Final learning rate as a fraction of the peak (cosine floor).
+    /// Final learning rate of the cosine decay, as a fraction of --lr.
+    #[arg(long, default_value_t = d().min_lr_ratio, help_heading = "Schedule and batch")]
     pub min_lr_ratio: f64,
-    /// Linear warmup updates.
+    /// Updates of linear learning-rate warmup.
+    #[arg(long, default_value_t = d().warmup, help_heading = "Schedule and batch")]
     pub warmup: usize,
-    /// AdamW decoupled weight decay (matrices and embeddings only).
+    /// AdamW weight decay (matrices and embeddings; never norm gains).
+    #[arg(long, default_value_t = d().weight_decay, help_heading = "Optimizer and numerics")]
     pub weight_decay: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = d().beta1, help_heading = "Optimizer and numerics")]
     pub beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = d().beta2, help_heading = "Optimizer and numerics")]
     pub beta2: f64,
+    /// AdamW epsilon (not a flag: PyTorch's default).
+    #[arg(skip = d().adam_eps)]
     pub adam_eps: f64,
-    /// Global gradient-norm clip (0 disables).
+    /// Clip the global gradient norm to this value (0: no clipping).
+    #[arg(long, default_value_t = d().clip, help_heading = "Optimizer and numerics")]
     pub clip: f64,
-    /// Seed of initialisation, data sampling and the final sample.
+    /// Seed of initialisation, data order and the final sample.
+    #[arg(long, default_value_t = d().seed, help_heading = "Optimizer and numerics")]
     pub seed: u64,
-    /// Evaluate every this many updates (0: only at the end).
+    /// Evaluate on the validation windows every N updates (0: only at the end).
+    #[arg(long, default_value_t = d().eval_every, help_heading = "Evaluation, checkpoints and sample")]
     pub eval_every: usize,
     /// Validation batches per evaluation.
+    #[arg(long, default_value_t = d().eval_batches, help_heading = "Evaluation, checkpoints and sample")]
     pub eval_batches: usize,
-    /// Save `checkpoints/latest` every this many updates (0: only at the end).
+    /// Save checkpoints/latest every N updates (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = d().save_every, help_heading = "Evaluation, checkpoints and sample")]
     pub save_every: usize,
-    /// Restrict the classifier to token ids present in the data.
+    /// Restrict the classifier to token ids that occur in the data (faster for small corpora;
+    /// the reported loss is then over that compacted vocabulary, not the full one).
+    #[arg(long, help_heading = "Model and data")]
     pub vocab_compaction: bool,
-    /// Which backend computes the kernels.
+    /// Which backend computes the kernels (`--backend`, declared with `--precision` in the
+    /// command line's backend options, shared with `generate` and `bench`).
+    #[arg(skip)]
     pub backend: BackendKind,
-    /// Matmul precision: `fp32`, or `bf16` (bf16 products, f32 accumulation; f32 master
-    /// weights, optimizer, norms, softmax and residual stream).
+    /// Matmul precision: `fp32`, `bf16` (bf16 products, f32 accumulation; f32 master weights,
+    /// optimizer, norms, softmax and residual stream) or `fp16` (the Neural Engine's).
+    #[arg(skip)]
     pub precision: Precision,
-    /// Loss scaling (`auto`: dynamic on fp16 backends, none on the CPU).
+    /// Loss scaling: auto (dynamic on fp16 backends such as ane-sim, none on the CPU), none,
+    /// static[:SCALE] (a fixed factor), or dynamic[:SCALE] (start at SCALE, default 256; an
+    /// overflowing update is skipped and the scale halved; 200 clean updates double it).
+    #[arg(long, default_value = "auto", help_heading = "Optimizer and numerics")]
     pub loss_scale: LossScale,
-    /// Without dynamic loss scaling: non-finite updates in a row (each skipped) that stop the
-    /// run.
+    /// An update whose loss or gradient is not finite (NaN or infinite) is skipped, with a
+    /// warning naming the first non-finite tensor; K such updates in a row stop the run (the
+    /// last checkpoint is intact). With dynamic loss scaling the scale is lowered instead.
+    #[arg(long, default_value_t = d().max_bad_updates, value_name = "K", help_heading = "Optimizer and numerics")]
     pub max_bad_updates: usize,
     /// Fraction of a single data file held out for validation.
+    #[arg(long, default_value_t = d().val_fraction, help_heading = "Model and data")]
     pub val_fraction: f64,
-    /// Prompt of the sample printed at the end.
+    /// Prompt of the sample generated at the end.
+    #[arg(long, default_value_t = d().sample_prompt, help_heading = "Evaluation, checkpoints and sample")]
     pub sample_prompt: String,
-    /// Tokens of the sample printed at the end (0: no sample).
+    /// Tokens of the sample generated at the end (0: none).
+    #[arg(long, default_value_t = d().sample_tokens, help_heading = "Evaluation, checkpoints and sample")]
     pub sample_tokens: usize,
     /// Data-parallel ranks (processes) the run trains on: an update sees `batch x accum x
-    /// ranks` sequences.
+    /// ranks` sequences (not a flag: the job's rank count).
+    #[arg(skip = d().ranks)]
     pub ranks: usize,
+}
+
+fn d() -> TrainConfig {
+    TrainConfig::default()
 }
 
 impl Default for TrainConfig {

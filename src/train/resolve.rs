@@ -426,3 +426,138 @@ pub fn compaction(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::distributed::Single;
+
+    /// A headerless uint16 token file (llama2.c's format) of ids below 64 (the tiny vocabulary).
+    fn token_file(dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        let bytes: Vec<u8> = (0..4000u16).flat_map(|i| (i % 60).to_le_bytes()).collect();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn config(model: &str, data: &Path) -> TrainConfig {
+        TrainConfig {
+            model: model.into(),
+            data: data.display().to_string(),
+            seq: 32,
+            batch: 2,
+            ..TrainConfig::default()
+        }
+    }
+
+    fn run(cfg: TrainConfig, folder: &Path, resume: bool) -> Result<ResolvedRun> {
+        let dir = RunDir::new(folder);
+        let given = GivenFlags::default();
+        let req = ResolveRequest {
+            folder: &dir,
+            resume,
+            given: &given,
+            requested_model: None,
+            cache_root: folder,
+            cap_seq_to_model: false,
+            killed_while_starting: false,
+        };
+        let (mut w, mut n) = (Vec::new(), Vec::new());
+        resolve(cfg, &req, &Single, &mut |_| {}, &mut w, &mut n)
+    }
+
+    #[test]
+    fn a_preset_on_a_token_file_and_on_a_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let file = token_file(d.path(), "tokens.bin");
+        let r = run(config("tiny", &file), &d.path().join("run"), false).unwrap();
+        assert_eq!(r.model.cfg, ModelConfig::preset("tiny").unwrap());
+        assert!(r.resume.is_none() && r.init.is_none() && !r.continues_folder);
+        assert_eq!(r.data.source, file.display().to_string());
+        assert!(r.data.tokenizer.is_none());
+        assert!(r.data.data.val_tokens() > 0);
+
+        let folder = d.path().join("shards");
+        std::fs::create_dir(&folder).unwrap();
+        token_file(&folder, "train.bin");
+        token_file(&folder, "val.bin");
+        let r = run(config("TINY", &folder), &d.path().join("run2"), false).unwrap();
+        assert_eq!(r.model.cfg.dim, 16);
+        assert_eq!(r.data.data.val_tokens(), 4000);
+    }
+
+    #[test]
+    fn a_config_json_and_pretrained_weights() {
+        let d = tempfile::tempdir().unwrap();
+        let file = token_file(d.path(), "tokens.bin");
+        let mut shape = ModelConfig::preset("tiny").unwrap();
+        shape.dim = 32;
+        shape.ffn_dim = 64;
+        shape.head_dim = 8;
+        let json = d.path().join("config.json");
+        std::fs::write(&json, shape.to_hf_json().to_string()).unwrap();
+        let r = run(
+            config(&json.display().to_string(), &file),
+            &d.path().join("a"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.model.cfg.dim, 32);
+
+        // Weights of that shape saved as a Hugging Face folder: --init-from takes its config.
+        let hf = d.path().join("hf");
+        let params = crate::model::ParamLayout::new(&shape).init(shape.n_layers, 7);
+        crate::formats::hf::save(
+            &hf,
+            &shape,
+            &params,
+            crate::formats::hf::ExportDtype::F32,
+            None,
+            u64::MAX,
+        )
+        .unwrap();
+        let cfg = TrainConfig {
+            init_from: Some(hf.display().to_string()),
+            ..config("small", &file)
+        };
+        let r = run(cfg, &d.path().join("b"), false).unwrap();
+        assert_eq!(r.model.cfg.dim, 32);
+        assert_eq!(r.init.as_ref().unwrap().params, params);
+    }
+
+    #[test]
+    fn bad_specs_and_sources_are_refused_before_anything_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let file = token_file(d.path(), "tokens.bin");
+        let folder = d.path().join("run");
+        let err = |cfg: TrainConfig, resume: bool| match run(cfg, &folder, resume) {
+            Ok(_) => panic!("resolved"),
+            Err(e) => e.to_string(),
+        };
+        let e = err(config("smal", &file), false);
+        assert!(e.contains("small"), "{e}");
+        let e = err(config("tiny", &d.path().join("missing.bin")), false);
+        assert!(e.contains("missing.bin"), "{e}");
+        let shape = ModelConfig::preset("tiny").unwrap();
+        let hf = d.path().join("hf");
+        let params = crate::model::ParamLayout::new(&shape).init(shape.n_layers, 7);
+        let f32 = crate::formats::hf::ExportDtype::F32;
+        crate::formats::hf::save(&hf, &shape, &params, f32, None, u64::MAX).unwrap();
+        let builtin_with_weights = TrainConfig {
+            init_from: Some(hf.display().to_string()),
+            data: crate::run::BUILTIN_DATA.into(),
+            ..config("tiny", &file)
+        };
+        let e = err(builtin_with_weights, false);
+        assert!(e.contains("the built-in data has its own tokenizer"), "{e}");
+        let e = err(config("tiny", &file), true);
+        assert!(e.contains("no checkpoint to resume from"), "{e}");
+        assert!(
+            model_from_spec(&ModelSpec::Pretrained("m.gguf".into()), None)
+                .unwrap_err()
+                .to_string()
+                .contains("--init-from")
+        );
+        assert!(!folder.exists(), "resolving wrote the run folder");
+    }
+}

@@ -3,7 +3,7 @@
 //! setting given again on the command line: applied with a warning, or refused with the reason.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::run_folder::load_latest;
 use crate::error::{Error, Result};
@@ -248,4 +248,29 @@ pub fn nothing_to_resume(paths: &RunDir) -> Error {
         paths.latest(),
         format!("no checkpoint to resume from in {}", paths.dir.display()),
     )
+}
+
+/// `--config FILE`: the settings saved in a `train_config.json` (or a run folder's), with
+/// every setting the command gave applied (as for a run restarted before its first
+/// checkpoint: a new run, so any change is sound).
+pub fn with_given(path: &Path, asked: &TrainConfig, given: &GivenFlags) -> Result<TrainConfig> {
+    let file = if path.is_dir() {
+        RunDir::new(path).train_config()
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound && path.is_dir() {
+            Error::invalid(format!(
+                "--config {}: the folder has no train_config.json (give a run folder or its train_config.json)",
+                path.display()
+            ))
+        } else {
+            Error::io("reading the --config file", &file, e)
+        }
+    })?;
+    let mut cfg: TrainConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::json(format!("reading {} (--config)", file.display()), e))?;
+    apply_given(&mut cfg, asked, given, &RunDir::new(path), true)?;
+    Ok(cfg)
 }
