@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::eval::{Perplexity, perplexity};
 use crate::formats::load_model;
 use crate::generate::WeightFormat;
-use crate::run::TrainConfig;
+use crate::run::DataSource;
 
 /// Options of `handgrad eval`.
 #[derive(Args, Debug)]
@@ -58,54 +58,80 @@ pub struct EvalArgs {
     json: bool,
 }
 
-pub fn run(a: EvalArgs) -> Result<()> {
-    // What the numbers are compared with, said under the table.
-    let mut note = None;
-    let (path, data, seq_default, windows_default) = match (&a.run_dir, &a.model) {
-        (Some(dir), None) => {
-            let run = crate::run::RunDir::existing(dir)?;
-            let ck = run.checkpoint_to_read(a.best)?;
-            let cfg_path = run.train_config();
-            let text = std::fs::read_to_string(&cfg_path)
-                .map_err(|e| Error::io("reading", &cfg_path, e))?;
-            let cfg: TrainConfig = serde_json::from_str(&text)
-                .map_err(|e| Error::json(format!("reading {}", cfg_path.display()), e))?;
-            let data = match &a.data {
-                Some(d) => Dataset::open(d, a.val_fraction)?,
-                None if cfg.data == "builtin" => {
-                    let b = builtin::ensure(&builtin::cache_root(), &mut |m| eprintln!("{m}"))?;
-                    Dataset::from_files(
-                        std::slice::from_ref(&b.train),
-                        std::slice::from_ref(&b.val),
-                        0.0,
-                    )?
-                }
-                None => Dataset::open(std::path::Path::new(&cfg.data), cfg.val_fraction)?,
-            };
-            note = Some(if cfg.vocab_compaction {
-                "the run validated with vocabulary compaction (a compacted loss); these losses are over the full vocabulary, so they are higher".to_string()
-            } else if a.windows.is_none() && a.seq.is_none() && a.data.is_none() {
-                format!(
-                    "the run's own validation windows ({} = --eval-batches {} x --batch {}): fp32 is its validation loss at this checkpoint",
-                    cfg.eval_batches * cfg.batch,
-                    cfg.eval_batches,
-                    cfg.batch
-                )
-            } else {
-                "other windows than the run validated on (--windows, --seq or --data given): losses differ from its validation loss by sampling".to_string()
-            });
-            (ck, data, cfg.seq, (cfg.eval_batches * cfg.batch).max(1))
-        }
+/// What `eval` measures: the model, the data, the defaults of the run it came from, and
+/// what its numbers are compared with (said under the table).
+struct Target {
+    model: PathBuf,
+    data: Dataset,
+    seq_default: usize,
+    windows_default: usize,
+    note: Option<String>,
+}
+
+fn target(a: &EvalArgs) -> Result<Target> {
+    match (&a.run_dir, &a.model) {
+        (Some(dir), None) => run_target(a, dir),
         (None, Some(m)) => {
             let Some(d) = &a.data else {
                 return Err(Error::invalid(
                     "--model needs --data (token shards from handgrad prepare)",
                 ));
             };
-            (m.clone(), Dataset::open(d, a.val_fraction)?, 256, 64)
+            Ok(Target {
+                model: m.clone(),
+                data: Dataset::open(d, a.val_fraction)?,
+                seq_default: 256,
+                windows_default: 64,
+                note: None,
+            })
         }
-        _ => return Err(Error::invalid("give --run-dir or --model")),
+        _ => Err(Error::invalid("give --run-dir or --model")),
+    }
+}
+
+/// A run's checkpoint, on the run's data and validation windows unless told otherwise.
+fn run_target(a: &EvalArgs, dir: &std::path::Path) -> Result<Target> {
+    let run = crate::run::RunDir::existing(dir)?;
+    let model = run.checkpoint_to_read(a.best)?;
+    let cfg = run.saved_config()?;
+    let data = match (&a.data, DataSource::parse(&cfg.data)) {
+        (Some(d), _) => Dataset::open(d, a.val_fraction)?,
+        (None, DataSource::Builtin) => {
+            builtin::ensure(&builtin::cache_root(), &mut |m| eprintln!("{m}"))?.dataset()?
+        }
+        (None, DataSource::Tokens(p) | DataSource::Folder(p)) => {
+            Dataset::open(&p, cfg.val_fraction)?
+        }
     };
+    let note = if cfg.vocab_compaction {
+        "the run validated with vocabulary compaction (a compacted loss); these losses are over the full vocabulary, so they are higher".to_string()
+    } else if a.windows.is_none() && a.seq.is_none() && a.data.is_none() {
+        format!(
+            "the run's own validation windows ({} = --eval-batches {} x --batch {}): fp32 is its validation loss at this checkpoint",
+            cfg.eval_batches * cfg.batch,
+            cfg.eval_batches,
+            cfg.batch
+        )
+    } else {
+        "other windows than the run validated on (--windows, --seq or --data given): losses differ from its validation loss by sampling".to_string()
+    };
+    Ok(Target {
+        model,
+        data,
+        seq_default: cfg.seq,
+        windows_default: (cfg.eval_batches * cfg.batch).max(1),
+        note: Some(note),
+    })
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let Target {
+        model: path,
+        data,
+        seq_default,
+        windows_default,
+        note,
+    } = target(&a)?;
     let loaded = load_model(&path)?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
@@ -142,10 +168,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         results.push(r);
     }
-    let base = results
-        .iter()
-        .find(|r| r.weights == WeightFormat::Fp32)
-        .map(|r| r.perplexity);
     if a.json {
         let out = serde_json::json!({
             "model": path.display().to_string(),
@@ -157,15 +179,31 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return Ok(());
     }
+    print_table(&path, windows.len(), seq, &results, note.as_deref());
+    Ok(())
+}
+
+/// The Markdown table of the results, with what they are compared with.
+fn print_table(
+    path: &std::path::Path,
+    windows: usize,
+    seq: usize,
+    results: &[Perplexity],
+    note: Option<&str>,
+) {
+    let base = results
+        .iter()
+        .find(|r| r.weights == WeightFormat::Fp32)
+        .map(|r| r.perplexity);
     println!(
         "{} on {} validation windows of {seq} tokens ({}):",
         path.display(),
-        windows.len(),
+        windows,
         crate::backend::cpu::quant::dot_isa().describe()
     );
     println!("| weights | loss | perplexity | vs fp32 |");
     println!("|---|---:|---:|---:|");
-    for r in &results {
+    for r in results {
         let vs = match base {
             Some(b) if r.weights != WeightFormat::Fp32 => {
                 format!("{:+.2}%", 100.0 * (r.perplexity / b - 1.0))
@@ -180,5 +218,4 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(n) = note {
         println!("({n})");
     }
-    Ok(())
 }

@@ -144,9 +144,48 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
 
 /// Runs the dashboard until the user quits. Returns how the run it started ended (or its
 /// error).
-pub fn run(mut o: Options) -> Result<Exit> {
+pub fn run(o: Options) -> Result<Exit> {
+    check_run_folder(&o)?;
+    if !std::io::stdout().is_terminal() {
+        return Err(Error::invalid(
+            "the dashboard needs a terminal (stdout is not one); follow the run with `tail -f RUN_DIR/events.jsonl` instead",
+        ));
+    }
+    let mut guard = TerminalGuard::enter()?;
+    let mut s = Session::new(o);
+    loop {
+        s.poll_events()?;
+        s.take_sample();
+        if s.watch_training()? == Next::Leave {
+            break;
+        }
+        s.ui.now = crate::telemetry::events::unix_now();
+        s.ui.can_resume = s.o.training.is_none()
+            && s.o.resume_options.is_some()
+            && matches!(s.view.status, Status::Ended(_) | Status::Failed(_));
+        guard
+            .terminal
+            .draw(|f| render::draw(f, &s.view, &s.ui))
+            .map_err(|e| Error::invalid(format!("cannot draw: {e}")))?;
+        if !event::poll(Duration::from_millis(150)).unwrap_or(false) {
+            continue;
+        }
+        let Ok(TermEvent::Key(k)) = event::read() else {
+            continue;
+        };
+        if k.kind == KeyEventKind::Press && s.on_key(k) == Next::Leave {
+            break;
+        }
+    }
+    drop(guard);
+    let ctrl_c = s.ctrl_c_pressed;
+    s.result.map(|outcome| Exit { outcome, ctrl_c })
+}
+
+/// Refuses a folder that does not exist or holds something else than a run (unless the
+/// dashboard starts the run itself).
+fn check_run_folder(o: &Options) -> Result<()> {
     let run = crate::run::RunDir::new(&o.run_dir);
-    let events = run.events();
     if !o.run_dir.exists() && o.training.is_none() {
         return Err(Error::invalid(format!(
             "{} does not exist",
@@ -155,7 +194,7 @@ pub fn run(mut o: Options) -> Result<Exit> {
     }
     if o.run_dir.is_dir()
         && o.training.is_none()
-        && !events.exists()
+        && !run.events().exists()
         && !run.checkpoints().exists()
         && std::fs::read_dir(&o.run_dir).is_ok_and(|mut d| d.next().is_some())
     {
@@ -164,114 +203,140 @@ pub fn run(mut o: Options) -> Result<Exit> {
             o.run_dir.display()
         )));
     }
-    if !std::io::stdout().is_terminal() {
-        return Err(Error::invalid(
-            "the dashboard needs a terminal (stdout is not one); follow the run with `tail -f RUN_DIR/events.jsonl` instead",
-        ));
+    Ok(())
+}
+
+/// Whether the dashboard goes on after a step of its loop.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Stay,
+    Leave,
+}
+
+/// What the dashboard keeps between frames.
+struct Session {
+    o: Options,
+    events: PathBuf,
+    follower: Follower,
+    view: RunView,
+    ui: UiState,
+    sampling: Option<Receiver<Result<(u64, String)>>>,
+    last_sample_step: u64,
+    quitting: bool,
+    ctrl_c_pressed: bool,
+    result: Result<Option<TrainOutcome>>,
+}
+
+impl Session {
+    fn new(o: Options) -> Self {
+        let events = crate::run::RunDir::new(&o.run_dir).events();
+        Session {
+            follower: Follower::new(&events),
+            view: RunView {
+                peak_gflops: o.peak_gflops,
+                ..RunView::default()
+            },
+            events,
+            o,
+            ui: UiState::default(),
+            sampling: None,
+            last_sample_step: 0,
+            quitting: false,
+            ctrl_c_pressed: false,
+            result: Ok(None),
+        }
     }
-    let mut guard = TerminalGuard::enter()?;
-    let mut follower = Follower::new(&events);
-    let mut view = RunView {
-        peak_gflops: o.peak_gflops,
-        ..RunView::default()
-    };
-    let mut ui = UiState::default();
-    let mut sampling: Option<Receiver<Result<(u64, String)>>> = None;
-    let mut last_sample_step = 0u64;
-    let mut quitting = false;
-    let mut ctrl_c_pressed = false;
-    let mut result = Ok(None);
-    loop {
-        // New events (a scrolled or paused log keeps showing the same lines).
-        let log_len = view.log.len();
-        for r in follower.poll()? {
+
+    /// New events (a scrolled or paused log keeps showing the same lines); a sample is
+    /// started every `--sample-every` updates, at a checkpoint.
+    fn poll_events(&mut self) -> Result<()> {
+        let log_len = self.view.log.len();
+        for r in self.follower.poll()? {
             if let Event::Checkpoint { step, .. } = &r.event
-                && o.sample_every > 0
-                && *step >= last_sample_step + o.sample_every
-                && sampling.is_none()
+                && self.o.sample_every > 0
+                && *step >= self.last_sample_step + self.o.sample_every
+                && self.sampling.is_none()
             {
-                last_sample_step = *step;
-                sampling = Some(start_sample(&o.run_dir));
+                self.last_sample_step = *step;
+                self.sampling = Some(start_sample(&self.o.run_dir));
             }
-            view.apply(&r);
+            self.view.apply(&r);
         }
-        view.unreadable_lines = follower.skipped;
-        if ui.paused || ui.log_scroll > 0 {
-            let added = view.log.len().saturating_sub(log_len);
-            ui.log_scroll = (ui.log_scroll + added).min(view.log.len());
+        self.view.unreadable_lines = self.follower.skipped;
+        if self.ui.paused || self.ui.log_scroll > 0 {
+            let added = self.view.log.len().saturating_sub(log_len);
+            self.ui.log_scroll = (self.ui.log_scroll + added).min(self.view.log.len());
         }
-        // A finished sample.
-        if let Some(rx) = &sampling
-            && let Ok(res) = rx.try_recv()
-        {
-            match res {
-                Ok(s) => {
-                    view.sample = Some(s);
-                    ui.notice = None;
-                }
-                Err(e) => ui.notice = Some(format!("sample: {e}")),
-            }
-            sampling = None;
-        }
-        // The training run this dashboard started.
-        if o.training.as_ref().is_some_and(|t| t.thread.is_finished()) {
-            let t = o.training.take().expect("checked above");
-            let outcome = t
-                .thread
-                .join()
-                .map_err(|_| Error::invalid("the training thread panicked"))?;
-            match outcome {
-                Ok(out) => {
-                    ui.notice = Some(format!("run {} at update {}", out.reason.name(), out.step));
-                    result = Ok(Some(out));
-                }
-                Err(e) => {
-                    // Nothing was written (bad input) or the run failed: leave and say why.
-                    if !events.exists() || quitting {
-                        result = Err(e);
-                        break;
-                    }
-                    ui.notice = Some(format!("error: {e}"));
-                }
-            }
-            if quitting {
-                break;
-            }
-        }
-        ui.now = crate::telemetry::events::unix_now();
-        ui.can_resume = o.training.is_none()
-            && o.resume_options.is_some()
-            && matches!(view.status, Status::Ended(_) | Status::Failed(_));
-        guard
-            .terminal
-            .draw(|f| render::draw(f, &view, &ui))
-            .map_err(|e| Error::invalid(format!("cannot draw: {e}")))?;
-        // Keys.
-        if !event::poll(Duration::from_millis(150)).unwrap_or(false) {
-            continue;
-        }
-        let Ok(TermEvent::Key(k)) = event::read() else {
-            continue;
+        Ok(())
+    }
+
+    /// A finished sample.
+    fn take_sample(&mut self) {
+        let Some(rx) = &self.sampling else {
+            return;
         };
-        if k.kind != KeyEventKind::Press {
-            continue;
+        let Ok(res) = rx.try_recv() else {
+            return;
+        };
+        match res {
+            Ok(s) => {
+                self.view.sample = Some(s);
+                self.ui.notice = None;
+            }
+            Err(e) => self.ui.notice = Some(format!("sample: {e}")),
         }
+        self.sampling = None;
+    }
+
+    /// The training run this dashboard started: when it has ended, its outcome.
+    fn watch_training(&mut self) -> Result<Next> {
+        let Some(t) = self.o.training.take_if(|t| t.thread.is_finished()) else {
+            return Ok(Next::Stay);
+        };
+        let outcome = t
+            .thread
+            .join()
+            .map_err(|_| Error::invalid("the training thread panicked"))?;
+        match outcome {
+            Ok(out) => {
+                self.ui.notice = Some(format!("run {} at update {}", out.reason.name(), out.step));
+                self.result = Ok(Some(out));
+            }
+            Err(e) => {
+                // Nothing was written (bad input) or the run failed: leave and say why.
+                if !self.events.exists() || self.quitting {
+                    self.result = Err(e);
+                    return Ok(Next::Leave);
+                }
+                self.ui.notice = Some(format!("error: {e}"));
+            }
+        }
+        Ok(if self.quitting {
+            Next::Leave
+        } else {
+            Next::Stay
+        })
+    }
+
+    /// A key press.
+    fn on_key(&mut self, k: crossterm::event::KeyEvent) -> Next {
         let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+        let ui = &mut self.ui;
         match k.code {
             _ if ctrl_c || k.code == KeyCode::Char('q') || k.code == KeyCode::Esc => {
-                ctrl_c_pressed |= ctrl_c;
-                match &o.training {
+                self.ctrl_c_pressed |= ctrl_c;
+                match &self.o.training {
                     Some(t) => {
                         t.stop.store(true, Ordering::SeqCst);
-                        quitting = true;
+                        self.quitting = true;
                         ui.notice = Some("finishing this update and saving...".into());
                     }
-                    None => break,
+                    None => return Next::Leave,
                 }
             }
-            KeyCode::Char('g') if sampling.is_none() => {
+            KeyCode::Char('g') if self.sampling.is_none() => {
                 ui.notice = Some("generating from the latest checkpoint...".into());
-                sampling = Some(start_sample(&o.run_dir));
+                self.sampling = Some(start_sample(&self.o.run_dir));
             }
             KeyCode::Char('p') => {
                 ui.paused = !ui.paused;
@@ -279,32 +344,30 @@ pub fn run(mut o: Options) -> Result<Exit> {
                     ui.log_scroll = 0;
                 }
             }
-            KeyCode::Up => ui.log_scroll = (ui.log_scroll + 1).min(view.log.len()),
+            KeyCode::Up => ui.log_scroll = (ui.log_scroll + 1).min(self.view.log.len()),
             KeyCode::Down => ui.log_scroll = ui.log_scroll.saturating_sub(1),
-            KeyCode::PageUp => ui.log_scroll = (ui.log_scroll + 10).min(view.log.len()),
+            KeyCode::PageUp => ui.log_scroll = (ui.log_scroll + 10).min(self.view.log.len()),
             KeyCode::PageDown => ui.log_scroll = ui.log_scroll.saturating_sub(10),
-            KeyCode::Char('r') if ui.can_resume => {
-                if let Some(make) = &o.resume_options {
-                    let mut opts = make(&o.run_dir);
-                    opts.resume = true;
-                    opts.console = crate::telemetry::ConsoleMode::Off;
-                    let stop = Arc::new(AtomicBool::new(false));
-                    opts.stop_flag = Some(stop.clone());
-                    let thread = std::thread::spawn(move || {
-                        crate::train::train(TrainConfig::default(), opts)
-                    });
-                    o.training = Some(Training { stop, thread });
-                    ui.notice = Some("resuming...".into());
-                }
-            }
+            KeyCode::Char('r') if ui.can_resume => self.resume(),
             _ => {}
         }
+        Next::Stay
     }
-    drop(guard);
-    result.map(|outcome| Exit {
-        outcome,
-        ctrl_c: ctrl_c_pressed,
-    })
+
+    /// `r`: resumes the stopped run in a training thread of this dashboard.
+    fn resume(&mut self) {
+        let Some(make) = &self.o.resume_options else {
+            return;
+        };
+        let mut opts = make(&self.o.run_dir);
+        opts.resume = true;
+        opts.console = crate::telemetry::ConsoleMode::Off;
+        let stop = Arc::new(AtomicBool::new(false));
+        opts.stop_flag = Some(stop.clone());
+        let thread = std::thread::spawn(move || crate::train::train(TrainConfig::default(), opts));
+        self.o.training = Some(Training { stop, thread });
+        self.ui.notice = Some("resuming...".into());
+    }
 }
 
 fn start_sample(run_dir: &Path) -> Receiver<Result<(u64, String)>> {

@@ -131,128 +131,142 @@ impl RunView {
         }
     }
 
+    /// `run_start`: the header, the rates the charts need, the first log lines.
+    fn on_run_start(&mut self, event: &Event) {
+        let Event::RunStart {
+            run_dir,
+            model,
+            train,
+            params,
+            data,
+            backend,
+            tokens_per_update,
+            flops_per_update,
+            resumed_from_step,
+            power_source,
+            notes,
+            ..
+        } = event
+        else {
+            return;
+        };
+        self.status = Status::Running;
+        self.run_dir = run_dir.clone();
+        let arch = model.arch.hf_class();
+        self.header = vec![
+            format!(
+                "{arch}: {} params ({} non-embedding) | dim {} | {} layers | {}/{} heads x {} | ffn {} | vocab {}",
+                human(params.total as f64),
+                human(params.non_embedding as f64),
+                model.dim,
+                model.n_layers,
+                model.n_heads,
+                model.n_kv_heads,
+                model.head_dim,
+                model.ffn_dim,
+                model.vocab_size
+            ),
+            format!(
+                "batch {} x seq {} x accum {} = {} tokens/update | {} updates | backend {} {}",
+                train.batch,
+                train.seq,
+                train.accum,
+                tokens_per_update,
+                train.steps,
+                backend.backend,
+                backend.precision
+            ),
+            format!(
+                "data {} ({} train / {} val tokens)",
+                data.source,
+                human(data.train_tokens as f64),
+                human(data.val_tokens as f64)
+            ),
+        ];
+        self.flops_per_update = *flops_per_update;
+        self.tokens_per_update = *tokens_per_update as f64;
+        self.power_source = power_source.clone();
+        match resumed_from_step {
+            Some(s) => self.log(format!("resumed at update {s}")),
+            None => self.log(format!("started {run_dir}")),
+        }
+        for n in notes {
+            self.log(format!("note: {n}"));
+        }
+    }
+
+    /// `step`: the series, the latest figures and the kernel times.
+    fn on_step(&mut self, event: &Event) {
+        let Event::Step {
+            step,
+            total_steps,
+            loss,
+            loss_kind,
+            lr,
+            grad_norm,
+            ms,
+            tokens_per_s,
+            tokens_seen,
+            kernels,
+            rss_bytes,
+            loss_scale,
+            skipped,
+            cpu_percent,
+            power_w,
+            energy_j_per_token,
+            ..
+        } = event
+        else {
+            return;
+        };
+        self.status = Status::Running;
+        let s = *step as f64;
+        if loss.is_finite() {
+            self.train.push((s, *tokens_seen as f64, *loss));
+        }
+        if *skipped {
+            self.skipped_updates += 1;
+        }
+        self.latest = Some(Latest {
+            step: *step,
+            total: *total_steps,
+            loss: *loss,
+            lr: *lr,
+            grad_norm: *grad_norm,
+            loss_scale: *loss_scale,
+            ms: *ms,
+            tokens_per_s: *tokens_per_s,
+            tokens_seen: *tokens_seen,
+            compacted: *loss_kind == LossKind::Compacted,
+        });
+        self.recent_ms.push(*ms);
+        if self.recent_ms.len() > 20 {
+            self.recent_ms.remove(0);
+        }
+        if !kernels.is_empty() {
+            self.kernels = kernels.iter().map(|k| (k.kernel.clone(), k.ms)).collect();
+        }
+        if let Some(b) = rss_bytes {
+            self.rss.push((s, *b as f64));
+        }
+        if let Some(c) = cpu_percent {
+            self.cpu.push((s, *c));
+        }
+        if let Some(p) = power_w {
+            self.power.push((s, *p));
+        }
+        if energy_j_per_token.is_some() {
+            self.energy_per_token = *energy_j_per_token;
+        }
+    }
+
     /// Folds one record in.
     pub fn apply(&mut self, r: &Record) {
         self.started.get_or_insert(r.time);
         self.last_time = Some(r.time);
         match &r.event {
-            Event::RunStart {
-                run_dir,
-                model,
-                train,
-                params,
-                data,
-                backend,
-                tokens_per_update,
-                flops_per_update,
-                resumed_from_step,
-                power_source,
-                notes,
-                ..
-            } => {
-                self.status = Status::Running;
-                self.run_dir = run_dir.clone();
-                let arch = model.arch.hf_class();
-                self.header = vec![
-                    format!(
-                        "{arch}: {} params ({} non-embedding) | dim {} | {} layers | {}/{} heads x {} | ffn {} | vocab {}",
-                        human(params.total as f64),
-                        human(params.non_embedding as f64),
-                        model.dim,
-                        model.n_layers,
-                        model.n_heads,
-                        model.n_kv_heads,
-                        model.head_dim,
-                        model.ffn_dim,
-                        model.vocab_size
-                    ),
-                    format!(
-                        "batch {} x seq {} x accum {} = {} tokens/update | {} updates | backend {} {}",
-                        train.batch,
-                        train.seq,
-                        train.accum,
-                        tokens_per_update,
-                        train.steps,
-                        backend.backend,
-                        backend.precision
-                    ),
-                    format!(
-                        "data {} ({} train / {} val tokens)",
-                        data.source,
-                        human(data.train_tokens as f64),
-                        human(data.val_tokens as f64)
-                    ),
-                ];
-                self.flops_per_update = *flops_per_update;
-                self.tokens_per_update = *tokens_per_update as f64;
-                self.power_source = power_source.clone();
-                match resumed_from_step {
-                    Some(s) => self.log(format!("resumed at update {s}")),
-                    None => self.log(format!("started {run_dir}")),
-                }
-                for n in notes {
-                    self.log(format!("note: {n}"));
-                }
-            }
-            Event::Step {
-                step,
-                total_steps,
-                loss,
-                loss_kind,
-                lr,
-                grad_norm,
-                ms,
-                tokens_per_s,
-                tokens_seen,
-                kernels,
-                rss_bytes,
-                loss_scale,
-                skipped,
-                cpu_percent,
-                power_w,
-                energy_j_per_token,
-                ..
-            } => {
-                self.status = Status::Running;
-                let s = *step as f64;
-                if loss.is_finite() {
-                    self.train.push((s, *tokens_seen as f64, *loss));
-                }
-                if *skipped {
-                    self.skipped_updates += 1;
-                }
-                self.latest = Some(Latest {
-                    step: *step,
-                    total: *total_steps,
-                    loss: *loss,
-                    lr: *lr,
-                    grad_norm: *grad_norm,
-                    loss_scale: *loss_scale,
-                    ms: *ms,
-                    tokens_per_s: *tokens_per_s,
-                    tokens_seen: *tokens_seen,
-                    compacted: *loss_kind == LossKind::Compacted,
-                });
-                self.recent_ms.push(*ms);
-                if self.recent_ms.len() > 20 {
-                    self.recent_ms.remove(0);
-                }
-                if !kernels.is_empty() {
-                    self.kernels = kernels.iter().map(|k| (k.kernel.clone(), k.ms)).collect();
-                }
-                if let Some(b) = rss_bytes {
-                    self.rss.push((s, *b as f64));
-                }
-                if let Some(c) = cpu_percent {
-                    self.cpu.push((s, *c));
-                }
-                if let Some(p) = power_w {
-                    self.power.push((s, *p));
-                }
-                if energy_j_per_token.is_some() {
-                    self.energy_per_token = *energy_j_per_token;
-                }
-            }
+            Event::RunStart { .. } => self.on_run_start(&r.event),
+            Event::Step { .. } => self.on_step(&r.event),
             Event::Eval {
                 step,
                 val_loss,

@@ -51,6 +51,17 @@ pub fn cache_root() -> PathBuf {
     PathBuf::from(".handgrad-cache")
 }
 
+impl BuiltinData {
+    /// The dataset: its own train and validation files.
+    pub fn dataset(&self) -> Result<crate::data::Dataset> {
+        crate::data::Dataset::from_files(
+            std::slice::from_ref(&self.train),
+            std::slice::from_ref(&self.val),
+            0.0,
+        )
+    }
+}
+
 fn paths(dir: PathBuf) -> BuiltinData {
     BuiltinData {
         tokenizer: dir.join("tokenizer.json"),

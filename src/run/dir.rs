@@ -109,6 +109,14 @@ impl RunDir {
         self.dir.join(super::lock::LOCK_FILE)
     }
 
+    /// The settings the run saved (`train_config.json`).
+    pub fn saved_config(&self) -> Result<super::TrainConfig> {
+        let path = self.train_config();
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::json(format!("reading {}", path.display()), e))
+    }
+
     /// Whether a checkpoint to resume from was ever written (`latest` or `latest.prev`).
     pub fn has_checkpoint(&self) -> bool {
         self.latest().exists() || self.latest_prev().exists()

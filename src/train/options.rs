@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use super::distributed::Collective;
+use super::resolve::ResolveRequest;
 use super::resume::GivenFlags;
 use crate::data::builtin;
+use crate::run::RunDir;
 use crate::telemetry::{ConsoleMode, EventSink};
 
 /// Settings of one invocation that do not change what is computed.
@@ -74,4 +76,23 @@ impl RunOptions {
 /// Physical cores (hyper-threads share FMA units and slow dense math down).
 pub fn default_threads() -> usize {
     num_cpus::get_physical().max(1)
+}
+
+impl RunOptions {
+    /// What resolving the run reads of these options.
+    pub fn resolve_request<'a>(
+        &'a self,
+        folder: &'a RunDir,
+        killed_while_starting: bool,
+    ) -> ResolveRequest<'a> {
+        ResolveRequest {
+            folder,
+            resume: self.resume,
+            given: &self.given,
+            requested_model: self.requested_model.as_deref(),
+            cache_root: &self.cache_root,
+            cap_seq_to_model: self.cap_seq_to_model,
+            killed_while_starting,
+        }
+    }
 }

@@ -234,11 +234,7 @@ pub fn data(
             ));
         }
         let b = builtin::ensure(cache_root, log)?;
-        let data = Dataset::from_files(
-            std::slice::from_ref(&b.train),
-            std::slice::from_ref(&b.val),
-            0.0,
-        )?;
+        let data = b.dataset()?;
         let tok = tokenizer::load(&b.tokenizer)?;
         return Ok(DataSetup {
             data,

@@ -47,20 +47,9 @@ fn shown<T: serde::Serialize>(v: &T) -> String {
     }
 }
 
-/// Applies to `saved` (the configuration of a run being resumed) every setting the command
-/// gave (`given`, with the values of `asked`) that differs from it: the ones a resumed run can
-/// take soundly are applied with a warning naming each; the others are refused in one line
-/// saying why. `--steps` and `--model` are checked by their own rules.
-/// With `restart` (the run has no checkpoint yet, so nothing has been trained) every given
-/// setting is applied, none refused; the changes are returned.
-fn apply_given(
-    saved: &mut TrainConfig,
-    asked: &TrainConfig,
-    given: &GivenFlags,
-    run: &RunDir,
-    restart: bool,
-) -> Result<Vec<String>> {
-    // Every field must be named below (a new one fails to compile here until it has a rule).
+/// Names every field of [`TrainConfig`]: a new field fails to compile here until
+/// [`apply_given`] has a rule for it (applied or refused on resume).
+fn every_field_has_a_rule(asked: &TrainConfig) {
     let TrainConfig {
         model: _,
         init_from: _,
@@ -92,6 +81,22 @@ fn apply_given(
         sample_tokens: _,
         ranks: _,
     } = asked;
+}
+
+/// Applies to `saved` (the configuration of a run being resumed) every setting the command
+/// gave (`given`, with the values of `asked`) that differs from it: the ones a resumed run can
+/// take soundly are applied with a warning naming each; the others are refused in one line
+/// saying why. `--steps` and `--model` are checked by their own rules.
+/// With `restart` (the run has no checkpoint yet, so nothing has been trained) every given
+/// setting is applied, none refused; the changes are returned.
+fn apply_given(
+    saved: &mut TrainConfig,
+    asked: &TrainConfig,
+    given: &GivenFlags,
+    run: &RunDir,
+    restart: bool,
+) -> Result<Vec<String>> {
+    every_field_has_a_rule(asked);
     let mut refused: Option<Error> = None;
     let mut applied = Vec::new();
     macro_rules! rule {

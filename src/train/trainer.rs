@@ -18,9 +18,10 @@ use super::compile_budget;
 use super::distributed::{Collective, Single};
 use super::loss_scale::{LossScaler, Verdict};
 use super::options::{RunOptions, default_threads};
-use super::resolve::{ResolveRequest, ResolvedRun, resolve};
+use super::resolve::{ResolvedRun, resolve};
+use super::resume::ResumePoint;
 use super::run_folder;
-use super::step::{StepState, TrainStep};
+use super::step::{StepState, StepStats, TrainStep};
 use crate::backend::Kernels;
 use crate::data::{Dataset, WindowSampler};
 use crate::error::{Error, Result};
@@ -136,15 +137,7 @@ impl Trainer {
         };
 
         // What the run is: its settings, model, data and tokenizer, the point it resumes from.
-        let request = ResolveRequest {
-            folder: &paths,
-            resume: opts.resume,
-            given: &opts.given,
-            requested_model: opts.requested_model.as_deref(),
-            cache_root: &opts.cache_root,
-            cap_seq_to_model: opts.cap_seq_to_model,
-            killed_while_starting,
-        };
+        let request = opts.resolve_request(&paths, killed_while_starting);
         let mut log = |m: &str| bus.emit(Event::Info { message: m.into() });
         let run = resolve(
             cfg,
@@ -165,19 +158,7 @@ impl Trainer {
 
         // The memory the run needs, against what the machine has; then the kernels, prepared
         // once for this shape: a backend fails here, not mid-run.
-        let mut kernels = cfg.backend().kernels_with(opts.kernel_options)?;
-        super::memory::MemoryNeed::of(&model, kernels.as_ref(), cfg.batch, cfg.seq)
-            .check(crate::util::mem::available_bytes())?;
-        if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
-            let step = resume.as_ref().map_or(0, |r| r.checkpoint.meta.step);
-            return Err(compile_budget::restart_or_fail(
-                e,
-                opts.restart_on_compile_budget,
-                &paths,
-                &mut bus,
-                step,
-            ));
-        }
+        let kernels = prepare_kernels(&cfg, &model, &opts, &paths, &mut bus, resume.as_ref())?;
         warnings.extend(kernels.warnings());
 
         // Parameters, optimizer and data position.
@@ -191,13 +172,8 @@ impl Trainer {
 
         // The run folder, then its event log (which receives everything said so far).
         if leader {
-            run_folder::prepare(
-                &paths,
-                continues_folder,
-                &cfg,
-                &model.cfg,
-                data.tokenizer.as_deref(),
-            )?;
+            let tokenizer = data.tokenizer.as_deref();
+            run_folder::prepare(&paths, continues_folder, &cfg, &model.cfg, tokenizer)?;
             bus.attach_log(Box::new(JsonlSink::open(&paths.events())?));
         }
 
@@ -358,6 +334,37 @@ impl Trainer {
         Ok(())
     }
 
+    /// The loss scaler's verdict on an update (a non-finite one is skipped, and too many in a
+    /// row stop the run, naming the first non-finite tensor).
+    fn judge(&mut self, stats: &StepStats) -> Result<Verdict> {
+        let mut detail = format!("loss {}, gradient norm {}", stats.loss, stats.grad_norm);
+        if !stats.applied {
+            let layout = &self.model.layout;
+            if let Some((name, n)) = layout.first_non_finite(&self.state.params) {
+                detail.push_str(&format!(
+                    "; weights non-finite first in {name} ({n} values)"
+                ));
+            } else if let Some((name, n)) = layout.first_non_finite(&self.state.grads) {
+                detail.push_str(&format!("; first non-finite gradient: {name} ({n} values)"));
+            }
+        }
+        let verdict = self
+            .scaler
+            .update(stats.applied, self.counters.step + 1, &detail)?;
+        // Dynamic scaling's overflows are routine (the step event says `skipped`); any other
+        // skipped update is worth a warning.
+        if verdict == Verdict::Skipped && !self.scaler.is_dynamic() {
+            self.bus.emit(Event::Warning {
+                message: format!(
+                    "update {} skipped: {detail}; {} such updates in a row stop the run",
+                    self.counters.step + 1,
+                    self.cfg.max_bad_updates.max(1)
+                ),
+            });
+        }
+        Ok(verdict)
+    }
+
     /// One optimizer update, and its `step` event.
     fn update(&mut self, acts: &mut Activations, session: &mut Session) -> Result<()> {
         let t0 = Instant::now();
@@ -391,31 +398,7 @@ impl Trainer {
             }
         };
         let stats = step.run(&mut self.state, acts, &mut next_batch, lr)?;
-        let mut detail = format!("loss {}, gradient norm {}", stats.loss, stats.grad_norm);
-        if !stats.applied {
-            let layout = &self.model.layout;
-            if let Some((name, n)) = layout.first_non_finite(&self.state.params) {
-                detail.push_str(&format!(
-                    "; weights non-finite first in {name} ({n} values)"
-                ));
-            } else if let Some((name, n)) = layout.first_non_finite(&self.state.grads) {
-                detail.push_str(&format!("; first non-finite gradient: {name} ({n} values)"));
-            }
-        }
-        let verdict = self
-            .scaler
-            .update(stats.applied, self.counters.step + 1, &detail)?;
-        // Dynamic scaling's overflows are routine (the step event says `skipped`); any other
-        // skipped update is worth a warning.
-        if verdict == Verdict::Skipped && !self.scaler.is_dynamic() {
-            self.bus.emit(Event::Warning {
-                message: format!(
-                    "update {} skipped: {detail}; {} such updates in a row stop the run",
-                    self.counters.step + 1,
-                    self.cfg.max_bad_updates.max(1)
-                ),
-            });
-        }
+        let verdict = self.judge(&stats)?;
         let tokens = self.cfg.tokens_per_update();
         let wall = t0.elapsed().as_secs_f64();
         let Readings {
@@ -618,4 +601,27 @@ fn take_folder(paths: &RunDir, warnings: &mut Vec<String>) -> Result<RunLock> {
         ));
     }
     Ok(lock)
+}
+
+/// The kernels of the run, prepared for its shape after the memory check (a spent Neural
+/// Engine compile budget goes to [`compile_budget`]).
+fn prepare_kernels(
+    cfg: &TrainConfig,
+    model: &Transformer,
+    opts: &RunOptions,
+    paths: &RunDir,
+    bus: &mut EventBus,
+    resume: Option<&ResumePoint>,
+) -> Result<Box<dyn Kernels>> {
+    let mut kernels = cfg.backend().kernels_with(opts.kernel_options)?;
+    super::memory::MemoryNeed::of(model, kernels.as_ref(), cfg.batch, cfg.seq)
+        .check(crate::util::mem::available_bytes())?;
+    if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
+        let step = resume.map_or(0, |r| r.checkpoint.meta.step);
+        let allowed = opts.restart_on_compile_budget;
+        return Err(compile_budget::restart_or_fail(
+            e, allowed, paths, bus, step,
+        ));
+    }
+    Ok(kernels)
 }
