@@ -190,7 +190,7 @@ impl Default for TrainConfig {
         TrainConfig {
             model: "small".into(),
             init_from: None,
-            data: "builtin".into(),
+            data: super::BUILTIN_DATA.into(),
             tokenizer: None,
             steps: 1000,
             batch: 16,
