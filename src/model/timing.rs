@@ -108,6 +108,12 @@ impl std::fmt::Display for Section {
     }
 }
 
+impl From<Section> for String {
+    fn from(s: Section) -> String {
+        s.name().to_string()
+    }
+}
+
 impl Serialize for Section {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         serializer.serialize_str(self.name())
