@@ -243,6 +243,13 @@ fn chart(area: &Area, spec: &Spec, runs: &[Curve]) -> Result<()> {
 /// A prepared curve: its name, raw line, smoothed line and points, in chart coordinates.
 type DrawnCurve = (String, Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>);
 
+/// A chart's drawing context, in `f64` chart coordinates.
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
 /// Draws prepared curves `(name, raw, smoothed, points)` on a value axis `y`.
 /// With `log_ticks`, the values are logarithms and the axis is labelled at those values.
 fn draw(
@@ -275,30 +282,71 @@ fn draw(
         .draw()
         .map_err(|e| err(e.to_string()))?;
     if let Some(ticks) = log_ticks {
-        // Grid lines and labels at the tick values (the labels left of the axis).
-        for &t in ticks {
-            let yv = t.ln();
-            c.draw_series(std::iter::once(PathElement::new(
-                vec![(x0, yv), (x1, yv)],
-                BLACK.mix(0.15),
-            )))
-            .map_err(|e| err(e.to_string()))?;
-            c.draw_series(std::iter::once(
-                EmptyElement::at((x0, yv))
-                    + Text::new(
-                        short(&t),
-                        (-8, 0),
-                        ("sans-serif", 14).into_font().into_text_style(area).pos(
-                            plotters::style::text_anchor::Pos::new(
-                                plotters::style::text_anchor::HPos::Right,
-                                plotters::style::text_anchor::VPos::Center,
-                            ),
+        draw_log_ticks(&mut c, area, ticks, x0..x1, &err)?;
+    }
+    let any_points = draw_curves(&mut c, curves, &err)?;
+    if any_points {
+        // One legend entry for the marker itself.
+        c.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+            .map_err(|e| err(e.to_string()))?
+            .label("validation")
+            .legend(|(x, y)| {
+                EmptyElement::at((x + 9, y))
+                    + Polygon::new(vec![(0, -5), (5, 0), (0, 5), (-5, 0)], BLACK.filled())
+            });
+    }
+    c.configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// Grid lines across `x` and labels left of the axis at the tick values of a logarithmic
+/// value axis.
+fn draw_log_ticks(
+    c: &mut Chart<'_, '_>,
+    area: &Area,
+    ticks: &[f64],
+    x: std::ops::Range<f64>,
+    err: &impl Fn(String) -> Error,
+) -> Result<()> {
+    let (x0, x1) = (x.start, x.end);
+    for &t in ticks {
+        let yv = t.ln();
+        c.draw_series(std::iter::once(PathElement::new(
+            vec![(x0, yv), (x1, yv)],
+            BLACK.mix(0.15),
+        )))
+        .map_err(|e| err(e.to_string()))?;
+        c.draw_series(std::iter::once(
+            EmptyElement::at((x0, yv))
+                + Text::new(
+                    short(&t),
+                    (-8, 0),
+                    ("sans-serif", 14).into_font().into_text_style(area).pos(
+                        plotters::style::text_anchor::Pos::new(
+                            plotters::style::text_anchor::HPos::Right,
+                            plotters::style::text_anchor::VPos::Center,
                         ),
                     ),
-            ))
-            .map_err(|e| err(e.to_string()))?;
-        }
+                ),
+        ))
+        .map_err(|e| err(e.to_string()))?;
     }
+    Ok(())
+}
+
+/// Draws each curve in its palette colour, with a legend entry; returns whether any curve
+/// has points (validation).
+fn draw_curves(
+    c: &mut Chart<'_, '_>,
+    curves: &[DrawnCurve],
+    err: &impl Fn(String) -> Error,
+) -> Result<bool> {
     let mut any_points = false;
     for (i, (name, raw, smooth, points)) in curves.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
@@ -327,24 +375,7 @@ fn draw(
             .map_err(|e| err(e.to_string()))?;
         }
     }
-    if any_points {
-        // One legend entry for the marker itself.
-        c.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
-            .map_err(|e| err(e.to_string()))?
-            .label("validation")
-            .legend(|(x, y)| {
-                EmptyElement::at((x + 9, y))
-                    + Polygon::new(vec![(0, -5), (5, 0), (0, 5), (-5, 0)], BLACK.filled())
-            });
-    }
-    c.configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-    Ok(())
+    Ok(any_points)
 }
 
 /// Writes a `width x height` PNG comparing `runs`.

@@ -119,7 +119,7 @@ fn tiny_model_learns_the_builtin_stories() {
     else {
         unreachable!()
     };
-    let names: Vec<&str> = kernels.iter().map(|k| k.kernel.as_str()).collect();
+    let names: Vec<&str> = kernels.iter().map(|k| k.kernel.name()).collect();
     for block in ["sdpa_fwd", "ffn_fwd", "sdpa_bwd", "kv_bwd", "optimizer"] {
         assert!(names.contains(&block), "{block} missing from {names:?}");
     }

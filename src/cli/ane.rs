@@ -594,6 +594,38 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
     };
     let kernels = build_all(&shape)?;
     create_dir_all(out)?;
+    let mut readme = readme_header(model, seq, target);
+    let mut findings = Vec::new();
+    for k in &kernels {
+        write_kernel(&out.join(k.kind.name()), k)?;
+        let _ = writeln!(readme, "{}", describe(k));
+        for f in lint::lint(&k.program, &k.files) {
+            findings.push(format!("- {}: {f}", k.kind.name()));
+        }
+    }
+    let (distinct, unproven) = write_op_forms(&mut readme, &kernels);
+    let _ = writeln!(readme, "\n## Lint (`handgrad ane check`)\n");
+    if findings.is_empty() {
+        let _ = writeln!(readme, "No rule fires.");
+    } else {
+        for f in &findings {
+            let _ = writeln!(readme, "{f}");
+        }
+    }
+    write_atomic(&out.join("README.md"), |f| {
+        std::io::Write::write_all(f, readme.as_bytes())
+    })?;
+    println!(
+        "wrote {} kernels for {model} (seq {seq}, {target}) to {}; {distinct} distinct op forms, {unproven} not yet run on the Neural Engine; {} lint finding(s), listed in README.md",
+        kernels.len(),
+        out.display(),
+        findings.len()
+    );
+    Ok(())
+}
+
+/// The emitted README's title, introduction and the head of its kernel table.
+fn readme_header(model: &str, seq: usize, target: Target) -> String {
     let mut readme = String::new();
     let _ = writeln!(
         readme,
@@ -608,27 +640,30 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
         readme,
         "| kernel | input | input columns | output | output channels |\n|---|---|---|---|---|"
     );
-    let mut findings = Vec::new();
-    for k in &kernels {
-        let dir = out.join(k.kind.name());
-        create_dir_all(&dir.join("weights"))?;
-        write_atomic(&dir.join("model.mil"), |f| {
-            std::io::Write::write_all(f, k.files.text.as_bytes())
-        })?;
-        for (path, bytes) in &k.files.blobs {
-            let rel = path.strip_prefix("@model_path/").unwrap_or(path);
-            write_atomic(&dir.join(rel), |f| std::io::Write::write_all(f, bytes))?;
-        }
-        let _ = writeln!(readme, "{}", describe(k));
-        for f in lint::lint(&k.program, &k.files) {
-            findings.push(format!("- {}: {f}", k.kind.name()));
-        }
+    readme
+}
+
+/// Writes a kernel's `model.mil` and weight blobs into `dir` (its `@model_path`).
+fn write_kernel(dir: &Path, k: &Kernel) -> Result<()> {
+    create_dir_all(&dir.join("weights"))?;
+    write_atomic(&dir.join("model.mil"), |f| {
+        std::io::Write::write_all(f, k.files.text.as_bytes())
+    })?;
+    for (path, bytes) in &k.files.blobs {
+        let rel = path.strip_prefix("@model_path/").unwrap_or(path);
+        write_atomic(&dir.join(rel), |f| std::io::Write::write_all(f, bytes))?;
     }
+    Ok(())
+}
+
+/// Appends the README's op-forms section: one row per kernel, then the count over all of
+/// them. Returns the number of distinct forms and how many of them are unproven.
+fn write_op_forms(readme: &mut String, kernels: &[Kernel]) -> (usize, usize) {
     let _ = writeln!(
         readme,
         "\n## Op forms\n\nEach statement's form (op, operand ranks, broadcast axes, transpose flags, sliced and concatenated axes) against the forms proven on the chip (the original's kernels, run on M1 to M5; see `src/backend/ane/forms.rs`).\n\n| kernel | statements | forms | every form proven | unproven forms |\n|---|---|---|---|---|"
     );
-    for k in &kernels {
+    for k in kernels {
         let forms = crate::backend::ane::forms::forms(&k.program);
         let unproven: Vec<String> = forms
             .iter()
@@ -650,7 +685,7 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
         );
     }
     let mut all: Vec<(crate::backend::ane::forms::Form, bool)> = Vec::new();
-    for k in &kernels {
+    for k in kernels {
         for (f, ok, _) in crate::backend::ane::forms::forms(&k.program) {
             if !all.iter().any(|(g, _)| *g == f) {
                 all.push((f, ok));
@@ -664,25 +699,7 @@ fn emit(model: &str, out: &Path, seq: Option<usize>, target: Target) -> Result<(
         all.len(),
         unproven
     );
-    let _ = writeln!(readme, "\n## Lint (`handgrad ane check`)\n");
-    if findings.is_empty() {
-        let _ = writeln!(readme, "No rule fires.");
-    } else {
-        for f in &findings {
-            let _ = writeln!(readme, "{f}");
-        }
-    }
-    write_atomic(&out.join("README.md"), |f| {
-        std::io::Write::write_all(f, readme.as_bytes())
-    })?;
-    println!(
-        "wrote {} kernels for {model} (seq {seq}, {target}) to {}; {} distinct op forms, {unproven} not yet run on the Neural Engine; {} lint finding(s), listed in README.md",
-        kernels.len(),
-        out.display(),
-        all.len(),
-        findings.len()
-    );
-    Ok(())
+    (all.len(), unproven)
 }
 
 /// The weight files a program names, read from the folder `@model_path` stands for.

@@ -244,7 +244,7 @@ impl RunView {
             self.recent_ms.remove(0);
         }
         if !kernels.is_empty() {
-            self.kernels = kernels.iter().map(|k| (k.kernel.clone(), k.ms)).collect();
+            self.kernels = kernels.iter().map(|k| (k.kernel.into(), k.ms)).collect();
         }
         if let Some(b) = rss_bytes {
             self.rss.push((s, *b as f64));

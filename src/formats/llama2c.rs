@@ -405,6 +405,46 @@ pub fn q8_group(cfg: &ModelConfig) -> usize {
 /// Writes a llama2.c file: version 0 (legacy, what `run.c` reads), 1, or 2 (Q8_0 in groups
 /// of [`q8_group`], what `runq.c` reads).
 pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Result<()> {
+    let group = check_savable(cfg, version)?;
+    let mut cfg = cfg.clone();
+    let layout = ParamLayout::new(&cfg);
+    let mut params = params.to_vec();
+    convert_rope_style(&mut cfg, &layout, &mut params, RopeStyle::Interleaved);
+    let shared = cfg.tie_embeddings;
+    let ids = order(&layout, version, shared);
+    write_atomic(path, |f| {
+        write_file_header(f, &cfg, version, group)?;
+        let tensor = |i: usize| &params[layout.tensors[i].range()];
+        if version == 2 {
+            let (norms, mats): (Vec<usize>, Vec<usize>) = ids
+                .iter()
+                .partition(|&&i| layout.tensors[i].shape.len() == 1);
+            for &i in &norms {
+                put_f32s(f, tensor(i))?;
+            }
+            for &i in &mats {
+                let t = Q8Tensor::quantize(tensor(i), group);
+                let bytes: Vec<u8> = t.q.iter().map(|&v| v as u8).collect();
+                f.write_all(&bytes)?;
+                put_f32s(f, &t.scales)?;
+            }
+            return Ok(());
+        }
+        for (n, &i) in ids.iter().enumerate() {
+            put_f32s(f, tensor(i))?;
+            if version == 0 && n + 1 == ids.len() - usize::from(!shared) {
+                let (cos, sin) = rope_tables(&cfg);
+                put_f32s(f, &cos)?;
+                put_f32s(f, &sin)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Refuses what a llama2.c file of `version` cannot hold; returns the Q8_0 group size
+/// ([`q8_group`]).
+fn check_savable(cfg: &ModelConfig, version: u32) -> Result<usize> {
     if cfg.arch != Architecture::Llama {
         return Err(Error::invalid(
             "llama2.c files hold Llama models only (no Qwen3 q/k norm)",
@@ -428,10 +468,18 @@ pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Res
             cfg.dim, cfg.ffn_dim
         )));
     }
-    let mut cfg = cfg.clone();
-    let layout = ParamLayout::new(&cfg);
-    let mut params = params.to_vec();
-    convert_rope_style(&mut cfg, &layout, &mut params, RopeStyle::Interleaved);
+    Ok(group)
+}
+
+/// The header of a llama2.c file of `version`: magic and version (1 and 2), the seven
+/// config integers (version 0 marks an untied classifier by a negative vocabulary size),
+/// and the padded rest of the 256-byte header (1 and 2).
+fn write_file_header(
+    f: &mut impl Write,
+    cfg: &ModelConfig,
+    version: u32,
+    group: usize,
+) -> std::io::Result<()> {
     let shared = cfg.tie_embeddings;
     let vocab = cfg.vocab_size as i32;
     let head7 = [
@@ -447,61 +495,43 @@ pub fn save(path: &Path, cfg: &ModelConfig, params: &[f32], version: u32) -> Res
         },
         cfg.max_seq_len as i32,
     ];
-    let ids = order(&layout, version, shared);
+    if version >= 1 {
+        f.write_all(&MAGIC.to_le_bytes())?;
+        f.write_all(&(version as i32).to_le_bytes())?;
+    }
+    for v in head7 {
+        f.write_all(&v.to_le_bytes())?;
+    }
+    if version == 1 {
+        f.write_all(&[u8::from(shared)])?;
+        f.write_all(&[0u8; 256 - 37])?;
+    }
+    if version == 2 {
+        f.write_all(&[u8::from(shared)])?;
+        f.write_all(&(group as i32).to_le_bytes())?;
+        f.write_all(&[0u8; 256 - 41])?;
+    }
+    Ok(())
+}
+
+/// Writes `xs` as little-endian `f32`s.
+fn put_f32s(f: &mut impl Write, xs: &[f32]) -> std::io::Result<()> {
+    let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+    f.write_all(&bytes)
+}
+
+/// The RoPE cos and sin tables a version 0 file carries, `[max_seq_len, head_dim / 2]` each.
+fn rope_tables(cfg: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim / 2;
-    write_atomic(path, |f| {
-        if version >= 1 {
-            f.write_all(&MAGIC.to_le_bytes())?;
-            f.write_all(&(version as i32).to_le_bytes())?;
+    let mut cos = Vec::with_capacity(cfg.max_seq_len * half);
+    let mut sin = Vec::with_capacity(cfg.max_seq_len * half);
+    for p in 0..cfg.max_seq_len {
+        for j in 0..half {
+            let freq = 1.0 / cfg.rope_theta.powf((2 * j) as f64 / cfg.head_dim as f64);
+            let a = p as f64 * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
         }
-        for v in head7 {
-            f.write_all(&v.to_le_bytes())?;
-        }
-        if version == 1 {
-            f.write_all(&[u8::from(shared)])?;
-            f.write_all(&[0u8; 256 - 37])?;
-        }
-        if version == 2 {
-            f.write_all(&[u8::from(shared)])?;
-            f.write_all(&(group as i32).to_le_bytes())?;
-            f.write_all(&[0u8; 256 - 41])?;
-        }
-        let put = |f: &mut std::io::BufWriter<std::fs::File>, xs: &[f32]| -> std::io::Result<()> {
-            let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
-            f.write_all(&bytes)
-        };
-        if version == 2 {
-            let (norms, mats): (Vec<usize>, Vec<usize>) = ids
-                .iter()
-                .partition(|&&i| layout.tensors[i].shape.len() == 1);
-            for &i in &norms {
-                put(f, &params[layout.tensors[i].range()])?;
-            }
-            for &i in &mats {
-                let t = Q8Tensor::quantize(&params[layout.tensors[i].range()], group);
-                let bytes: Vec<u8> = t.q.iter().map(|&v| v as u8).collect();
-                f.write_all(&bytes)?;
-                put(f, &t.scales)?;
-            }
-            return Ok(());
-        }
-        for (n, &i) in ids.iter().enumerate() {
-            put(f, &params[layout.tensors[i].range()])?;
-            if version == 0 && n + 1 == ids.len() - usize::from(!shared) {
-                let mut cos = Vec::with_capacity(cfg.max_seq_len * half);
-                let mut sin = Vec::with_capacity(cfg.max_seq_len * half);
-                for p in 0..cfg.max_seq_len {
-                    for j in 0..half {
-                        let freq = 1.0 / cfg.rope_theta.powf((2 * j) as f64 / cfg.head_dim as f64);
-                        let a = p as f64 * freq;
-                        cos.push(a.cos() as f32);
-                        sin.push(a.sin() as f32);
-                    }
-                }
-                put(f, &cos)?;
-                put(f, &sin)?;
-            }
-        }
-        Ok(())
-    })
+    }
+    (cos, sin)
 }

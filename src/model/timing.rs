@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Kernel families and blocks of a training step.
+/// Kernel families and blocks of a training step. Serialised as its [`Section::name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Section {
     Embedding,
@@ -74,6 +74,11 @@ impl Section {
         }
     }
 
+    /// The section of a [`Section::name`].
+    pub fn from_name(name: &str) -> Option<Section> {
+        Section::ALL.iter().copied().find(|s| s.name() == name)
+    }
+
     /// What the section covers, for tables.
     pub fn label(self) -> &'static str {
         match self {
@@ -94,6 +99,32 @@ impl Section {
             Section::Allreduce => "gradient allreduce across ranks",
             Section::Optimizer => "optimizer (clip, AdamW)",
         }
+    }
+}
+
+impl std::fmt::Display for Section {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl From<Section> for String {
+    fn from(s: Section) -> String {
+        s.name().to_string()
+    }
+}
+
+impl Serialize for Section {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Section {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Section::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown section '{name}'")))
     }
 }
 
@@ -131,7 +162,7 @@ impl StepTimings {
             .iter()
             .filter(|&&s| self.get(s) > 0.0)
             .map(|&s| KernelTime {
-                kernel: s.name().to_string(),
+                kernel: s,
                 ms: self.get(s) * 1e3,
             })
             .collect()
@@ -141,7 +172,8 @@ impl StepTimings {
 /// Time of one section, as reported in `step` events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelTime {
-    pub kernel: String,
+    /// Written as the section's [`Section::name`].
+    pub kernel: Section,
     pub ms: f64,
 }
 
@@ -164,3 +196,23 @@ macro_rules! timed {
     }};
 }
 pub(crate) use timed;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_times_keep_the_section_names_in_json() {
+        for s in Section::ALL {
+            assert_eq!(Section::from_name(s.name()), Some(s));
+            let k = KernelTime { kernel: s, ms: 1.5 };
+            let text = serde_json::to_string(&k).unwrap();
+            assert_eq!(text, format!("{{\"kernel\":\"{}\",\"ms\":1.5}}", s.name()));
+            assert_eq!(serde_json::from_str::<KernelTime>(&text).unwrap(), k);
+        }
+        let text = r#"{"kernel":"ffn_bwd_w2t","ms":2.0}"#;
+        let k: KernelTime = serde_json::from_str(text).unwrap();
+        assert_eq!(k.kernel, Section::FfnBwdDown);
+        assert!(serde_json::from_str::<KernelTime>(r#"{"kernel":"matmul fwd","ms":1}"#).is_err());
+    }
+}

@@ -588,16 +588,32 @@ impl Transformer {
         grads: &mut [f32],
         acts: &mut Activations,
     ) -> Result<()> {
+        self.attention_core_backward(k, w, l, grads, acts)?;
+        let normed = self.qk_norm_backward(k, weights, l, grads, acts)?;
+        self.qkv_backward(k, w, l, grads, acts, normed)?;
+        self.attention_norm_backward(k, w, l, grads, acts)
+    }
+
+    /// From d/d(x_mid) in `acts.dx` through the output projection, attention and RoPE: leaves
+    /// the gradients of the (normed) rotated queries and keys in `acts.dq`/`acts.dk` and of the
+    /// values in `acts.dv`.
+    fn attention_core_backward(
+        &self,
+        k: &dyn Kernels,
+        w: &LayerWeights,
+        l: usize,
+        grads: &mut [f32],
+        acts: &mut Activations,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let (lay, lt) = (&self.layout, &self.layout.layers[l]);
-        let (n, d, hd) = (acts.batch * acts.seq, cfg.dim, cfg.head_dim);
+        let n = acts.batch * acts.seq;
         let pos = Positions {
             first: 0,
             period: acts.seq,
         };
         let shape = self.attention_shape(acts.batch, acts.seq);
         let la = &acts.layers[l];
-        let x_in = &acts.xs[l];
         let tm = &mut acts.timings;
         timed!(
             tm,
@@ -628,43 +644,80 @@ impl Transformer {
             k.rope_backward(&mut acts.dq, cfg.n_heads, &self.rope, pos)?;
             k.rope_backward(&mut acts.dk, cfg.n_kv_heads, &self.rope, pos)
         })?;
-        // Gradients with respect to the projections' outputs.
-        let (dq_proj, dk_proj): (&[f32], &[f32]) =
-            if let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) {
-                let a = &la.attn;
-                // `datt` is free again: it receives the gradient before the query norm.
-                timed!(tm, Section::Norms, {
-                    let q_saved = NormSaved {
-                        x: &a.q_raw,
-                        w: weights.vector(qn),
-                        rstd: &a.rstd_q,
-                    };
-                    let k_saved = NormSaved {
-                        x: &a.k_raw,
-                        w: weights.vector(kn),
-                        rstd: &a.rstd_k,
-                    };
-                    k.rmsnorm_backward(
-                        &mut acts.datt,
-                        lay.view_mut(grads, qn),
-                        &acts.dq,
-                        q_saved,
-                        hd,
-                        false,
-                    )?;
-                    k.rmsnorm_backward(
-                        &mut acts.dk_raw,
-                        lay.view_mut(grads, kn),
-                        &acts.dk,
-                        k_saved,
-                        hd,
-                        false,
-                    )
-                })?;
-                (&acts.datt, &acts.dk_raw)
-            } else {
-                (&acts.dq, &acts.dk)
+        Ok(())
+    }
+
+    /// Through the per-head query/key norms, when layer `l` has them: the gradients with
+    /// respect to the projections' outputs land in `acts.datt` (queries; it is free again) and
+    /// `acts.dk_raw` (keys). Returns whether it ran; without the norms, `acts.dq`/`acts.dk`
+    /// already hold them.
+    fn qk_norm_backward(
+        &self,
+        k: &dyn Kernels,
+        weights: &Weights,
+        l: usize,
+        grads: &mut [f32],
+        acts: &mut Activations,
+    ) -> Result<bool> {
+        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let (Some(qn), Some(kn)) = (lt.q_norm, lt.k_norm) else {
+            return Ok(false);
+        };
+        let hd = self.cfg.head_dim;
+        let a = &acts.layers[l].attn;
+        let tm = &mut acts.timings;
+        timed!(tm, Section::Norms, {
+            let q_saved = NormSaved {
+                x: &a.q_raw,
+                w: weights.vector(qn),
+                rstd: &a.rstd_q,
             };
+            let k_saved = NormSaved {
+                x: &a.k_raw,
+                w: weights.vector(kn),
+                rstd: &a.rstd_k,
+            };
+            k.rmsnorm_backward(
+                &mut acts.datt,
+                lay.view_mut(grads, qn),
+                &acts.dq,
+                q_saved,
+                hd,
+                false,
+            )?;
+            k.rmsnorm_backward(
+                &mut acts.dk_raw,
+                lay.view_mut(grads, kn),
+                &acts.dk,
+                k_saved,
+                hd,
+                false,
+            )
+        })?;
+        Ok(true)
+    }
+
+    /// Through the query, key and value projections: d/d(xn1) into `acts.dxn`, and the
+    /// projections' weight gradients. `normed` says where [`Self::qk_norm_backward`] left the
+    /// gradients of the query and key projections' outputs.
+    fn qkv_backward(
+        &self,
+        k: &dyn Kernels,
+        w: &LayerWeights,
+        l: usize,
+        grads: &mut [f32],
+        acts: &mut Activations,
+        normed: bool,
+    ) -> Result<()> {
+        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let n = acts.batch * acts.seq;
+        let la = &acts.layers[l];
+        let tm = &mut acts.timings;
+        let (dq_proj, dk_proj): (&[f32], &[f32]) = if normed {
+            (&acts.datt, &acts.dk_raw)
+        } else {
+            (&acts.dq, &acts.dk)
+        };
         timed!(
             tm,
             Section::QBwd,
@@ -681,20 +734,34 @@ impl Transformer {
             k.linear_backward_weight(lay.view_mut(grads, lt.wq), dq_proj, xn1, a.wq.linear(n))?;
             k.linear_backward_weight(lay.view_mut(grads, lt.wk), dk_proj, xn1, a.wk.linear(n))?;
             k.linear_backward_weight(lay.view_mut(grads, lt.wv), &acts.dv, xn1, a.wv.linear(n))
-        })?;
+        })
+    }
+
+    /// Through the attention's input norm: `acts.dx` goes from d/d(x_mid) to d/d(x_in), adding
+    /// the gradient that came through the attention (`acts.dxn`) to the residual one.
+    fn attention_norm_backward(
+        &self,
+        k: &dyn Kernels,
+        w: &LayerWeights,
+        l: usize,
+        grads: &mut [f32],
+        acts: &mut Activations,
+    ) -> Result<()> {
+        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let la = &acts.layers[l];
         timed!(
-            tm,
+            acts.timings,
             Section::Norms,
             k.rmsnorm_backward(
                 &mut acts.dx,
                 lay.view_mut(grads, lt.attn_norm),
                 &acts.dxn,
                 NormSaved {
-                    x: x_in,
+                    x: &acts.xs[l],
                     w: w.attn_norm,
                     rstd: &la.rstd1
                 },
-                d,
+                self.cfg.dim,
                 true,
             )
         )

@@ -107,13 +107,35 @@ impl BpeTrainer {
         }
         let b2c = byte_to_char();
         let mut symbol_text: Vec<String> = b2c.iter().map(|c| c.to_string()).collect();
+        let (words, counts) = self.symbol_words(&b2c)?;
+        let mut state = MergeState::new(words, counts);
+
+        let target_merges = opts.vocab_size - 256 - n_special;
+        let mut merges: Vec<(u32, u32)> = Vec::with_capacity(target_merges);
+        while merges.len() < target_merges {
+            let Some(pair) = state.next_pair(opts.min_frequency) else {
+                break;
+            };
+            let new_id = symbol_text.len() as u32;
+            symbol_text.push(format!(
+                "{}{}",
+                symbol_text[pair.0 as usize], symbol_text[pair.1 as usize]
+            ));
+            merges.push(pair);
+            state.merge(pair, new_id);
+        }
+
+        Ok(tokenizer_json(&symbol_text, &merges, &opts.special_tokens))
+    }
+
+    /// The words as sequences of byte symbol ids, with their counts, in a fixed (sorted) order
+    /// for determinism.
+    fn symbol_words(&self, b2c: &[char; 256]) -> Result<(Vec<Vec<u32>>, Vec<u64>)> {
         let char_id: HashMap<char, u32> = b2c
             .iter()
             .enumerate()
             .map(|(i, &c)| (c, i as u32))
             .collect();
-
-        // Words as symbol sequences, in a fixed (sorted) order for determinism.
         let mut sorted: Vec<(&String, &u64)> = self.words.iter().collect();
         sorted.sort();
         let mut words: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
@@ -126,7 +148,25 @@ impl BpeTrainer {
             words.push(syms);
             counts.push(c);
         }
+        Ok((words, counts))
+    }
+}
 
+/// The words being merged, with the pair counts kept up to date incrementally.
+struct MergeState {
+    words: Vec<Vec<u32>>,
+    counts: Vec<u64>,
+    pair_count: HashMap<(u32, u32), u64>,
+    /// The words each pair occurs in.
+    pair_words: HashMap<(u32, u32), HashSet<usize>>,
+    /// Pairs by count, most frequent first, ties to the smaller pair; entries go stale as
+    /// counts change and are skipped when popped (lazy deletion).
+    heap: BinaryHeap<(u64, Reverse<(u32, u32)>)>,
+}
+
+impl MergeState {
+    /// Counts the adjacent pairs of `words` (each seen `counts[i]` times).
+    fn new(words: Vec<Vec<u32>>, counts: Vec<u64>) -> Self {
         let mut pair_count: HashMap<(u32, u32), u64> = HashMap::new();
         let mut pair_words: HashMap<(u32, u32), HashSet<usize>> = HashMap::new();
         for (wi, w) in words.iter().enumerate() {
@@ -136,82 +176,106 @@ impl BpeTrainer {
                 pair_words.entry(pair).or_default().insert(wi);
             }
         }
-        let mut heap: BinaryHeap<(u64, Reverse<(u32, u32)>)> =
+        let heap: BinaryHeap<(u64, Reverse<(u32, u32)>)> =
             pair_count.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
+        MergeState {
+            words,
+            counts,
+            pair_count,
+            pair_words,
+            heap,
+        }
+    }
 
-        let target_merges = opts.vocab_size - 256 - n_special;
-        let mut merges: Vec<(u32, u32)> = Vec::with_capacity(target_merges);
-        while merges.len() < target_merges {
-            let Some((count, Reverse(pair))) = heap.pop() else {
-                break;
-            };
+    /// The most frequent pair, or `None` when no pair is left or the most frequent one is
+    /// seen fewer than `min_frequency` times.
+    fn next_pair(&mut self, min_frequency: u64) -> Option<(u32, u32)> {
+        loop {
+            let (count, Reverse(pair)) = self.heap.pop()?;
             // Lazy deletion: skip stale heap entries.
-            if pair_count.get(&pair).copied() != Some(count) || count == 0 {
+            if self.pair_count.get(&pair).copied() != Some(count) || count == 0 {
                 continue;
             }
-            if count < opts.min_frequency {
-                break;
+            if count < min_frequency {
+                return None;
             }
-            let new_id = symbol_text.len() as u32;
-            symbol_text.push(format!(
-                "{}{}",
-                symbol_text[pair.0 as usize], symbol_text[pair.1 as usize]
-            ));
-            merges.push(pair);
-            let affected: Vec<usize> = {
-                let mut v: Vec<usize> = pair_words
-                    .remove(&pair)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-                v.sort_unstable();
-                v
-            };
-            let mut touched: HashSet<(u32, u32)> = HashSet::new();
-            for wi in affected {
-                let old = std::mem::take(&mut words[wi]);
-                let c = counts[wi];
-                for p in old.windows(2) {
-                    let key = (p[0], p[1]);
-                    if let Some(x) = pair_count.get_mut(&key) {
-                        *x -= c;
-                    }
-                    touched.insert(key);
-                }
-                let mut merged = Vec::with_capacity(old.len());
-                let mut i = 0;
-                while i < old.len() {
-                    if i + 1 < old.len() && old[i] == pair.0 && old[i + 1] == pair.1 {
-                        merged.push(new_id);
-                        i += 2;
-                    } else {
-                        merged.push(old[i]);
-                        i += 1;
-                    }
-                }
-                for p in merged.windows(2) {
-                    let key = (p[0], p[1]);
-                    *pair_count.entry(key).or_insert(0) += c;
-                    pair_words.entry(key).or_default().insert(wi);
-                    touched.insert(key);
-                }
-                words[wi] = merged;
-            }
-            pair_count.remove(&pair);
-            let mut touched: Vec<(u32, u32)> = touched.into_iter().collect();
-            touched.sort_unstable();
-            for key in touched {
-                match pair_count.get(&key) {
-                    Some(&c) if c > 0 => heap.push((c, Reverse(key))),
-                    _ => {
-                        pair_count.remove(&key);
-                    }
+            return Some(pair);
+        }
+    }
+
+    /// Replaces every occurrence of `pair` by the symbol `new_id`, updating the pair counts
+    /// and queueing the pairs whose counts changed.
+    fn merge(&mut self, pair: (u32, u32), new_id: u32) {
+        let affected: Vec<usize> = {
+            let mut v: Vec<usize> = self
+                .pair_words
+                .remove(&pair)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let mut touched: HashSet<(u32, u32)> = HashSet::new();
+        for wi in affected {
+            self.merge_word(wi, pair, new_id, &mut touched);
+        }
+        self.pair_count.remove(&pair);
+        let mut touched: Vec<(u32, u32)> = touched.into_iter().collect();
+        touched.sort_unstable();
+        for key in touched {
+            match self.pair_count.get(&key) {
+                Some(&c) if c > 0 => self.heap.push((c, Reverse(key))),
+                _ => {
+                    self.pair_count.remove(&key);
                 }
             }
         }
-
-        Ok(tokenizer_json(&symbol_text, &merges, &opts.special_tokens))
     }
+
+    /// Merges `pair` within word `wi`, moving its pair counts from the old symbols to the
+    /// new ones; every pair whose count changed goes into `touched`.
+    fn merge_word(
+        &mut self,
+        wi: usize,
+        pair: (u32, u32),
+        new_id: u32,
+        touched: &mut HashSet<(u32, u32)>,
+    ) {
+        let old = std::mem::take(&mut self.words[wi]);
+        let c = self.counts[wi];
+        for p in old.windows(2) {
+            let key = (p[0], p[1]);
+            if let Some(x) = self.pair_count.get_mut(&key) {
+                *x -= c;
+            }
+            touched.insert(key);
+        }
+        let merged = merge_pair(&old, pair, new_id);
+        for p in merged.windows(2) {
+            let key = (p[0], p[1]);
+            *self.pair_count.entry(key).or_insert(0) += c;
+            self.pair_words.entry(key).or_default().insert(wi);
+            touched.insert(key);
+        }
+        self.words[wi] = merged;
+    }
+}
+
+/// `word` with every non-overlapping occurrence of `pair`, left to right, replaced by `new_id`.
+fn merge_pair(word: &[u32], pair: (u32, u32), new_id: u32) -> Vec<u32> {
+    let mut merged = Vec::with_capacity(word.len());
+    let mut i = 0;
+    while i < word.len() {
+        if i + 1 < word.len() && word[i] == pair.0 && word[i + 1] == pair.1 {
+            merged.push(new_id);
+            i += 2;
+        } else {
+            merged.push(word[i]);
+            i += 1;
+        }
+    }
+    merged
 }
 
 /// Builds the `tokenizer.json` document.
