@@ -12,7 +12,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::send_ptr::SendPtr;
 use super::gemm_bf16::gemm_bf16_serial;
 use super::linear::gemm_crate;
 use super::matrix::{MatMut, MatRef};

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::send_ptr::SendPtr;
 use super::gemm_bf16::{PackBuf, pack_b, row_block_of, with_packed_b};
 use super::matrix::{MatRef, Product};
 #[cfg(target_arch = "x86_64")]

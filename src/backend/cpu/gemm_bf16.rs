@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::send_ptr::SendPtr;
 pub use super::matrix::MatRef;
 use super::matrix::{MatMut, Product, TileAt};
 
@@ -685,7 +685,7 @@ fn pack_b_by_rows(
     const PAIRS_PER_TASK: usize = 16;
     let (pairs, panels) = (kc.div_ceil(2), nc.div_ceil(NR));
     assert!(out.len() >= panels * pairs * NR);
-    let base = super::SendPtr(out.as_mut_ptr().cast());
+    let base = SendPtr(out.as_mut_ptr().cast());
     let task = |t: usize| {
         let dst = base;
         for q in t * PAIRS_PER_TASK..((t + 1) * PAIRS_PER_TASK).min(pairs) {

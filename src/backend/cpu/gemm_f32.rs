@@ -256,7 +256,7 @@ fn pack_b_by_rows(out: &mut [f32], b: MatRef, p0: usize, kc: usize, n: usize) {
     const ROWS_PER_TASK: usize = 32;
     let panels = n.div_ceil(NR);
     assert!(out.len() >= panels * kc * NR);
-    let base = super::SendPtr(out.as_mut_ptr());
+    let base = super::send_ptr::SendPtr(out.as_mut_ptr());
     (0..kc.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .for_each(|t| {

@@ -19,6 +19,7 @@ pub mod quant;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod send_ptr;
 pub mod swiglu;
 pub mod team;
 
@@ -31,24 +32,6 @@ use super::types::{
     AttentionShape, CompactWeights, LinearShape, Matrix, Qkv, QkvGrads, WeightFormat,
 };
 use crate::error::Result;
-
-/// A raw pointer to f32 data that parallel tasks may share, each writing a disjoint part (the
-/// columns of one attention head, the rows of one GEMM block).
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-// SAFETY: every user writes disjoint elements from different tasks (documented at each use)
-// and keeps the allocation alive across the parallel loop.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 /// Whether this CPU runs bf16 products in hardware (AVX512_BF16); elsewhere they are emulated
 /// with the same numerics, more slowly than fp32.

@@ -539,7 +539,7 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
     // Blocks of weight rows per task; each task writes its columns of every output row.
     let per = rows_per_task(out).min(64);
     let blocks = out.div_ceil(per);
-    let ptr = super::SendPtr(y.as_mut_ptr());
+    let ptr = super::send_ptr::SendPtr(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     let blocked = isa == DotIsa::Avx512Vnni && g == 64;
     (0..blocks).into_par_iter().for_each(|b| {
