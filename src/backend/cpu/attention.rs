@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::send_ptr::SendPtr;
 use super::gemm_bf16::gemm_bf16_serial;
-use super::linear::gemm_crate;
+use super::gemm_crate::gemm_crate;
 use super::matrix::{MatMut, MatRef};
 use crate::backend::types::{AttentionShape, CachedAttentionShape, Qkv, QkvGrads};
 

@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod f32_path;
 pub mod gemm_amx;
 pub mod gemm_bf16;
+pub mod gemm_crate;
 pub mod gemm_f32;
 pub mod gemv;
 pub mod linear;
