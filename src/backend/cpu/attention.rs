@@ -12,10 +12,10 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::send_ptr::SendPtr;
 use super::gemm_bf16::gemm_bf16_serial;
 use super::gemm_crate::gemm_crate;
 use super::matrix::{MatMut, MatRef};
+use super::send_ptr::SendPtr;
 use crate::backend::types::{AttentionShape, CachedAttentionShape, Qkv, QkvGrads};
 
 /// One product of a head, `C (+)= A · B`, on one thread: f32 through the `gemm` crate

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod loss;
 pub mod math;
 pub mod matrix;
+pub mod pack;
 pub mod quant;
 pub mod residual;
 pub mod rmsnorm;
