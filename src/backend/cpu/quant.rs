@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+pub use crate::backend::types::Q8Matrix;
+
 /// The group size of llama2.c's exporter and of `convert --quant q8`.
 pub const DEFAULT_GROUP: usize = 64;
 
@@ -96,14 +98,6 @@ impl Q8Tensor {
             group: self.group,
         }
     }
-}
-
-/// A view of quantised weights `[rows, cols]`, row-major; `cols` is a multiple of `group`.
-#[derive(Debug, Clone, Copy)]
-pub struct Q8Matrix<'a> {
-    pub q: &'a [i8],
-    pub scales: &'a [f32],
-    pub group: usize,
 }
 
 /// Rows of activations quantised per group (the input of a product), reused across calls.
