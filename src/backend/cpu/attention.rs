@@ -437,7 +437,7 @@ impl CacheSpan<'_> {
 mod span_avx512 {
     use std::arch::x86_64::*;
 
-    use super::CacheSpan;
+    use crate::backend::cpu::attention::CacheSpan;
 
     /// Rows prefetched ahead of the one being read.
     const AHEAD: usize = 4;
