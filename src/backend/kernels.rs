@@ -20,7 +20,14 @@
 //! default calls (`backend::cpu`).
 
 use super::blocks::{self, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
-use super::cpu;
+use super::cpu::attention;
+use super::cpu::embedding;
+use super::cpu::linear;
+use super::cpu::loss;
+use super::cpu::residual;
+use super::cpu::rmsnorm;
+use super::cpu::rope;
+use super::cpu::swiglu;
 use super::types::{
     AttentionShape, CachedAttentionShape, LinearShape, Matrix, NormSaved, Positions, Qkv, QkvGrads,
     RopeTable, StepShape, WeightFormat,
@@ -171,7 +178,7 @@ pub trait Kernels: Send + Sync {
         ids: &[u32],
         dim: usize,
     ) -> Result<()> {
-        cpu::embedding::embedding_forward(out, table, ids, dim);
+        embedding::embedding_forward(out, table, ids, dim);
         Ok(())
     }
 
@@ -183,7 +190,7 @@ pub trait Kernels: Send + Sync {
         ids: &[u32],
         dim: usize,
     ) -> Result<()> {
-        cpu::embedding::embedding_backward(dtable, dout, ids, dim);
+        embedding::embedding_backward(dtable, dout, ids, dim);
         Ok(())
     }
 
@@ -197,7 +204,7 @@ pub trait Kernels: Send + Sync {
         d: usize,
         eps: f32,
     ) -> Result<()> {
-        cpu::rmsnorm::rmsnorm_forward(out, rstd, x, w, d, eps);
+        rmsnorm::rmsnorm_forward(out, rstd, x, w, d, eps);
         Ok(())
     }
 
@@ -212,7 +219,7 @@ pub trait Kernels: Send + Sync {
         d: usize,
         accumulate: bool,
     ) -> Result<()> {
-        cpu::rmsnorm::rmsnorm_backward(dx, dw, dy, saved, d, accumulate);
+        rmsnorm::rmsnorm_backward(dx, dw, dy, saved, d, accumulate);
         Ok(())
     }
 
@@ -224,7 +231,7 @@ pub trait Kernels: Send + Sync {
         rope: &RopeTable,
         pos: Positions,
     ) -> Result<()> {
-        cpu::rope::rope_forward(x, heads, rope, pos);
+        rope::rope_forward(x, heads, rope, pos);
         Ok(())
     }
 
@@ -236,19 +243,19 @@ pub trait Kernels: Send + Sync {
         rope: &RopeTable,
         pos: Positions,
     ) -> Result<()> {
-        cpu::rope::rope_backward(dx, heads, rope, pos);
+        rope::rope_backward(dx, heads, rope, pos);
         Ok(())
     }
 
     /// Residual add in place: `acc += x`.
     fn residual_add(&self, acc: &mut [f32], x: &[f32]) -> Result<()> {
-        cpu::residual::residual_add(acc, x);
+        residual::residual_add(acc, x);
         Ok(())
     }
 
     /// `g = silu(h1) * h3`.
     fn swiglu_forward(&self, g: &mut [f32], h1: &[f32], h3: &[f32]) -> Result<()> {
-        cpu::swiglu::swiglu_forward(g, h1, h3);
+        swiglu::swiglu_forward(g, h1, h3);
         Ok(())
     }
 
@@ -261,13 +268,13 @@ pub trait Kernels: Send + Sync {
         h1: &[f32],
         h3: &[f32],
     ) -> Result<()> {
-        cpu::swiglu::swiglu_backward(dh1, dh3, dg, h1, h3);
+        swiglu::swiglu_backward(dh1, dh3, dg, h1, h3);
         Ok(())
     }
 
     /// `y [rows, w.rows] = x [rows, w.cols] w^T`.
     fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
-        cpu::linear::linear_forward(y, x, w.f32, w.linear(rows));
+        linear::linear_forward(y, x, w.f32, w.linear(rows));
         Ok(())
     }
 
@@ -288,7 +295,7 @@ pub trait Kernels: Send + Sync {
         s: LinearShape,
         accumulate: bool,
     ) -> Result<()> {
-        cpu::linear::linear_backward_input(dx, dy, w, s, accumulate);
+        linear::linear_backward_input(dx, dy, w, s, accumulate);
         Ok(())
     }
 
@@ -300,7 +307,7 @@ pub trait Kernels: Send + Sync {
         x: &[f32],
         s: LinearShape,
     ) -> Result<()> {
-        cpu::linear::linear_backward_weight(dw, dy, x, s);
+        linear::linear_backward_weight(dw, dy, x, s);
         Ok(())
     }
 
@@ -312,7 +319,7 @@ pub trait Kernels: Send + Sync {
         x: Qkv,
         s: &AttentionShape,
     ) -> Result<()> {
-        cpu::attention::attention_forward(out, saved, x, s);
+        attention::attention_forward(out, saved, x, s);
         Ok(())
     }
 
@@ -325,7 +332,7 @@ pub trait Kernels: Send + Sync {
         x: Qkv,
         s: &AttentionShape,
     ) -> Result<()> {
-        cpu::attention::attention_backward(g, dout, saved, x, s);
+        attention::attention_backward(g, dout, saved, x, s);
         Ok(())
     }
 
@@ -338,13 +345,13 @@ pub trait Kernels: Send + Sync {
         v_cache: &[f32],
         s: &CachedAttentionShape,
     ) -> Result<()> {
-        cpu::attention::attention_cached(out, q, k_cache, v_cache, s);
+        attention::attention_cached(out, q, k_cache, v_cache, s);
         Ok(())
     }
 
     /// Sum of the cross-entropy losses of the rows of `logits [rows, vocab]`.
     fn cross_entropy_loss(&self, logits: &[f32], targets: &[u32], vocab: usize) -> Result<f64> {
-        Ok(cpu::loss::cross_entropy_loss(logits, targets, vocab))
+        Ok(loss::cross_entropy_loss(logits, targets, vocab))
     }
 
     /// Loss sum, and `logits` replaced by `scale * dloss/dlogits`.
@@ -355,7 +362,7 @@ pub trait Kernels: Send + Sync {
         vocab: usize,
         scale: f32,
     ) -> Result<f64> {
-        Ok(cpu::loss::cross_entropy_forward_backward(
+        Ok(loss::cross_entropy_forward_backward(
             logits, targets, vocab, scale,
         ))
     }
