@@ -5,9 +5,10 @@
 //!   kernel each, the CPU's unit of work.
 //! * **Blocks** (`sdpa_forward`, `wo_forward`, `ffn_forward`, `ffn_backward_down`,
 //!   `ffn_backward_gate_up`, `wo_backward`, `sdpa_backward`, `q_backward`, `kv_backward`): the
-//!   original system's ten accelerator kernels (ARCHITECTURE.md has the table). Their default
-//!   bodies compose the operations (`backend::blocks`), so the CPU runs exactly the operations
-//!   it always ran, and an accelerator overrides a whole block.
+//!   original system's ten accelerator kernels (ARCHITECTURE.md has the table), over the
+//!   types of `backend::blocks`. Their default bodies compose the operations (the functions
+//!   at the end of this file), so the CPU runs exactly the operations it always ran, and an
+//!   accelerator overrides a whole block.
 //!
 //! Every method returns a [`Result`]: a backend whose program fails to compile or evaluate
 //! reports it, and the error reaches the user. Lifecycle: [`Kernels::prepare`] is called once
@@ -19,7 +20,7 @@
 //! All tensors are row-major f32 slices; shapes are documented on the CPU functions each
 //! default calls (`backend::cpu`).
 
-use super::blocks::{self, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
+use super::blocks::{Attend, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
 use super::cpu::attention;
 use super::cpu::embedding;
 use super::cpu::linear;
@@ -32,7 +33,7 @@ use super::types::{
     AttentionShape, CachedAttentionShape, LinearShape, Matrix, NormSaved, Positions, Qkv, QkvGrads,
     RopeTable, StepShape, WeightFormat,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One output of [`Kernels::linear_forward_multi`]: `y [rows, w.rows] = x w^T`.
 pub struct LinearOut<'a> {
@@ -372,7 +373,7 @@ pub trait Kernels: Send + Sync {
     /// sdpaFwd: q/k/v projections of the normed input, Qwen3's q/k norm, RoPE and causal
     /// attention; saves q, k, v (the "taps") and the attention state.
     fn sdpa_forward(&self, a: SdpaForward) -> Result<()> {
-        blocks::sdpa_forward(self, a)
+        sdpa_forward(self, a)
     }
 
     /// woFwd: `out [rows, dim] = residual + att Wo^T`.
@@ -384,12 +385,12 @@ pub trait Kernels: Send + Sync {
         residual: &[f32],
         rows: usize,
     ) -> Result<()> {
-        blocks::wo_forward(self, out, att, wo, residual, rows)
+        wo_forward(self, out, att, wo, residual, rows)
     }
 
     /// ffnFused: `out = residual + W2 (silu(W1 xn) * W3 xn)`; saves h1, h3 and the gate.
     fn ffn_forward(&self, a: FfnForward) -> Result<()> {
-        blocks::ffn_forward(self, a)
+        ffn_forward(self, a)
     }
 
     /// ffnBwdW2t: `dg [rows, ffn] = dy W2`.
@@ -412,7 +413,7 @@ pub trait Kernels: Send + Sync {
         w: &FfnWeights,
         rows: usize,
     ) -> Result<()> {
-        blocks::ffn_backward_gate_up(self, dxn, dh1, dh3, w, rows)
+        ffn_backward_gate_up(self, dxn, dh1, dh3, w, rows)
     }
 
     /// wotBwd: `datt [rows, q_dim] = dy Wo`.
@@ -449,6 +450,169 @@ pub trait Kernels: Send + Sync {
         self.linear_backward_input(dxn, dk, w.wk.f32, w.wk.linear(rows), true)?;
         self.linear_backward_input(dxn, dv, w.wv.f32, w.wv.linear(rows), true)
     }
+}
+
+// ---- default bodies of the blocks ------------------------------------------------------
+//
+// The blocks' compositions of the operations, generic over the kernels so that a backend
+// overriding a block can still run the default for a case its programs do not cover.
+
+/// Default body of [`Kernels::sdpa_forward`].
+pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
+    let SdpaForward {
+        dims,
+        xn,
+        w,
+        rope,
+        acts,
+        attend,
+    } = a;
+    let rows = acts.rows;
+    let (hd, kvd) = (dims.head_dim, dims.kv_dim());
+    let a = acts;
+    // Projections (before the q/k norm where there is one).
+    let qk_norm = match (w.q_norm, w.k_norm) {
+        (Some(qn), Some(kn)) => Some((qn, kn)),
+        _ => None,
+    };
+    {
+        let (q_dst, k_dst) = if qk_norm.is_some() {
+            (&mut a.q_raw, &mut a.k_raw)
+        } else {
+            (&mut a.q, &mut a.k)
+        };
+        let mut outs = [
+            LinearOut { y: q_dst, w: w.wq },
+            LinearOut { y: k_dst, w: w.wk },
+            LinearOut {
+                y: &mut a.v,
+                w: w.wv,
+            },
+        ];
+        k.linear_forward_multi(xn, rows, &mut outs)?;
+    }
+    if let Some((qn, kn)) = qk_norm {
+        k.rmsnorm_forward(&mut a.q, &mut a.rstd_q, &a.q_raw, qn, hd, dims.norm_eps)?;
+        k.rmsnorm_forward(&mut a.k, &mut a.rstd_k, &a.k_raw, kn, hd, dims.norm_eps)?;
+    }
+    let heads = |batch, seq| AttentionShape {
+        batch,
+        seq,
+        n_heads: dims.n_heads,
+        n_kv_heads: dims.n_kv_heads,
+        head_dim: hd,
+    };
+    match attend {
+        Attend::Causal { batch, seq } => {
+            let pos = Positions {
+                first: 0,
+                period: seq,
+            };
+            k.rope_forward(&mut a.q, dims.n_heads, rope, pos)?;
+            k.rope_forward(&mut a.k, dims.n_kv_heads, rope, pos)?;
+            let qkv = Qkv {
+                q: &a.q,
+                k: &a.k,
+                v: &a.v,
+            };
+            k.attention_forward(&mut a.att, &mut a.saved, qkv, &heads(batch, seq))
+        }
+        Attend::Cached { cache, start } => {
+            let end = start + rows;
+            if cache.k.len() < end * kvd || cache.v.len() < end * kvd {
+                return Err(Error::invalid(format!(
+                    "the key/value cache holds {} positions, {end} needed",
+                    cache.k.len().min(cache.v.len()) / kvd.max(1)
+                )));
+            }
+            let pos = Positions {
+                first: start,
+                period: rows,
+            };
+            k.rope_forward(&mut a.q, dims.n_heads, rope, pos)?;
+            k.rope_forward(&mut a.k, dims.n_kv_heads, rope, pos)?;
+            cache.k[start * kvd..end * kvd].copy_from_slice(&a.k);
+            cache.v[start * kvd..end * kvd].copy_from_slice(&a.v);
+            let whole = heads(1, rows);
+            if start == 0 && rows > 1 && a.saved.len() >= k.attention_saved_len(&whole) {
+                // A whole sequence from position 0 (prefill): the batched causal kernel.
+                let qkv = Qkv {
+                    q: &a.q,
+                    k: &a.k,
+                    v: &a.v,
+                };
+                return k.attention_forward(&mut a.att, &mut a.saved, qkv, &whole);
+            }
+            let s = CachedAttentionShape {
+                start,
+                rows,
+                n_heads: dims.n_heads,
+                n_kv_heads: dims.n_kv_heads,
+                head_dim: hd,
+            };
+            k.attention_cached(
+                &mut a.att,
+                &a.q,
+                &cache.k[..end * kvd],
+                &cache.v[..end * kvd],
+                &s,
+            )
+        }
+    }
+}
+
+/// Default body of [`Kernels::wo_forward`].
+pub fn wo_forward<K: Kernels + ?Sized>(
+    k: &K,
+    out: &mut [f32],
+    att: &[f32],
+    wo: Matrix,
+    residual: &[f32],
+    rows: usize,
+) -> Result<()> {
+    k.linear_forward(out, att, wo, rows)?;
+    k.residual_add(out, residual)
+}
+
+/// Default body of [`Kernels::ffn_forward`].
+pub fn ffn_forward<K: Kernels + ?Sized>(k: &K, a: FfnForward) -> Result<()> {
+    let FfnForward {
+        xn,
+        residual,
+        out,
+        w,
+        acts,
+        rows,
+    } = a;
+    {
+        let mut outs = [
+            LinearOut {
+                y: &mut acts.h1,
+                w: w.gate,
+            },
+            LinearOut {
+                y: &mut acts.h3,
+                w: w.up,
+            },
+        ];
+        k.linear_forward_multi(xn, rows, &mut outs)?;
+    }
+    k.swiglu_forward(&mut acts.g, &acts.h1, &acts.h3)?;
+    k.linear_forward(out, &acts.g, w.down, rows)?;
+    k.residual_add(out, residual)
+}
+
+/// Default body of [`Kernels::ffn_backward_gate_up`].
+pub fn ffn_backward_gate_up<K: Kernels + ?Sized>(
+    k: &K,
+    dxn: &mut [f32],
+    dh1: &[f32],
+    dh3: &[f32],
+    w: &FfnWeights,
+    rows: usize,
+) -> Result<()> {
+    k.linear_backward_input(dxn, dh1, w.gate.f32, w.gate.linear(rows), false)?;
+    k.linear_backward_input(dxn, dh3, w.up.f32, w.up.linear(rows), true)
 }
 
 impl WeightFormat {
