@@ -614,15 +614,3 @@ pub fn ffn_backward_gate_up<K: Kernels + ?Sized>(
     k.linear_backward_input(dxn, dh1, w.gate.f32, w.gate.linear(rows), false)?;
     k.linear_backward_input(dxn, dh3, w.up.f32, w.up.linear(rows), true)
 }
-
-impl WeightFormat {
-    /// Refuses a format the kernels cannot read (q8 runs only on the CPU's int8 products).
-    pub fn check_kernels(self, kernels: &dyn Kernels, backend: super::BackendKind) -> Result<()> {
-        if !kernels.reads_weights(self) {
-            return Err(crate::Error::invalid(format!(
-                "--weights {self} runs on the CPU kernels; --backend {backend} computes in its own precision"
-            )));
-        }
-        Ok(())
-    }
-}

@@ -233,6 +233,18 @@ impl Backend {
     }
 }
 
+impl WeightFormat {
+    /// Refuses a format the kernels cannot read (q8 runs only on the CPU's int8 products).
+    pub fn check_kernels(self, kernels: &dyn Kernels, backend: BackendKind) -> Result<()> {
+        if !kernels.reads_weights(self) {
+            return Err(crate::Error::invalid(format!(
+                "--weights {self} runs on the CPU kernels; --backend {backend} computes in its own precision"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind, self.precision)
