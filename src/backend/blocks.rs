@@ -1,6 +1,8 @@
-//! The block methods of [`Kernels`]: their inputs, what they save, and their default bodies,
-//! which compose the fine-grained operations. A backend that overrides a block can still call
-//! these functions (for instance for a case its programs do not cover).
+//! The block methods of [`Kernels`](crate::backend::Kernels): their weights, their inputs and
+//! what they save. Plain data: the default bodies, which compose the fine-grained operations,
+//! are in `kernels.rs` next to the trait (`kernels::sdpa_forward`, ...), so this file sits
+//! below the trait and imports only `types.rs`. A backend that overrides a block can still
+//! call those defaults (for instance for a case its programs do not cover).
 //!
 //! Attention block (sdpaFwd), for `rows` token rows:
 //! ```text
@@ -11,11 +13,7 @@
 //! ```
 //! Feed-forward block (ffnFused): `out = residual + W2 (silu(W1 xn) * W3 xn)`.
 
-use super::kernels::{Kernels, LinearOut};
-use super::types::{
-    AttentionShape, CachedAttentionShape, Matrix, ModelDims, Positions, Qkv, RopeTable,
-};
-use crate::error::{Error, Result};
+use super::types::{Matrix, ModelDims, Qkv, RopeTable};
 
 /// The weights of one attention block (matrices `[out, in]`).
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +50,7 @@ pub struct AttentionActs {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
     /// The attention state saved for the backward pass, sized by the backend
-    /// ([`Kernels::attention_saved_len`]).
+    /// ([`Kernels::attention_saved_len`](crate::backend::Kernels::attention_saved_len)).
     pub saved: Vec<f32>,
     /// Attention output before `o_proj` `[rows, q_dim]`.
     pub att: Vec<f32>,
@@ -175,7 +173,7 @@ pub enum Attend<'a> {
     Cached { cache: KvCache<'a>, start: usize },
 }
 
-/// The inputs and outputs of [`Kernels::sdpa_forward`].
+/// The inputs and outputs of [`Kernels::sdpa_forward`](crate::backend::Kernels::sdpa_forward).
 pub struct SdpaForward<'a> {
     pub dims: &'a ModelDims,
     /// The normed input `[rows, dim]`.
@@ -186,7 +184,7 @@ pub struct SdpaForward<'a> {
     pub attend: Attend<'a>,
 }
 
-/// The inputs and outputs of [`Kernels::ffn_forward`].
+/// The inputs and outputs of [`Kernels::ffn_forward`](crate::backend::Kernels::ffn_forward).
 pub struct FfnForward<'a> {
     /// The normed input `[rows, dim]`.
     pub xn: &'a [f32],
@@ -197,162 +195,4 @@ pub struct FfnForward<'a> {
     pub w: &'a FfnWeights<'a>,
     pub acts: &'a mut FfnActs,
     pub rows: usize,
-}
-
-/// Default body of [`Kernels::sdpa_forward`].
-pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
-    let SdpaForward {
-        dims,
-        xn,
-        w,
-        rope,
-        acts,
-        attend,
-    } = a;
-    let rows = acts.rows;
-    let (hd, kvd) = (dims.head_dim, dims.kv_dim());
-    let a = acts;
-    // Projections (before the q/k norm where there is one).
-    let qk_norm = match (w.q_norm, w.k_norm) {
-        (Some(qn), Some(kn)) => Some((qn, kn)),
-        _ => None,
-    };
-    {
-        let (q_dst, k_dst) = if qk_norm.is_some() {
-            (&mut a.q_raw, &mut a.k_raw)
-        } else {
-            (&mut a.q, &mut a.k)
-        };
-        let mut outs = [
-            LinearOut { y: q_dst, w: w.wq },
-            LinearOut { y: k_dst, w: w.wk },
-            LinearOut {
-                y: &mut a.v,
-                w: w.wv,
-            },
-        ];
-        k.linear_forward_multi(xn, rows, &mut outs)?;
-    }
-    if let Some((qn, kn)) = qk_norm {
-        k.rmsnorm_forward(&mut a.q, &mut a.rstd_q, &a.q_raw, qn, hd, dims.norm_eps)?;
-        k.rmsnorm_forward(&mut a.k, &mut a.rstd_k, &a.k_raw, kn, hd, dims.norm_eps)?;
-    }
-    let heads = |batch, seq| AttentionShape {
-        batch,
-        seq,
-        n_heads: dims.n_heads,
-        n_kv_heads: dims.n_kv_heads,
-        head_dim: hd,
-    };
-    match attend {
-        Attend::Causal { batch, seq } => {
-            let pos = Positions {
-                first: 0,
-                period: seq,
-            };
-            k.rope_forward(&mut a.q, dims.n_heads, rope, pos)?;
-            k.rope_forward(&mut a.k, dims.n_kv_heads, rope, pos)?;
-            let qkv = Qkv {
-                q: &a.q,
-                k: &a.k,
-                v: &a.v,
-            };
-            k.attention_forward(&mut a.att, &mut a.saved, qkv, &heads(batch, seq))
-        }
-        Attend::Cached { cache, start } => {
-            let end = start + rows;
-            if cache.k.len() < end * kvd || cache.v.len() < end * kvd {
-                return Err(Error::invalid(format!(
-                    "the key/value cache holds {} positions, {end} needed",
-                    cache.k.len().min(cache.v.len()) / kvd.max(1)
-                )));
-            }
-            let pos = Positions {
-                first: start,
-                period: rows,
-            };
-            k.rope_forward(&mut a.q, dims.n_heads, rope, pos)?;
-            k.rope_forward(&mut a.k, dims.n_kv_heads, rope, pos)?;
-            cache.k[start * kvd..end * kvd].copy_from_slice(&a.k);
-            cache.v[start * kvd..end * kvd].copy_from_slice(&a.v);
-            let whole = heads(1, rows);
-            if start == 0 && rows > 1 && a.saved.len() >= k.attention_saved_len(&whole) {
-                // A whole sequence from position 0 (prefill): the batched causal kernel.
-                let qkv = Qkv {
-                    q: &a.q,
-                    k: &a.k,
-                    v: &a.v,
-                };
-                return k.attention_forward(&mut a.att, &mut a.saved, qkv, &whole);
-            }
-            let s = CachedAttentionShape {
-                start,
-                rows,
-                n_heads: dims.n_heads,
-                n_kv_heads: dims.n_kv_heads,
-                head_dim: hd,
-            };
-            k.attention_cached(
-                &mut a.att,
-                &a.q,
-                &cache.k[..end * kvd],
-                &cache.v[..end * kvd],
-                &s,
-            )
-        }
-    }
-}
-
-/// Default body of [`Kernels::wo_forward`].
-pub fn wo_forward<K: Kernels + ?Sized>(
-    k: &K,
-    out: &mut [f32],
-    att: &[f32],
-    wo: Matrix,
-    residual: &[f32],
-    rows: usize,
-) -> Result<()> {
-    k.linear_forward(out, att, wo, rows)?;
-    k.residual_add(out, residual)
-}
-
-/// Default body of [`Kernels::ffn_forward`].
-pub fn ffn_forward<K: Kernels + ?Sized>(k: &K, a: FfnForward) -> Result<()> {
-    let FfnForward {
-        xn,
-        residual,
-        out,
-        w,
-        acts,
-        rows,
-    } = a;
-    {
-        let mut outs = [
-            LinearOut {
-                y: &mut acts.h1,
-                w: w.gate,
-            },
-            LinearOut {
-                y: &mut acts.h3,
-                w: w.up,
-            },
-        ];
-        k.linear_forward_multi(xn, rows, &mut outs)?;
-    }
-    k.swiglu_forward(&mut acts.g, &acts.h1, &acts.h3)?;
-    k.linear_forward(out, &acts.g, w.down, rows)?;
-    k.residual_add(out, residual)
-}
-
-/// Default body of [`Kernels::ffn_backward_gate_up`].
-pub fn ffn_backward_gate_up<K: Kernels + ?Sized>(
-    k: &K,
-    dxn: &mut [f32],
-    dh1: &[f32],
-    dh3: &[f32],
-    w: &FfnWeights,
-    rows: usize,
-) -> Result<()> {
-    k.linear_backward_input(dxn, dh1, w.gate.f32, w.gate.linear(rows), false)?;
-    k.linear_backward_input(dxn, dh3, w.up.f32, w.up.linear(rows), true)
 }

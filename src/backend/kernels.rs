@@ -5,9 +5,10 @@
 //!   kernel each, the CPU's unit of work.
 //! * **Blocks** (`sdpa_forward`, `wo_forward`, `ffn_forward`, `ffn_backward_down`,
 //!   `ffn_backward_gate_up`, `wo_backward`, `sdpa_backward`, `q_backward`, `kv_backward`): the
-//!   original system's ten accelerator kernels (ARCHITECTURE.md has the table). Their default
-//!   bodies compose the operations (`backend::blocks`), so the CPU runs exactly the operations
-//!   it always ran, and an accelerator overrides a whole block.
+//!   original system's ten accelerator kernels (ARCHITECTURE.md has the table), over the
+//!   types of `backend::blocks`. Their default bodies compose the operations (the functions
+//!   at the end of this file), so the CPU runs exactly the operations it always ran, and an
+//!   accelerator overrides a whole block.
 //!
 //! Every method returns a [`Result`]: a backend whose program fails to compile or evaluate
 //! reports it, and the error reaches the user. Lifecycle: [`Kernels::prepare`] is called once
@@ -19,13 +20,20 @@
 //! All tensors are row-major f32 slices; shapes are documented on the CPU functions each
 //! default calls (`backend::cpu`).
 
-use super::blocks::{self, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
-use super::cpu;
+use super::blocks::{Attend, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
+use super::cpu::attention;
+use super::cpu::embedding;
+use super::cpu::linear;
+use super::cpu::loss;
+use super::cpu::residual;
+use super::cpu::rmsnorm;
+use super::cpu::rope;
+use super::cpu::swiglu;
 use super::types::{
     AttentionShape, CachedAttentionShape, LinearShape, Matrix, NormSaved, Positions, Qkv, QkvGrads,
     RopeTable, StepShape, WeightFormat,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One output of [`Kernels::linear_forward_multi`]: `y [rows, w.rows] = x w^T`.
 pub struct LinearOut<'a> {
@@ -171,7 +179,7 @@ pub trait Kernels: Send + Sync {
         ids: &[u32],
         dim: usize,
     ) -> Result<()> {
-        cpu::embedding::embedding_forward(out, table, ids, dim);
+        embedding::embedding_forward(out, table, ids, dim);
         Ok(())
     }
 
@@ -183,7 +191,7 @@ pub trait Kernels: Send + Sync {
         ids: &[u32],
         dim: usize,
     ) -> Result<()> {
-        cpu::embedding::embedding_backward(dtable, dout, ids, dim);
+        embedding::embedding_backward(dtable, dout, ids, dim);
         Ok(())
     }
 
@@ -197,7 +205,7 @@ pub trait Kernels: Send + Sync {
         d: usize,
         eps: f32,
     ) -> Result<()> {
-        cpu::rmsnorm::rmsnorm_forward(out, rstd, x, w, d, eps);
+        rmsnorm::rmsnorm_forward(out, rstd, x, w, d, eps);
         Ok(())
     }
 
@@ -212,7 +220,7 @@ pub trait Kernels: Send + Sync {
         d: usize,
         accumulate: bool,
     ) -> Result<()> {
-        cpu::rmsnorm::rmsnorm_backward(dx, dw, dy, saved, d, accumulate);
+        rmsnorm::rmsnorm_backward(dx, dw, dy, saved, d, accumulate);
         Ok(())
     }
 
@@ -224,7 +232,7 @@ pub trait Kernels: Send + Sync {
         rope: &RopeTable,
         pos: Positions,
     ) -> Result<()> {
-        cpu::rope::rope_forward(x, heads, rope, pos);
+        rope::rope_forward(x, heads, rope, pos);
         Ok(())
     }
 
@@ -236,19 +244,19 @@ pub trait Kernels: Send + Sync {
         rope: &RopeTable,
         pos: Positions,
     ) -> Result<()> {
-        cpu::rope::rope_backward(dx, heads, rope, pos);
+        rope::rope_backward(dx, heads, rope, pos);
         Ok(())
     }
 
     /// Residual add in place: `acc += x`.
     fn residual_add(&self, acc: &mut [f32], x: &[f32]) -> Result<()> {
-        cpu::residual::residual_add(acc, x);
+        residual::residual_add(acc, x);
         Ok(())
     }
 
     /// `g = silu(h1) * h3`.
     fn swiglu_forward(&self, g: &mut [f32], h1: &[f32], h3: &[f32]) -> Result<()> {
-        cpu::swiglu::swiglu_forward(g, h1, h3);
+        swiglu::swiglu_forward(g, h1, h3);
         Ok(())
     }
 
@@ -261,13 +269,13 @@ pub trait Kernels: Send + Sync {
         h1: &[f32],
         h3: &[f32],
     ) -> Result<()> {
-        cpu::swiglu::swiglu_backward(dh1, dh3, dg, h1, h3);
+        swiglu::swiglu_backward(dh1, dh3, dg, h1, h3);
         Ok(())
     }
 
     /// `y [rows, w.rows] = x [rows, w.cols] w^T`.
     fn linear_forward(&self, y: &mut [f32], x: &[f32], w: Matrix, rows: usize) -> Result<()> {
-        cpu::linear::linear_forward(y, x, w.f32, w.linear(rows));
+        linear::linear_forward(y, x, w.f32, w.linear(rows));
         Ok(())
     }
 
@@ -288,7 +296,7 @@ pub trait Kernels: Send + Sync {
         s: LinearShape,
         accumulate: bool,
     ) -> Result<()> {
-        cpu::linear::linear_backward_input(dx, dy, w, s, accumulate);
+        linear::linear_backward_input(dx, dy, w, s, accumulate);
         Ok(())
     }
 
@@ -300,7 +308,7 @@ pub trait Kernels: Send + Sync {
         x: &[f32],
         s: LinearShape,
     ) -> Result<()> {
-        cpu::linear::linear_backward_weight(dw, dy, x, s);
+        linear::linear_backward_weight(dw, dy, x, s);
         Ok(())
     }
 
@@ -312,7 +320,7 @@ pub trait Kernels: Send + Sync {
         x: Qkv,
         s: &AttentionShape,
     ) -> Result<()> {
-        cpu::attention::attention_forward(out, saved, x, s);
+        attention::attention_forward(out, saved, x, s);
         Ok(())
     }
 
@@ -325,7 +333,7 @@ pub trait Kernels: Send + Sync {
         x: Qkv,
         s: &AttentionShape,
     ) -> Result<()> {
-        cpu::attention::attention_backward(g, dout, saved, x, s);
+        attention::attention_backward(g, dout, saved, x, s);
         Ok(())
     }
 
@@ -338,13 +346,13 @@ pub trait Kernels: Send + Sync {
         v_cache: &[f32],
         s: &CachedAttentionShape,
     ) -> Result<()> {
-        cpu::attention::attention_cached(out, q, k_cache, v_cache, s);
+        attention::attention_cached(out, q, k_cache, v_cache, s);
         Ok(())
     }
 
     /// Sum of the cross-entropy losses of the rows of `logits [rows, vocab]`.
     fn cross_entropy_loss(&self, logits: &[f32], targets: &[u32], vocab: usize) -> Result<f64> {
-        Ok(cpu::loss::cross_entropy_loss(logits, targets, vocab))
+        Ok(loss::cross_entropy_loss(logits, targets, vocab))
     }
 
     /// Loss sum, and `logits` replaced by `scale * dloss/dlogits`.
@@ -355,7 +363,7 @@ pub trait Kernels: Send + Sync {
         vocab: usize,
         scale: f32,
     ) -> Result<f64> {
-        Ok(cpu::loss::cross_entropy_forward_backward(
+        Ok(loss::cross_entropy_forward_backward(
             logits, targets, vocab, scale,
         ))
     }
@@ -365,7 +373,7 @@ pub trait Kernels: Send + Sync {
     /// sdpaFwd: q/k/v projections of the normed input, Qwen3's q/k norm, RoPE and causal
     /// attention; saves q, k, v (the "taps") and the attention state.
     fn sdpa_forward(&self, a: SdpaForward) -> Result<()> {
-        blocks::sdpa_forward(self, a)
+        sdpa_forward(self, a)
     }
 
     /// woFwd: `out [rows, dim] = residual + att Wo^T`.
@@ -377,12 +385,12 @@ pub trait Kernels: Send + Sync {
         residual: &[f32],
         rows: usize,
     ) -> Result<()> {
-        blocks::wo_forward(self, out, att, wo, residual, rows)
+        wo_forward(self, out, att, wo, residual, rows)
     }
 
     /// ffnFused: `out = residual + W2 (silu(W1 xn) * W3 xn)`; saves h1, h3 and the gate.
     fn ffn_forward(&self, a: FfnForward) -> Result<()> {
-        blocks::ffn_forward(self, a)
+        ffn_forward(self, a)
     }
 
     /// ffnBwdW2t: `dg [rows, ffn] = dy W2`.
@@ -405,7 +413,7 @@ pub trait Kernels: Send + Sync {
         w: &FfnWeights,
         rows: usize,
     ) -> Result<()> {
-        blocks::ffn_backward_gate_up(self, dxn, dh1, dh3, w, rows)
+        ffn_backward_gate_up(self, dxn, dh1, dh3, w, rows)
     }
 
     /// wotBwd: `datt [rows, q_dim] = dy Wo`.
@@ -444,14 +452,165 @@ pub trait Kernels: Send + Sync {
     }
 }
 
-impl WeightFormat {
-    /// Refuses a format the kernels cannot read (q8 runs only on the CPU's int8 products).
-    pub fn check_kernels(self, kernels: &dyn Kernels, backend: super::BackendKind) -> Result<()> {
-        if !kernels.reads_weights(self) {
-            return Err(crate::Error::invalid(format!(
-                "--weights {self} runs on the CPU kernels; --backend {backend} computes in its own precision"
-            )));
-        }
-        Ok(())
+// ---- default bodies of the blocks ------------------------------------------------------
+//
+// The blocks' compositions of the operations, generic over the kernels so that a backend
+// overriding a block can still run the default for a case its programs do not cover.
+
+/// Default body of [`Kernels::sdpa_forward`].
+pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
+    let SdpaForward {
+        dims,
+        xn,
+        w,
+        rope,
+        acts,
+        attend,
+    } = a;
+    let rows = acts.rows;
+    let (hd, kvd) = (dims.head_dim, dims.kv_dim());
+    let a = acts;
+    // Projections (before the q/k norm where there is one).
+    let qk_norm = match (w.q_norm, w.k_norm) {
+        (Some(qn), Some(kn)) => Some((qn, kn)),
+        _ => None,
+    };
+    {
+        let (q_dst, k_dst) = if qk_norm.is_some() {
+            (&mut a.q_raw, &mut a.k_raw)
+        } else {
+            (&mut a.q, &mut a.k)
+        };
+        let mut outs = [
+            LinearOut { y: q_dst, w: w.wq },
+            LinearOut { y: k_dst, w: w.wk },
+            LinearOut {
+                y: &mut a.v,
+                w: w.wv,
+            },
+        ];
+        k.linear_forward_multi(xn, rows, &mut outs)?;
     }
+    if let Some((qn, kn)) = qk_norm {
+        k.rmsnorm_forward(&mut a.q, &mut a.rstd_q, &a.q_raw, qn, hd, dims.norm_eps)?;
+        k.rmsnorm_forward(&mut a.k, &mut a.rstd_k, &a.k_raw, kn, hd, dims.norm_eps)?;
+    }
+    let heads = |batch, seq| AttentionShape {
+        batch,
+        seq,
+        n_heads: dims.n_heads,
+        n_kv_heads: dims.n_kv_heads,
+        head_dim: hd,
+    };
+    match attend {
+        Attend::Causal { batch, seq } => {
+            let pos = Positions {
+                first: 0,
+                period: seq,
+            };
+            k.rope_forward(&mut a.q, dims.n_heads, rope, pos)?;
+            k.rope_forward(&mut a.k, dims.n_kv_heads, rope, pos)?;
+            let qkv = Qkv {
+                q: &a.q,
+                k: &a.k,
+                v: &a.v,
+            };
+            k.attention_forward(&mut a.att, &mut a.saved, qkv, &heads(batch, seq))
+        }
+        Attend::Cached { cache, start } => {
+            let end = start + rows;
+            if cache.k.len() < end * kvd || cache.v.len() < end * kvd {
+                return Err(Error::invalid(format!(
+                    "the key/value cache holds {} positions, {end} needed",
+                    cache.k.len().min(cache.v.len()) / kvd.max(1)
+                )));
+            }
+            let pos = Positions {
+                first: start,
+                period: rows,
+            };
+            k.rope_forward(&mut a.q, dims.n_heads, rope, pos)?;
+            k.rope_forward(&mut a.k, dims.n_kv_heads, rope, pos)?;
+            cache.k[start * kvd..end * kvd].copy_from_slice(&a.k);
+            cache.v[start * kvd..end * kvd].copy_from_slice(&a.v);
+            let whole = heads(1, rows);
+            if start == 0 && rows > 1 && a.saved.len() >= k.attention_saved_len(&whole) {
+                // A whole sequence from position 0 (prefill): the batched causal kernel.
+                let qkv = Qkv {
+                    q: &a.q,
+                    k: &a.k,
+                    v: &a.v,
+                };
+                return k.attention_forward(&mut a.att, &mut a.saved, qkv, &whole);
+            }
+            let s = CachedAttentionShape {
+                start,
+                rows,
+                n_heads: dims.n_heads,
+                n_kv_heads: dims.n_kv_heads,
+                head_dim: hd,
+            };
+            k.attention_cached(
+                &mut a.att,
+                &a.q,
+                &cache.k[..end * kvd],
+                &cache.v[..end * kvd],
+                &s,
+            )
+        }
+    }
+}
+
+/// Default body of [`Kernels::wo_forward`].
+pub fn wo_forward<K: Kernels + ?Sized>(
+    k: &K,
+    out: &mut [f32],
+    att: &[f32],
+    wo: Matrix,
+    residual: &[f32],
+    rows: usize,
+) -> Result<()> {
+    k.linear_forward(out, att, wo, rows)?;
+    k.residual_add(out, residual)
+}
+
+/// Default body of [`Kernels::ffn_forward`].
+pub fn ffn_forward<K: Kernels + ?Sized>(k: &K, a: FfnForward) -> Result<()> {
+    let FfnForward {
+        xn,
+        residual,
+        out,
+        w,
+        acts,
+        rows,
+    } = a;
+    {
+        let mut outs = [
+            LinearOut {
+                y: &mut acts.h1,
+                w: w.gate,
+            },
+            LinearOut {
+                y: &mut acts.h3,
+                w: w.up,
+            },
+        ];
+        k.linear_forward_multi(xn, rows, &mut outs)?;
+    }
+    k.swiglu_forward(&mut acts.g, &acts.h1, &acts.h3)?;
+    k.linear_forward(out, &acts.g, w.down, rows)?;
+    k.residual_add(out, residual)
+}
+
+/// Default body of [`Kernels::ffn_backward_gate_up`].
+pub fn ffn_backward_gate_up<K: Kernels + ?Sized>(
+    k: &K,
+    dxn: &mut [f32],
+    dh1: &[f32],
+    dh3: &[f32],
+    w: &FfnWeights,
+    rows: usize,
+) -> Result<()> {
+    k.linear_backward_input(dxn, dh1, w.gate.f32, w.gate.linear(rows), false)?;
+    k.linear_backward_input(dxn, dh3, w.up.f32, w.up.linear(rows), true)
 }

@@ -10,6 +10,7 @@ pub mod ane;
 pub mod blocks;
 pub mod conformance;
 pub mod cpu;
+pub mod cpu_kernels;
 mod fault;
 pub mod kernels;
 pub mod types;
@@ -158,8 +159,8 @@ impl Backend {
                 .is_ok_and(|v| v == "per-call"),
         };
         Ok(match (self.kind, self.precision) {
-            (BackendKind::Cpu, Precision::Fp32) => Box::new(cpu::CpuKernels),
-            (BackendKind::Cpu, Precision::Bf16) => Box::new(cpu::CpuBf16Kernels),
+            (BackendKind::Cpu, Precision::Fp32) => Box::new(cpu_kernels::CpuKernels),
+            (BackendKind::Cpu, Precision::Bf16) => Box::new(cpu_kernels::CpuBf16Kernels),
             (BackendKind::Cpu | BackendKind::FaultInjection, Precision::Fp16) => {
                 return Err(crate::Error::invalid(
                     "--precision fp16 is the Neural Engine's (--backend ane or ane-sim); the CPU computes in fp32 or bf16",
@@ -229,6 +230,18 @@ impl Backend {
             });
         }
         w
+    }
+}
+
+impl WeightFormat {
+    /// Refuses a format the kernels cannot read (q8 runs only on the CPU's int8 products).
+    pub fn check_kernels(self, kernels: &dyn Kernels, backend: BackendKind) -> Result<()> {
+        if !kernels.reads_weights(self) {
+            return Err(crate::Error::invalid(format!(
+                "--weights {self} runs on the CPU kernels; --backend {backend} computes in its own precision"
+            )));
+        }
+        Ok(())
     }
 }
 

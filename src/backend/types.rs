@@ -168,7 +168,17 @@ pub enum CompactWeights<'a> {
     Bf16(&'a [u16]),
     /// Int8 in groups along each row with one f32 scale per group, read by every forward
     /// product of the CPU kernels.
-    Q8(crate::backend::cpu::quant::Q8Matrix<'a>),
+    Q8(Q8Matrix<'a>),
+}
+
+/// A view of int8 weights `[rows, cols]`, row-major, in groups of `group` values along each
+/// row (`cols` a multiple of `group`) with one f32 scale per group; `cpu::quant` makes and
+/// multiplies them.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Matrix<'a> {
+    pub q: &'a [i8],
+    pub scales: &'a [f32],
+    pub group: usize,
 }
 
 impl<'a> Matrix<'a> {

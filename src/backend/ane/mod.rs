@@ -43,9 +43,7 @@ use self::mil::Target;
 use self::pack::Surface;
 use self::runtime::RowWrite;
 use self::sim::Simulator;
-use super::blocks::{
-    self, Attend, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward,
-};
+use super::blocks::{Attend, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
 use super::kernels::{AcceleratorStats, KernelPlacement, Kernels, Tolerance};
 use super::types::{AttentionShape, Matrix, Qkv, QkvGrads, StepShape};
 use crate::error::{Error, Result};
@@ -794,11 +792,11 @@ impl Kernels for AneKernels {
     fn sdpa_forward(&self, a: SdpaForward) -> Result<()> {
         let (batch, seq) = match &a.attend {
             Attend::Causal { batch, seq } => (*batch, *seq),
-            Attend::Cached { .. } => return blocks::sdpa_forward(self, a),
+            Attend::Cached { .. } => return super::kernels::sdpa_forward(self, a),
         };
         let set = match self.program_set(batch * seq, KernelKind::SdpaFwd) {
             Some(s) if s.shape.seq == seq => s,
-            _ => return blocks::sdpa_forward(self, a),
+            _ => return super::kernels::sdpa_forward(self, a),
         };
         self.block(|| {
             let d = a.dims;
@@ -881,7 +879,7 @@ impl Kernels for AneKernels {
         rows: usize,
     ) -> Result<()> {
         let Some(set) = self.program_set(rows, KernelKind::WoFwd) else {
-            return blocks::wo_forward(self, out, att, wo, residual, rows);
+            return super::kernels::wo_forward(self, out, att, wo, residual, rows);
         };
         let (dim, qd) = (wo.rows, wo.cols);
         self.projection(
@@ -904,7 +902,7 @@ impl Kernels for AneKernels {
 
     fn ffn_forward(&self, a: FfnForward) -> Result<()> {
         let Some(set) = self.program_set(a.rows, KernelKind::FfnFused) else {
-            return blocks::ffn_forward(self, a);
+            return super::kernels::ffn_forward(self, a);
         };
         self.block(|| {
             let seq = set.shape.seq;
@@ -1009,7 +1007,7 @@ impl Kernels for AneKernels {
         rows: usize,
     ) -> Result<()> {
         let Some(set) = self.program_set(rows, KernelKind::FfnBwdW13t) else {
-            return blocks::ffn_backward_gate_up(self, dxn, dh1, dh3, w, rows);
+            return super::kernels::ffn_backward_gate_up(self, dxn, dh1, dh3, w, rows);
         };
         let (f, dim) = (w.gate.rows, w.gate.cols);
         self.projection(

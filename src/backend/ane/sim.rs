@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use super::mil::infer::{self, Args};
 use super::mil::parse::parse;
 use super::mil::{Arg, DType, Literal, OpKind, Program, ProgramFiles, TensorType, blob};
-use crate::backend::cpu::linear::gemm_crate;
+use crate::backend::cpu::gemm_crate::gemm_crate;
 use crate::backend::cpu::matrix::{MatMut, MatRef};
 
 /// A runtime tensor: fp16 values are kept as f32 holding exactly representable values.

@@ -312,8 +312,8 @@ pub mod fake {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::{COL_MAJOR, NO_TRANS, ROW_MAJOR, TRANS};
-    use crate::backend::cpu::linear::gemm_crate;
+    use crate::backend::cpu::accelerate::{COL_MAJOR, NO_TRANS, ROW_MAJOR, TRANS};
+    use crate::backend::cpu::gemm_crate::gemm_crate;
     use crate::backend::cpu::matrix::{MatMut, MatRef};
 
     static ERRORS: Mutex<Vec<String>> = Mutex::new(Vec::new());

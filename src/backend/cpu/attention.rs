@@ -12,10 +12,10 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::SendPtr;
 use super::gemm_bf16::gemm_bf16_serial;
-use super::linear::gemm_crate;
+use super::gemm_crate::gemm_crate;
 use super::matrix::{MatMut, MatRef};
+use super::send_ptr::SendPtr;
 use crate::backend::types::{AttentionShape, CachedAttentionShape, Qkv, QkvGrads};
 
 /// One product of a head, `C (+)= A · B`, on one thread: f32 through the `gemm` crate
@@ -437,7 +437,7 @@ impl CacheSpan<'_> {
 mod span_avx512 {
     use std::arch::x86_64::*;
 
-    use super::CacheSpan;
+    use crate::backend::cpu::attention::CacheSpan;
 
     /// Rows prefetched ahead of the one being read.
     const AHEAD: usize = 4;

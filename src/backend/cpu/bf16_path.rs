@@ -80,10 +80,7 @@ pub fn bf16_path() -> Bf16Path {
         };
         // AMX is asked for only when wanted: asking changes the process's state (the OS
         // grants it the tile registers).
-        if cap == Bf16Path::Amx
-            && without_amx == Bf16Path::Avx512
-            && super::gemm_amx::cpu_grants_amx()
-        {
+        if cap == Bf16Path::Amx && without_amx == Bf16Path::Avx512 && cpu_grants_amx() {
             Bf16Path::Amx
         } else {
             cap.min(without_amx)
@@ -97,7 +94,7 @@ fn best_of_cpu() -> Bf16Path {
     *BEST.get_or_init(|| {
         if !avx512_bf16() {
             Bf16Path::Portable
-        } else if super::gemm_amx::cpu_grants_amx() {
+        } else if cpu_grants_amx() {
             Bf16Path::Amx
         } else {
             Bf16Path::Avx512
@@ -115,6 +112,48 @@ fn avx512_bf16() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        false
+    }
+}
+
+/// CPUID says AMX-TILE and AMX-BF16 and the OS grants this process the tile state (asked once).
+fn cpu_grants_amx() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(os::enable)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod os {
+    /// `arch_prctl` request for permission to use an extended state component.
+    const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
+    /// The AMX tile data state component.
+    const XFEATURE_XTILEDATA: libc::c_ulong = 18;
+
+    /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile state.
+    pub fn enable() -> bool {
+        // SAFETY: CPUID leaf 7 exists on every x86_64 CPU with AVX-512 (checked by the caller).
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let amx_bf16 = leaf7.edx & (1 << 22) != 0;
+        let amx_tile = leaf7.edx & (1 << 24) != 0;
+        if !(amx_bf16 && amx_tile) {
+            return false;
+        }
+        // SAFETY: a plain system call with integer arguments; it fails cleanly (non-zero) on
+        // kernels without AMX support.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        rc == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod os {
+    pub fn enable() -> bool {
         false
     }
 }

@@ -19,13 +19,13 @@
 
 use rayon::prelude::*;
 
-use super::SendPtr;
-use super::gemm_bf16::{PackBuf, pack_b, row_block_of, with_packed_b};
 use super::matrix::{MatRef, Product};
+use super::pack::{PackBuf, pack_b, row_block_of, with_packed_b};
+use super::send_ptr::SendPtr;
 #[cfg(target_arch = "x86_64")]
 use super::{
-    gemm_bf16::{NR, store_tile},
     matrix::TileAt,
+    pack::{NR, store_tile},
 };
 
 /// Rows of a packed `A` panel and of a micro-block of `C` (two tiles of 16).
@@ -39,48 +39,6 @@ const MC_MAX: usize = 256;
 /// `HANDGRAD_BF16` / `HANDGRAD_AMX` do not turn it off (see [`super::bf16_path`]).
 pub fn available() -> bool {
     super::bf16_path::bf16_path() == super::bf16_path::Bf16Path::Amx
-}
-
-/// CPUID says AMX-TILE and AMX-BF16 and the OS grants this process the tile state (asked once).
-pub(crate) fn cpu_grants_amx() -> bool {
-    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *GRANTED.get_or_init(os::enable)
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-mod os {
-    /// `arch_prctl` request for permission to use an extended state component.
-    const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
-    /// The AMX tile data state component.
-    const XFEATURE_XTILEDATA: libc::c_ulong = 18;
-
-    /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile state.
-    pub fn enable() -> bool {
-        // SAFETY: CPUID leaf 7 exists on every x86_64 CPU with AVX-512 (checked by the caller).
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-        let amx_bf16 = leaf7.edx & (1 << 22) != 0;
-        let amx_tile = leaf7.edx & (1 << 24) != 0;
-        if !(amx_bf16 && amx_tile) {
-            return false;
-        }
-        // SAFETY: a plain system call with integer arguments; it fails cleanly (non-zero) on
-        // kernels without AMX support.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            )
-        };
-        rc == 0
-    }
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-mod os {
-    pub fn enable() -> bool {
-        false
-    }
 }
 
 /// The part of a depth `k` that the AMX kernel takes (a multiple of 32; 0 when AMX is off).
@@ -336,7 +294,7 @@ fn pack_a(buf: &mut PackBuf<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc
                         // SAFETY: AMX implies the AVX-512 BF16 packing kernels (checked by
                         // `available`, the only way here); 32 floats from the start exist.
                         unsafe {
-                            super::gemm_bf16::simd::store_row_pairs(
+                            super::pack::simd::store_row_pairs(
                                 dst.as_mut_ptr(),
                                 src[32 * qb..].as_ptr(),
                             )
@@ -344,7 +302,7 @@ fn pack_a(buf: &mut PackBuf<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc
                     }
                     #[cfg(not(target_arch = "x86_64"))]
                     for (q, d) in dst.iter_mut().enumerate() {
-                        *d = super::gemm_bf16::pair(src[32 * qb + 2 * q], src[32 * qb + 2 * q + 1]);
+                        *d = super::pack::pair(src[32 * qb + 2 * q], src[32 * qb + 2 * q + 1]);
                     }
                 }
             }
@@ -369,11 +327,7 @@ fn pack_a(buf: &mut PackBuf<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc
                         // `available`); each of the 32 rows has `n` floats from its pointer;
                         // `dst` holds 256 words.
                         unsafe {
-                            super::gemm_bf16::simd::pack_k_rows_transposed(
-                                dst.as_mut_ptr(),
-                                &ptrs,
-                                n,
-                            )
+                            super::pack::simd::pack_k_rows_transposed(dst.as_mut_ptr(), &ptrs, n)
                         };
                     }
                     #[cfg(not(target_arch = "x86_64"))]
@@ -382,7 +336,7 @@ fn pack_a(buf: &mut PackBuf<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc
                             let k0 = p0 + 32 * qb + 2 * q;
                             let at_r = r0 + 16 * half + r;
                             dst[r * 16 + q] = if r < n {
-                                super::gemm_bf16::pair(a.at(at_r, k0), a.at(at_r, k0 + 1))
+                                super::pack::pair(a.at(at_r, k0), a.at(at_r, k0 + 1))
                             } else {
                                 0
                             };
@@ -393,10 +347,8 @@ fn pack_a(buf: &mut PackBuf<u32>, a: MatRef, i0: usize, mc: usize, p0: usize, kc
         } else {
             for r in 0..rows {
                 for q in 0..pairs {
-                    out[at(q, r)] = super::gemm_bf16::pair(
-                        a.at(r0 + r, p0 + 2 * q),
-                        a.at(r0 + r, p0 + 2 * q + 1),
-                    );
+                    out[at(q, r)] =
+                        super::pack::pair(a.at(r0 + r, p0 + 2 * q), a.at(r0 + r, p0 + 2 * q + 1));
                 }
             }
         }

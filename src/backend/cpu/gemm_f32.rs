@@ -8,8 +8,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm_bf16::{MR, NR, PackBuf, row_block, store_tile};
 use super::matrix::{MatMut, MatRef, Product, TileAt};
+use super::pack::{MR, NR, PackBuf, row_block, store_tile};
 
 /// Most depth of a packed block: a `KC x NR` panel of `B` is 96 KB, re-read from L2 per `A`
 /// panel; the model's k = 768 products then take one pass over C instead of 512 + 256.
@@ -38,7 +38,8 @@ pub fn available() -> bool {
 mod simd {
     use std::arch::x86_64::*;
 
-    use crate::backend::cpu::gemm_bf16::simd::{mask, transpose16};
+    use crate::backend::cpu::pack::simd::{mask, transpose16};
+    use crate::backend::cpu::pack::{MR, NR};
 
     /// Writes `count` (<= 16) rows of a panel of width `width` at column `col`: element
     /// `dst[kk * width + col + i]` = `rows[i][kk]` for `kk < count`, from up to 16 source rows
@@ -82,7 +83,6 @@ mod simd {
         ldc: usize,
         add: bool,
     ) {
-        use super::{MR, NR};
         let mut c = [[_mm512_setzero_ps(); 2]; MR];
         // SAFETY: as documented above.
         unsafe {
@@ -114,14 +114,9 @@ mod simd {
     /// # Safety
     /// As [`micro`].
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn micro_tile(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        tile: &mut [f32; super::MR * super::NR],
-    ) {
+    pub unsafe fn micro_tile(kc: usize, a: *const f32, b: *const f32, tile: &mut [f32; MR * NR]) {
         // SAFETY: the tile is MR x NR with row stride NR.
-        unsafe { micro(kc, a, b, tile.as_mut_ptr(), super::NR, false) }
+        unsafe { micro(kc, a, b, tile.as_mut_ptr(), NR, false) }
     }
 }
 
@@ -256,7 +251,7 @@ fn pack_b_by_rows(out: &mut [f32], b: MatRef, p0: usize, kc: usize, n: usize) {
     const ROWS_PER_TASK: usize = 32;
     let panels = n.div_ceil(NR);
     assert!(out.len() >= panels * kc * NR);
-    let base = super::SendPtr(out.as_mut_ptr());
+    let base = super::send_ptr::SendPtr(out.as_mut_ptr());
     (0..kc.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .for_each(|t| {

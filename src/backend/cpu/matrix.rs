@@ -5,7 +5,7 @@
 
 use std::marker::PhantomData;
 
-use super::SendPtr;
+use super::send_ptr::SendPtr;
 
 /// A strided f32 matrix view: element `(i, j)` at `data[i * rs + j * cs]`, for `i < rows`,
 /// `j < cols`. The constructor checks that every element lies inside `data`.

@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+pub use crate::backend::types::Q8Matrix;
+
 /// The group size of llama2.c's exporter and of `convert --quant q8`.
 pub const DEFAULT_GROUP: usize = 64;
 
@@ -96,14 +98,6 @@ impl Q8Tensor {
             group: self.group,
         }
     }
-}
-
-/// A view of quantised weights `[rows, cols]`, row-major; `cols` is a multiple of `group`.
-#[derive(Debug, Clone, Copy)]
-pub struct Q8Matrix<'a> {
-    pub q: &'a [i8],
-    pub scales: &'a [f32],
-    pub group: usize,
 }
 
 /// Rows of activations quantised per group (the input of a product), reused across calls.
@@ -539,7 +533,7 @@ pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matr
     // Blocks of weight rows per task; each task writes its columns of every output row.
     let per = rows_per_task(out).min(64);
     let blocks = out.div_ceil(per);
-    let ptr = super::SendPtr(y.as_mut_ptr());
+    let ptr = super::send_ptr::SendPtr(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     let blocked = isa == DotIsa::Avx512Vnni && g == 64;
     (0..blocks).into_par_iter().for_each(|b| {
