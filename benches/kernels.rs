@@ -3,16 +3,17 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use handgrad::backend::cpu::attention::{attention_backward, attention_forward};
+use handgrad::backend::cpu::bf16_in_hardware;
 use handgrad::backend::cpu::gemv::{gemv_bf16, gemv_f32, to_bf16};
 use handgrad::backend::cpu::loss::cross_entropy_forward_backward;
 use handgrad::backend::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use handgrad::backend::cpu::rope::rope_forward;
 use handgrad::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
-use handgrad::backend::cpu::{CpuBf16Kernels, CpuKernels, bf16_in_hardware};
 use handgrad::backend::{
     AttentionShape, Kernels, Matrix, NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable,
     cpu::embedding::embedding_forward,
 };
+use handgrad::backend::{CpuBf16Kernels, CpuKernels};
 use handgrad::model::{ModelConfig, ParamLayout};
 use handgrad::optim::{AdamW, AdamWConfig};
 

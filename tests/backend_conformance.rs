@@ -4,8 +4,8 @@
 mod common;
 
 use handgrad::backend::conformance::{self, ane_cases, standard_cases};
-use handgrad::backend::cpu::{CpuBf16Kernels, CpuKernels};
 use handgrad::backend::{AttentionWeights, Backend, BackendKind, Kernels, Precision};
+use handgrad::backend::{CpuBf16Kernels, CpuKernels};
 
 fn assert_conforms(label: &str, k: &mut dyn Kernels) {
     assert_conforms_on(label, k, &standard_cases());

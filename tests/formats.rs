@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use handgrad::backend::cpu::CpuKernels;
+use handgrad::backend::CpuKernels;
 use handgrad::formats::hf::ExportDtype;
 use handgrad::formats::safetensors::SafetensorsFile;
 use handgrad::formats::{LoadedModel, hf, llama2c, load_model};

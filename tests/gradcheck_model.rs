@@ -5,7 +5,7 @@
 mod common;
 
 use common::{GradReport, check_gradient, randn};
-use handgrad::backend::cpu::CpuKernels;
+use handgrad::backend::CpuKernels;
 use handgrad::backend::{Kernels, NormSaved};
 use handgrad::model::params::TensorKind;
 use handgrad::model::{Architecture, Batch, ModelConfig, RopeStyle, Transformer, VocabCompaction};

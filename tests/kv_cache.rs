@@ -2,7 +2,7 @@
 
 mod common;
 
-use handgrad::backend::cpu::CpuKernels;
+use handgrad::backend::CpuKernels;
 use handgrad::generate::{Decoder, WeightFormat};
 use handgrad::model::{Architecture, ModelConfig, RopeStyle, Transformer};
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use handgrad::backend::cpu::CpuKernels;
+use handgrad::backend::CpuKernels;
 use handgrad::formats::safetensors::SafetensorsFile;
 use handgrad::model::{Batch, ModelConfig, Transformer};
 

@@ -259,7 +259,7 @@ fn generated_text_keeps_the_space_after_a_sentencepiece_prompt() {
     let Some(p) = common::fixture("llama2/tokenizer.bin") else {
         return;
     };
-    use handgrad::backend::cpu::CpuKernels;
+    use handgrad::backend::CpuKernels;
     use handgrad::generate::{GenerateOptions, Sampling, WeightFormat, generate};
     use handgrad::model::{ModelConfig, Transformer};
     let tok = tokenizer::load(&p).unwrap();

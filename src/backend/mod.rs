@@ -20,6 +20,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use blocks::{Attend, AttentionActs, AttentionWeights, FfnActs, FfnWeights, KvCache};
+pub use cpu_kernels::{CpuBf16Kernels, CpuKernels};
 pub use kernels::{AcceleratorStats, KernelPlacement, Kernels, LinearOut, Tolerance};
 pub use types::{
     AttentionShape, CachedAttentionShape, CompactWeights, LinearShape, Matrix, ModelDims,

@@ -133,7 +133,7 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
         crate::generate::generate(
             &model,
             &m.params,
-            &crate::backend::cpu::CpuKernels,
+            &crate::backend::CpuKernels,
             tok.as_ref(),
             &opts,
             &mut |_| std::ops::ControlFlow::Continue(()),

@@ -64,7 +64,7 @@ pub fn convert_rope_style(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::CpuKernels;
+    use crate::backend::CpuKernels;
     use crate::model::{Architecture, Transformer};
 
     #[test]

@@ -1,7 +1,7 @@
 //! CPU kernels: each operation is a forward/backward pair over flat slices, with the shapes
 //! documented on the function. Nothing here knows the [`Kernels`](super::Kernels) trait:
 //! `backend/kernels.rs` calls these functions for its defaults, and `backend/cpu_kernels.rs`
-//! implements the trait for the CPU ([`CpuKernels`], [`CpuBf16Kernels`], re-exported here).
+//! implements the trait for the CPU (`backend::CpuKernels`, `backend::CpuBf16Kernels`).
 //!
 //! Files import each other in one direction: `send_ptr`, `matrix`, `math`, `team`, `pack`
 //! and the path choices (`bf16_path`, `f32_path`) at the bottom; the GEMMs (`gemm_crate`,
@@ -34,9 +34,6 @@ pub mod team;
 
 pub use self::bf16_path::{Bf16Path, bf16_path};
 pub use self::f32_path::{F32Path, f32_path};
-/// The CPU's implementations of [`Kernels`](super::Kernels), under the path callers have
-/// always used (they live above this directory, in `backend/cpu_kernels.rs`).
-pub use super::cpu_kernels::{CpuBf16Kernels, CpuKernels};
 
 /// Whether this CPU runs bf16 products in hardware (AVX512_BF16); elsewhere they are emulated
 /// with the same numerics, more slowly than fp32.
