@@ -108,6 +108,10 @@ fn a_run_starts_from_saved_settings_with_the_given_options_changed() {
             "has no train_config.json",
         ),
         (
+            vec!["train", "--config", "a/config.json", "--run-dir", "x"],
+            "not a run's training settings (unknown: architectures",
+        ),
+        (
             vec!["train", "--config", "a", "--resume", "--run-dir", "a"],
             "cannot be used with",
         ),

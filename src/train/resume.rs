@@ -274,8 +274,32 @@ pub fn with_given(path: &Path, asked: &TrainConfig, given: &GivenFlags) -> Resul
             Error::io("reading the --config file", &file, e)
         }
     })?;
-    let mut cfg: TrainConfig = serde_json::from_str(&text)
-        .map_err(|e| Error::json(format!("reading {} (--config)", file.display()), e))?;
+    let json = |e| Error::json(format!("reading {} (--config)", file.display()), e);
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(json)?;
+    let unknown = unknown_settings(&value);
+    if !unknown.is_empty() {
+        return Err(Error::invalid(format!(
+            "--config {}: not a run's training settings (unknown: {}); they are in the run folder's train_config.json",
+            file.display(),
+            unknown.join(", ")
+        )));
+    }
+    let mut cfg: TrainConfig = serde_json::from_value(value).map_err(json)?;
     apply_given(&mut cfg, asked, given, &RunDir::new(path), true)?;
     Ok(cfg)
+}
+
+/// The keys of a JSON object that are no setting of [`TrainConfig`] (all of them for a file
+/// that is not an object), at most five: another file given as `--config` (e.g. the model's
+/// `config.json`) is refused instead of read as defaults.
+fn unknown_settings(value: &serde_json::Value) -> Vec<String> {
+    let Some(obj) = value.as_object() else {
+        return vec!["(not a JSON object)".into()];
+    };
+    let known = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
+    obj.keys()
+        .filter(|k| known.get(k.as_str()).is_none())
+        .take(5)
+        .cloned()
+        .collect()
 }
