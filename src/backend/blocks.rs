@@ -182,6 +182,25 @@ pub struct SdpaForward<'a> {
     pub rope: &'a RopeTable,
     pub acts: &'a mut AttentionActs,
     pub attend: Attend<'a>,
+    /// Terms added to the projections' outputs right after the products (LoRA's low-rank
+    /// updates, computed by the caller); `None` when the model has none.
+    pub delta: Option<QkvDelta<'a>>,
+}
+
+/// Terms added to the query, key and value projections (`[rows, q_dim]`, `[rows, kv_dim]`),
+/// before the q/k norm and RoPE. A projection without one is left as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QkvDelta<'a> {
+    pub q: Option<&'a [f32]>,
+    pub k: Option<&'a [f32]>,
+    pub v: Option<&'a [f32]>,
+}
+
+/// Terms added to the gate and up projections (`[rows, ffn]` each), before SwiGLU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GateUpDelta<'a> {
+    pub gate: Option<&'a [f32]>,
+    pub up: Option<&'a [f32]>,
 }
 
 /// The inputs and outputs of [`Kernels::ffn_forward`](crate::backend::Kernels::ffn_forward).
@@ -195,4 +214,6 @@ pub struct FfnForward<'a> {
     pub w: &'a FfnWeights<'a>,
     pub acts: &'a mut FfnActs,
     pub rows: usize,
+    /// Terms added to the gate and up projections (LoRA); `None` when the model has none.
+    pub delta: Option<GateUpDelta<'a>>,
 }

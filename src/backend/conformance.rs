@@ -623,6 +623,7 @@ impl Checker<'_> {
                     batch: self.case.batch,
                     seq: self.case.seq,
                 },
+                delta: None,
             })?;
             let (mut dq, mut dk, mut dv) =
                 (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
@@ -683,6 +684,7 @@ impl Checker<'_> {
                         },
                         start: first,
                     },
+                    delta: None,
                 })?;
                 out.extend_from_slice(&acts.att);
             }
@@ -722,6 +724,7 @@ impl Checker<'_> {
                 w: &fw,
                 acts: &mut acts,
                 rows: n,
+                delta: None,
             })?;
             Ok([out, acts.h1, acts.h3, acts.g].concat())
         };

@@ -466,6 +466,7 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
         rope,
         acts,
         attend,
+        delta,
     } = a;
     let rows = acts.rows;
     let (hd, kvd) = (dims.head_dim, dims.kv_dim());
@@ -490,6 +491,13 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
             },
         ];
         k.linear_forward_multi(xn, rows, &mut outs)?;
+        if let Some(d) = delta {
+            for (o, add) in outs.iter_mut().zip([d.q, d.k, d.v]) {
+                if let Some(add) = add {
+                    k.residual_add(o.y, add)?;
+                }
+            }
+        }
     }
     if let Some((qn, kn)) = qk_norm {
         k.rmsnorm_forward(&mut a.q, &mut a.rstd_q, &a.q_raw, qn, hd, dims.norm_eps)?;
@@ -583,6 +591,7 @@ pub fn ffn_forward<K: Kernels + ?Sized>(k: &K, a: FfnForward) -> Result<()> {
         w,
         acts,
         rows,
+        delta,
     } = a;
     {
         let mut outs = [
@@ -596,6 +605,14 @@ pub fn ffn_forward<K: Kernels + ?Sized>(k: &K, a: FfnForward) -> Result<()> {
             },
         ];
         k.linear_forward_multi(xn, rows, &mut outs)?;
+    }
+    if let Some(d) = delta {
+        if let Some(add) = d.gate {
+            k.residual_add(&mut acts.h1, add)?;
+        }
+        if let Some(add) = d.up {
+            k.residual_add(&mut acts.h3, add)?;
+        }
     }
     k.swiglu_forward(&mut acts.g, &acts.h1, &acts.h3)?;
     k.linear_forward(out, &acts.g, w.down, rows)?;

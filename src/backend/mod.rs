@@ -19,12 +19,14 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use blocks::{Attend, AttentionActs, AttentionWeights, FfnActs, FfnWeights, KvCache};
+pub use blocks::{
+    Attend, AttentionActs, AttentionWeights, FfnActs, FfnWeights, GateUpDelta, KvCache, QkvDelta,
+};
 pub use cpu_kernels::{CpuBf16Kernels, CpuKernels};
 pub use kernels::{AcceleratorStats, KernelPlacement, Kernels, LinearOut, Tolerance};
 pub use types::{
-    AttentionShape, CachedAttentionShape, CompactWeights, LinearShape, Matrix, ModelDims,
-    NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable, StepShape, WeightFormat,
+    AttentionShape, CachedAttentionShape, CompactWeights, IGNORE_TARGET, LinearShape, Matrix,
+    ModelDims, NormSaved, Positions, Qkv, QkvGrads, RopeStyle, RopeTable, StepShape, WeightFormat,
 };
 
 use crate::error::Result;

@@ -15,6 +15,10 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// A target id that takes no part in the loss (a prompt token of a chat example, padding):
+/// its row adds nothing to the loss and gets a zero gradient.
+pub const IGNORE_TARGET: u32 = u32::MAX;
+
 /// The dimensions of a transformer, as kernels see them (the model's `ModelConfig` without its
 /// file-format details).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -199,7 +199,7 @@ impl<'m> Decoder<'m> {
                     start: self.pos,
                 },
             };
-            m.layer_forward(k, &w.layer(l), &mut b.layer, io, &mut self.timings)?;
+            m.layer_forward(k, &w.layer(l), &mut b.layer, io, &mut self.timings, None)?;
             std::mem::swap(&mut b.x, &mut b.x_next);
         }
         let last = &b.x[(tokens.len() - 1) * d..];

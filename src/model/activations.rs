@@ -96,6 +96,9 @@ pub struct Activations {
     pub targets: Vec<u32>,
     /// Time spent per kernel family (accumulates until reset).
     pub timings: super::timing::StepTimings,
+    /// What LoRA adapters keep, when the model runs with adapters
+    /// ([`crate::model::Transformer::activations_adapted`]).
+    pub lora: Option<super::lora_pass::LoraActs>,
 }
 
 /// The element counts of every buffer, in one place so that [`Activations::bytes_needed`] and
@@ -194,6 +197,7 @@ impl Activations {
             dh3: z(n * d.ffn_dim),
             targets: vec![0; n],
             timings: Default::default(),
+            lora: None,
         }
     }
 

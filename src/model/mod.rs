@@ -3,6 +3,8 @@
 
 pub mod activations;
 pub mod config;
+pub mod lora;
+pub mod lora_pass;
 pub mod params;
 pub mod rope_layout;
 pub mod timing;
@@ -11,6 +13,8 @@ pub mod weights;
 
 pub use activations::{Activations, LayerActivations};
 pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use lora::{LoraConfig, LoraLayout, LoraTarget};
+pub use lora_pass::{Adapters, LoraActs};
 pub use params::{ParamLayout, TensorId, TensorSpec};
 pub use transformer::{Batch, LayerIo, Transformer, VocabCompaction};
 pub use weights::{CompactParams, LayerWeights, Weights};

@@ -23,13 +23,15 @@ pub enum Section {
     KvBwd,
     Elementwise,
     WeightGrads,
+    /// LoRA adapters' low-rank products, forward and backward.
+    Lora,
     /// Summing the gradient across data-parallel ranks (MPI).
     Allreduce,
     Optimizer,
 }
 
 /// Number of sections.
-const COUNT: usize = 16;
+const COUNT: usize = 17;
 
 impl Section {
     /// Every section, in the order a step runs them.
@@ -48,6 +50,7 @@ impl Section {
         Section::KvBwd,
         Section::Elementwise,
         Section::WeightGrads,
+        Section::Lora,
         Section::Allreduce,
         Section::Optimizer,
     ];
@@ -69,6 +72,7 @@ impl Section {
             Section::KvBwd => "kv_bwd",
             Section::Elementwise => "elementwise",
             Section::WeightGrads => "weight_grads",
+            Section::Lora => "lora",
             Section::Allreduce => "allreduce",
             Section::Optimizer => "optimizer",
         }
@@ -96,6 +100,7 @@ impl Section {
             Section::KvBwd => "kv_bwd: k/v_proj dgrad",
             Section::Elementwise => "swiglu bwd, rope bwd",
             Section::WeightGrads => "weight gradients (dW)",
+            Section::Lora => "LoRA adapters (fwd, bwd, dA, dB)",
             Section::Allreduce => "gradient allreduce across ranks",
             Section::Optimizer => "optimizer (clip, AdamW)",
         }

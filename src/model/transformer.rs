@@ -24,13 +24,15 @@ use std::time::Instant;
 
 use super::activations::{Activations, LayerActivations};
 use super::config::ModelConfig;
-use super::params::ParamLayout;
+use super::lora::{LoraLayout, LoraTarget};
+use super::lora_pass::{self, Adapters, LoraActs};
+use super::params::{ParamLayout, TensorId};
 use super::timing::{Section, StepTimings, timed};
 use super::weights::{LayerWeights, Weights};
 use crate::backend::blocks::{FfnForward, SdpaForward};
 use crate::backend::{
-    Attend, AttentionShape, Kernels, LinearShape, Matrix, NormSaved, Positions, QkvGrads,
-    RopeTable, StepShape,
+    Attend, AttentionShape, GateUpDelta, IGNORE_TARGET, Kernels, LinearShape, Matrix, NormSaved,
+    Positions, QkvDelta, QkvGrads, RopeTable, StepShape,
 };
 use crate::error::{Error, Result};
 
@@ -49,6 +51,54 @@ pub struct LayerIo<'a> {
     /// `[rows, dim]`.
     pub x_out: &'a mut [f32],
     pub attend: Attend<'a>,
+}
+
+/// The adapters of one layer in a forward pass, and where they keep what the backward pass
+/// needs.
+pub struct LayerLora<'a> {
+    pub adapters: &'a Adapters<'a>,
+    pub layer: usize,
+    pub acts: &'a mut LoraActs,
+}
+
+impl LayerLora<'_> {
+    fn forward(&mut self, k: &dyn Kernels, t: LoraTarget, x: &[f32]) -> Result<()> {
+        lora_pass::forward(k, self.adapters, self.layer, t, x, self.acts)
+    }
+
+    /// The term projection `t` adds to its output, when it is adapted.
+    fn delta(&self, t: LoraTarget) -> Option<&[f32]> {
+        self.adapters
+            .of(self.layer, t)
+            .map(|_| &self.acts.delta[t.index()][..])
+    }
+}
+
+/// Where a backward pass puts its gradients.
+struct GradSink<'a, 'g> {
+    /// Every parameter of the model (its layout); `None` when the model is frozen.
+    model: Option<&'g mut [f32]>,
+    /// The adapters' gradients (their layout), when the model runs with adapters.
+    lora: Option<(&'a Adapters<'a>, &'g mut [f32])>,
+    /// Where the gradient of a frozen norm gain goes (discarded).
+    frozen_dw: Vec<f32>,
+}
+
+impl GradSink<'_, '_> {
+    /// The gradient buffer of a vector parameter (a norm gain): its slot in the model's
+    /// gradients, or scratch when the model is frozen.
+    fn vector<'s>(&'s mut self, layout: &ParamLayout, id: TensorId) -> &'s mut [f32] {
+        let len = layout.tensors[id].len();
+        match self.model.as_deref_mut() {
+            Some(g) => layout.view_mut(g, id),
+            None => {
+                if self.frozen_dw.len() < len {
+                    self.frozen_dw.resize(len, 0.0);
+                }
+                &mut self.frozen_dw[..len]
+            }
+        }
+    }
 }
 
 /// A classifier restricted to the token ids that occur in the data ("vocab compaction").
@@ -207,8 +257,9 @@ impl Transformer {
         Ok(())
     }
 
-    /// Maps next-token targets to classifier rows into `acts.targets`.
-    fn map_targets(&self, acts: &mut Activations, targets: &[u32]) -> Result<()> {
+    /// Maps next-token targets to classifier rows into `acts.targets`; [`IGNORE_TARGET`] stays
+    /// as it is. Returns how many targets count in the loss.
+    fn map_targets(&self, acts: &mut Activations, targets: &[u32]) -> Result<usize> {
         if targets.len() != acts.targets.len() {
             return Err(Error::invalid(format!(
                 "expected {} targets, got {}",
@@ -216,8 +267,11 @@ impl Transformer {
                 targets.len()
             )));
         }
+        let mut counted = 0;
         for (i, (dst, &t)) in acts.targets.iter_mut().zip(targets).enumerate() {
+            counted += usize::from(t != IGNORE_TARGET);
             *dst = match &self.compaction {
+                _ if t == IGNORE_TARGET => t,
                 None if (t as usize) < self.cfg.vocab_size => t,
                 Some(c) => c.index(t).ok_or_else(|| {
                     Error::invalid(format!(
@@ -232,7 +286,7 @@ impl Transformer {
                 }
             };
         }
-        Ok(())
+        Ok(counted)
     }
 
     /// The forward pass: fills every saved activation and `acts.logits [n, vocab_out]`.
@@ -245,7 +299,73 @@ impl Transformer {
         inputs: &[u32],
     ) -> Result<()> {
         self.check_inputs(acts, inputs, params)?;
-        self.forward_with(k, &Weights::new(&self.layout, params), acts, inputs)
+        self.forward_with(k, &Weights::new(&self.layout, params), acts, inputs, None)
+    }
+
+    /// [`Transformer::forward`] of the frozen model `base` with LoRA adapters (`acts` from
+    /// [`Transformer::activations_adapted`]).
+    pub fn forward_adapted(
+        &self,
+        k: &dyn Kernels,
+        base: &[f32],
+        adapters: &Adapters,
+        acts: &mut Activations,
+        inputs: &[u32],
+    ) -> Result<()> {
+        self.check_inputs(acts, inputs, base)?;
+        self.check_adapters(adapters, acts)?;
+        let w = Weights::new(&self.layout, base);
+        self.forward_with(k, &w, acts, inputs, Some(adapters))
+    }
+
+    /// Activation buffers, as [`Transformer::activations`], with room for the adapters of
+    /// `lora`.
+    pub fn activations_adapted(
+        &self,
+        k: &dyn Kernels,
+        lora: &LoraLayout,
+        batch: usize,
+        seq: usize,
+    ) -> Activations {
+        let mut acts = self.activations(k, batch, seq);
+        acts.lora = Some(LoraActs::new(lora, batch * seq, self.norm_width()));
+        acts
+    }
+
+    /// Bytes of [`Transformer::activations_adapted`], computed without allocating.
+    pub fn activation_bytes_adapted(
+        &self,
+        k: &dyn Kernels,
+        lora: &LoraLayout,
+        batch: usize,
+        seq: usize,
+    ) -> usize {
+        self.activation_bytes(k, batch, seq)
+            + LoraActs::bytes_needed(lora, batch * seq, self.norm_width())
+    }
+
+    fn norm_width(&self) -> usize {
+        self.cfg.dim.max(self.cfg.head_dim)
+    }
+
+    fn check_adapters(&self, adapters: &Adapters, acts: &Activations) -> Result<()> {
+        let lay = adapters.layout;
+        if adapters.params.len() != lay.total() || lay.layers.len() != self.cfg.n_layers {
+            return Err(Error::invalid(format!(
+                "the adapters ({} values for {} layers) do not fit this model ({} layers, {} \
+                 adapter values expected)",
+                adapters.params.len(),
+                lay.layers.len(),
+                self.cfg.n_layers,
+                lay.total()
+            )));
+        }
+        match &acts.lora {
+            Some(la) if la.rows() == acts.batch * acts.seq => Ok(()),
+            _ => Err(Error::invalid(
+                "activations without room for adapters: make them with activations_adapted",
+            )),
+        }
     }
 
     fn forward_with(
@@ -254,6 +374,7 @@ impl Transformer {
         w: &Weights,
         acts: &mut Activations,
         inputs: &[u32],
+        adapters: Option<&Adapters>,
     ) -> Result<()> {
         let lay = &self.layout;
         let (d, n) = (self.cfg.dim, acts.batch * acts.seq);
@@ -273,7 +394,15 @@ impl Transformer {
                     seq: acts.seq,
                 },
             };
-            self.layer_forward(k, &w.layer(l), la, io, &mut acts.timings)?;
+            let lora = match (adapters, acts.lora.as_mut()) {
+                (Some(adapters), Some(la)) => Some(LayerLora {
+                    adapters,
+                    layer: l,
+                    acts: la,
+                }),
+                _ => None,
+            };
+            self.layer_forward(k, &w.layer(l), la, io, &mut acts.timings, lora)?;
         }
         timed!(
             acts.timings,
@@ -304,7 +433,8 @@ impl Transformer {
     }
 
     /// One layer forward over `la`'s rows: training and whole-sequence passes attend causally
-    /// within each sequence, the decoder against its key/value cache.
+    /// within each sequence, the decoder against its key/value cache. With `lora`, each
+    /// adapted projection adds its low-rank term to its output.
     pub fn layer_forward(
         &self,
         k: &dyn Kernels,
@@ -312,7 +442,9 @@ impl Transformer {
         la: &mut LayerActivations,
         io: LayerIo,
         tm: &mut StepTimings,
+        mut lora: Option<LayerLora>,
     ) -> Result<()> {
+        use LoraTarget::{Down, Gate, K, O, Q, Up, V};
         let dims = self.cfg.dims();
         let (d, eps, rows) = (dims.dim, dims.norm_eps, la.rstd1.len());
         let LayerIo {
@@ -325,6 +457,14 @@ impl Transformer {
             Section::Norms,
             k.rmsnorm_forward(&mut la.xn1, &mut la.rstd1, x_in, w.attn_norm, d, eps)
         )?;
+        if let Some(ll) = lora.as_mut() {
+            timed!(tm, Section::Lora, {
+                for t in [Q, K, V] {
+                    ll.forward(k, t, &la.xn1)?;
+                }
+                Ok::<(), Error>(())
+            })?;
+        }
         let sdpa = SdpaForward {
             dims: &dims,
             xn: &la.xn1,
@@ -332,6 +472,11 @@ impl Transformer {
             rope: &self.rope,
             acts: &mut la.attn,
             attend,
+            delta: lora.as_ref().map(|ll| QkvDelta {
+                q: ll.delta(Q),
+                k: ll.delta(K),
+                v: ll.delta(V),
+            }),
         };
         timed!(tm, Section::SdpaFwd, k.sdpa_forward(sdpa))?;
         timed!(
@@ -339,20 +484,49 @@ impl Transformer {
             Section::WoFwd,
             k.wo_forward(&mut la.x_mid, &la.attn.att, w.attn.wo, x_in, rows)
         )?;
+        if let Some(ll) = lora.as_mut() {
+            timed!(tm, Section::Lora, {
+                ll.forward(k, O, &la.attn.att)?;
+                match ll.delta(O) {
+                    Some(add) => k.residual_add(&mut la.x_mid, add),
+                    None => Ok(()),
+                }
+            })?;
+        }
         timed!(
             tm,
             Section::Norms,
             k.rmsnorm_forward(&mut la.xn2, &mut la.rstd2, &la.x_mid, w.ffn_norm, d, eps)
         )?;
+        if let Some(ll) = lora.as_mut() {
+            timed!(tm, Section::Lora, {
+                ll.forward(k, Gate, &la.xn2)?;
+                ll.forward(k, Up, &la.xn2)
+            })?;
+        }
         let ffn = FfnForward {
             xn: &la.xn2,
             residual: &la.x_mid,
-            out: x_out,
+            out: &mut *x_out,
             w: &w.ffn,
             acts: &mut la.ffn,
             rows,
+            delta: lora.as_ref().map(|ll| GateUpDelta {
+                gate: ll.delta(Gate),
+                up: ll.delta(Up),
+            }),
         };
-        timed!(tm, Section::FfnFwd, k.ffn_forward(ffn))
+        timed!(tm, Section::FfnFwd, k.ffn_forward(ffn))?;
+        if let Some(ll) = lora.as_mut() {
+            timed!(tm, Section::Lora, {
+                ll.forward(k, Down, &la.ffn.g)?;
+                match ll.delta(Down) {
+                    Some(add) => k.residual_add(x_out, add),
+                    None => Ok(()),
+                }
+            })?;
+        }
+        Ok(())
     }
 
     /// Forward pass and mean cross-entropy loss (no gradients).
@@ -376,20 +550,47 @@ impl Transformer {
         acts: &mut Activations,
         batch: Batch,
     ) -> Result<f64> {
-        self.map_targets(acts, batch.targets)?;
+        self.loss_of(k, w, params, acts, batch, None)
+    }
+
+    /// [`Transformer::loss`] of the frozen model `base` with LoRA adapters (no dropout unless
+    /// `adapters` carries a seed).
+    pub fn loss_adapted(
+        &self,
+        k: &dyn Kernels,
+        base: &[f32],
+        adapters: &Adapters,
+        acts: &mut Activations,
+        batch: Batch,
+    ) -> Result<f64> {
+        self.check_adapters(adapters, acts)?;
+        let w = Weights::new(&self.layout, base);
+        self.loss_of(k, &w, base, acts, batch, Some(adapters))
+    }
+
+    fn loss_of(
+        &self,
+        k: &dyn Kernels,
+        w: &Weights,
+        params: &[f32],
+        acts: &mut Activations,
+        batch: Batch,
+        adapters: Option<&Adapters>,
+    ) -> Result<f64> {
+        let counted = self.map_targets(acts, batch.targets)?;
         self.check_inputs(acts, batch.inputs, params)?;
-        self.forward_with(k, w, acts, batch.inputs)?;
-        let n = acts.targets.len();
+        self.forward_with(k, w, acts, batch.inputs, adapters)?;
         let sum = timed!(
             acts.timings,
             Section::ClassifierLoss,
             k.cross_entropy_loss(&acts.logits, &acts.targets, acts.vocab_out)
         )?;
-        Ok(sum / n as f64)
+        Ok(sum / counted.max(1) as f64)
     }
 
-    /// Forward and backward. Returns the mean loss over the `batch * seq` targets and *adds*
-    /// `loss_scale * d(mean loss)/d(params)` into `grads` (same layout as `params`).
+    /// Forward and backward. Returns the mean loss over the counted targets of the batch
+    /// (every one but [`IGNORE_TARGET`]) and *adds* `loss_scale * d(mean loss)/d(params)` into
+    /// `grads` (same layout as `params`).
     pub fn forward_backward(
         &self,
         k: &dyn Kernels,
@@ -404,19 +605,64 @@ impl Transformer {
                 "gradient buffer does not match the parameters",
             ));
         }
-        self.map_targets(acts, batch.targets)?;
+        let sink = GradSink {
+            model: Some(grads),
+            lora: None,
+            frozen_dw: Vec::new(),
+        };
+        self.pass(k, params, sink, acts, batch, loss_scale)
+    }
+
+    /// Forward and backward of the frozen model `base` with LoRA adapters: as
+    /// [`Transformer::forward_backward`], with gradients for the adapters only, added into
+    /// `grads` (the adapters' layout). No weight gradient of the base model is computed, only
+    /// the input gradients through it.
+    pub fn forward_backward_adapted(
+        &self,
+        k: &dyn Kernels,
+        base: &[f32],
+        adapters: &Adapters,
+        grads: &mut [f32],
+        acts: &mut Activations,
+        batch: Batch,
+        loss_scale: f32,
+    ) -> Result<f64> {
+        self.check_adapters(adapters, acts)?;
+        if grads.len() != adapters.params.len() {
+            return Err(Error::invalid(
+                "gradient buffer does not match the adapters",
+            ));
+        }
+        let sink = GradSink {
+            model: None,
+            lora: Some((adapters, grads)),
+            frozen_dw: Vec::new(),
+        };
+        self.pass(k, base, sink, acts, batch, loss_scale)
+    }
+
+    fn pass(
+        &self,
+        k: &dyn Kernels,
+        params: &[f32],
+        mut sink: GradSink,
+        acts: &mut Activations,
+        batch: Batch,
+        loss_scale: f32,
+    ) -> Result<f64> {
+        let counted = self.map_targets(acts, batch.targets)?;
         self.check_inputs(acts, batch.inputs, params)?;
         let w = Weights::new(&self.layout, params);
-        self.forward_with(k, &w, acts, batch.inputs)?;
-        let n = acts.batch * acts.seq;
-        let loss_sum = self.classifier_backward(k, &w, grads, acts, loss_scale)?;
+        let adapters = sink.lora.as_ref().map(|(a, _)| *a);
+        self.forward_with(k, &w, acts, batch.inputs, adapters)?;
+        let loss_sum = self.classifier_backward(k, &w, &mut sink, acts, loss_scale, counted)?;
         let lay = &self.layout;
         timed!(
             acts.timings,
             Section::Norms,
             k.rmsnorm_backward(
                 &mut acts.dx,
-                lay.view_mut(grads, lay.final_norm),
+                sink.vector(lay, lay.final_norm),
                 &acts.dxn,
                 NormSaved {
                     x: &acts.xs[self.cfg.n_layers],
@@ -429,30 +675,33 @@ impl Transformer {
         )?;
         // `acts.dx` holds d(loss)/d(residual stream) and flows down through the layers.
         for l in (0..self.cfg.n_layers).rev() {
-            self.layer_backward(k, &w, l, grads, acts)?;
+            self.layer_backward(k, &w, l, &mut sink, acts)?;
         }
-        timed!(
-            acts.timings,
-            Section::Embedding,
-            k.embedding_backward(
-                lay.view_mut(grads, lay.embed),
-                &acts.dx,
-                batch.inputs,
-                self.cfg.dim
-            )
-        )?;
-        Ok(loss_sum / n as f64)
+        if let Some(g) = sink.model.as_deref_mut() {
+            timed!(
+                acts.timings,
+                Section::Embedding,
+                k.embedding_backward(
+                    lay.view_mut(g, lay.embed),
+                    &acts.dx,
+                    batch.inputs,
+                    self.cfg.dim
+                )
+            )?;
+        }
+        Ok(loss_sum / counted.max(1) as f64)
     }
 
-    /// Loss, `dlogits`, the classifier's input gradient (into `acts.dxn`) and weight gradient.
-    /// Returns the loss sum.
+    /// Loss, `dlogits`, the classifier's input gradient (into `acts.dxn`) and weight gradient
+    /// (when the model is trained). Returns the loss sum.
     fn classifier_backward(
         &self,
         k: &dyn Kernels,
         w: &Weights,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
         loss_scale: f32,
+        counted: usize,
     ) -> Result<f64> {
         let t0 = Instant::now();
         let lay = &self.layout;
@@ -461,7 +710,7 @@ impl Transformer {
             &mut acts.logits,
             &acts.targets,
             vocab_out,
-            loss_scale / n as f32,
+            loss_scale / counted.max(1) as f32,
         )?;
         let dlogits = &acts.logits;
         let cls_id = lay.classifier();
@@ -473,19 +722,23 @@ impl Transformer {
         match &self.compaction {
             None => {
                 k.linear_backward_input(&mut acts.dxn, dlogits, w.vector(cls_id), s, false)?;
-                k.linear_backward_weight(lay.view_mut(grads, cls_id), dlogits, &acts.xnf, s)?;
+                if let Some(g) = sink.model.as_deref_mut() {
+                    k.linear_backward_weight(lay.view_mut(g, cls_id), dlogits, &acts.xnf, s)?;
+                }
             }
             Some(c) => {
                 k.linear_backward_input(&mut acts.dxn, dlogits, &acts.cls_w, s, false)?;
-                acts.cls_dw.fill(0.0);
-                k.linear_backward_weight(&mut acts.cls_dw, dlogits, &acts.xnf, s)?;
-                let g = lay.view_mut(grads, cls_id);
-                for (row, &id) in acts.cls_dw.chunks_exact(d).zip(&c.kept) {
-                    for (a, b) in g[id as usize * d..(id as usize + 1) * d]
-                        .iter_mut()
-                        .zip(row)
-                    {
-                        *a += b;
+                if let Some(g) = sink.model.as_deref_mut() {
+                    acts.cls_dw.fill(0.0);
+                    k.linear_backward_weight(&mut acts.cls_dw, dlogits, &acts.xnf, s)?;
+                    let g = lay.view_mut(g, cls_id);
+                    for (row, &id) in acts.cls_dw.chunks_exact(d).zip(&c.kept) {
+                        for (a, b) in g[id as usize * d..(id as usize + 1) * d]
+                            .iter_mut()
+                            .zip(row)
+                        {
+                            *a += b;
+                        }
                     }
                 }
             }
@@ -495,18 +748,54 @@ impl Transformer {
     }
 
     /// Backward through layer `l`: `acts.dx` enters as the gradient of its output and leaves
-    /// as the gradient of its input; weight gradients are added into `grads`.
+    /// as the gradient of its input; weight gradients are added into the sink.
     fn layer_backward(
         &self,
         k: &dyn Kernels,
         weights: &Weights,
         l: usize,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
     ) -> Result<()> {
         let w = weights.layer(l);
-        self.ffn_backward(k, &w, l, grads, acts)?;
-        self.attention_backward(k, weights, &w, l, grads, acts)
+        self.ffn_backward(k, &w, l, sink, acts)?;
+        self.attention_backward(k, weights, &w, l, sink, acts)
+    }
+
+    /// `dW += dy^T x` for a base matrix, when the model is trained.
+    fn weight_grad(
+        &self,
+        k: &dyn Kernels,
+        sink: &mut GradSink,
+        id: TensorId,
+        dy: &[f32],
+        x: &[f32],
+        s: LinearShape,
+    ) -> Result<()> {
+        match sink.model.as_deref_mut() {
+            Some(g) => k.linear_backward_weight(self.layout.view_mut(g, id), dy, x, s),
+            None => Ok(()),
+        }
+    }
+
+    /// The adapter of projection `t` of layer `l`, if any: its weight gradients into the sink,
+    /// its input gradient added into `dx`. `x` is the projection's input, `dy` the gradient of
+    /// its output.
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_backward(
+        k: &dyn Kernels,
+        sink: &mut GradSink,
+        lora_acts: Option<&mut LoraActs>,
+        l: usize,
+        t: LoraTarget,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+    ) -> Result<()> {
+        match (sink.lora.as_mut(), lora_acts) {
+            (Some((ad, g)), Some(la)) => lora_pass::backward(k, ad, l, t, x, dy, dx, g, la),
+            _ => Ok(()),
+        }
     }
 
     /// Feed-forward block of layer `l`: `x_out = x_mid + down(swiglu(gate(xn2), up(xn2)))`.
@@ -516,10 +805,11 @@ impl Transformer {
         k: &dyn Kernels,
         w: &LayerWeights,
         l: usize,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
     ) -> Result<()> {
-        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        use LoraTarget::{Down, Gate, Up};
+        let lt = &self.layout.layers[l];
         let n = acts.batch * acts.seq;
         let la = &acts.layers[l];
         let tm = &mut acts.timings;
@@ -531,13 +821,19 @@ impl Transformer {
         timed!(
             tm,
             Section::WeightGrads,
-            k.linear_backward_weight(
-                lay.view_mut(grads, lt.w_down),
+            self.weight_grad(
+                k,
+                sink,
+                lt.w_down,
                 &acts.dx,
                 &la.ffn.g,
                 w.ffn.down.linear(n)
             )
         )?;
+        timed!(tm, Section::Lora, {
+            let la_lora = acts.lora.as_mut();
+            Self::adapter_backward(k, sink, la_lora, l, Down, &la.ffn.g, &acts.dx, &mut acts.dg)
+        })?;
         timed!(
             tm,
             Section::Elementwise,
@@ -556,15 +852,20 @@ impl Transformer {
         )?;
         timed!(tm, Section::WeightGrads, {
             let (gate, up) = (w.ffn.gate.linear(n), w.ffn.up.linear(n));
-            k.linear_backward_weight(lay.view_mut(grads, lt.w_gate), &acts.dh1, &la.xn2, gate)?;
-            k.linear_backward_weight(lay.view_mut(grads, lt.w_up), &acts.dh3, &la.xn2, up)
+            self.weight_grad(k, sink, lt.w_gate, &acts.dh1, &la.xn2, gate)?;
+            self.weight_grad(k, sink, lt.w_up, &acts.dh3, &la.xn2, up)
+        })?;
+        timed!(tm, Section::Lora, {
+            let (x, dxn) = (&la.xn2, &mut acts.dxn);
+            Self::adapter_backward(k, sink, acts.lora.as_mut(), l, Gate, x, &acts.dh1, dxn)?;
+            Self::adapter_backward(k, sink, acts.lora.as_mut(), l, Up, x, &acts.dh3, dxn)
         })?;
         timed!(
             tm,
             Section::Norms,
             k.rmsnorm_backward(
                 &mut acts.dx,
-                lay.view_mut(grads, lt.ffn_norm),
+                sink.vector(&self.layout, lt.ffn_norm),
                 &acts.dxn,
                 NormSaved {
                     x: &la.x_mid,
@@ -585,13 +886,13 @@ impl Transformer {
         weights: &Weights,
         w: &LayerWeights,
         l: usize,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
     ) -> Result<()> {
-        self.attention_core_backward(k, w, l, grads, acts)?;
-        let normed = self.qk_norm_backward(k, weights, l, grads, acts)?;
-        self.qkv_backward(k, w, l, grads, acts, normed)?;
-        self.attention_norm_backward(k, w, l, grads, acts)
+        self.attention_core_backward(k, w, l, sink, acts)?;
+        let normed = self.qk_norm_backward(k, weights, l, sink, acts)?;
+        self.qkv_backward(k, w, l, sink, acts, normed)?;
+        self.attention_norm_backward(k, w, l, sink, acts)
     }
 
     /// From d/d(x_mid) in `acts.dx` through the output projection, attention and RoPE: leaves
@@ -602,11 +903,11 @@ impl Transformer {
         k: &dyn Kernels,
         w: &LayerWeights,
         l: usize,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
     ) -> Result<()> {
         let cfg = &self.cfg;
-        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let lt = &self.layout.layers[l];
         let n = acts.batch * acts.seq;
         let pos = Positions {
             first: 0,
@@ -623,13 +924,13 @@ impl Transformer {
         timed!(
             tm,
             Section::WeightGrads,
-            k.linear_backward_weight(
-                lay.view_mut(grads, lt.wo),
-                &acts.dx,
-                &la.attn.att,
-                w.attn.wo.linear(n)
-            )
+            self.weight_grad(k, sink, lt.wo, &acts.dx, &la.attn.att, w.attn.wo.linear(n))
         )?;
+        timed!(tm, Section::Lora, {
+            let (x, dy) = (&la.attn.att, &acts.dx);
+            let o = LoraTarget::O;
+            Self::adapter_backward(k, sink, acts.lora.as_mut(), l, o, x, dy, &mut acts.datt)
+        })?;
         let g = QkvGrads {
             dq: &mut acts.dq,
             dk: &mut acts.dk,
@@ -656,7 +957,7 @@ impl Transformer {
         k: &dyn Kernels,
         weights: &Weights,
         l: usize,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
     ) -> Result<bool> {
         let (lay, lt) = (&self.layout, &self.layout.layers[l]);
@@ -679,7 +980,7 @@ impl Transformer {
             };
             k.rmsnorm_backward(
                 &mut acts.datt,
-                lay.view_mut(grads, qn),
+                sink.vector(lay, qn),
                 &acts.dq,
                 q_saved,
                 hd,
@@ -687,7 +988,7 @@ impl Transformer {
             )?;
             k.rmsnorm_backward(
                 &mut acts.dk_raw,
-                lay.view_mut(grads, kn),
+                sink.vector(lay, kn),
                 &acts.dk,
                 k_saved,
                 hd,
@@ -705,11 +1006,11 @@ impl Transformer {
         k: &dyn Kernels,
         w: &LayerWeights,
         l: usize,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
         normed: bool,
     ) -> Result<()> {
-        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let lt = &self.layout.layers[l];
         let n = acts.batch * acts.seq;
         let la = &acts.layers[l];
         let tm = &mut acts.timings;
@@ -731,9 +1032,16 @@ impl Transformer {
         timed!(tm, Section::WeightGrads, {
             let a = &w.attn;
             let xn1 = &la.xn1;
-            k.linear_backward_weight(lay.view_mut(grads, lt.wq), dq_proj, xn1, a.wq.linear(n))?;
-            k.linear_backward_weight(lay.view_mut(grads, lt.wk), dk_proj, xn1, a.wk.linear(n))?;
-            k.linear_backward_weight(lay.view_mut(grads, lt.wv), &acts.dv, xn1, a.wv.linear(n))
+            self.weight_grad(k, sink, lt.wq, dq_proj, xn1, a.wq.linear(n))?;
+            self.weight_grad(k, sink, lt.wk, dk_proj, xn1, a.wk.linear(n))?;
+            self.weight_grad(k, sink, lt.wv, &acts.dv, xn1, a.wv.linear(n))
+        })?;
+        timed!(tm, Section::Lora, {
+            use LoraTarget::{K, Q, V};
+            let (x, dxn) = (&la.xn1, &mut acts.dxn);
+            Self::adapter_backward(k, sink, acts.lora.as_mut(), l, Q, x, dq_proj, dxn)?;
+            Self::adapter_backward(k, sink, acts.lora.as_mut(), l, K, x, dk_proj, dxn)?;
+            Self::adapter_backward(k, sink, acts.lora.as_mut(), l, V, x, &acts.dv, dxn)
         })
     }
 
@@ -744,17 +1052,17 @@ impl Transformer {
         k: &dyn Kernels,
         w: &LayerWeights,
         l: usize,
-        grads: &mut [f32],
+        sink: &mut GradSink,
         acts: &mut Activations,
     ) -> Result<()> {
-        let (lay, lt) = (&self.layout, &self.layout.layers[l]);
+        let lt = &self.layout.layers[l];
         let la = &acts.layers[l];
         timed!(
             acts.timings,
             Section::Norms,
             k.rmsnorm_backward(
                 &mut acts.dx,
-                lay.view_mut(grads, lt.attn_norm),
+                sink.vector(&self.layout, lt.attn_norm),
                 &acts.dxn,
                 NormSaved {
                     x: &acts.xs[l],

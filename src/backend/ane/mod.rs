@@ -794,6 +794,11 @@ impl Kernels for AneKernels {
             Attend::Causal { batch, seq } => (*batch, *seq),
             Attend::Cached { .. } => return super::kernels::sdpa_forward(self, a),
         };
+        // The programs fuse the projections with what follows them: a low-rank term added
+        // between the two runs the composition on the CPU.
+        if a.delta.is_some() {
+            return super::kernels::sdpa_forward(self, a);
+        }
         let set = match self.program_set(batch * seq, KernelKind::SdpaFwd) {
             Some(s) if s.shape.seq == seq => s,
             _ => return super::kernels::sdpa_forward(self, a),
@@ -901,7 +906,10 @@ impl Kernels for AneKernels {
     }
 
     fn ffn_forward(&self, a: FfnForward) -> Result<()> {
-        let Some(set) = self.program_set(a.rows, KernelKind::FfnFused) else {
+        let Some(set) = self
+            .program_set(a.rows, KernelKind::FfnFused)
+            .filter(|_| a.delta.is_none())
+        else {
             return super::kernels::ffn_forward(self, a);
         };
         self.block(|| {

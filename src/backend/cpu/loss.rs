@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::math;
+use crate::backend::types::IGNORE_TARGET;
 
 const ROWS_PER_TASK: usize = 4;
 
@@ -16,7 +17,8 @@ fn row_loss_in_place(row: &mut [f32], target: usize) -> (f32, f32) {
 }
 
 /// Forward only. Shapes: `logits [rows, vocab]`, `targets [rows]` -> the *sum* of the per-row
-/// losses (divide by `rows` for the mean).
+/// losses (divide by the number of counted rows for the mean). Rows whose target is
+/// [`IGNORE_TARGET`] add nothing.
 pub fn cross_entropy_loss(logits: &[f32], targets: &[u32], vocab: usize) -> f64 {
     let parts: Vec<f64> = logits
         .par_chunks(vocab * ROWS_PER_TASK)
@@ -25,6 +27,9 @@ pub fn cross_entropy_loss(logits: &[f32], targets: &[u32], vocab: usize) -> f64 
             let mut scratch = vec![0.0f32; vocab];
             let mut s = 0.0f64;
             for (row, &y) in l.chunks_exact(vocab).zip(t) {
+                if y == IGNORE_TARGET {
+                    continue;
+                }
                 scratch.copy_from_slice(row);
                 s += row_loss_in_place(&mut scratch, y as usize).0 as f64;
             }
@@ -37,7 +42,8 @@ pub fn cross_entropy_loss(logits: &[f32], targets: &[u32], vocab: usize) -> f64 
 /// Forward and backward in one pass over memory. Shapes: `logits [rows, vocab]` (overwritten
 /// with `dlogits = scale * (softmax(logits) - onehot(target))`), `targets [rows]`. Returns the
 /// sum of the per-row losses. For the gradient of the mean loss pass `scale = 1 / rows` (times
-/// any loss scale).
+/// any loss scale). A row whose target is [`IGNORE_TARGET`] adds no loss and gets a zero
+/// gradient.
 pub fn cross_entropy_forward_backward(
     logits: &mut [f32],
     targets: &[u32],
@@ -50,6 +56,10 @@ pub fn cross_entropy_forward_backward(
         .map(|(l, t)| {
             let mut s = 0.0f64;
             for (row, &y) in l.chunks_exact_mut(vocab).zip(t) {
+                if y == IGNORE_TARGET {
+                    row.fill(0.0);
+                    continue;
+                }
                 let y = y as usize;
                 let (loss, sum) = row_loss_in_place(row, y);
                 s += loss as f64;
