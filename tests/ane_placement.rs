@@ -152,6 +152,7 @@ fn two_updates(restage_every_call: bool) -> (Vec<f64>, handgrad::backend::Accele
     let mut state = StepState::new(params, opt, batch * seq);
     let mut acts = model.activations(&k, batch, seq);
     let step = TrainStep {
+        frozen: None,
         model: &model,
         kernels: &k,
         accum: 1,

@@ -69,6 +69,7 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
     let mut state = StepState::new(params, opt, batch * seq);
     let mut acts = model.activations(kernels.as_ref(), batch, seq);
     let step = TrainStep {
+        frozen: None,
         model: &model,
         kernels: kernels.as_ref(),
         accum: 1,

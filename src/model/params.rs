@@ -144,17 +144,13 @@ impl ParamLayout {
         &mut buf[self.range(id)]
     }
 
-    /// Looks a tensor up by its Hugging Face name.
     /// The first tensor (in layout order) of `buf` holding a NaN or an infinity, with how
     /// many of its values are not finite.
     pub fn first_non_finite(&self, buf: &[f32]) -> Option<(&str, usize)> {
-        self.tensors.iter().find_map(|t| {
-            let v = buf.get(t.range())?;
-            let bad = v.iter().filter(|x| !x.is_finite()).count();
-            (bad > 0).then_some((t.name.as_str(), bad))
-        })
+        first_non_finite(&self.tensors, buf)
     }
 
+    /// Looks a tensor up by its Hugging Face name.
     pub fn find(&self, name: &str) -> Option<TensorId> {
         self.tensors.iter().position(|t| t.name == name)
     }
@@ -183,6 +179,16 @@ impl ParamLayout {
         }
         buf
     }
+}
+
+/// The first of `tensors` whose values in `buf` hold a NaN or an infinity, with how many of
+/// its values are not finite.
+pub fn first_non_finite<'t>(tensors: &'t [TensorSpec], buf: &[f32]) -> Option<(&'t str, usize)> {
+    tensors.iter().find_map(|t| {
+        let v = buf.get(t.range())?;
+        let bad = v.iter().filter(|x| !x.is_finite()).count();
+        (bad > 0).then_some((t.name.as_str(), bad))
+    })
 }
 
 /// Lays tensors out one after another in the flat parameter vector.

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::model::ParamLayout;
+use crate::model::{ParamLayout, TensorSpec};
 
 /// Hyper-parameters of AdamW.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -47,9 +47,13 @@ const CHUNK: usize = 1 << 14;
 impl AdamW {
     /// Fresh state for a parameter layout.
     pub fn new(cfg: AdamWConfig, layout: &ParamLayout) -> Self {
-        let n = layout.total();
+        Self::for_tensors(cfg, &layout.tensors, layout.total())
+    }
+
+    /// Fresh state for `n` parameters laid out as `tensors` (a model's, or LoRA adapters').
+    pub fn for_tensors(cfg: AdamWConfig, tensors: &[TensorSpec], n: usize) -> Self {
         let mut groups: Vec<(usize, usize, bool)> = Vec::new();
-        for t in &layout.tensors {
+        for t in tensors {
             let r = t.range();
             match groups.last_mut() {
                 Some(last) if last.1 == r.start && last.2 == t.decays() => last.1 = r.end,

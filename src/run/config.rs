@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendKind, Precision};
 use crate::error::{Error, Result};
+use crate::model::{LoraConfig, LoraTarget};
 
 /// The loss-scaling policy of a run (`--loss-scale`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -175,6 +176,20 @@ pub struct TrainConfig {
     /// Tokens of the sample generated at the end (0: none).
     #[arg(long, default_value_t = d().sample_tokens, help_heading = "Evaluation, checkpoints and sample")]
     pub sample_tokens: usize,
+    /// Fine-tune LoRA adapters of rank R instead of every weight: the --init-from model stays
+    /// frozen and only the adapters (`A [R, in]`, `B [out, R]` per adapted projection) train;
+    /// they are saved as a PEFT adapter in the run folder's `adapter/`.
+    #[arg(long, value_name = "R", help_heading = "LoRA fine-tuning")]
+    pub lora_rank: Option<usize>,
+    /// The adapters' scale numerator: each adds `(alpha / R) B A x` (default 2R).
+    #[arg(long, value_name = "ALPHA", requires = "lora_rank", help_heading = "LoRA fine-tuning")]
+    pub lora_alpha: Option<f64>,
+    /// Projections to adapt: comma-separated q,k,v,o,gate,up,down, or all-linear.
+    #[arg(long, default_value_t = d().lora_targets, requires = "lora_rank", help_heading = "LoRA fine-tuning")]
+    pub lora_targets: String,
+    /// Dropout on the adapters' input during training (0: none).
+    #[arg(long, default_value_t = d().lora_dropout, requires = "lora_rank", help_heading = "LoRA fine-tuning")]
+    pub lora_dropout: f64,
     /// Data-parallel ranks (processes) the run trains on: an update sees `batch x accum x
     /// ranks` sequences (not a flag: the job's rank count).
     #[arg(skip = d().ranks)]
@@ -216,6 +231,10 @@ impl Default for TrainConfig {
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),
             sample_tokens: 160,
+            lora_rank: None,
+            lora_alpha: None,
+            lora_targets: "all-linear".into(),
+            lora_dropout: 0.0,
             ranks: 1,
         }
     }
@@ -259,6 +278,12 @@ impl TrainConfig {
                 "--weight-decay and --clip must be >= 0, and the Adam epsilon > 0",
             ));
         }
+        if self.lora()?.is_some() && self.init_from.is_none() {
+            return Err(Error::invalid(
+                "--lora-rank adapts a pretrained model: name it with --init-from (a Hugging Face \
+                 folder, .safetensors, GGUF, llama2.c .bin or a handgrad run)",
+            ));
+        }
         if !(0.0..1.0).contains(&self.val_fraction) {
             return Err(Error::invalid(format!(
                 "--val-fraction must be in [0, 1), got {}",
@@ -266,6 +291,21 @@ impl TrainConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The LoRA adapters the run trains, if it trains adapters (`--lora-rank`).
+    pub fn lora(&self) -> Result<Option<LoraConfig>> {
+        let Some(rank) = self.lora_rank else {
+            return Ok(None);
+        };
+        let lora = LoraConfig {
+            rank,
+            alpha: self.lora_alpha.unwrap_or(2.0 * rank as f64),
+            targets: LoraTarget::parse_list(&self.lora_targets)?,
+            dropout: self.lora_dropout,
+        };
+        lora.validate()?;
+        Ok(Some(lora))
     }
 
     /// The backend and precision.

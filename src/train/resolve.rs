@@ -174,10 +174,19 @@ fn share_among_ranks(
     Ok(())
 }
 
-/// The pretrained weights of `--init-from` (fresh runs only).
+/// The pretrained weights of `--init-from`: those a fresh run starts from, or the frozen
+/// model a LoRA run adapts (fresh or resumed).
 pub fn load_init(cfg: &TrainConfig, resume: Option<&ResumePoint>) -> Result<Option<LoadedModel>> {
+    let lora = cfg.lora_rank.is_some();
     match (resume, &cfg.init_from) {
         (None, Some(p)) => Ok(Some(crate::formats::load_model(Path::new(p))?)),
+        (Some(_), Some(p)) if lora => crate::formats::load_model(Path::new(p))
+            .map(Some)
+            .map_err(|e| {
+                Error::invalid(format!(
+                    "the run trains LoRA adapters of {p}, which cannot be read now: {e}"
+                ))
+            }),
         _ => Ok(None),
     }
 }

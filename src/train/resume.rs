@@ -79,6 +79,10 @@ fn every_field_has_a_rule(asked: &TrainConfig) {
         val_fraction: _,
         sample_prompt: _,
         sample_tokens: _,
+        lora_rank: _,
+        lora_alpha: _,
+        lora_targets: _,
+        lora_dropout: _,
         ranks: _,
     } = asked;
 }
@@ -137,6 +141,10 @@ fn apply_given(
     rule!(seed, refuse "the data order continues from the saved sampler, which the seed only starts");
     rule!(vocab_compaction, refuse "the classifier's rows are fixed for the run");
     rule!(val_fraction, refuse "the validation split is fixed for the run");
+    rule!(lora_rank, refuse "the adapters' shapes are fixed for the run");
+    rule!(lora_alpha, refuse "the adapters were trained at their scale");
+    rule!(lora_targets, refuse "the adapters' shapes are fixed for the run");
+    rule!(lora_dropout, apply);
     // What the optimizer and the loop can take from any update on.
     rule!(batch, apply);
     rule!(accum, apply);

@@ -8,11 +8,11 @@ use super::distributed::Collective;
 use crate::backend::Kernels;
 use crate::error::Result;
 use crate::model::timing::Section;
-use crate::model::{Activations, Batch, Transformer};
+use crate::model::{Activations, Adapters, Batch, LoraLayout, Transformer};
 use crate::optim::{AdamW, UpdateScale, update_scale};
 
-/// The numbers one step works on: parameters, gradients, optimizer state, and the token
-/// buffers of a micro-batch.
+/// The numbers one step works on: the trained parameters (the model's, or its LoRA adapters'),
+/// their gradients, optimizer state, and the token buffers of a micro-batch.
 pub struct StepState {
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
@@ -50,6 +50,26 @@ pub struct TrainStep<'a> {
     /// Data-parallel ranks whose gradients are summed before clipping (`None`: this process
     /// alone).
     pub ranks: Option<&'a dyn Collective>,
+    /// With LoRA: the frozen model the state's adapters adapt (`None`: the state holds the
+    /// model's own parameters).
+    pub frozen: Option<FrozenBase<'a>>,
+}
+
+/// The frozen model of a LoRA run and how its adapters are laid out.
+#[derive(Clone, Copy)]
+pub struct FrozenBase<'a> {
+    pub params: &'a [f32],
+    pub lora: &'a LoraLayout,
+    /// Seed of the update's dropout masks (each micro-batch draws its own from it).
+    pub dropout_seed: u64,
+}
+
+impl FrozenBase<'_> {
+    /// The seed of one update's dropout masks: a function of the run's seed and the update's
+    /// index, so a resumed run draws the masks the uninterrupted one would have.
+    pub fn dropout_seed(run_seed: u64, update: u64) -> u64 {
+        run_seed ^ update.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+    }
 }
 
 /// What one update measured.
@@ -85,20 +105,38 @@ impl TrainStep<'_> {
         // What the accelerator did outside updates (evaluation) is not this update's.
         let _ = self.kernels.take_accelerator_stats();
         let mut loss_sum = 0.0;
-        for _ in 0..self.accum.max(1) {
+        for micro in 0..self.accum.max(1) {
             next_batch(&mut state.inputs, &mut state.targets);
             let batch = Batch {
                 inputs: &state.inputs,
                 targets: &state.targets,
             };
-            loss_sum += self.model.forward_backward(
-                self.kernels,
-                &state.params,
-                &mut state.grads,
-                acts,
-                batch,
-                self.loss_scale,
-            )?;
+            loss_sum += match &self.frozen {
+                None => self.model.forward_backward(
+                    self.kernels,
+                    &state.params,
+                    &mut state.grads,
+                    acts,
+                    batch,
+                    self.loss_scale,
+                )?,
+                Some(f) => {
+                    let adapters = Adapters {
+                        layout: f.lora,
+                        params: &state.params,
+                        dropout_seed: Some(f.dropout_seed ^ (micro as u64).wrapping_mul(0x9E37_79B9)),
+                    };
+                    self.model.forward_backward_adapted(
+                        self.kernels,
+                        f.params,
+                        &adapters,
+                        &mut state.grads,
+                        acts,
+                        batch,
+                        self.loss_scale,
+                    )?
+                }
+            };
         }
         let mut micro = self.accum.max(1);
         if let Some(c) = self.ranks.filter(|c| c.size() > 1) {

@@ -21,11 +21,11 @@ use super::options::{RunOptions, default_threads};
 use super::resolve::{ResolvedRun, resolve};
 use super::resume::ResumePoint;
 use super::run_folder;
-use super::step::{StepState, StepStats, TrainStep};
+use super::step::{FrozenBase, StepState, StepStats, TrainStep};
 use crate::backend::Kernels;
 use crate::data::{Dataset, WindowSampler};
 use crate::error::{Error, Result};
-use crate::model::{Activations, Batch, Transformer};
+use crate::model::{Activations, Adapters, Batch, LoraLayout, Transformer};
 use crate::optim::CosineSchedule;
 use crate::run::{RunDir, RunLock, TrainConfig};
 use crate::telemetry::events::{DataSummary, ParamSummary};
@@ -81,6 +81,13 @@ struct Session {
     update_ms: Vec<f64>,
 }
 
+/// A LoRA run's frozen model and the layout of the adapters it trains (the step state's
+/// parameters).
+struct LoraRun {
+    base: Vec<f32>,
+    layout: LoraLayout,
+}
+
 /// A run in progress.
 struct Trainer {
     cfg: TrainConfig,
@@ -94,6 +101,8 @@ struct Trainer {
     data_source: String,
     sampler: WindowSampler,
     state: StepState,
+    /// With `--lora-rank`: the frozen model; `state` then holds the adapters.
+    lora: Option<LoraRun>,
     scaler: LossScaler,
     /// CPU use, power and memory readings.
     meter: Meter,
@@ -168,7 +177,12 @@ impl Trainer {
             saved_scale,
             cfg.max_bad_updates,
         );
-        let (state, sampler, counters) = initial_state(&cfg, &model, &data.data, resume, init)?;
+        let lora = match cfg.lora()? {
+            Some(l) => Some(LoraLayout::new(&model.cfg, l)?),
+            None => None,
+        };
+        let (state, sampler, counters, lora) =
+            initial_state(&cfg, &model, &data.data, resume, init, lora)?;
 
         // The run folder, then its event log (which receives everything said so far).
         if leader {
@@ -193,6 +207,7 @@ impl Trainer {
             data: data.data,
             sampler,
             state,
+            lora,
             scaler,
             meter: Meter::open(),
             counters,
@@ -259,9 +274,11 @@ impl Trainer {
         for message in std::mem::take(&mut self.warnings) {
             self.bus.emit(Event::Warning { message });
         }
-        let mut acts = self
-            .model
-            .activations(self.kernels.as_ref(), self.cfg.batch, self.cfg.seq);
+        let (k, b, t) = (self.kernels.as_ref(), self.cfg.batch, self.cfg.seq);
+        let mut acts = match &self.lora {
+            None => self.model.activations(k, b, t),
+            Some(l) => self.model.activations_adapted(k, &l.layout, b, t),
+        };
         self.emit_run_start(&acts)?;
         let mut session = Session {
             first_step: self.counters.step,
@@ -339,12 +356,11 @@ impl Trainer {
     fn judge(&mut self, stats: &StepStats) -> Result<Verdict> {
         let mut detail = format!("loss {}, gradient norm {}", stats.loss, stats.grad_norm);
         if !stats.applied {
-            let layout = &self.model.layout;
-            if let Some((name, n)) = layout.first_non_finite(&self.state.params) {
+            if let Some((name, n)) = self.first_non_finite(&self.state.params) {
                 detail.push_str(&format!(
                     "; weights non-finite first in {name} ({n} values)"
                 ));
-            } else if let Some((name, n)) = layout.first_non_finite(&self.state.grads) {
+            } else if let Some((name, n)) = self.first_non_finite(&self.state.grads) {
                 detail.push_str(&format!("; first non-finite gradient: {name} ({n} values)"));
             }
         }
@@ -365,6 +381,29 @@ impl Trainer {
         Ok(verdict)
     }
 
+    /// The first trained tensor (the model's, or the adapters') of `buf` holding non-finite
+    /// values, with how many.
+    fn first_non_finite<'s>(&'s self, buf: &[f32]) -> Option<(&'s str, usize)> {
+        let tensors = match &self.lora {
+            None => &self.model.layout.tensors,
+            Some(l) => &l.layout.tensors,
+        };
+        crate::model::params::first_non_finite(tensors, buf)
+    }
+
+    /// The model's weights as inference reads them: the trained parameters, or for a LoRA
+    /// run the frozen model with the adapters merged in.
+    fn inference_weights(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.lora {
+            None => std::borrow::Cow::Borrowed(&self.state.params),
+            Some(l) => std::borrow::Cow::Owned(l.layout.merge(
+                &self.model.layout,
+                &l.base,
+                &self.state.params,
+            )),
+        }
+    }
+
     /// One optimizer update, and its `step` event.
     fn update(&mut self, acts: &mut Activations, session: &mut Session) -> Result<()> {
         let t0 = Instant::now();
@@ -379,6 +418,11 @@ impl Trainer {
             clip: self.cfg.clip,
             loss_scale: self.scaler.scale() as f32,
             ranks: Some(self.ranks.as_ref()),
+            frozen: self.lora.as_ref().map(|l| FrozenBase {
+                params: &l.base,
+                lora: &l.layout,
+                dropout_seed: FrozenBase::dropout_seed(self.cfg.seed, self.counters.step),
+            }),
         };
         let reported_scale = self.scaler.reported();
         let (sampler, data, window) = (&mut self.sampler, &self.data, &mut self.window);
@@ -535,9 +579,18 @@ impl Trainer {
                 inputs: &inputs,
                 targets: &targets,
             };
-            sum += self
-                .model
-                .loss(self.kernels.as_ref(), &self.state.params, acts, batch)?;
+            let k = self.kernels.as_ref();
+            sum += match &self.lora {
+                None => self.model.loss(k, &self.state.params, acts, batch)?,
+                Some(l) => {
+                    let adapters = Adapters {
+                        layout: &l.layout,
+                        params: &self.state.params,
+                        dropout_seed: None,
+                    };
+                    self.model.loss_adapted(k, &l.base, &adapters, acts, batch)?
+                }
+            };
             batches += 1;
         }
         if batches == 0 {

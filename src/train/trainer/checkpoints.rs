@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::{Counters, Trainer};
+use super::{Counters, LoraRun, Trainer};
 use crate::data::{Dataset, WindowSampler};
 use crate::error::{Error, Result};
 use crate::formats::LoadedModel;
 use crate::formats::checkpoint::{CheckpointMeta, CheckpointRef, FORMAT_VERSION};
-use crate::model::Transformer;
+use crate::model::{LoraLayout, Transformer};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::run::TrainConfig;
 use crate::telemetry::events::unix_now;
@@ -63,7 +63,7 @@ impl Trainer {
         with_moments: bool,
         kind: CheckpointKind,
     ) -> Result<()> {
-        if let Some((name, n)) = self.model.layout.first_non_finite(&self.state.params) {
+        if let Some((name, n)) = self.first_non_finite(&self.state.params) {
             return Err(Error::invalid(format!(
                 "refusing to save {}: the weights hold {n} non-finite values in {name} (and maybe elsewhere); the last checkpoint is intact",
                 path.display()
@@ -105,44 +105,70 @@ impl Trainer {
 }
 
 /// Parameters, optimizer state, data position and counters: restored from the checkpoint on
-/// resume, else fresh (from `--init-from` weights or a seeded initialisation).
+/// resume, else fresh (from `--init-from` weights or a seeded initialisation). A LoRA run
+/// (`lora`) trains its adapters: they are the state's parameters, and the `--init-from`
+/// weights are its frozen model.
 pub(super) fn initial_state(
     cfg: &TrainConfig,
     model: &Transformer,
     data: &Dataset,
     resume: Option<ResumePoint>,
     init: Option<LoadedModel>,
-) -> Result<(StepState, WindowSampler, Counters)> {
+    lora: Option<LoraLayout>,
+) -> Result<(StepState, WindowSampler, Counters, Option<LoraRun>)> {
     let adam = AdamWConfig {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
         eps: cfg.adam_eps,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = AdamW::new(adam, &model.layout);
     let mut sampler = WindowSampler::new(data, cfg.seq, cfg.seed);
     let tokens = cfg.batch * cfg.seq;
+    // What trains: the model's parameters (fresh: the --init-from weights or a seeded
+    // initialisation), or LoRA adapters of the frozen --init-from model.
+    let (mut opt, fresh, lora_run) = match lora {
+        None => {
+            let fresh = match init {
+                Some(m) => m.params,
+                None => model.layout.init(model.cfg.n_layers, cfg.seed),
+            };
+            (AdamW::new(adam, &model.layout), fresh, None)
+        }
+        Some(layout) => {
+            let Some(base) = init else {
+                return Err(Error::invalid(
+                    "a LoRA run needs the model it adapts (--init-from)",
+                ));
+            };
+            if base.params.len() != model.layout.total() {
+                return Err(Error::invalid(
+                    "the --init-from weights do not match the run's model",
+                ));
+            }
+            let opt = AdamW::for_tensors(adam, &layout.tensors, layout.total());
+            let fresh = layout.init(cfg.seed);
+            let run = LoraRun {
+                base: base.params,
+                layout,
+            };
+            (opt, fresh, Some(run))
+        }
+    };
     let Some(ResumePoint {
         checkpoint: ck,
         path,
     }) = resume
     else {
-        let params = match init {
-            Some(m) => m.params,
-            None => model.layout.init(model.cfg.n_layers, cfg.seed),
-        };
-        return Ok((
-            StepState::new(params, opt, tokens),
-            sampler,
-            Counters::default(),
-        ));
+        let state = StepState::new(fresh, opt, tokens);
+        return Ok((state, sampler, Counters::default(), lora_run));
     };
-    if ck.params.len() != model.layout.total() {
+    if ck.params.len() != fresh.len() {
         return Err(Error::checkpoint(
             &path,
             "parameter count does not match its model config",
         ));
     }
+    drop(fresh);
     let Some((m, v)) = ck.moments else {
         return Err(Error::checkpoint(
             &path,
@@ -163,5 +189,6 @@ pub(super) fn initial_state(
         train_seconds: meta.train_seconds,
         resumed_from: Some(meta.step),
     };
-    Ok((StepState::new(ck.params, opt, tokens), sampler, counters))
+    let state = StepState::new(ck.params, opt, tokens);
+    Ok((state, sampler, counters, lora_run))
 }

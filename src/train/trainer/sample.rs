@@ -27,14 +27,16 @@ impl Trainer {
             add_bos: true,
             weights: WeightFormat::Fp32,
         };
+        let weights = self.inference_weights();
         let g = generate(
             &self.model,
-            &self.state.params,
+            &weights,
             self.kernels.as_ref(),
             tok,
             &opts,
             &mut |_| std::ops::ControlFlow::Continue(()),
         )?;
+        drop(weights);
         let text = format!("{}{}", opts.prompt, g.text);
         let event = Event::Sample {
             step: self.counters.step,
