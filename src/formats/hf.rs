@@ -163,7 +163,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 }
 
 /// Writes the tensors of one shard.
-fn write_safetensors(
+pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &[(&str, &[usize], &[f32])],
     dtype: ExportDtype,

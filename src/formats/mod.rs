@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod gguf;
 pub mod hf;
 pub mod llama2c;
+pub mod peft;
 pub mod safetensors;
 
 use std::path::Path;

@@ -182,7 +182,12 @@ pub struct TrainConfig {
     #[arg(long, value_name = "R", help_heading = "LoRA fine-tuning")]
     pub lora_rank: Option<usize>,
     /// The adapters' scale numerator: each adds `(alpha / R) B A x` (default 2R).
-    #[arg(long, value_name = "ALPHA", requires = "lora_rank", help_heading = "LoRA fine-tuning")]
+    #[arg(
+        long,
+        value_name = "ALPHA",
+        requires = "lora_rank",
+        help_heading = "LoRA fine-tuning"
+    )]
     pub lora_alpha: Option<f64>,
     /// Projections to adapt: comma-separated q,k,v,o,gate,up,down, or all-linear.
     #[arg(long, default_value_t = d().lora_targets, requires = "lora_rank", help_heading = "LoRA fine-tuning")]

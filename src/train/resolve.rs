@@ -180,13 +180,15 @@ pub fn load_init(cfg: &TrainConfig, resume: Option<&ResumePoint>) -> Result<Opti
     let lora = cfg.lora_rank.is_some();
     match (resume, &cfg.init_from) {
         (None, Some(p)) => Ok(Some(crate::formats::load_model(Path::new(p))?)),
-        (Some(_), Some(p)) if lora => crate::formats::load_model(Path::new(p))
-            .map(Some)
-            .map_err(|e| {
-                Error::invalid(format!(
-                    "the run trains LoRA adapters of {p}, which cannot be read now: {e}"
-                ))
-            }),
+        (Some(_), Some(p)) if lora => {
+            crate::formats::load_model(Path::new(p))
+                .map(Some)
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "the run trains LoRA adapters of {p}, which cannot be read now: {e}"
+                    ))
+                })
+        }
         _ => Ok(None),
     }
 }

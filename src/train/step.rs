@@ -124,7 +124,9 @@ impl TrainStep<'_> {
                     let adapters = Adapters {
                         layout: f.lora,
                         params: &state.params,
-                        dropout_seed: Some(f.dropout_seed ^ (micro as u64).wrapping_mul(0x9E37_79B9)),
+                        dropout_seed: Some(
+                            f.dropout_seed ^ (micro as u64).wrapping_mul(0x9E37_79B9),
+                        ),
                     };
                     self.model.forward_backward_adapted(
                         self.kernels,

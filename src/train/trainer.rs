@@ -588,7 +588,8 @@ impl Trainer {
                         params: &self.state.params,
                         dropout_seed: None,
                     };
-                    self.model.loss_adapted(k, &l.base, &adapters, acts, batch)?
+                    self.model
+                        .loss_adapted(k, &l.base, &adapters, acts, batch)?
                 }
             };
             batches += 1;
