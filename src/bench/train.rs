@@ -8,9 +8,9 @@ use serde::Serialize;
 use crate::backend::{Backend, BackendInfo};
 use crate::error::Result;
 use crate::model::timing::{BreakdownEntry, Section};
-use crate::model::{ModelConfig, Transformer};
+use crate::model::{LoraConfig, LoraLayout, ModelConfig, Transformer};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::train::{StepState, TrainStep};
+use crate::train::{FrozenBase, StepState, TrainStep};
 use crate::util::rng::Rng;
 
 /// Results of `bench train`.
@@ -54,6 +54,8 @@ pub struct TrainRun<'a> {
     pub seq: usize,
     /// Measured steps (after one warm-up step).
     pub steps: usize,
+    /// Train LoRA adapters of the (frozen) model instead of all its weights.
+    pub lora: Option<LoraConfig>,
 }
 
 /// Runs `steps` measured training steps (after one warm-up step) of a randomly initialised
@@ -65,11 +67,28 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
     kernels.prepare(&model.step_shape(batch, seq))?;
     let warnings = kernels.warnings();
     let params = model.layout.init(cfg.n_layers, 1);
-    let opt = AdamW::new(AdamWConfig::default(), &model.layout);
-    let mut state = StepState::new(params, opt, batch * seq);
-    let mut acts = model.activations(kernels.as_ref(), batch, seq);
+    let lora = match &r.lora {
+        Some(l) => Some(LoraLayout::new(cfg, l.clone())?),
+        None => None,
+    };
+    let (mut state, mut acts, base) = match &lora {
+        None => {
+            let opt = AdamW::new(AdamWConfig::default(), &model.layout);
+            let acts = model.activations(kernels.as_ref(), batch, seq);
+            (StepState::new(params, opt, batch * seq), acts, Vec::new())
+        }
+        Some(l) => {
+            let opt = AdamW::for_tensors(AdamWConfig::default(), &l.tensors, l.total());
+            let acts = model.activations_adapted(kernels.as_ref(), l, batch, seq);
+            (StepState::new(l.init(1), opt, batch * seq), acts, params)
+        }
+    };
     let step = TrainStep {
-        frozen: None,
+        frozen: lora.as_ref().map(|l| FrozenBase {
+            params: &base,
+            lora: l,
+            dropout_seed: 1,
+        }),
         model: &model,
         kernels: kernels.as_ref(),
         accum: 1,
@@ -101,7 +120,14 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let flops = cfg.train_flops(batch, seq);
+    // A frozen model computes no weight gradients: 4 instead of 6 FLOPs per matmul parameter
+    // and token (the adapters' rank-r products are left out).
+    let flops = match &lora {
+        None => cfg.train_flops(batch, seq),
+        Some(_) => {
+            cfg.train_flops(batch, seq) - 2.0 * cfg.matmul_params() as f64 * (batch * seq) as f64
+        }
+    };
     let gflops = flops / median / 1e9;
     let total_step: f64 = times.iter().sum();
     let accounted = acts.timings.total();
@@ -134,7 +160,15 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         max_ms: sorted[sorted.len() - 1] * 1e3,
         tokens_per_s: (batch * seq) as f64 / median,
         flops_per_step: flops,
-        flop_formula: "6 x matmul params (classifier included) x tokens + 12 x layers x heads x seq^2 x head_dim x batch".into(),
+        flop_formula: match &lora {
+            None => "6 x matmul params (classifier included) x tokens + 12 x layers x heads x seq^2 x head_dim x batch".into(),
+            Some(l) => format!(
+                "LoRA rank {} on {} ({} trainable): 4 x matmul params x tokens + 12 x layers x heads x seq^2 x head_dim x batch",
+                l.cfg.rank,
+                l.cfg.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
+                l.total()
+            ),
+        },
         gflops,
         peak_gflops,
         mfu: gflops / peak_gflops,

@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 
 use crate::error::{Error, Result};
 use crate::formats::hf::ExportDtype;
-use crate::formats::{LoadedModel, TokenizerFile, hf, llama2c, load_model};
+use crate::formats::{LoadedModel, TokenizerFile, hf, llama2c, load_model_with_adapter};
 use crate::tokenizer;
 
 /// Options of `handgrad convert`.
@@ -41,6 +41,10 @@ pub struct ConvertArgs {
     /// Tokenizer to copy into a Hugging Face folder (default: the source's, if it has one).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Merge this PEFT LoRA adapter folder (a LoRA run's adapter/, or one PEFT saved) into
+    /// the source's weights: the output is the fine-tuned model, loadable without PEFT.
+    #[arg(long, visible_alias = "merge-lora", value_name = "ADAPTER_DIR")]
+    adapter: Option<PathBuf>,
 }
 
 /// The format `convert` writes (`--to`).
@@ -122,7 +126,7 @@ fn output_format(a: &ConvertArgs) -> Result<OutputFormat> {
 pub fn run(a: ConvertArgs) -> Result<()> {
     let to = output_format(&a)?;
     let max_shard = parse_size(&a.max_shard_size)?;
-    let m = load_model(&a.input)?;
+    let m = load_model_with_adapter(&a.input, a.adapter.as_deref())?;
     for w in &m.warnings {
         eprintln!("warning: {w}");
     }

@@ -8,7 +8,7 @@ use clap::Args;
 use super::backend_args::BackendArgs;
 use crate::backend::Precision;
 use crate::error::{Error, Result};
-use crate::formats::load_model;
+use crate::formats::load_model_with_adapter;
 use crate::generate::{GenerateOptions, Sampling, StopReason, WeightFormat, generate};
 use crate::model::Transformer;
 use crate::tokenizer;
@@ -29,6 +29,10 @@ pub struct GenerateArgs {
     /// Use checkpoints/best (lowest validation loss) instead of latest.
     #[arg(long)]
     best: bool,
+    /// A PEFT LoRA adapter folder (a LoRA run's adapter/, or one PEFT saved) to merge into
+    /// the model's weights before generating.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Tokenizer file, overriding the one stored in the checkpoint.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -129,7 +133,7 @@ fn load(a: &GenerateArgs) -> Result<(Transformer, Vec<f32>, Box<dyn tokenizer::T
             ));
         }
     };
-    let loaded = load_model(&path)?;
+    let loaded = load_model_with_adapter(&path, a.adapter.as_deref())?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }

@@ -152,6 +152,9 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         }
         ModelFormat::Checkpoint => {
             let ck = checkpoint::Checkpoint::load(path)?;
+            if ck.meta.train_config.lora_rank.is_some() {
+                return load_lora_checkpoint(path, ck);
+            }
             let cfg = ck.meta.model_config.clone();
             if ck.params.len() != crate::model::ParamLayout::new(&cfg).total() {
                 return Err(Error::checkpoint(
@@ -181,6 +184,86 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
             })
         }
     }
+}
+
+/// [`load_model`], with a PEFT LoRA adapter folder merged in when one is given
+/// (`--adapter DIR`: `W + (alpha/r) B A` for every adapted matrix).
+pub fn load_model_with_adapter(path: &Path, adapter: Option<&Path>) -> Result<LoadedModel> {
+    let mut m = load_model(path)?;
+    if let Some(dir) = adapter {
+        let a = peft::load(dir, &m.cfg)?;
+        m.params = a.merge_into(&m.cfg, &m.params);
+        m.format = format!(
+            "{} + LoRA adapter {} (rank {}, merged)",
+            m.format,
+            dir.display(),
+            a.layout.cfg.rank
+        );
+    }
+    Ok(m)
+}
+
+/// A LoRA run's checkpoint holds its adapters: the model is its frozen `--init-from` model
+/// with them merged in.
+fn load_lora_checkpoint(path: &Path, ck: checkpoint::Checkpoint) -> Result<LoadedModel> {
+    let train = &ck.meta.train_config;
+    let Some(base_path) = train.init_from.as_deref() else {
+        return Err(Error::checkpoint(
+            path,
+            "LoRA adapters without the model they adapt",
+        ));
+    };
+    let base = load_model(Path::new(base_path)).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!(
+                "holds LoRA adapters of {base_path}, which cannot be read from here ({e}); run from the folder the training ran in, or load the PEFT adapter in the run's adapter/ folder over the base model with --adapter"
+            ),
+        )
+    })?;
+    let cfg = ck.meta.model_config.clone();
+    let lora = train
+        .lora()?
+        .ok_or_else(|| Error::checkpoint(path, "LoRA settings missing"))?;
+    let layout = crate::model::LoraLayout::new(&cfg, lora)?;
+    if ck.params.len() != layout.total() || base.params.len() != layout_total(&cfg) {
+        return Err(Error::checkpoint(
+            path,
+            "its adapters do not fit the model they adapt",
+        ));
+    }
+    let params = layout.merge(
+        &crate::model::ParamLayout::new(&cfg),
+        &base.params,
+        &ck.params,
+    );
+    let tokenizer = if ck.tokenizer.is_empty() {
+        base.tokenizer
+    } else {
+        Some(TokenizerFile {
+            name: ck
+                .meta
+                .tokenizer_file
+                .clone()
+                .unwrap_or_else(|| "tokenizer.json".into()),
+            bytes: ck.tokenizer,
+        })
+    };
+    Ok(LoadedModel {
+        cfg,
+        params,
+        tokenizer,
+        format: format!(
+            "handgrad checkpoint (step {}, LoRA rank {} merged into {base_path})",
+            ck.meta.step, layout.cfg.rank
+        ),
+        warnings: base.warnings,
+        vocab_kept: ck.meta.vocab_kept,
+    })
+}
+
+fn layout_total(cfg: &ModelConfig) -> usize {
+    crate::model::ParamLayout::new(cfg).total()
 }
 
 /// Refuses a model whose header describes more parameters than a file of `file_bytes` can

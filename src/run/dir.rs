@@ -105,6 +105,11 @@ impl RunDir {
     pub fn events(&self) -> PathBuf {
         self.dir.join(EVENTS)
     }
+    /// A LoRA run's latest adapters as a PEFT folder (`adapter_model.safetensors`,
+    /// `adapter_config.json`), written with each `latest` checkpoint.
+    pub fn adapter(&self) -> PathBuf {
+        self.dir.join("adapter")
+    }
     pub fn lock(&self) -> PathBuf {
         self.dir.join(super::lock::LOCK_FILE)
     }

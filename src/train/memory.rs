@@ -5,13 +5,14 @@
 
 use crate::backend::Kernels;
 use crate::error::{Error, Result};
-use crate::model::Transformer;
+use crate::model::{LoraLayout, Transformer};
 use crate::telemetry::human_bytes;
 
 /// Bytes of everything a training process holds for one batch shape.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryNeed {
-    /// f32 parameters, their gradients and the two AdamW moments (4 x 4 bytes each).
+    /// f32 parameters, their gradients and the two AdamW moments (4 x 4 bytes each); with
+    /// LoRA the frozen model's parameters (4 bytes each) and the adapters' 4 x 4 bytes.
     pub state: u64,
     /// Saved activations and backward scratch of one micro-batch.
     pub activations: u64,
@@ -23,18 +24,30 @@ pub struct MemoryNeed {
 }
 
 impl MemoryNeed {
-    /// The need of `batch` sequences of `seq` tokens of `model` on backend `k`.
-    pub fn of(model: &Transformer, k: &dyn Kernels, batch: usize, seq: usize) -> Self {
+    /// The need of `batch` sequences of `seq` tokens of `model` on backend `k`, training the
+    /// model or (`lora`) adapters of it.
+    pub fn of(
+        model: &Transformer,
+        lora: Option<&LoraLayout>,
+        k: &dyn Kernels,
+        batch: usize,
+        seq: usize,
+    ) -> Self {
         let params = model.layout.total() as u64;
-        let batch_bytes = |b: usize| {
-            model.activation_bytes(k, b, seq) as u64
-                + k.workspace_bytes(&model.step_shape(b, seq)) as u64
+        let acts = |b: usize| match lora {
+            None => model.activation_bytes(k, b, seq) as u64,
+            Some(l) => model.activation_bytes_adapted(k, l, b, seq) as u64,
         };
+        let batch_bytes = |b: usize| acts(b) + k.workspace_bytes(&model.step_shape(b, seq)) as u64;
         let one = batch_bytes(1);
         let per_sequence = batch_bytes(2).saturating_sub(one);
+        let state = match lora {
+            None => 16 * params,
+            Some(l) => 4 * params + 16 * l.total() as u64,
+        };
         MemoryNeed {
-            state: 16 * params,
-            activations: model.activation_bytes(k, batch, seq) as u64,
+            state,
+            activations: acts(batch),
             kernels: k.workspace_bytes(&model.step_shape(batch, seq)) as u64,
             per_sequence,
             batch,

@@ -16,5 +16,5 @@ pub use crate::run::{LossScale, RunDir, RunLock, TrainConfig};
 pub use options::{RunOptions, default_threads};
 pub use resume::GivenFlags;
 pub use run_folder::load_latest;
-pub use step::{StepState, StepStats, TrainStep};
+pub use step::{FrozenBase, StepState, StepStats, TrainStep};
 pub use trainer::{TrainOutcome, train};

@@ -181,6 +181,18 @@ impl Trainer {
             Some(l) => Some(LoraLayout::new(&model.cfg, l)?),
             None => None,
         };
+        if let Some(l) = &lora {
+            let total = model.layout.total();
+            notes.push(format!(
+                "LoRA rank {} (alpha {}) on {}: {} trainable parameters ({:.2}% of the model's {}); the model is frozen",
+                l.cfg.rank,
+                l.cfg.alpha,
+                l.cfg.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
+                l.total(),
+                100.0 * l.total() as f64 / total as f64,
+                total
+            ));
+        }
         let (state, sampler, counters, lora) =
             initial_state(&cfg, &model, &data.data, resume, init, lora)?;
 
@@ -668,7 +680,11 @@ fn prepare_kernels(
     resume: Option<&ResumePoint>,
 ) -> Result<Box<dyn Kernels>> {
     let mut kernels = cfg.backend().kernels_with(opts.kernel_options)?;
-    super::memory::MemoryNeed::of(model, kernels.as_ref(), cfg.batch, cfg.seq)
+    let lora = match cfg.lora()? {
+        Some(l) => Some(LoraLayout::new(&model.cfg, l)?),
+        None => None,
+    };
+    super::memory::MemoryNeed::of(model, lora.as_ref(), kernels.as_ref(), cfg.batch, cfg.seq)
         .check(crate::util::mem::available_bytes())?;
     if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
         let step = resume.map_or(0, |r| r.checkpoint.meta.step);

@@ -29,6 +29,12 @@ pub(super) struct TrainBenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time a LoRA fine-tuning step instead: adapters of rank R on the frozen model.
+    #[arg(long, value_name = "R")]
+    lora_rank: Option<usize>,
+    /// Projections the adapters adapt (comma-separated q,k,v,o,gate,up,down, or all-linear).
+    #[arg(long, default_value = "all-linear", requires = "lora_rank")]
+    lora_targets: String,
 }
 
 pub(super) fn run(a: TrainBenchArgs) -> Result<()> {
@@ -54,6 +60,15 @@ pub(super) fn run(a: TrainBenchArgs) -> Result<()> {
         batch: a.batch,
         seq: a.seq,
         steps: a.steps,
+        lora: match a.lora_rank {
+            Some(rank) => Some(crate::model::LoraConfig {
+                rank,
+                alpha: 2.0 * rank as f64,
+                targets: crate::model::LoraTarget::parse_list(&a.lora_targets)?,
+                dropout: 0.0,
+            }),
+            None => None,
+        },
     };
     let r = pool(a.threads)?.install(|| {
         // Measured before and after the steps; the higher value counts (a shared host can

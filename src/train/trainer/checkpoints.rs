@@ -100,7 +100,18 @@ impl Trainer {
             return Ok(());
         }
         let latest = self.paths.latest();
-        self.save(&latest, true, kind)
+        self.save(&latest, true, kind)?;
+        if let Some(l) = &self.lora {
+            let base = self.cfg.init_from.as_deref();
+            crate::formats::peft::save(
+                &self.paths.adapter(),
+                &self.model.cfg,
+                &l.layout,
+                &self.state.params,
+                base,
+            )?;
+        }
+        Ok(())
     }
 }
 
