@@ -2,6 +2,7 @@
 //! built-in corpus.
 
 pub mod builtin;
+pub mod chat;
 pub mod dataset;
 pub mod documents;
 pub mod fetch;

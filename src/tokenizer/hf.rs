@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{Tokenizer, fnv1a64};
+use super::{TokenSpans, Tokenizer, fnv1a64};
 use crate::error::{Error, Result};
 
 /// A tokenizer loaded from a `tokenizer.json`.
@@ -96,6 +96,18 @@ impl Tokenizer for HfTokenizer {
             .encode_fast(text, false)
             .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    fn encode_with_offsets(&self, text: &str) -> Result<Option<TokenSpans>> {
+        // `encode` (unlike `encode_fast`) tracks offsets, in bytes of the input.
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
+        Ok(Some(TokenSpans {
+            ids: enc.get_ids().to_vec(),
+            spans: enc.get_offsets().to_vec(),
+        }))
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -13,10 +13,24 @@ use crate::error::{Error, Result};
 pub use hf::HfTokenizer;
 pub use llama2c::Llama2cTokenizer;
 
+/// Token ids and, for each, the byte range `[start, end)` of the text it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenSpans {
+    pub ids: Vec<u32>,
+    pub spans: Vec<(usize, usize)>,
+}
+
 /// What the trainer, data preparation and generation need from a tokenizer.
 pub trait Tokenizer: Send + Sync {
     /// Token ids of a text (no BOS/EOS added).
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// Token ids of a text (no BOS/EOS added, the same ids as [`Tokenizer::encode`]) with the
+    /// byte range of `text` that each token comes from; `None` when the tokenizer cannot tell
+    /// (chat data needs it to tell the assistant's tokens from the rest).
+    fn encode_with_offsets(&self, text: &str) -> Result<Option<TokenSpans>> {
+        let _ = text;
+        Ok(None)
+    }
     /// The text of a sequence of ids (special tokens skipped).
     fn decode(&self, ids: &[u32]) -> Result<String>;
     /// Number of ids, special tokens included.
