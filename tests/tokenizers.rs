@@ -272,6 +272,7 @@ fn generated_text_keeps_the_space_after_a_sentencepiece_prompt() {
     let mut spaced = 0;
     for seed in 1..9 {
         let opts = GenerateOptions {
+            stop_ids: Vec::new(),
             prompt: "Lily.".into(),
             max_tokens: 6,
             sampling: Sampling::from_settings(1.0, 0, 1.0).unwrap(),

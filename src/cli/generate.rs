@@ -1,12 +1,13 @@
 //! `handgrad generate`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
 use super::backend_args::BackendArgs;
 use crate::backend::Precision;
+use crate::data::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::formats::load_model_with_adapter;
 use crate::generate::{GenerateOptions, Sampling, StopReason, WeightFormat, generate};
@@ -36,9 +37,20 @@ pub struct GenerateArgs {
     /// Tokenizer file, overriding the one stored in the checkpoint.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Text to continue.
+    /// Text to continue (with --chat: the user's message).
     #[arg(long, default_value = "Once upon a time")]
     prompt: String,
+    /// Chat: the prompt is a user message, rendered with the model's chat template (its
+    /// tokenizer_config.json, a chat run's folder, or --chat-template); prints the assistant's
+    /// reply, which ends at the template's end of turn.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message before the user's.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// With --chat: the chat template (a Jinja file) instead of the model's.
+    #[arg(long, requires = "chat", value_name = "FILE")]
+    chat_template: Option<PathBuf>,
     /// Tokens to generate at most (stops earlier at end of text or the context limit).
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -71,9 +83,10 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let sampling = Sampling::from_settings(a.temperature, a.top_k, a.top_p)?;
-    let (model, params, tok) = load(&a)?;
+    let (model, params, tok, source) = load(&a)?;
     let pool = super::thread_pool(a.threads)?;
-    let opts = GenerateOptions {
+    let mut opts = GenerateOptions {
+        stop_ids: Vec::new(),
         prompt: a.prompt.clone(),
         max_tokens: a.max_tokens,
         sampling,
@@ -81,6 +94,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         add_bos: true,
         weights: a.weights,
     };
+    if a.chat {
+        let template = chat_template(&a, &source)?;
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(Message::new("system", s.as_str()));
+        }
+        messages.push(Message::new("user", a.prompt.as_str()));
+        opts.prompt = template.render(&messages, true)?;
+        opts.add_bos = false;
+        opts.stop_ids = template.stop_ids(tok.as_ref())?;
+    }
     let default_precision =
         if a.weights == WeightFormat::Bf16 && crate::backend::cpu::bf16_in_hardware() {
             Precision::Bf16
@@ -98,7 +122,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // quietly.
     let mut out = std::io::stdout();
     let mut write = |s: &str| out.write_all(s.as_bytes()).and_then(|()| out.flush());
-    if write(&a.prompt).is_err() {
+    if !a.chat && write(&a.prompt).is_err() {
         return Ok(());
     }
     let t0 = std::time::Instant::now();
@@ -122,8 +146,37 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model, its parameters and the tokenizer the flags name.
-fn load(a: &GenerateArgs) -> Result<(Transformer, Vec<f32>, Box<dyn tokenizer::Tokenizer>)> {
+/// The chat template for `--chat`: `--chat-template`, else the one in the model's folder (a
+/// Hugging Face folder's tokenizer_config.json, or the run folder of a chat run).
+fn chat_template(a: &GenerateArgs, source: &Path) -> Result<ChatTemplate> {
+    let dir = match &a.run_dir {
+        Some(d) => d.clone(),
+        None if source.is_dir() => source.to_path_buf(),
+        // A checkpoint in a run's checkpoints/ folder: the run folder.
+        None => source
+            .parent()
+            .and_then(|p| {
+                if p.ends_with("checkpoints") {
+                    p.parent()
+                } else {
+                    Some(p)
+                }
+            })
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    ChatTemplate::load(a.chat_template.as_deref(), &dir)
+}
+
+/// The model, its parameters, the tokenizer the flags name, and the path the model came from.
+fn load(
+    a: &GenerateArgs,
+) -> Result<(
+    Transformer,
+    Vec<f32>,
+    Box<dyn tokenizer::Tokenizer>,
+    PathBuf,
+)> {
     let path = match (&a.run_dir, &a.checkpoint, &a.model) {
         (Some(dir), None, None) => crate::run::RunDir::existing(dir)?.checkpoint_to_read(a.best)?,
         (None, Some(p), None) | (None, None, Some(p)) => p.clone(),
@@ -155,7 +208,7 @@ fn load(a: &GenerateArgs) -> Result<(Transformer, Vec<f32>, Box<dyn tokenizer::T
         )));
     }
     let model = loaded.transformer();
-    Ok((model, loaded.params, tok))
+    Ok((model, loaded.params, tok, path))
 }
 
 /// One line on stderr: token counts, speeds, the weights read, why it stopped.

@@ -115,6 +115,7 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
     };
     let model = m.transformer();
     let opts = crate::generate::GenerateOptions {
+        stop_ids: Vec::new(),
         prompt: "Once upon a time".into(),
         max_tokens: 80,
         sampling: crate::generate::Sampling::TopK {

@@ -253,7 +253,7 @@ impl Dataset {
 }
 
 /// The saved state of a [`WindowSampler`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SamplerState {
     pub rng: [u64; 4],
     /// Windows drawn so far (the data position).

@@ -58,7 +58,11 @@ pub struct CheckpointMeta {
     pub adam_t: u64,
     /// Total updates the schedule was planned for.
     pub schedule_total: u64,
+    /// The position in token data (zero for chat data).
     pub sampler: SamplerState,
+    /// The position in chat data (chat runs only).
+    #[serde(default)]
+    pub chat_sampler: Option<crate::data::chat::ChatSamplerState>,
     pub tokens_seen: u64,
     pub best_val_loss: Option<f64>,
     pub last_val_loss: Option<f64>,

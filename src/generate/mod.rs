@@ -23,6 +23,9 @@ pub struct GenerateOptions {
     pub add_bos: bool,
     /// The weights read per decoded token (bf16: half the memory traffic).
     pub weights: WeightFormat,
+    /// Token ids that end the generation besides the tokenizer's end of text (a chat
+    /// template's end of turn).
+    pub stop_ids: Vec<u32>,
 }
 
 /// Why generation stopped.
@@ -93,7 +96,8 @@ pub fn generate(
     logits.extend_from_slice(dec.prefill(kernels, &prompt_ids)?);
     let prefill_seconds = t_prefill.elapsed().as_secs_f64();
     let t_decode = std::time::Instant::now();
-    let stop_ids = tokenizer.stop_ids();
+    let mut stop_ids = tokenizer.stop_ids();
+    stop_ids.extend_from_slice(&opts.stop_ids);
     // The continuation is decoded after the prompt, not on its own: a SentencePiece tokenizer
     // drops the leading space of the first piece of a text, which would glue the first word
     // to the prompt ("Lily.She").

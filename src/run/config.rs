@@ -176,6 +176,11 @@ pub struct TrainConfig {
     /// Tokens of the sample generated at the end (0: none).
     #[arg(long, default_value_t = d().sample_tokens, help_heading = "Evaluation, checkpoints and sample")]
     pub sample_tokens: usize,
+    /// The chat template of chat data (a Jinja file), when the model's tokenizer_config.json
+    /// has none or another is wanted. Chat data is a .jsonl of {"messages": [...]} or
+    /// {"prompt", "completion"} lines, or `handgrad prepare --chat`'s output.
+    #[arg(long, value_name = "FILE", help_heading = "Model and data")]
+    pub chat_template: Option<String>,
     /// Fine-tune LoRA adapters of rank R instead of every weight: the --init-from model stays
     /// frozen and only the adapters (`A [R, in]`, `B [out, R]` per adapted projection) train;
     /// they are saved as a PEFT adapter in the run folder's `adapter/`.
@@ -236,6 +241,7 @@ impl Default for TrainConfig {
             val_fraction: 0.05,
             sample_prompt: "Once upon a time".into(),
             sample_tokens: 160,
+            chat_template: None,
             lora_rank: None,
             lora_alpha: None,
             lora_targets: "all-linear".into(),

@@ -1,6 +1,7 @@
 //! Training: the configuration, the resolution of a run, the training step, the loop,
 //! checkpoints and resume.
 
+pub mod batches;
 pub mod compile_budget;
 pub mod distributed;
 pub mod loss_scale;

@@ -6,8 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
+use super::batches::{TrainData, chat_template, is_chat_data};
 use super::distributed::{Collective, rescale_accum};
 use super::resume::{self, GivenFlags, ResumePoint};
+use crate::data::chat::{ChatData, ChatEncoder};
 use crate::data::{Dataset, builtin};
 use crate::error::{Error, Result};
 use crate::formats::LoadedModel;
@@ -75,7 +77,7 @@ pub fn resolve(
     // The weights to start from, the data and the tokenizer.
     let init = load_init(&cfg, resume.as_ref())?;
     let model_tok = weights_tokenizer(&cfg, resume.as_ref(), init.as_ref())?;
-    let data = data(&cfg, req.cache_root, model_tok, log)?;
+    let mut data = data(&cfg, req.cache_root, model_tok, log)?;
     let tok = data.tokenizer.as_deref();
 
     // The model.
@@ -89,8 +91,9 @@ pub fn resolve(
     };
     let cap = req.cap_seq_to_model && resume.is_none();
     cfg.seq = sequence_length(&cfg, &model_cfg, cap, notes)?;
+    data.data.reseat(cfg.seq, cfg.seed);
     data.data.validate(model_cfg.vocab_size, cfg.seq)?;
-    if data.data.val.is_empty() && (cfg.eval_every > 0 || cfg.eval_batches > 0) {
+    if data.data.val_is_empty() && (cfg.eval_every > 0 || cfg.eval_batches > 0) {
         warnings.push("no validation data: evaluation is skipped".into());
     }
     let mut model = Transformer::new(model_cfg);
@@ -217,7 +220,7 @@ pub fn weights_tokenizer(
 
 /// Resolved data and tokenizer.
 pub struct DataSetup {
-    pub data: Dataset,
+    pub data: TrainData,
     pub tokenizer: Option<Box<dyn Tokenizer>>,
     pub source: String,
 }
@@ -245,7 +248,7 @@ pub fn data(
             ));
         }
         let b = builtin::ensure(cache_root, log)?;
-        let data = b.dataset()?;
+        let data = TrainData::tokens(b.dataset()?, cfg.seq, cfg.seed);
         let tok = tokenizer::load(&b.tokenizer)?;
         return Ok(DataSetup {
             data,
@@ -253,6 +256,14 @@ pub fn data(
             source: format!("built-in stories ({})", b.dir.display()),
         });
     };
+    if is_chat_data(path) {
+        return chat_data(cfg, path, model_tok);
+    }
+    if cfg.chat_template.is_some() {
+        return Err(Error::invalid(
+            "--chat-template applies to chat data (a .jsonl of conversations or handgrad prepare --chat's output), not to token data",
+        ));
+    }
     let data = Dataset::open(path, cfg.val_fraction)?;
     let tok_path = match &cfg.tokenizer {
         Some(t) => Some(PathBuf::from(t)),
@@ -276,9 +287,41 @@ pub fn data(
         )));
     }
     Ok(DataSetup {
-        data,
+        data: TrainData::tokens(data, cfg.seq, cfg.seed),
         tokenizer,
         source: cfg.data.clone(),
+    })
+}
+
+/// Chat data: conversations rendered with the model's chat template and tokenized with the
+/// model's tokenizer (`--tokenizer`, else the one that came with the weights).
+fn chat_data(
+    cfg: &TrainConfig,
+    path: &Path,
+    model_tok: Option<Box<dyn Tokenizer>>,
+) -> Result<DataSetup> {
+    let tokenizer = match (&cfg.tokenizer, model_tok) {
+        (Some(p), _) => tokenizer::load(Path::new(p))?,
+        (None, Some(t)) => t,
+        (None, None) => {
+            return Err(Error::invalid(
+                "chat data is tokenized with the model's tokenizer: train with --init-from a model that has one, or give --tokenizer",
+            ));
+        }
+    };
+    let template = chat_template(
+        path,
+        cfg.chat_template.as_deref(),
+        cfg.init_from.as_deref(),
+        cfg.tokenizer.as_deref(),
+    )?;
+    let encoder = ChatEncoder::new(&template, tokenizer.as_ref())?;
+    let chat = ChatData::open(path, &encoder, cfg.val_fraction)?;
+    let source = format!("{} (chat, template {})", cfg.data, template.origin());
+    Ok(DataSetup {
+        data: TrainData::chat(chat, template, cfg.seed),
+        tokenizer: Some(tokenizer),
+        source,
     })
 }
 
@@ -417,7 +460,7 @@ pub fn sequence_length(
 pub fn compaction(
     cfg: &TrainConfig,
     model: &Transformer,
-    data: &Dataset,
+    data: &TrainData,
     resume: Option<&ResumePoint>,
 ) -> Option<VocabCompaction> {
     if !cfg.vocab_compaction {
@@ -482,7 +525,7 @@ mod tests {
         assert!(r.resume.is_none() && r.init.is_none() && !r.continues_folder);
         assert_eq!(r.data.source, file.display().to_string());
         assert!(r.data.tokenizer.is_none());
-        assert!(r.data.data.val_tokens() > 0);
+        assert!(r.data.data.sizes().1 > 0);
 
         let folder = d.path().join("shards");
         std::fs::create_dir(&folder).unwrap();
@@ -490,7 +533,7 @@ mod tests {
         token_file(&folder, "val.bin");
         let r = run(config("TINY", &folder), &d.path().join("run2"), false).unwrap();
         assert_eq!(r.model.cfg.dim, 16);
-        assert_eq!(r.data.data.val_tokens(), 4000);
+        assert_eq!(r.data.data.sizes().1, 4000);
     }
 
     #[test]

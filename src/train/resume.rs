@@ -79,6 +79,7 @@ fn every_field_has_a_rule(asked: &TrainConfig) {
         val_fraction: _,
         sample_prompt: _,
         sample_tokens: _,
+        chat_template: _,
         lora_rank: _,
         lora_alpha: _,
         lora_targets: _,
@@ -141,6 +142,7 @@ fn apply_given(
     rule!(seed, refuse "the data order continues from the saved sampler, which the seed only starts");
     rule!(vocab_compaction, refuse "the classifier's rows are fixed for the run");
     rule!(val_fraction, refuse "the validation split is fixed for the run");
+    rule!(chat_template, refuse "the run's examples were rendered with its template");
     rule!(lora_rank, refuse "the adapters' shapes are fixed for the run");
     rule!(lora_alpha, refuse "the adapters were trained at their scale");
     rule!(lora_targets, refuse "the adapters' shapes are fixed for the run");

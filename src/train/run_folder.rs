@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
 use crate::model::ModelConfig;
@@ -59,6 +60,7 @@ pub fn prepare(
     cfg: &TrainConfig,
     model: &ModelConfig,
     tokenizer: Option<&dyn Tokenizer>,
+    chat: Option<&ChatTemplate>,
 ) -> Result<()> {
     if !resume && paths.holds_run() {
         return Err(Error::invalid(format!(
@@ -82,6 +84,20 @@ pub fn prepare(
                 std::io::Write::write_all(f, t.file_bytes())
             })?;
         }
+    }
+    // A chat run keeps its template where Hugging Face folders keep it, so `generate --chat`
+    // and `convert` find it.
+    if let Some(t) = chat {
+        let config = serde_json::json!({
+            "chat_template": t.source(),
+            "bos_token": t.bos_token(),
+            "eos_token": t.eos_token(),
+        });
+        write_json(
+            &paths.tokenizer_file("tokenizer_config.json"),
+            &config,
+            "encoding tokenizer_config.json",
+        )?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use self::checkpoints::initial_state;
 use self::meter::{Meter, Readings};
+use super::batches::{Row, TrainData};
 use super::compile_budget;
 use super::distributed::{Collective, Single};
 use super::loss_scale::{LossScaler, Verdict};
@@ -23,7 +24,6 @@ use super::resume::ResumePoint;
 use super::run_folder;
 use super::step::{FrozenBase, StepState, StepStats, TrainStep};
 use crate::backend::Kernels;
-use crate::data::{Dataset, WindowSampler};
 use crate::error::{Error, Result};
 use crate::model::{Activations, Adapters, Batch, LoraLayout, Transformer};
 use crate::optim::CosineSchedule;
@@ -97,9 +97,8 @@ struct Trainer {
     model: Transformer,
     kernels: Box<dyn Kernels>,
     tokenizer: Option<Box<dyn Tokenizer>>,
-    data: Dataset,
+    data: TrainData,
     data_source: String,
-    sampler: WindowSampler,
     state: StepState,
     /// With `--lora-rank`: the frozen model; `state` then holds the adapters.
     lora: Option<LoraRun>,
@@ -109,12 +108,11 @@ struct Trainer {
     schedule: CosineSchedule,
     counters: Counters,
     bus: EventBus,
-    val_windows: Vec<Vec<u32>>,
+    /// The fixed validation rows (inputs, targets).
+    val_rows: Vec<Row>,
     /// Said once the run starts: warnings, and notes for the run header.
     warnings: Vec<String>,
     notes: Vec<String>,
-    /// One `seq + 1` window of tokens.
-    window: Vec<u32>,
     /// This trainer owns the run folder while it runs (rank 0 of a distributed job only).
     _lock: Option<RunLock>,
     /// The ranks of a data-parallel job ([`Single`] alone).
@@ -193,13 +191,15 @@ impl Trainer {
                 total
             ));
         }
-        let (state, sampler, counters, lora) =
-            initial_state(&cfg, &model, &data.data, resume, init, lora)?;
+        let mut train_data = data.data;
+        let (state, counters, lora) =
+            initial_state(&cfg, &model, &mut train_data, resume, init, lora)?;
 
         // The run folder, then its event log (which receives everything said so far).
         if leader {
             let tokenizer = data.tokenizer.as_deref();
-            run_folder::prepare(&paths, continues_folder, &cfg, &model.cfg, tokenizer)?;
+            let chat = train_data.template();
+            run_folder::prepare(&paths, continues_folder, &cfg, &model.cfg, tokenizer, chat)?;
             bus.attach_log(Box::new(JsonlSink::open(&paths.events())?));
         }
 
@@ -210,14 +210,12 @@ impl Trainer {
                 warmup: cfg.warmup,
                 total: cfg.steps,
             },
-            val_windows: data.data.val_windows(cfg.eval_batches * cfg.batch, cfg.seq),
-            window: vec![0; cfg.seq + 1],
+            val_rows: train_data.val_rows(cfg.eval_batches * cfg.batch, cfg.seq),
             stop_after: opts.stop_after,
             stop_flag: opts.stop_flag,
             tokenizer: data.tokenizer,
             data_source: data.source,
-            data: data.data,
-            sampler,
+            data: train_data,
             state,
             lora,
             scaler,
@@ -306,7 +304,7 @@ impl Trainer {
         }
         let mut sample = None;
         if reason == EndReason::Completed && self.leader() {
-            if !self.val_windows.is_empty() {
+            if !self.val_rows.is_empty() {
                 self.evaluate(&mut acts)?;
             }
             self.save_latest(CheckpointKind::Final)?;
@@ -339,9 +337,9 @@ impl Trainer {
             },
             data: DataSummary {
                 source: self.data_source.clone(),
-                train_tokens: self.data.train_tokens(),
-                val_tokens: self.data.val_tokens(),
-                split: self.data.split.clone(),
+                train_tokens: self.data.sizes().0,
+                val_tokens: self.data.sizes().1,
+                split: self.data.split(),
             },
             tokenizer: self.tokenizer_id(),
             backend: {
@@ -437,20 +435,19 @@ impl Trainer {
             }),
         };
         let reported_scale = self.scaler.reported();
-        let (sampler, data, window) = (&mut self.sampler, &self.data, &mut self.window);
+        let data = &mut self.data;
         let (rank, size) = (self.ranks.rank(), self.ranks.size());
         // A micro-batch of the whole job is `b x size` windows of one stream; this rank
         // trains on its `b` of them and skips the others' (see `distributed`).
         let mut next_batch = |inputs: &mut [u32], targets: &mut [u32]| {
             for g in 0..b * size {
                 if g / b != rank {
-                    sampler.skip_window();
+                    data.skip_row();
                     continue;
                 }
                 let s = g % b;
-                sampler.next_window(data, window);
-                inputs[s * t_len..(s + 1) * t_len].copy_from_slice(&window[..t_len]);
-                targets[s * t_len..(s + 1) * t_len].copy_from_slice(&window[1..]);
+                let rows = s * t_len..(s + 1) * t_len;
+                data.next_row(t_len, &mut inputs[rows.clone()], &mut targets[rows]);
             }
         };
         let stats = step.run(&mut self.state, acts, &mut next_batch, lr)?;
@@ -579,13 +576,13 @@ impl Trainer {
         let mut targets = vec![0u32; b * t_len];
         let mut sum = 0.0;
         let mut batches = 0;
-        for chunk in self.val_windows.chunks(b) {
+        for chunk in self.val_rows.chunks(b) {
             if chunk.len() < b {
                 break;
             }
-            for (s, w) in chunk.iter().enumerate() {
-                inputs[s * t_len..(s + 1) * t_len].copy_from_slice(&w[..t_len]);
-                targets[s * t_len..(s + 1) * t_len].copy_from_slice(&w[1..]);
+            for (s, (i, t)) in chunk.iter().enumerate() {
+                inputs[s * t_len..(s + 1) * t_len].copy_from_slice(i);
+                targets[s * t_len..(s + 1) * t_len].copy_from_slice(t);
             }
             let batch = Batch {
                 inputs: &inputs,

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::util::rng::Rng;
 
 /// The target of a position whose loss does not count: masked tokens and padding.
-pub const IGNORE_TARGET: u32 = u32::MAX;
+pub use crate::backend::IGNORE_TARGET;
 /// The input id of padding positions (any valid id would do: nothing attends to them and their
 /// targets are ignored).
 pub const PAD_INPUT: u32 = 0;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::{Counters, LoraRun, Trainer};
-use crate::data::{Dataset, WindowSampler};
+use crate::data::SamplerState;
 use crate::error::{Error, Result};
 use crate::formats::LoadedModel;
 use crate::formats::checkpoint::{CheckpointMeta, CheckpointRef, FORMAT_VERSION};
@@ -14,6 +14,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::run::TrainConfig;
 use crate::telemetry::events::unix_now;
 use crate::telemetry::{CheckpointKind, Event};
+use crate::train::batches::{DataPosition, TrainData};
 use crate::train::resume::ResumePoint;
 use crate::train::step::StepState;
 
@@ -31,7 +32,14 @@ impl Trainer {
             step: c.step,
             adam_t: self.state.opt.t,
             schedule_total: self.cfg.steps as u64,
-            sampler: self.sampler.state(),
+            sampler: match self.data.position() {
+                DataPosition::Tokens(s) => s,
+                DataPosition::Chat(_) => SamplerState::default(),
+            },
+            chat_sampler: match self.data.position() {
+                DataPosition::Chat(s) => Some(s),
+                DataPosition::Tokens(_) => None,
+            },
             tokens_seen: c.tokens_seen,
             best_val_loss: c.best_val_loss,
             last_val_loss: c.last_val_loss,
@@ -122,18 +130,17 @@ impl Trainer {
 pub(super) fn initial_state(
     cfg: &TrainConfig,
     model: &Transformer,
-    data: &Dataset,
+    data: &mut TrainData,
     resume: Option<ResumePoint>,
     init: Option<LoadedModel>,
     lora: Option<LoraLayout>,
-) -> Result<(StepState, WindowSampler, Counters, Option<LoraRun>)> {
+) -> Result<(StepState, Counters, Option<LoraRun>)> {
     let adam = AdamWConfig {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
         eps: cfg.adam_eps,
         weight_decay: cfg.weight_decay,
     };
-    let mut sampler = WindowSampler::new(data, cfg.seq, cfg.seed);
     let tokens = cfg.batch * cfg.seq;
     // What trains: the model's parameters (fresh: the --init-from weights or a seeded
     // initialisation), or LoRA adapters of the frozen --init-from model.
@@ -171,7 +178,7 @@ pub(super) fn initial_state(
     }) = resume
     else {
         let state = StepState::new(fresh, opt, tokens);
-        return Ok((state, sampler, Counters::default(), lora_run));
+        return Ok((state, Counters::default(), lora_run));
     };
     if ck.params.len() != fresh.len() {
         return Err(Error::checkpoint(
@@ -189,7 +196,12 @@ pub(super) fn initial_state(
     opt.m = m;
     opt.v = v;
     opt.t = ck.meta.adam_t;
-    sampler.restore(&ck.meta.sampler);
+    let position = match &ck.meta.chat_sampler {
+        Some(c) => DataPosition::Chat(c.clone()),
+        None => DataPosition::Tokens(ck.meta.sampler.clone()),
+    };
+    data.restore(&position)
+        .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
     let meta = &ck.meta;
     let counters = Counters {
         step: meta.step,
@@ -201,5 +213,5 @@ pub(super) fn initial_state(
         resumed_from: Some(meta.step),
     };
     let state = StepState::new(ck.params, opt, tokens);
-    Ok((state, sampler, counters, lora_run))
+    Ok((state, counters, lora_run))
 }

@@ -17,6 +17,7 @@ impl Trainer {
             return Ok(None);
         };
         let opts = GenerateOptions {
+            stop_ids: Vec::new(),
             prompt: self.cfg.sample_prompt.clone(),
             max_tokens: self.cfg.sample_tokens,
             sampling: Sampling::TopK {
