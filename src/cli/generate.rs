@@ -169,14 +169,14 @@ fn chat_template(a: &GenerateArgs, source: &Path) -> Result<ChatTemplate> {
 }
 
 /// The model, its parameters, the tokenizer the flags name, and the path the model came from.
-fn load(
-    a: &GenerateArgs,
-) -> Result<(
+type Loaded = (
     Transformer,
     Vec<f32>,
     Box<dyn tokenizer::Tokenizer>,
     PathBuf,
-)> {
+);
+
+fn load(a: &GenerateArgs) -> Result<Loaded> {
     let path = match (&a.run_dir, &a.checkpoint, &a.model) {
         (Some(dir), None, None) => crate::run::RunDir::existing(dir)?.checkpoint_to_read(a.best)?,
         (None, Some(p), None) | (None, None, Some(p)) => p.clone(),

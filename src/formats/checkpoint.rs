@@ -321,6 +321,7 @@ mod tests {
                     rng: [1, 2, 3, 4],
                     windows_drawn: 7,
                 },
+                chat_sampler: None,
                 tokens_seen: 100,
                 best_val_loss: Some(2.5),
                 last_val_loss: None,

@@ -243,7 +243,7 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<LoadedAdapter> {
             with_default
         } else {
             return Err(Error::format(
-                &dir.join(WEIGHTS_FILE),
+                dir.join(WEIGHTS_FILE),
                 format!(
                     "missing adapter tensor {} (the config names {} of every layer)",
                     t.name,
@@ -260,7 +260,7 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<LoadedAdapter> {
         let (shape, data) = weights.read_f32(&name)?;
         if shape != t.shape {
             return Err(Error::format(
-                &dir.join(WEIGHTS_FILE),
+                dir.join(WEIGHTS_FILE),
                 format!(
                     "{name} has shape {shape:?}, but this model needs {:?} (an adapter of another model?)",
                     t.shape
@@ -277,7 +277,7 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<LoadedAdapter> {
         .count();
     if lora_names > expected {
         return Err(Error::format(
-            &dir.join(WEIGHTS_FILE),
+            dir.join(WEIGHTS_FILE),
             format!(
                 "holds {lora_names} LoRA tensors but this model has room for {expected} (an adapter of a deeper model?)"
             ),

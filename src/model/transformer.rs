@@ -617,6 +617,7 @@ impl Transformer {
     /// [`Transformer::forward_backward`], with gradients for the adapters only, added into
     /// `grads` (the adapters' layout). No weight gradient of the base model is computed, only
     /// the input gradients through it.
+    #[allow(clippy::too_many_arguments)] // forward_backward's arguments and the adapters
     pub fn forward_backward_adapted(
         &self,
         k: &dyn Kernels,
