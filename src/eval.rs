@@ -33,17 +33,17 @@ pub fn perplexity(
     model: &Transformer,
     params: &[f32],
     k: &dyn Kernels,
-    windows: &[Vec<u32>],
+    rows: &[(Vec<u32>, Vec<u32>)],
     batch: usize,
     weights: WeightFormat,
 ) -> Result<Perplexity> {
-    let Some(first) = windows.first() else {
+    let Some(first) = rows.first() else {
         return Err(Error::invalid("no windows to evaluate on"));
     };
-    let seq = first.len().saturating_sub(1);
-    if seq == 0 || windows.iter().any(|w| w.len() != seq + 1) {
+    let seq = first.0.len();
+    if seq == 0 || rows.iter().any(|(i, t)| i.len() != seq || t.len() != seq) {
         return Err(Error::invalid(
-            "evaluation windows must all hold seq + 1 >= 2 tokens",
+            "evaluation rows must all hold seq >= 1 inputs and as many targets",
         ));
     }
     let t0 = Instant::now();
@@ -71,18 +71,23 @@ pub fn perplexity(
     let batch = batch.max(1);
     let mut sum = 0.0f64;
     let mut count = 0usize;
-    let mut acts = model.activations(k, batch.min(windows.len()), seq);
-    for chunk in windows.chunks(batch) {
+    let mut acts = model.activations(k, batch.min(rows.len()), seq);
+    for chunk in rows.chunks(batch) {
         if chunk.len() != acts.batch {
             acts = model.activations(k, chunk.len(), seq);
         }
         let mut inputs = Vec::with_capacity(chunk.len() * seq);
         let mut targets = Vec::with_capacity(chunk.len() * seq);
-        for win in chunk {
-            inputs.extend_from_slice(&win[..seq]);
-            targets.extend_from_slice(&win[1..]);
+        for (i, t) in chunk {
+            inputs.extend_from_slice(i);
+            targets.extend_from_slice(t);
         }
-        let n = inputs.len();
+        // The loss is a mean over the counted targets (chat rows mask all but the
+        // assistant's tokens).
+        let n = targets
+            .iter()
+            .filter(|&&t| t != crate::backend::IGNORE_TARGET)
+            .count();
         let b = Batch {
             inputs: &inputs,
             targets: &targets,
@@ -90,7 +95,7 @@ pub fn perplexity(
         sum += model.loss_with(k, &w, params, &mut acts, b)? * n as f64;
         count += n;
     }
-    let loss = sum / count as f64;
+    let loss = sum / count.max(1) as f64;
     Ok(Perplexity {
         weights,
         tokens: count,

@@ -4,12 +4,17 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use std::path::Path;
+
+use crate::data::chat::{ChatData, ChatEncoder, config_dir_of};
 use crate::data::{Dataset, builtin};
 use crate::error::{Error, Result};
 use crate::eval::{Perplexity, perplexity};
 use crate::formats::load_model;
 use crate::generate::WeightFormat;
 use crate::run::DataSource;
+use crate::tokenizer;
+use crate::train::batches::{TrainData, chat_template, is_chat_data};
 
 /// Options of `handgrad eval`.
 #[derive(Args, Debug)]
@@ -62,7 +67,7 @@ pub struct EvalArgs {
 /// what its numbers are compared with (said under the table).
 struct Target {
     model: PathBuf,
-    data: Dataset,
+    data: TrainData,
     seq_default: usize,
     windows_default: usize,
     note: Option<String>,
@@ -79,7 +84,7 @@ fn target(a: &EvalArgs) -> Result<Target> {
             };
             Ok(Target {
                 model: m.clone(),
-                data: Dataset::open(d, a.val_fraction)?,
+                data: open_data(d, a.val_fraction, &config_dir_of(m))?,
                 seq_default: 256,
                 windows_default: 64,
                 note: None,
@@ -95,12 +100,14 @@ fn run_target(a: &EvalArgs, dir: &std::path::Path) -> Result<Target> {
     let model = run.checkpoint_to_read(a.best)?;
     let cfg = run.saved_config()?;
     let data = match (&a.data, DataSource::parse(&cfg.data)) {
-        (Some(d), _) => Dataset::open(d, a.val_fraction)?,
-        (None, DataSource::Builtin) => {
-            builtin::ensure(&builtin::cache_root(), &mut |m| eprintln!("{m}"))?.dataset()?
-        }
+        (Some(d), _) => open_data(d, a.val_fraction, dir)?,
+        (None, DataSource::Builtin) => TrainData::tokens(
+            builtin::ensure(&builtin::cache_root(), &mut |m| eprintln!("{m}"))?.dataset()?,
+            cfg.seq,
+            cfg.seed,
+        ),
         (None, DataSource::Tokens(p) | DataSource::Folder(p)) => {
-            Dataset::open(&p, cfg.val_fraction)?
+            open_data(&p, cfg.val_fraction, dir)?
         }
     };
     let note = if cfg.vocab_compaction {
@@ -124,6 +131,25 @@ fn run_target(a: &EvalArgs, dir: &std::path::Path) -> Result<Target> {
     })
 }
 
+/// Token data, or chat data (its masked loss: the assistant's tokens only) rendered with the
+/// template and tokenizer of the model folder or chat run `model_dir`.
+fn open_data(path: &Path, val_fraction: f64, model_dir: &Path) -> Result<TrainData> {
+    if !is_chat_data(path) {
+        return Ok(TrainData::tokens(Dataset::open(path, val_fraction)?, 1, 0));
+    }
+    let template = chat_template(path, None, Some(&model_dir.display().to_string()), None)?;
+    let Some(tok_path) = tokenizer::find_in_dir(model_dir) else {
+        return Err(Error::invalid(format!(
+            "chat data is tokenized with the model's tokenizer, and {} has none",
+            model_dir.display()
+        )));
+    };
+    let tok = tokenizer::load(&tok_path)?;
+    let encoder = ChatEncoder::new(&template, tok.as_ref())?;
+    let chat = ChatData::open(path, &encoder, val_fraction)?;
+    Ok(TrainData::chat(chat, template, 0))
+}
+
 pub fn run(a: EvalArgs) -> Result<()> {
     let Target {
         model: path,
@@ -138,8 +164,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let model = loaded.transformer();
     let seq = a.seq.unwrap_or(seq_default).min(model.cfg.max_seq_len);
+    let mut data = data;
+    data.reseat(seq, 0);
     data.validate(model.cfg.vocab_size, seq)?;
-    let windows = data.val_windows(a.windows.unwrap_or(windows_default), seq);
+    let windows = data.val_rows(a.windows.unwrap_or(windows_default), seq);
     if windows.is_empty() {
         return Err(Error::invalid(format!(
             "the validation split has no window of {} tokens",

@@ -224,13 +224,36 @@ impl TrainData {
     }
 }
 
-/// Whether `--data` names chat data: a `.jsonl` file, a prepared chat file, or a folder
-/// holding one.
+/// Whether `--data` names chat data: a `.jsonl` file whose first line is a conversation
+/// (`messages`, or `prompt` and `completion`), a prepared chat file, or a folder holding one.
+/// Other JSONL (`{"text": ...}` documents) is text to tokenize with `handgrad prepare`.
 pub fn is_chat_data(path: &Path) -> bool {
     if path.is_dir() {
         return path.join(crate::data::chat::CHAT_FILE_NAME).is_file();
     }
-    path.extension().is_some_and(|x| x == "jsonl") || crate::data::chat::file::is_chat_file(path)
+    if crate::data::chat::file::is_chat_file(path) {
+        return true;
+    }
+    if !path.extension().is_some_and(|x| x == "jsonl") {
+        return false;
+    }
+    use std::io::BufRead;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let first = std::io::BufReader::new(f)
+        .lines()
+        .map_while(|l| l.ok())
+        .find(|l| !l.trim().is_empty());
+    let Some(line) = first else {
+        return false;
+    };
+    match serde_json::from_str::<serde_json::Value>(&line) {
+        Ok(serde_json::Value::Object(o)) => {
+            o.contains_key("messages") || (o.contains_key("prompt") && o.contains_key("completion"))
+        }
+        _ => false,
+    }
 }
 
 /// The chat template of a run: `--chat-template FILE`, else the one prepared data was made
