@@ -234,7 +234,7 @@ pub fn is_chat_data(path: &Path) -> bool {
     if crate::data::chat::file::is_chat_file(path) {
         return true;
     }
-    if !path.extension().is_some_and(|x| x == "jsonl") {
+    if path.extension().is_none_or(|x| x != "jsonl") {
         return false;
     }
     use std::io::BufRead;
