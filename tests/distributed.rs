@@ -266,3 +266,32 @@ fn a_killed_rank_ends_the_job_and_the_last_checkpoint_is_intact() {
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
 }
+
+/// LoRA fine-tuning over MPI: the adapters' gradients are summed like a model's, so 2 ranks of
+/// batch 4 equal one process of batch 8.
+#[test]
+fn lora_on_two_ranks_equals_one_process() {
+    if !available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = common::handgrad(&args(&["--batch", "4", "--run-dir", "base"]), d);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lora = |extra: &[&'static str]| {
+        let mut a: Vec<&str> = TRAIN.to_vec();
+        // `--init-from` replaces `--model`.
+        a.retain(|x| *x != "--model" && *x != "tiny");
+        a.extend_from_slice(&["--init-from", "base", "--lora-rank", "2", "--lr", "1e-2"]);
+        a.extend_from_slice(extra);
+        a
+    };
+    let o = run_mpi(2, &lora(&["--batch", "4", "--run-dir", "lora2"]), d);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let o = common::handgrad(&lora(&["--batch", "8", "--run-dir", "lora1"]), d);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let (two, one) = (losses(&d.join("lora2")), losses(&d.join("lora1")));
+    assert_eq!(two.len(), 8);
+    assert_close(&two, &one, "LoRA: 2 ranks x 4 vs 1 x 8");
+    assert!(d.join("lora2/adapter/adapter_model.safetensors").is_file());
+}

@@ -241,13 +241,24 @@ pub fn data(
                 "the built-in data comes with its own tokenizer; drop --tokenizer or give --data",
             ));
         }
-        if cfg.init_from.is_some() {
-            return Err(Error::invalid(
+        // A pretrained model reads the built-in data only if it has the built-in tokenizer
+        // (a model trained on it, by handgrad).
+        let refuse = || {
+            Error::invalid(
                 "the built-in data has its own tokenizer, which a pretrained model does not share; \
                  tokenize your text with the model's tokenizer (handgrad prepare) and pass --data",
-            ));
+            )
+        };
+        if cfg.init_from.is_some() && model_tok.is_none() {
+            return Err(refuse());
         }
         let b = builtin::ensure(cache_root, log)?;
+        if let Some(m) = &model_tok
+            && cfg.init_from.is_some()
+            && m.id() != tokenizer::load(&b.tokenizer)?.id()
+        {
+            return Err(refuse());
+        }
         let data = TrainData::tokens(b.dataset()?, cfg.seq, cfg.seed);
         let tok = tokenizer::load(&b.tokenizer)?;
         return Ok(DataSetup {
