@@ -230,6 +230,40 @@ fn lora_learns_a_chat_set_and_answers_with_it() {
         l,
         "a resumed LoRA run diverged"
     );
+
+    // Rows shorter than the conversations: said before training.
+    let short = handgrad(
+        &[
+            "train",
+            "--init-from",
+            "base",
+            "--data",
+            "right.jsonl",
+            "--chat-template",
+            &template,
+            "--lora-rank",
+            "2",
+            "--steps",
+            "1",
+            "--seq",
+            "12",
+            "--val-fraction",
+            "0",
+            "--sample-tokens",
+            "0",
+            "--run-dir",
+            "runs/short",
+        ],
+        w,
+    );
+    ok(&short, "a run with short rows");
+    assert!(
+        short
+            .stderr
+            .contains("4 of 4 conversations are longer than --seq 12 tokens"),
+        "{}",
+        short.stderr
+    );
 }
 
 /// Mistakes: LoRA without a model to adapt, chat data without a template, a bad rank.

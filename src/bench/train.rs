@@ -17,7 +17,10 @@ use crate::util::rng::Rng;
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBench {
     pub model: String,
+    /// The model's parameters.
     pub params: usize,
+    /// The parameters the step trains: all of them, or a LoRA run's adapters.
+    pub trained_params: usize,
     pub batch: usize,
     pub seq: usize,
     pub backend: BackendInfo,
@@ -145,7 +148,8 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
     breakdown.push(entry("other", "other (zeroing, data, untimed)", other));
     Ok(TrainBench {
         model: r.name.to_string(),
-        params: state.params.len(),
+        params: model.layout.total(),
+        trained_params: state.params.len(),
         batch,
         seq,
         backend: {

@@ -185,6 +185,21 @@ impl TrainData {
         }
     }
 
+    /// What a user should know about rows of `seq` tokens: chat conversations longer than a
+    /// row are cut (and some then have nothing left to train).
+    pub fn row_warning(&self, seq: usize) -> Option<String> {
+        let TrainData::Chat { data, .. } = self else {
+            return None;
+        };
+        let s = data.stats(seq);
+        (s.truncated > 0).then(|| {
+            format!(
+                "{} of {} conversations are longer than --seq {seq} tokens (the longest has {}) and are cut to it; {} of them keep no trained token; a longer --seq keeps them whole",
+                s.truncated, s.examples, s.longest, s.nothing_left
+            )
+        })
+    }
+
     /// Whether there is no validation data.
     pub fn val_is_empty(&self) -> bool {
         match self {

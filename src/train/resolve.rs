@@ -92,6 +92,7 @@ pub fn resolve(
     let cap = req.cap_seq_to_model && resume.is_none();
     cfg.seq = sequence_length(&cfg, &model_cfg, cap, notes)?;
     data.data.reseat(cfg.seq, cfg.seed);
+    warnings.extend(data.data.row_warning(cfg.seq));
     data.data.validate(model_cfg.vocab_size, cfg.seq)?;
     if data.data.val_is_empty() && (cfg.eval_every > 0 || cfg.eval_batches > 0) {
         warnings.push("no validation data: evaluation is skipped".into());

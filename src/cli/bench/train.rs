@@ -91,8 +91,16 @@ pub(super) fn run(a: TrainBenchArgs) -> Result<()> {
 }
 
 fn print_summary(r: &TrainBench) {
+    let trained = if r.trained_params != r.params {
+        format!(
+            " ({} trained)",
+            crate::model::config::human_count(r.trained_params)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{}: {} parameters, batch {} x seq {}, {} {} ({}), {} threads, {} steps",
+        "{}: {} parameters{trained}, batch {} x seq {}, {} {} ({}), {} threads, {} steps",
         r.model,
         crate::model::config::human_count(r.params),
         r.batch,
