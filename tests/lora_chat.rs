@@ -231,6 +231,16 @@ fn lora_learns_a_chat_set_and_answers_with_it() {
         "a resumed LoRA run diverged"
     );
 
+    // The frozen model held as int8 (--base-weights q8): it learns the same, and the run
+    // answers through its checkpoint (the base rounded as the run held it, adapters merged).
+    ok(
+        &handgrad(&lora_args("runs/q8", &["--base-weights", "q8"]), w),
+        "LoRA over an int8 base",
+    );
+    let q8 = losses(&w.join("runs/q8"));
+    assert!(q8[q8.len() - 1] < q8[0] / 2.0, "q8 base: {q8:?}");
+    assert!(ask(&["--run-dir", "runs/q8"]).contains(a));
+
     // Rows shorter than the conversations: said before training.
     let short = handgrad(
         &[

@@ -16,7 +16,7 @@ use handgrad::backend::{CpuKernels, IGNORE_TARGET};
 use handgrad::formats::hf::ExportDtype;
 use handgrad::formats::peft;
 use handgrad::formats::safetensors::SafetensorsFile;
-use handgrad::model::{Adapters, Batch, ModelConfig, Transformer};
+use handgrad::model::{Adapters, Base, Batch, ModelConfig, Transformer};
 
 struct Case {
     model: Transformer,
@@ -100,7 +100,7 @@ fn check(name: &str) {
 
     // Logits within 1e-4 absolute.
     c.model
-        .forward_adapted(&k, &c.base, &adapters, &mut acts, &c.inputs)
+        .forward_adapted(&k, Base::F32(&c.base), &adapters, &mut acts, &c.inputs)
         .unwrap();
     let (_, ref_logits) = c.file.read_f32("logits").unwrap();
     let max_diff = ref_logits
@@ -119,7 +119,15 @@ fn check(name: &str) {
     let mut grads = vec![0.0f32; lay.total()];
     let loss = c
         .model
-        .forward_backward_adapted(&k, &c.base, &adapters, &mut grads, &mut acts, batch, 1.0)
+        .forward_backward_adapted(
+            &k,
+            Base::F32(&c.base),
+            &adapters,
+            &mut grads,
+            &mut acts,
+            batch,
+            1.0,
+        )
         .unwrap();
     let (_, ref_loss) = c.file.read_f32("loss").unwrap();
     assert!(
@@ -214,7 +222,7 @@ fn check_peft_loads_ours(name: &str, c: &Case) {
         .model
         .activations_adapted(&k, &c.adapter.layout, 1, c.inputs.len());
     c.model
-        .forward_adapted(&k, &c.base, &adapters, &mut acts, &c.inputs)
+        .forward_adapted(&k, Base::F32(&c.base), &adapters, &mut acts, &c.inputs)
         .unwrap();
     let expect = work.path().join("expect.safetensors");
     write_expect(&expect, &c.inputs, &acts.logits, cfg.vocab_size);

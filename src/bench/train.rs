@@ -8,7 +8,9 @@ use serde::Serialize;
 use crate::backend::{Backend, BackendInfo};
 use crate::error::Result;
 use crate::model::timing::{BreakdownEntry, Section};
-use crate::model::{LoraConfig, LoraLayout, ModelConfig, Transformer};
+use crate::model::{
+    Base, BaseFormat, FrozenModel, LoraConfig, LoraLayout, ModelConfig, Transformer,
+};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::train::{FrozenBase, StepState, TrainStep};
 use crate::util::rng::Rng;
@@ -59,6 +61,8 @@ pub struct TrainRun<'a> {
     pub steps: usize,
     /// Train LoRA adapters of the (frozen) model instead of all its weights.
     pub lora: Option<LoraConfig>,
+    /// How a LoRA step holds the frozen model.
+    pub base_weights: BaseFormat,
 }
 
 /// Runs `steps` measured training steps (after one warm-up step) of a randomly initialised
@@ -86,9 +90,18 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
             (StepState::new(l.init(1), opt, batch * seq), acts, params)
         }
     };
+    // The frozen model in the format asked (its f32 copy dropped).
+    let compact = match (&lora, r.base_weights) {
+        (Some(_), f) if f != BaseFormat::F32 => Some(FrozenModel::new(&model.layout, &base, f)),
+        _ => None,
+    };
+    let base = if compact.is_some() { Vec::new() } else { base };
     let step = TrainStep {
         frozen: lora.as_ref().map(|l| FrozenBase {
-            params: &base,
+            params: match &compact {
+                Some(m) => Base::Compact(m),
+                None => Base::F32(&base),
+            },
             lora: l,
             dropout_seed: 1,
         }),
@@ -167,10 +180,11 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         flop_formula: match &lora {
             None => "6 x matmul params (classifier included) x tokens + 12 x layers x heads x seq^2 x head_dim x batch".into(),
             Some(l) => format!(
-                "LoRA rank {} on {} ({} trainable): 4 x matmul params x tokens + 12 x layers x heads x seq^2 x head_dim x batch",
+                "LoRA rank {} on {} ({} trainable, {:?} base): 4 x matmul params x tokens + 12 x layers x heads x seq^2 x head_dim x batch",
                 l.cfg.rank,
                 l.cfg.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
-                l.total()
+                l.total(),
+                r.base_weights
             ),
         },
         gflops,

@@ -3,6 +3,7 @@
 
 pub mod activations;
 pub mod config;
+pub mod frozen;
 pub mod lora;
 pub mod lora_pass;
 pub mod params;
@@ -13,8 +14,9 @@ pub mod weights;
 
 pub use activations::{Activations, LayerActivations};
 pub use config::{Architecture, ModelConfig, RopeStyle};
+pub use frozen::{BaseFormat, FrozenModel};
 pub use lora::{LoraConfig, LoraLayout, LoraTarget};
 pub use lora_pass::{Adapters, LoraActs};
 pub use params::{ParamLayout, TensorId, TensorSpec};
-pub use transformer::{Batch, LayerIo, Transformer, VocabCompaction};
+pub use transformer::{Base, Batch, LayerIo, Transformer, VocabCompaction};
 pub use weights::{CompactParams, LayerWeights, Weights};

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use super::activations::{Activations, LayerActivations};
 use super::config::ModelConfig;
+use super::frozen::FrozenModel;
 use super::lora::{LoraLayout, LoraTarget};
 use super::lora_pass::{self, Adapters, LoraActs};
 use super::params::{ParamLayout, TensorId};
@@ -97,6 +98,69 @@ impl GradSink<'_, '_> {
                 }
                 &mut self.frozen_dw[..len]
             }
+        }
+    }
+}
+
+/// The frozen model a LoRA pass adapts: f32 parameters, or a compact copy
+/// (`--base-weights bf16|q8`) read a layer at a time.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a> {
+    F32(&'a [f32]),
+    Compact(&'a FrozenModel),
+}
+
+impl Base<'_> {
+    fn total(&self) -> usize {
+        match self {
+            Base::F32(p) => p.len(),
+            Base::Compact(m) => m.total(),
+        }
+    }
+}
+
+/// Rows of a compact classifier expanded at a time.
+const CLASSIFIER_CHUNK: usize = 4096;
+
+/// Where a pass reads the model's weights.
+#[derive(Clone, Copy)]
+enum PassWeights<'a> {
+    /// Views of f32 parameters (with a compact copy for inference formats).
+    Full(Weights<'a>),
+    /// A compact frozen model, expanded as the pass reaches each part.
+    Compact {
+        layout: &'a ParamLayout,
+        model: &'a FrozenModel,
+    },
+}
+
+impl<'a> PassWeights<'a> {
+    fn of(layout: &'a ParamLayout, base: Base<'a>) -> Self {
+        match base {
+            Base::F32(p) => PassWeights::Full(Weights::new(layout, p)),
+            Base::Compact(model) => PassWeights::Compact { layout, model },
+        }
+    }
+
+    /// The weights holding layer `l` (a compact model's layer expanded into `scratch`).
+    fn layer<'s>(&self, l: usize, scratch: &'s mut Vec<f32>) -> Weights<'s>
+    where
+        'a: 's,
+    {
+        match *self {
+            PassWeights::Full(w) => w,
+            PassWeights::Compact { layout, model } => {
+                let offset = model.expand_layer(layout, l, scratch);
+                Weights::window(layout, scratch, offset)
+            }
+        }
+    }
+
+    /// A vector (norm gain).
+    fn vector(&self, id: TensorId) -> &'a [f32] {
+        match *self {
+            PassWeights::Full(w) => w.vector(id),
+            PassWeights::Compact { model, .. } => model.vector(id),
         }
     }
 }
@@ -222,7 +286,7 @@ impl Transformer {
         }
     }
 
-    fn check_inputs(&self, acts: &Activations, inputs: &[u32], params: &[f32]) -> Result<()> {
+    fn check_inputs(&self, acts: &Activations, inputs: &[u32], params: usize) -> Result<()> {
         let n = acts.batch * acts.seq;
         if inputs.len() != n {
             return Err(Error::invalid(format!(
@@ -238,11 +302,10 @@ impl Transformer {
                 acts.seq, self.cfg.max_seq_len
             )));
         }
-        if params.len() != self.layout.total() {
+        if params != self.layout.total() {
             return Err(Error::invalid(format!(
-                "expected {} parameters, got {}",
+                "expected {} parameters, got {params}",
                 self.layout.total(),
-                params.len()
             )));
         }
         if let Some(pos) = inputs
@@ -298,8 +361,9 @@ impl Transformer {
         acts: &mut Activations,
         inputs: &[u32],
     ) -> Result<()> {
-        self.check_inputs(acts, inputs, params)?;
-        self.forward_with(k, &Weights::new(&self.layout, params), acts, inputs, None)
+        self.check_inputs(acts, inputs, params.len())?;
+        let w = PassWeights::Full(Weights::new(&self.layout, params));
+        self.forward_with(k, &w, acts, inputs, None)
     }
 
     /// [`Transformer::forward`] of the frozen model `base` with LoRA adapters (`acts` from
@@ -307,14 +371,14 @@ impl Transformer {
     pub fn forward_adapted(
         &self,
         k: &dyn Kernels,
-        base: &[f32],
+        base: Base,
         adapters: &Adapters,
         acts: &mut Activations,
         inputs: &[u32],
     ) -> Result<()> {
-        self.check_inputs(acts, inputs, base)?;
+        self.check_inputs(acts, inputs, base.total())?;
         self.check_adapters(adapters, acts)?;
-        let w = Weights::new(&self.layout, base);
+        let w = PassWeights::of(&self.layout, base);
         self.forward_with(k, &w, acts, inputs, Some(adapters))
     }
 
@@ -371,7 +435,7 @@ impl Transformer {
     fn forward_with(
         &self,
         k: &dyn Kernels,
-        w: &Weights,
+        w: &PassWeights,
         acts: &mut Activations,
         inputs: &[u32],
         adapters: Option<&Adapters>,
@@ -382,8 +446,19 @@ impl Transformer {
         timed!(
             acts.timings,
             Section::Embedding,
-            k.embedding_forward(&mut acts.xs[0], w.vector(lay.embed), inputs, d)
+            match w {
+                PassWeights::Full(w) =>
+                    k.embedding_forward(&mut acts.xs[0], w.vector(lay.embed), inputs, d),
+                PassWeights::Compact { model, .. } => {
+                    for (row, &t) in acts.xs[0].chunks_exact_mut(d).zip(inputs) {
+                        let t = t as usize;
+                        model.expand(lay.embed, t * d..(t + 1) * d, row);
+                    }
+                    Ok(())
+                }
+            }
         )?;
+        let mut scratch = Vec::new();
         for (l, la) in acts.layers.iter_mut().enumerate() {
             let (before, after) = acts.xs.split_at_mut(l + 1);
             let io = LayerIo {
@@ -402,8 +477,10 @@ impl Transformer {
                 }),
                 _ => None,
             };
-            self.layer_forward(k, &w.layer(l), la, io, &mut acts.timings, lora)?;
+            let lw = w.layer(l, &mut scratch);
+            self.layer_forward(k, &lw.layer(l), la, io, &mut acts.timings, lora)?;
         }
+        drop(scratch);
         timed!(
             acts.timings,
             Section::Norms,
@@ -417,18 +494,82 @@ impl Transformer {
             )
         )?;
         let t0 = Instant::now();
-        let cls = match &self.compaction {
-            None => w.matrix(lay.classifier()),
-            Some(c) => {
-                let full = w.vector(lay.classifier());
+        let cls_id = lay.classifier();
+        let cls = match (&self.compaction, w) {
+            (None, PassWeights::Full(w)) => w.matrix(cls_id),
+            (None, PassWeights::Compact { model, .. }) => {
+                self.compact_classifier_forward(k, model, acts)?;
+                acts.timings.add(Section::ClassifierLoss, t0);
+                return Ok(());
+            }
+            (Some(c), _) => {
                 for (row, &id) in acts.cls_w.chunks_exact_mut(d).zip(&c.kept) {
-                    row.copy_from_slice(&full[id as usize * d..(id as usize + 1) * d]);
+                    let id = id as usize;
+                    match w {
+                        PassWeights::Full(w) => {
+                            row.copy_from_slice(&w.vector(cls_id)[id * d..(id + 1) * d])
+                        }
+                        PassWeights::Compact { model, .. } => {
+                            model.expand(cls_id, id * d..(id + 1) * d, row)
+                        }
+                    }
                 }
                 Matrix::new(&acts.cls_w, c.len(), d)
             }
         };
         k.linear_forward(&mut acts.logits, &acts.xnf, cls, n)?;
         acts.timings.add(Section::ClassifierLoss, t0);
+        Ok(())
+    }
+
+    /// `logits = xnf Wcls^T` with a compact classifier, a block of its rows at a time.
+    fn compact_classifier_forward(
+        &self,
+        k: &dyn Kernels,
+        model: &FrozenModel,
+        acts: &mut Activations,
+    ) -> Result<()> {
+        let (d, n, v) = (self.cfg.dim, acts.batch * acts.seq, acts.vocab_out);
+        let cls_id = self.layout.classifier();
+        let chunk = CLASSIFIER_CHUNK.min(v);
+        let (mut w, mut out) = (vec![0.0f32; chunk * d], vec![0.0f32; n * chunk]);
+        for v0 in (0..v).step_by(chunk) {
+            let c = chunk.min(v - v0);
+            model.expand(cls_id, v0 * d..(v0 + c) * d, &mut w[..c * d]);
+            let out = &mut out[..n * c];
+            k.linear_forward(out, &acts.xnf, Matrix::new(&w[..c * d], c, d), n)?;
+            for (dst, src) in acts.logits.chunks_exact_mut(v).zip(out.chunks_exact(c)) {
+                dst[v0..v0 + c].copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+
+    /// `dxn = dlogits Wcls` with a compact classifier, a block of its rows at a time.
+    fn compact_classifier_backward_input(
+        &self,
+        k: &dyn Kernels,
+        model: &FrozenModel,
+        acts: &mut Activations,
+    ) -> Result<()> {
+        let (d, n, v) = (self.cfg.dim, acts.batch * acts.seq, acts.vocab_out);
+        let cls_id = self.layout.classifier();
+        let chunk = CLASSIFIER_CHUNK.min(v);
+        let (mut w, mut dy) = (vec![0.0f32; chunk * d], vec![0.0f32; n * chunk]);
+        for v0 in (0..v).step_by(chunk) {
+            let c = chunk.min(v - v0);
+            model.expand(cls_id, v0 * d..(v0 + c) * d, &mut w[..c * d]);
+            let dy = &mut dy[..n * c];
+            for (dst, src) in dy.chunks_exact_mut(c).zip(acts.logits.chunks_exact(v)) {
+                dst.copy_from_slice(&src[v0..v0 + c]);
+            }
+            let s = LinearShape {
+                rows: n,
+                d_in: d,
+                d_out: c,
+            };
+            k.linear_backward_input(&mut acts.dxn, dy, &w[..c * d], s, v0 > 0)?;
+        }
         Ok(())
     }
 
@@ -550,7 +691,8 @@ impl Transformer {
         acts: &mut Activations,
         batch: Batch,
     ) -> Result<f64> {
-        self.loss_of(k, w, params, acts, batch, None)
+        self.check_inputs(acts, batch.inputs, params.len())?;
+        self.loss_of(k, &PassWeights::Full(*w), acts, batch, None)
     }
 
     /// [`Transformer::loss`] of the frozen model `base` with LoRA adapters (no dropout unless
@@ -558,27 +700,26 @@ impl Transformer {
     pub fn loss_adapted(
         &self,
         k: &dyn Kernels,
-        base: &[f32],
+        base: Base,
         adapters: &Adapters,
         acts: &mut Activations,
         batch: Batch,
     ) -> Result<f64> {
         self.check_adapters(adapters, acts)?;
-        let w = Weights::new(&self.layout, base);
-        self.loss_of(k, &w, base, acts, batch, Some(adapters))
+        self.check_inputs(acts, batch.inputs, base.total())?;
+        let w = PassWeights::of(&self.layout, base);
+        self.loss_of(k, &w, acts, batch, Some(adapters))
     }
 
     fn loss_of(
         &self,
         k: &dyn Kernels,
-        w: &Weights,
-        params: &[f32],
+        w: &PassWeights,
         acts: &mut Activations,
         batch: Batch,
         adapters: Option<&Adapters>,
     ) -> Result<f64> {
         let counted = self.map_targets(acts, batch.targets)?;
-        self.check_inputs(acts, batch.inputs, params)?;
         self.forward_with(k, w, acts, batch.inputs, adapters)?;
         let sum = timed!(
             acts.timings,
@@ -610,7 +751,7 @@ impl Transformer {
             lora: None,
             frozen_dw: Vec::new(),
         };
-        self.pass(k, params, sink, acts, batch, loss_scale)
+        self.pass(k, Base::F32(params), sink, acts, batch, loss_scale)
     }
 
     /// Forward and backward of the frozen model `base` with LoRA adapters: as
@@ -621,7 +762,7 @@ impl Transformer {
     pub fn forward_backward_adapted(
         &self,
         k: &dyn Kernels,
-        base: &[f32],
+        base: Base,
         adapters: &Adapters,
         grads: &mut [f32],
         acts: &mut Activations,
@@ -645,15 +786,15 @@ impl Transformer {
     fn pass(
         &self,
         k: &dyn Kernels,
-        params: &[f32],
+        base: Base,
         mut sink: GradSink,
         acts: &mut Activations,
         batch: Batch,
         loss_scale: f32,
     ) -> Result<f64> {
         let counted = self.map_targets(acts, batch.targets)?;
-        self.check_inputs(acts, batch.inputs, params)?;
-        let w = Weights::new(&self.layout, params);
+        self.check_inputs(acts, batch.inputs, base.total())?;
+        let w = PassWeights::of(&self.layout, base);
         let adapters = sink.lora.as_ref().map(|(a, _)| *a);
         self.forward_with(k, &w, acts, batch.inputs, adapters)?;
         let loss_sum = self.classifier_backward(k, &w, &mut sink, acts, loss_scale, counted)?;
@@ -675,9 +816,12 @@ impl Transformer {
             )
         )?;
         // `acts.dx` holds d(loss)/d(residual stream) and flows down through the layers.
+        let mut scratch = Vec::new();
         for l in (0..self.cfg.n_layers).rev() {
-            self.layer_backward(k, &w, l, &mut sink, acts)?;
+            let lw = w.layer(l, &mut scratch);
+            self.layer_backward(k, &lw, l, &mut sink, acts)?;
         }
+        drop(scratch);
         if let Some(g) = sink.model.as_deref_mut() {
             timed!(
                 acts.timings,
@@ -698,7 +842,7 @@ impl Transformer {
     fn classifier_backward(
         &self,
         k: &dyn Kernels,
-        w: &Weights,
+        w: &PassWeights,
         sink: &mut GradSink,
         acts: &mut Activations,
         loss_scale: f32,
@@ -722,7 +866,15 @@ impl Transformer {
         };
         match &self.compaction {
             None => {
-                k.linear_backward_input(&mut acts.dxn, dlogits, w.vector(cls_id), s, false)?;
+                match w {
+                    PassWeights::Full(w) => {
+                        k.linear_backward_input(&mut acts.dxn, dlogits, w.vector(cls_id), s, false)?
+                    }
+                    PassWeights::Compact { model, .. } => {
+                        self.compact_classifier_backward_input(k, model, acts)?
+                    }
+                }
+                let dlogits = &acts.logits;
                 if let Some(g) = sink.model.as_deref_mut() {
                     k.linear_backward_weight(lay.view_mut(g, cls_id), dlogits, &acts.xnf, s)?;
                 }

@@ -56,6 +56,8 @@ impl CompactParams {
 pub struct Weights<'a> {
     layout: &'a ParamLayout,
     f32: &'a [f32],
+    /// Where `f32` starts in the layout (a window holding some tensors only; 0 for the whole).
+    offset: usize,
     compact: Option<&'a CompactParams>,
 }
 
@@ -74,8 +76,26 @@ impl<'a> Weights<'a> {
         Weights {
             layout,
             f32,
+            offset: 0,
             compact: None,
         }
+    }
+
+    /// A window of the parameters: `f32` holds the layout's elements from `offset` on (one
+    /// layer of a frozen model expanded from its compact copy). Only tensors inside it may be
+    /// read.
+    pub fn window(layout: &'a ParamLayout, f32: &'a [f32], offset: usize) -> Self {
+        Weights {
+            layout,
+            f32,
+            offset,
+            compact: None,
+        }
+    }
+
+    fn range(&self, id: TensorId) -> std::ops::Range<usize> {
+        let r = self.layout.range(id);
+        r.start - self.offset..r.end - self.offset
     }
 
     /// With a compact copy of the matrices (made from this layout), read by the kernels that
@@ -86,7 +106,7 @@ impl<'a> Weights<'a> {
 
     /// A vector (or any tensor) as a flat slice.
     pub fn vector(&self, id: TensorId) -> &'a [f32] {
-        &self.f32[self.layout.range(id)]
+        &self.f32[self.range(id)]
     }
 
     /// A matrix `[out, in]`.
@@ -94,7 +114,7 @@ impl<'a> Weights<'a> {
         let t = &self.layout.tensors[id];
         let r = t.range();
         Matrix {
-            f32: &self.f32[r.clone()],
+            f32: &self.f32[self.range(id)],
             compact: match self.compact {
                 None => None,
                 Some(CompactParams::Bf16(b)) => Some(CompactWeights::Bf16(&b[r])),

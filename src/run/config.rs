@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendKind, Precision};
 use crate::error::{Error, Result};
-use crate::model::{LoraConfig, LoraTarget};
+use crate::model::{BaseFormat, LoraConfig, LoraTarget};
 
 /// The loss-scaling policy of a run (`--loss-scale`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -197,6 +197,11 @@ pub struct TrainConfig {
     /// Projections to adapt: comma-separated q,k,v,o,gate,up,down, or all-linear.
     #[arg(long, default_value_t = d().lora_targets, requires = "lora_rank", help_heading = "LoRA fine-tuning")]
     pub lora_targets: String,
+    /// How the frozen model is held: f32 (as trained), bf16 (half the memory; its matrices
+    /// rounded to 8 significant bits) or q8 (int8 in groups with f32 scales, about a quarter;
+    /// the QLoRA idea). Its layers are expanded to f32 one at a time as a pass reaches them.
+    #[arg(long, value_enum, default_value_t = BaseFormat::F32, requires = "lora_rank", help_heading = "LoRA fine-tuning")]
+    pub base_weights: BaseFormat,
     /// Dropout on the adapters' input during training (0: none).
     #[arg(long, default_value_t = d().lora_dropout, requires = "lora_rank", help_heading = "LoRA fine-tuning")]
     pub lora_dropout: f64,
@@ -245,6 +250,7 @@ impl Default for TrainConfig {
             lora_rank: None,
             lora_alpha: None,
             lora_targets: "all-linear".into(),
+            base_weights: BaseFormat::F32,
             lora_dropout: 0.0,
             ranks: 1,
         }

@@ -5,14 +5,14 @@
 
 use crate::backend::Kernels;
 use crate::error::{Error, Result};
-use crate::model::{LoraLayout, Transformer};
+use crate::model::{BaseFormat, FrozenModel, LoraLayout, Transformer};
 use crate::telemetry::human_bytes;
 
 /// Bytes of everything a training process holds for one batch shape.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryNeed {
     /// f32 parameters, their gradients and the two AdamW moments (4 x 4 bytes each); with
-    /// LoRA the frozen model's parameters (4 bytes each) and the adapters' 4 x 4 bytes.
+    /// LoRA the frozen model (f32, bf16 or int8) and the adapters' 4 x 4 bytes.
     pub state: u64,
     /// Saved activations and backward scratch of one micro-batch.
     pub activations: u64,
@@ -28,7 +28,7 @@ impl MemoryNeed {
     /// model or (`lora`) adapters of it.
     pub fn of(
         model: &Transformer,
-        lora: Option<&LoraLayout>,
+        lora: Option<(&LoraLayout, BaseFormat)>,
         k: &dyn Kernels,
         batch: usize,
         seq: usize,
@@ -36,14 +36,23 @@ impl MemoryNeed {
         let params = model.layout.total() as u64;
         let acts = |b: usize| match lora {
             None => model.activation_bytes(k, b, seq) as u64,
-            Some(l) => model.activation_bytes_adapted(k, l, b, seq) as u64,
+            Some((l, _)) => model.activation_bytes_adapted(k, l, b, seq) as u64,
         };
         let batch_bytes = |b: usize| acts(b) + k.workspace_bytes(&model.step_shape(b, seq)) as u64;
         let one = batch_bytes(1);
         let per_sequence = batch_bytes(2).saturating_sub(one);
         let state = match lora {
             None => 16 * params,
-            Some(l) => 4 * params + 16 * l.total() as u64,
+            Some((l, f)) => {
+                let matrices: usize = model
+                    .layout
+                    .tensors
+                    .iter()
+                    .filter(|t| t.shape.len() == 2)
+                    .map(|t| t.len())
+                    .sum();
+                FrozenModel::bytes_for(f, params as usize, matrices) as u64 + 16 * l.total() as u64
+            }
         };
         MemoryNeed {
             state,

@@ -83,6 +83,7 @@ fn every_field_has_a_rule(asked: &TrainConfig) {
         lora_rank: _,
         lora_alpha: _,
         lora_targets: _,
+        base_weights: _,
         lora_dropout: _,
         ranks: _,
     } = asked;
@@ -147,6 +148,7 @@ fn apply_given(
     rule!(lora_alpha, refuse "the adapters were trained at their scale");
     rule!(lora_targets, refuse "the adapters' shapes are fixed for the run");
     rule!(lora_dropout, apply);
+    rule!(base_weights, refuse "the frozen model's rounding is part of the run's numbers");
     // What the optimizer and the loop can take from any update on.
     rule!(batch, apply);
     rule!(accum, apply);

@@ -8,7 +8,7 @@ use super::distributed::Collective;
 use crate::backend::Kernels;
 use crate::error::Result;
 use crate::model::timing::Section;
-use crate::model::{Activations, Adapters, Batch, LoraLayout, Transformer};
+use crate::model::{Activations, Adapters, Base, Batch, LoraLayout, Transformer};
 use crate::optim::{AdamW, UpdateScale, update_scale};
 
 /// The numbers one step works on: the trained parameters (the model's, or its LoRA adapters'),
@@ -58,7 +58,7 @@ pub struct TrainStep<'a> {
 /// The frozen model of a LoRA run and how its adapters are laid out.
 #[derive(Clone, Copy)]
 pub struct FrozenBase<'a> {
-    pub params: &'a [f32],
+    pub params: Base<'a>,
     pub lora: &'a LoraLayout,
     /// Seed of the update's dropout masks (each micro-batch draws its own from it).
     pub dropout_seed: u64,

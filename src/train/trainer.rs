@@ -25,7 +25,7 @@ use super::run_folder;
 use super::step::{FrozenBase, StepState, StepStats, TrainStep};
 use crate::backend::Kernels;
 use crate::error::{Error, Result};
-use crate::model::{Activations, Adapters, Batch, LoraLayout, Transformer};
+use crate::model::{Activations, Adapters, Base, Batch, FrozenModel, LoraLayout, Transformer};
 use crate::optim::CosineSchedule;
 use crate::run::{RunDir, RunLock, TrainConfig};
 use crate::telemetry::events::{DataSummary, ParamSummary};
@@ -84,8 +84,23 @@ struct Session {
 /// A LoRA run's frozen model and the layout of the adapters it trains (the step state's
 /// parameters).
 struct LoraRun {
-    base: Vec<f32>,
+    base: FrozenStore,
     layout: LoraLayout,
+}
+
+/// How a LoRA run holds its frozen model (`--base-weights`).
+enum FrozenStore {
+    F32(Vec<f32>),
+    Compact(FrozenModel),
+}
+
+impl FrozenStore {
+    fn view(&self) -> Base<'_> {
+        match self {
+            FrozenStore::F32(p) => Base::F32(p),
+            FrozenStore::Compact(m) => Base::Compact(m),
+        }
+    }
 }
 
 /// A run in progress.
@@ -406,11 +421,19 @@ impl Trainer {
     fn inference_weights(&self) -> std::borrow::Cow<'_, [f32]> {
         match &self.lora {
             None => std::borrow::Cow::Borrowed(&self.state.params),
-            Some(l) => std::borrow::Cow::Owned(l.layout.merge(
-                &self.model.layout,
-                &l.base,
-                &self.state.params,
-            )),
+            Some(l) => {
+                let base = match &l.base {
+                    FrozenStore::F32(p) => std::borrow::Cow::Borrowed(&p[..]),
+                    FrozenStore::Compact(m) => {
+                        std::borrow::Cow::Owned(m.to_f32(&self.model.layout))
+                    }
+                };
+                std::borrow::Cow::Owned(l.layout.merge(
+                    &self.model.layout,
+                    &base,
+                    &self.state.params,
+                ))
+            }
         }
     }
 
@@ -429,7 +452,7 @@ impl Trainer {
             loss_scale: self.scaler.scale() as f32,
             ranks: Some(self.ranks.as_ref()),
             frozen: self.lora.as_ref().map(|l| FrozenBase {
-                params: &l.base,
+                params: l.base.view(),
                 lora: &l.layout,
                 dropout_seed: FrozenBase::dropout_seed(self.cfg.seed, self.counters.step),
             }),
@@ -598,7 +621,7 @@ impl Trainer {
                         dropout_seed: None,
                     };
                     self.model
-                        .loss_adapted(k, &l.base, &adapters, acts, batch)?
+                        .loss_adapted(k, l.base.view(), &adapters, acts, batch)?
                 }
             };
             batches += 1;
@@ -681,7 +704,8 @@ fn prepare_kernels(
         Some(l) => Some(LoraLayout::new(&model.cfg, l)?),
         None => None,
     };
-    super::memory::MemoryNeed::of(model, lora.as_ref(), kernels.as_ref(), cfg.batch, cfg.seq)
+    let lora = lora.as_ref().map(|l| (l, cfg.base_weights));
+    super::memory::MemoryNeed::of(model, lora, kernels.as_ref(), cfg.batch, cfg.seq)
         .check(crate::util::mem::available_bytes())?;
     if let Err(e) = kernels.prepare(&model.step_shape(cfg.batch, cfg.seq)) {
         let step = resume.map_or(0, |r| r.checkpoint.meta.step);

@@ -35,6 +35,9 @@ pub(super) struct TrainBenchArgs {
     /// Projections the adapters adapt (comma-separated q,k,v,o,gate,up,down, or all-linear).
     #[arg(long, default_value = "all-linear", requires = "lora_rank")]
     lora_targets: String,
+    /// How the LoRA step holds the frozen model: f32, bf16 or q8.
+    #[arg(long, value_enum, default_value_t = crate::model::BaseFormat::F32, requires = "lora_rank")]
+    base_weights: crate::model::BaseFormat,
 }
 
 pub(super) fn run(a: TrainBenchArgs) -> Result<()> {
@@ -69,6 +72,7 @@ pub(super) fn run(a: TrainBenchArgs) -> Result<()> {
             }),
             None => None,
         },
+        base_weights: a.base_weights,
     };
     let r = pool(a.threads)?.install(|| {
         // Measured before and after the steps; the higher value counts (a shared host can

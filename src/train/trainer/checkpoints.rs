@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::{Counters, LoraRun, Trainer};
+use super::{Counters, FrozenStore, LoraRun, Trainer};
 use crate::data::SamplerState;
 use crate::error::{Error, Result};
 use crate::formats::LoadedModel;
 use crate::formats::checkpoint::{CheckpointMeta, CheckpointRef, FORMAT_VERSION};
-use crate::model::{LoraLayout, Transformer};
+use crate::model::{BaseFormat, FrozenModel, LoraLayout, Transformer};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::run::TrainConfig;
 use crate::telemetry::events::unix_now;
@@ -165,10 +165,11 @@ pub(super) fn initial_state(
             }
             let opt = AdamW::for_tensors(adam, &layout.tensors, layout.total());
             let fresh = layout.init(cfg.seed);
-            let run = LoraRun {
-                base: base.params,
-                layout,
+            let base = match cfg.base_weights {
+                BaseFormat::F32 => FrozenStore::F32(base.params),
+                f => FrozenStore::Compact(FrozenModel::new(&model.layout, &base.params, f)),
             };
+            let run = LoraRun { base, layout };
             (opt, fresh, Some(run))
         }
     };

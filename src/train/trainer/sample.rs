@@ -5,10 +5,27 @@ use crate::error::Result;
 use crate::generate::{GenerateOptions, Sampling, WeightFormat, generate};
 use crate::telemetry::Event;
 
+/// Bytes of f32 weights a run with a compact frozen model still expands for its sample.
+const SAMPLE_EXPANSION_LIMIT: usize = 512 << 20;
+
 impl Trainer {
     /// The sample at the end of a run (an event; the console prints it).
     pub(super) fn sample(&mut self) -> Result<Option<String>> {
         if self.cfg.sample_tokens == 0 {
+            return Ok(None);
+        }
+        // Generation reads the merged model in f32: with a compact frozen model that is the
+        // memory --base-weights saves, so a large one is not expanded for a sample.
+        if let Some(l) = &self.lora
+            && matches!(l.base, super::FrozenStore::Compact(_))
+            && 4 * self.model.layout.total() > SAMPLE_EXPANSION_LIMIT
+        {
+            let message = format!(
+                "no sample at the end: it would expand the frozen model to f32 ({:.1} GB), the memory --base-weights saves; generate with: handgrad generate --run-dir {} --prompt ...",
+                4.0 * self.model.layout.total() as f64 / 1e9,
+                self.paths.dir.display()
+            );
+            self.bus.emit(Event::Warning { message });
             return Ok(None);
         }
         let Some(tok) = self.tokenizer.as_deref() else {
