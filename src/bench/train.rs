@@ -78,6 +78,16 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         Some(l) => Some(LoraLayout::new(cfg, l.clone())?),
         None => None,
     };
+    // A LoRA step's frozen model in the format asked; its f32 copy is dropped before the
+    // activations are allocated, as in a run.
+    let (params, compact) = match (&lora, r.base_weights) {
+        (Some(_), f) if f != BaseFormat::F32 => {
+            let m = FrozenModel::new(&model.layout, &params, f);
+            drop(params);
+            (Vec::new(), Some(m))
+        }
+        _ => (params, None),
+    };
     let (mut state, mut acts, base) = match &lora {
         None => {
             let opt = AdamW::new(AdamWConfig::default(), &model.layout);
@@ -90,12 +100,6 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
             (StepState::new(l.init(1), opt, batch * seq), acts, params)
         }
     };
-    // The frozen model in the format asked (its f32 copy dropped).
-    let compact = match (&lora, r.base_weights) {
-        (Some(_), f) if f != BaseFormat::F32 => Some(FrozenModel::new(&model.layout, &base, f)),
-        _ => None,
-    };
-    let base = if compact.is_some() { Vec::new() } else { base };
     let step = TrainStep {
         frozen: lora.as_ref().map(|l| FrozenBase {
             params: match &compact {

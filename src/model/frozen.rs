@@ -8,10 +8,14 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::params::{ParamLayout, TensorId};
 use crate::backend::cpu::quant::{Q8Tensor, group_for};
+
+/// Elements expanded per parallel task.
+const EXPAND_BLOCK: usize = 1 << 16;
 
 /// How a LoRA run holds its frozen model's matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -122,7 +126,8 @@ impl FrozenModel {
         self.vectors[id].as_deref().unwrap_or(&[])
     }
 
-    /// Writes elements `range` (within tensor `id`, row-major) as f32 into `dst`.
+    /// Writes elements `range` (within tensor `id`, row-major) as f32 into `dst`, in parallel
+    /// over blocks of elements.
     pub fn expand(&self, id: TensorId, range: Range<usize>, dst: &mut [f32]) {
         if let Some(v) = &self.vectors[id] {
             dst.copy_from_slice(&v[range]);
@@ -130,15 +135,39 @@ impl FrozenModel {
         }
         match &self.matrices[id] {
             Some(Compact::Bf16(b)) => {
-                for (d, &x) in dst.iter_mut().zip(&b[range]) {
-                    *d = bf16_value(x);
-                }
+                let src = &b[range];
+                dst.par_chunks_mut(EXPAND_BLOCK)
+                    .zip(src.par_chunks(EXPAND_BLOCK))
+                    .for_each(|(d, s)| {
+                        for (d, &x) in d.iter_mut().zip(s) {
+                            *d = bf16_value(x);
+                        }
+                    });
             }
             Some(Compact::Q8(q)) => {
+                // Blocks start on group boundaries when the range does (whole rows, layers).
                 let g = q.group;
-                for (i, d) in range.zip(dst.iter_mut()) {
-                    *d = q.q[i] as f32 * q.scales[i / g];
-                }
+                let start = range.start;
+                dst.par_chunks_mut(EXPAND_BLOCK)
+                    .enumerate()
+                    .for_each(|(b, d)| {
+                        let first = start + b * EXPAND_BLOCK;
+                        if first.is_multiple_of(g) {
+                            // Whole groups: one scale per run of `g` values.
+                            let qs = &q.q[first..first + d.len()];
+                            for (k, (dg, qg)) in d.chunks_mut(g).zip(qs.chunks(g)).enumerate() {
+                                let s = q.scales[first / g + k];
+                                for (x, &v) in dg.iter_mut().zip(qg) {
+                                    *x = v as f32 * s;
+                                }
+                            }
+                        } else {
+                            for (j, d) in d.iter_mut().enumerate() {
+                                let i = first + j;
+                                *d = q.q[i] as f32 * q.scales[i / g];
+                            }
+                        }
+                    });
             }
             None => dst.fill(0.0),
         }
