@@ -18,6 +18,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod serve;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod train;

@@ -183,3 +183,94 @@ fn qwen3_qk_norm_wide_heads() {
     c.head_dim = 8;
     check(c);
 }
+
+/// Several sequences at different positions, each with its own cache, decoded together in
+/// one pass (`step_batch`, how `serve` runs concurrent requests): every row's logits equal
+/// those of its sequence decoded alone, within the rounding of products summed in another
+/// order; with every weight format. (With bf16 weights a single row reads the bf16 copy and
+/// several rows the f32 weights, as a prompt's batched pass does: those differ by the
+/// rounding of the weights to 8 mantissa bits.)
+fn check_batched(cfg: ModelConfig) {
+    let model = Transformer::new(cfg);
+    let params = model.layout.init(model.cfg.n_layers, 9);
+    let vocab = model.cfg.vocab_size;
+    let prompts: Vec<Vec<u32>> = [2usize, 5, 9]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((i * 17 + s * 5 + 3) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    for weights in [WeightFormat::Fp32, WeightFormat::Bf16, WeightFormat::Q8] {
+        let mut dec = Decoder::new(&model, &params, 1)
+            .unwrap()
+            .with_weights(weights);
+        let mut seqs: Vec<_> = prompts.iter().map(|_| dec.new_sequence(16)).collect();
+        let mut alone: Vec<Decoder> = prompts
+            .iter()
+            .map(|_| {
+                Decoder::new(&model, &params, 16)
+                    .unwrap()
+                    .with_weights(weights)
+            })
+            .collect();
+        for ((p, s), a) in prompts.iter().zip(&mut seqs).zip(&mut alone) {
+            let l1 = dec.prefill_sequence(&CpuKernels, s, p).unwrap().to_vec();
+            let l2 = a.prefill(&CpuKernels, p).unwrap();
+            assert_eq!(l1, l2, "{weights}: a prefill into a sequence differs");
+        }
+        let mut worst = 0.0f32;
+        let mut scale = 0.0f32;
+        for step in 0..4u32 {
+            let tokens: Vec<u32> = (0..prompts.len() as u32)
+                .map(|s| (step * 7 + s * 11 + 1) % vocab as u32)
+                .collect();
+            let mut refs: Vec<&mut handgrad::generate::KvSequence> = seqs.iter_mut().collect();
+            let together = dec
+                .step_batch(&CpuKernels, &mut refs, &tokens)
+                .unwrap()
+                .to_vec();
+            assert_eq!(together.len(), prompts.len() * vocab);
+            for (i, a) in alone.iter_mut().enumerate() {
+                let one = a.step(&CpuKernels, tokens[i]).unwrap();
+                for (x, y) in together[i * vocab..(i + 1) * vocab].iter().zip(one) {
+                    worst = worst.max((x - y).abs());
+                    scale = scale.max(y.abs());
+                }
+            }
+        }
+        for (s, p) in seqs.iter().zip(&prompts) {
+            assert_eq!(s.position(), p.len() + 4);
+        }
+        // bf16: half a unit in the 8th bit per weight, a few of them in a row's sum, against
+        // the size of the logits.
+        let tol = match weights {
+            WeightFormat::Bf16 => scale * 2f32.powi(-6),
+            _ => 1e-5,
+        };
+        eprintln!("{weights}: worst difference {worst} (max |logit| {scale}, tolerance {tol})");
+        assert!(worst < tol, "{weights}: batched rows differ by {worst}");
+    }
+    // Mismatched lengths and a full cache are errors, not panics.
+    let mut dec = Decoder::new(&model, &params, 1).unwrap();
+    let mut a = dec.new_sequence(1);
+    let mut b = dec.new_sequence(4);
+    assert!(dec.step_batch(&CpuKernels, &mut [&mut a], &[1, 2]).is_err());
+    dec.step_batch(&CpuKernels, &mut [&mut a, &mut b], &[1, 2])
+        .unwrap();
+    assert!(
+        dec.step_batch(&CpuKernels, &mut [&mut a, &mut b], &[1, 2])
+            .is_err()
+    );
+}
+
+#[test]
+fn sequences_decoded_together_match_alone() {
+    check_batched(ModelConfig::preset("tiny").unwrap());
+    let mut c = ModelConfig::preset("tiny").unwrap();
+    c.arch = Architecture::Qwen3;
+    c.n_kv_heads = 1;
+    check_batched(c);
+}

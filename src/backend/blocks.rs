@@ -171,6 +171,12 @@ pub enum Attend<'a> {
     /// New rows of one sequence after `start` cached positions (decoding). The block writes
     /// the new keys and values into the cache at `start..start + rows`.
     Cached { cache: KvCache<'a>, start: usize },
+    /// One new row of each of several sequences (decoding them together): row `i` sits at
+    /// position `starts[i]` of its own cache `caches[i]`, which the block extends by one.
+    Batched {
+        caches: Vec<KvCache<'a>>,
+        starts: Vec<usize>,
+    },
 }
 
 /// The inputs and outputs of [`Kernels::sdpa_forward`](crate::backend::Kernels::sdpa_forward).

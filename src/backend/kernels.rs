@@ -566,6 +566,50 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
                 &s,
             )
         }
+        Attend::Batched { caches, starts } => {
+            if caches.len() != rows || starts.len() != rows {
+                return Err(Error::invalid(format!(
+                    "{rows} rows decoded together need a cache and a position each, got {} and {}",
+                    caches.len(),
+                    starts.len()
+                )));
+            }
+            let qd = dims.n_heads * hd;
+            for (i, (cache, &start)) in caches.into_iter().zip(&starts).enumerate() {
+                let end = start + 1;
+                if cache.k.len() < end * kvd || cache.v.len() < end * kvd {
+                    return Err(Error::invalid(format!(
+                        "the key/value cache of row {i} holds {} positions, {end} needed",
+                        cache.k.len().min(cache.v.len()) / kvd.max(1)
+                    )));
+                }
+                let pos = Positions {
+                    first: start,
+                    period: 1,
+                };
+                let q = &mut a.q[i * qd..(i + 1) * qd];
+                let kr = &mut a.k[i * kvd..(i + 1) * kvd];
+                k.rope_forward(q, dims.n_heads, rope, pos)?;
+                k.rope_forward(kr, dims.n_kv_heads, rope, pos)?;
+                cache.k[start * kvd..end * kvd].copy_from_slice(kr);
+                cache.v[start * kvd..end * kvd].copy_from_slice(&a.v[i * kvd..(i + 1) * kvd]);
+                let s = CachedAttentionShape {
+                    start,
+                    rows: 1,
+                    n_heads: dims.n_heads,
+                    n_kv_heads: dims.n_kv_heads,
+                    head_dim: hd,
+                };
+                k.attention_cached(
+                    &mut a.att[i * qd..(i + 1) * qd],
+                    &a.q[i * qd..(i + 1) * qd],
+                    &cache.k[..end * kvd],
+                    &cache.v[..end * kvd],
+                    &s,
+                )?;
+            }
+            Ok(())
+        }
     }
 }
 

@@ -14,29 +14,37 @@ use crate::generate::{GenerateOptions, Sampling, StopReason, WeightFormat, gener
 use crate::model::Transformer;
 use crate::tokenizer;
 
-/// Options of `handgrad generate`.
-#[derive(Args, Debug)]
-pub struct GenerateArgs {
+/// Which model to load: a run folder, a checkpoint, or a model file, with an optional
+/// adapter and tokenizer (shared by `generate` and `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct ModelSource {
     /// A run folder: uses its checkpoints/latest (or best with --best).
     #[arg(long, conflicts_with = "checkpoint")]
-    run_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
     /// A checkpoint file.
     #[arg(long, conflicts_with = "model")]
-    checkpoint: Option<PathBuf>,
+    pub checkpoint: Option<PathBuf>,
     /// A model in any supported format: Hugging Face folder or .safetensors, llama2.c .bin,
     /// GGUF, or handgrad checkpoint.
     #[arg(long, conflicts_with = "run_dir")]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Use checkpoints/best (lowest validation loss) instead of latest.
     #[arg(long)]
-    best: bool,
+    pub best: bool,
     /// A PEFT LoRA adapter folder (a LoRA run's adapter/, or one PEFT saved) to merge into
     /// the model's weights before generating.
     #[arg(long, value_name = "DIR")]
-    adapter: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
     /// Tokenizer file, overriding the one stored in the checkpoint.
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Options of `handgrad generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    source: ModelSource,
     /// Text to continue (with --chat: the user's message).
     #[arg(long, default_value = "Once upon a time")]
     prompt: String,
@@ -83,7 +91,7 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let sampling = Sampling::from_settings(a.temperature, a.top_k, a.top_p)?;
-    let (model, params, tok, source) = load(&a)?;
+    let (model, params, tok, source) = load(&a.source)?;
     let pool = super::thread_pool(a.threads)?;
     let mut opts = GenerateOptions {
         stop_ids: Vec::new(),
@@ -95,7 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         weights: a.weights,
     };
     if a.chat {
-        let template = chat_template(&a, &source)?;
+        let template = chat_template(&a.source, a.chat_template.as_deref(), &source)?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
             messages.push(Message::new("system", s.as_str()));
@@ -148,7 +156,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
 /// The chat template for `--chat`: `--chat-template`, else the one in the model's folder (a
 /// Hugging Face folder's tokenizer_config.json, or the run folder of a chat run).
-fn chat_template(a: &GenerateArgs, source: &Path) -> Result<ChatTemplate> {
+pub fn chat_template(
+    a: &ModelSource,
+    template_file: Option<&Path>,
+    source: &Path,
+) -> Result<ChatTemplate> {
     let dir = match &a.run_dir {
         Some(d) => d.clone(),
         None if source.is_dir() => source.to_path_buf(),
@@ -165,18 +177,18 @@ fn chat_template(a: &GenerateArgs, source: &Path) -> Result<ChatTemplate> {
             .map(Path::to_path_buf)
             .unwrap_or_default(),
     };
-    ChatTemplate::load(a.chat_template.as_deref(), &dir)
+    ChatTemplate::load(template_file, &dir)
 }
 
 /// The model, its parameters, the tokenizer the flags name, and the path the model came from.
-type Loaded = (
+pub type Loaded = (
     Transformer,
     Vec<f32>,
     Box<dyn tokenizer::Tokenizer>,
     PathBuf,
 );
 
-fn load(a: &GenerateArgs) -> Result<Loaded> {
+pub fn load(a: &ModelSource) -> Result<Loaded> {
     let path = match (&a.run_dir, &a.checkpoint, &a.model) {
         (Some(dir), None, None) => crate::run::RunDir::existing(dir)?.checkpoint_to_read(a.best)?,
         (None, Some(p), None) | (None, None, Some(p)) => p.clone(),

@@ -11,6 +11,7 @@ mod generate;
 mod info;
 mod plot;
 mod prepare;
+mod serve;
 mod tokenizer;
 mod train;
 
@@ -53,6 +54,9 @@ enum Command {
     Data(data::DataArgs),
     /// Tokenize text corpora into token shards for training.
     Prepare(prepare::PrepareArgs),
+    /// Serve a model over the OpenAI HTTP API (completions and chat, streaming, concurrent
+    /// requests decoded together), for any OpenAI client.
+    Serve(serve::ServeArgs),
     /// Convert a model between formats (Hugging Face, llama2.c, GGUF in; Hugging Face,
     /// llama2.c out).
     Convert(convert::ConvertArgs),
@@ -67,10 +71,11 @@ pub fn main() -> i32 {
     };
     // Commands that print and exit stop quietly when their reader goes away (`| head`), as
     // Unix tools do. `train` keeps training (its console is detached) and `generate` stops
-    // generating: both handle a closed stream themselves.
+    // generating: both handle a closed stream themselves. `serve` writes to sockets, whose
+    // clients may go away at any time.
     if !matches!(
         cli.command,
-        Command::Train(_) | Command::Generate(_) | Command::Dashboard(_)
+        Command::Train(_) | Command::Generate(_) | Command::Dashboard(_) | Command::Serve(_)
     ) {
         default_sigpipe();
     }
@@ -83,6 +88,7 @@ pub fn main() -> i32 {
             train::run(*a, given)
         }
         Command::Generate(a) => generate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Dashboard(a) => dashboard::run(a),
         Command::Info(a) => info::run(a),

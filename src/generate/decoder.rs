@@ -2,6 +2,11 @@
 //! forward ([`Transformer::layer_forward`]) with its attention against the cache (GQA: query
 //! head `h` reads cached head `h / (heads / kv_heads)`, as in training); a prompt runs through
 //! the same code as one batch of rows.
+//!
+//! A [`Decoder`] holds one sequence's cache of its own; [`KvSequence`]s made by
+//! [`Decoder::new_sequence`] are further sequences that [`Decoder::step_batch`] advances
+//! together, one token each, in one pass whose products read every weight once for all of
+//! them (how `handgrad serve` decodes concurrent requests).
 
 pub use crate::backend::WeightFormat;
 use crate::backend::{Attend, Kernels, KvCache};
@@ -27,17 +32,41 @@ impl RowBuffers {
     }
 }
 
+/// The key/value cache of one sequence: `[layers][capacity, kv_dim]` keys and values, and
+/// how many positions are filled.
+#[derive(Debug, Default)]
+pub struct KvSequence {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    capacity: usize,
+    pos: usize,
+}
+
+impl KvSequence {
+    /// Positions decoded so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Positions the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets the cache (keeps the memory).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+}
+
 /// Per-layer key/value cache plus decoding buffers.
 pub struct Decoder<'m> {
     model: &'m Transformer,
     params: &'m [f32],
     /// Compact copy of the matrices (bf16 or int8), when enabled.
     compact: Option<CompactParams>,
-    /// `[layers][capacity, kv_dim]`.
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
-    capacity: usize,
-    pos: usize,
+    /// The decoder's own sequence.
+    seq: KvSequence,
     /// Buffers of one token.
     one: Option<RowBuffers>,
     xn: Vec<f32>,
@@ -53,26 +82,39 @@ impl<'m> Decoder<'m> {
         if params.len() != model.layout.total() {
             return Err(Error::invalid("parameter buffer does not match the model"));
         }
-        let capacity = capacity.min(c.max_seq_len).max(1);
-        let cache = || {
-            (0..c.n_layers)
-                .map(|_| vec![0.0f32; capacity * c.kv_dim()])
-                .collect()
-        };
         Ok(Decoder {
             model,
             params,
             compact: None,
-            k_cache: cache(),
-            v_cache: cache(),
-            capacity,
-            pos: 0,
+            seq: Self::sequence_for(model, capacity),
             one: Some(RowBuffers::new(model, 1, 0)),
             xn: vec![0.0; c.dim],
             rstd: vec![0.0; 1],
             logits: vec![0.0; c.vocab_size],
             timings: StepTimings::default(),
         })
+    }
+
+    fn sequence_for(model: &Transformer, capacity: usize) -> KvSequence {
+        let c = &model.cfg;
+        let capacity = capacity.min(c.max_seq_len).max(1);
+        let cache = || {
+            (0..c.n_layers)
+                .map(|_| vec![0.0f32; capacity * c.kv_dim()])
+                .collect()
+        };
+        KvSequence {
+            k: cache(),
+            v: cache(),
+            capacity,
+            pos: 0,
+        }
+    }
+
+    /// An empty cache for another sequence of up to `capacity` positions (at most the
+    /// model's maximum), for [`Decoder::prefill_sequence`] and [`Decoder::step_batch`].
+    pub fn new_sequence(&self, capacity: usize) -> KvSequence {
+        Self::sequence_for(self.model, capacity)
     }
 
     /// Streams bf16 copies of the weight matrices in the per-token products (half the memory
@@ -118,55 +160,117 @@ impl<'m> Decoder<'m> {
 
     /// Positions decoded so far.
     pub fn position(&self) -> usize {
-        self.pos
+        self.seq.pos
     }
 
     /// Positions the cache can hold.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.seq.capacity
     }
 
     /// Forgets the cache.
     pub fn reset(&mut self) {
-        self.pos = 0;
+        self.seq.pos = 0;
     }
 
     /// Feeds several tokens at once (one batched forward pass through matrix multiplies, far
     /// faster than token by token), filling the cache; returns the logits after the last one.
     pub fn prefill(&mut self, k: &dyn Kernels, tokens: &[u32]) -> Result<&[f32]> {
-        if tokens.is_empty() {
-            return Err(Error::invalid("nothing to prefill"));
-        }
-        if tokens.len() == 1 {
-            return self.step(k, tokens[0]);
-        }
-        let whole = self.model.step_shape(1, tokens.len()).attention();
-        let saved = if self.pos == 0 {
-            k.attention_saved_len(&whole)
-        } else {
-            0
-        };
-        let mut bufs = RowBuffers::new(self.model, tokens.len(), saved);
-        self.run(k, tokens, &mut bufs)?;
+        let mut seq = std::mem::take(&mut self.seq);
+        let r = self.prefill_sequence(k, &mut seq, tokens).map(|_| ());
+        self.seq = seq;
+        r?;
         Ok(&self.logits)
     }
 
     /// Feeds one token at the next position and returns the logits over the full vocabulary
     /// for the token that follows it.
     pub fn step(&mut self, k: &dyn Kernels, token: u32) -> Result<&[f32]> {
-        let mut bufs = match self.one.take() {
-            Some(b) => b,
-            None => RowBuffers::new(self.model, 1, 0),
-        };
-        let r = self.run(k, &[token], &mut bufs);
-        self.one = Some(bufs);
+        let mut seq = std::mem::take(&mut self.seq);
+        let r = self.step_one(k, &mut seq, token);
+        self.seq = seq;
         r?;
         Ok(&self.logits)
     }
 
-    /// Runs `tokens` at positions `pos..pos + len` through every layer, appending to the
-    /// cache, and leaves the logits of the last one in `self.logits`.
-    fn run(&mut self, k: &dyn Kernels, tokens: &[u32], b: &mut RowBuffers) -> Result<()> {
+    /// [`Decoder::prefill`] into another sequence's cache.
+    pub fn prefill_sequence(
+        &mut self,
+        k: &dyn Kernels,
+        seq: &mut KvSequence,
+        tokens: &[u32],
+    ) -> Result<&[f32]> {
+        if tokens.is_empty() {
+            return Err(Error::invalid("nothing to prefill"));
+        }
+        if tokens.len() == 1 {
+            self.step_one(k, seq, tokens[0])?;
+            return Ok(&self.logits);
+        }
+        let whole = self.model.step_shape(1, tokens.len()).attention();
+        let saved = if seq.pos == 0 {
+            k.attention_saved_len(&whole)
+        } else {
+            0
+        };
+        let mut bufs = RowBuffers::new(self.model, tokens.len(), saved);
+        self.run(k, tokens, &mut [seq], &mut bufs)?;
+        Ok(&self.logits)
+    }
+
+    fn step_one(&mut self, k: &dyn Kernels, seq: &mut KvSequence, token: u32) -> Result<()> {
+        let mut bufs = match self.one.take() {
+            Some(b) => b,
+            None => RowBuffers::new(self.model, 1, 0),
+        };
+        let r = self.run(k, &[token], &mut [seq], &mut bufs);
+        self.one = Some(bufs);
+        r
+    }
+
+    /// Feeds `tokens[i]` to `seqs[i]` at its next position, all in one pass, and returns the
+    /// logits of every row (`[seqs.len(), vocab]`, row `i` for the token after `tokens[i]`).
+    /// The same results as stepping each sequence alone, within the rounding of a product
+    /// summed in another order.
+    pub fn step_batch(
+        &mut self,
+        k: &dyn Kernels,
+        seqs: &mut [&mut KvSequence],
+        tokens: &[u32],
+    ) -> Result<&[f32]> {
+        if seqs.len() != tokens.len() {
+            return Err(Error::invalid(format!(
+                "{} sequences but {} tokens to decode",
+                seqs.len(),
+                tokens.len()
+            )));
+        }
+        match tokens.len() {
+            0 => {
+                self.logits.clear();
+                return Ok(&self.logits);
+            }
+            1 => {
+                self.step_one(k, seqs[0], tokens[0])?;
+                return Ok(&self.logits);
+            }
+            _ => {}
+        }
+        let mut bufs = RowBuffers::new(self.model, tokens.len(), 0);
+        self.run(k, tokens, seqs, &mut bufs)?;
+        Ok(&self.logits)
+    }
+
+    /// Runs `tokens` through every layer, appending to the caches, and leaves logits in
+    /// `self.logits`: with one sequence, the tokens are its next positions and the logits
+    /// those after the last one; with several, one token each and logits for every row.
+    fn run(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        seqs: &mut [&mut KvSequence],
+        b: &mut RowBuffers,
+    ) -> Result<()> {
         let m = self.model;
         let c = &m.cfg;
         let lay = &m.layout;
@@ -176,35 +280,56 @@ impl<'m> Decoder<'m> {
                 c.vocab_size
             )));
         }
-        if self.pos + tokens.len() > self.capacity {
-            return Err(Error::invalid(format!(
-                "context is full ({} positions; {} more tokens asked for at position {})",
-                self.capacity,
-                tokens.len(),
-                self.pos
-            )));
+        let batched = seqs.len() > 1;
+        for s in seqs.iter() {
+            let more = if batched { 1 } else { tokens.len() };
+            if s.pos + more > s.capacity {
+                return Err(Error::invalid(format!(
+                    "context is full ({} positions; {more} more tokens asked for at position {})",
+                    s.capacity, s.pos
+                )));
+            }
         }
         let w = Weights::new(lay, self.params).with_compact(self.compact.as_ref());
         let d = c.dim;
         k.embedding_forward(&mut b.x, w.vector(lay.embed), tokens, d)?;
         for l in 0..c.n_layers {
+            let attend = if batched {
+                let starts = seqs.iter().map(|s| s.pos).collect();
+                let caches = seqs
+                    .iter_mut()
+                    .map(|s| KvCache {
+                        k: &mut s.k[l],
+                        v: &mut s.v[l],
+                    })
+                    .collect();
+                Attend::Batched { caches, starts }
+            } else {
+                let s = &mut *seqs[0];
+                Attend::Cached {
+                    cache: KvCache {
+                        k: &mut s.k[l],
+                        v: &mut s.v[l],
+                    },
+                    start: s.pos,
+                }
+            };
             let io = LayerIo {
                 x_in: &b.x,
                 x_out: &mut b.x_next,
-                attend: Attend::Cached {
-                    cache: KvCache {
-                        k: &mut self.k_cache[l],
-                        v: &mut self.v_cache[l],
-                    },
-                    start: self.pos,
-                },
+                attend,
             };
             m.layer_forward(k, &w.layer(l), &mut b.layer, io, &mut self.timings, None)?;
             std::mem::swap(&mut b.x, &mut b.x_next);
         }
-        let last = &b.x[(tokens.len() - 1) * d..];
+        // Logits of the last row, or of every row when decoding several sequences.
+        let out_rows = if batched { tokens.len() } else { 1 };
+        let last = &b.x[(tokens.len() - out_rows) * d..];
         let eps = c.norm_eps as f32;
         let start = std::time::Instant::now();
+        self.xn.resize(out_rows * d, 0.0);
+        self.rstd.resize(out_rows, 0.0);
+        self.logits.resize(out_rows * c.vocab_size, 0.0);
         k.rmsnorm_forward(
             &mut self.xn,
             &mut self.rstd,
@@ -213,17 +338,30 @@ impl<'m> Decoder<'m> {
             d,
             eps,
         )?;
-        k.linear_forward(&mut self.logits, &self.xn, w.matrix(lay.classifier()), 1)?;
+        k.linear_forward(
+            &mut self.logits,
+            &self.xn,
+            w.matrix(lay.classifier()),
+            out_rows,
+        )?;
         self.timings.add(Section::ClassifierLoss, start);
         if let Some(comp) = &m.compaction {
             // A compacted model never learned the other rows of its classifier.
-            for (id, l) in self.logits.iter_mut().enumerate() {
-                if comp.index(id as u32).is_none() {
-                    *l = f32::NEG_INFINITY;
+            for row in self.logits.chunks_mut(c.vocab_size) {
+                for (id, l) in row.iter_mut().enumerate() {
+                    if comp.index(id as u32).is_none() {
+                        *l = f32::NEG_INFINITY;
+                    }
                 }
             }
         }
-        self.pos += tokens.len();
+        if batched {
+            for s in seqs.iter_mut() {
+                s.pos += 1;
+            }
+        } else {
+            seqs[0].pos += tokens.len();
+        }
         Ok(())
     }
 }

@@ -2,9 +2,11 @@
 
 pub mod decoder;
 pub mod sampler;
+pub mod text;
 
-pub use decoder::{Decoder, WeightFormat};
+pub use decoder::{Decoder, KvSequence, WeightFormat};
 pub use sampler::{Sampler, Sampling};
+pub use text::TextStream;
 
 use crate::backend::Kernels;
 use crate::error::Result;
@@ -53,6 +55,23 @@ pub struct Generation {
     pub decode_seconds: f64,
 }
 
+/// The ids a generation starts from: BOS (when `add_bos` and the tokenizer has one), then
+/// the prompt's tokens; the end-of-text id when both are missing.
+pub fn encode_prompt(tokenizer: &dyn Tokenizer, prompt: &str, add_bos: bool) -> Result<Vec<u32>> {
+    let mut prompt_ids = Vec::new();
+    if add_bos && let Some(b) = tokenizer.bos_id() {
+        prompt_ids.push(b);
+    }
+    prompt_ids.extend(tokenizer.encode(prompt)?);
+    if prompt_ids.is_empty() {
+        // Start from the document separator when there is neither prompt nor BOS.
+        if let Some(e) = tokenizer.eos_id() {
+            prompt_ids.push(e);
+        }
+    }
+    Ok(prompt_ids)
+}
+
 /// Generates a continuation of `opts.prompt`, calling `on_text` with each new piece of text as
 /// soon as it decodes to complete characters; `on_text` returning `Break` stops the generation
 /// there ([`StopReason::Stopped`]).
@@ -64,25 +83,12 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    let mut prompt_ids = Vec::new();
-    if opts.add_bos
-        && let Some(b) = tokenizer.bos_id()
-    {
-        prompt_ids.push(b);
-    }
-    prompt_ids.extend(tokenizer.encode(&opts.prompt)?);
-    if prompt_ids.is_empty() {
-        // Start from the document separator when there is neither prompt nor BOS.
-        if let Some(e) = tokenizer.eos_id() {
-            prompt_ids.push(e);
-        }
-    }
+    let prompt_ids = encode_prompt(tokenizer, &opts.prompt, opts.add_bos)?;
     // The cache only needs room for this generation (a 40k-position cache of a large model
     // would take gigabytes).
     let capacity = (prompt_ids.len() + opts.max_tokens).min(model.cfg.max_seq_len);
     let mut dec = Decoder::new(model, params, capacity)?;
     let mut sampler = Sampler::new(opts.sampling, opts.seed);
-    let mut ids: Vec<u32> = Vec::new();
     let mut logits = Vec::new();
     if prompt_ids.len() > dec.capacity() {
         return Err(crate::Error::invalid(format!(
@@ -98,20 +104,7 @@ pub fn generate(
     let t_decode = std::time::Instant::now();
     let mut stop_ids = tokenizer.stop_ids();
     stop_ids.extend_from_slice(&opts.stop_ids);
-    // The continuation is decoded after the prompt, not on its own: a SentencePiece tokenizer
-    // drops the leading space of the first piece of a text, which would glue the first word
-    // to the prompt ("Lily.She").
-    let base = tokenizer.decode(&prompt_ids)?;
-    let decode_new = |ids: &[u32]| -> Result<String> {
-        let mut all = prompt_ids.clone();
-        all.extend_from_slice(ids);
-        let t = tokenizer.decode(&all)?;
-        match t.strip_prefix(base.as_str()) {
-            Some(rest) => Ok(rest.to_string()),
-            None => tokenizer.decode(ids),
-        }
-    };
-    let mut printed = String::new();
+    let mut text = TextStream::new(tokenizer, &prompt_ids)?;
     let mut stop = StopReason::MaxTokens;
     for _ in 0..opts.max_tokens {
         let next = sampler.sample(&logits);
@@ -119,18 +112,13 @@ pub fn generate(
             stop = StopReason::EndOfSequence;
             break;
         }
-        ids.push(next);
-        let text = decode_new(&ids)?;
-        // Print only complete characters: a byte-level token can end inside one.
-        if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
-            let flow = on_text(&text[printed.len()..]);
-            printed = text;
-            if flow.is_break() {
-                stop = StopReason::Stopped;
-                break;
-            }
+        if let Some(piece) = text.push(next)?
+            && on_text(&piece).is_break()
+        {
+            stop = StopReason::Stopped;
+            break;
         }
-        if ids.len() == opts.max_tokens {
+        if text.ids().len() == opts.max_tokens {
             break;
         }
         if dec.position() >= dec.capacity() {
@@ -139,10 +127,13 @@ pub fn generate(
         }
         logits.copy_from_slice(dec.step(kernels, next)?);
     }
-    let text = decode_new(&ids)?;
-    if stop != StopReason::Stopped && text.len() > printed.len() && text.starts_with(&printed) {
-        let _ = on_text(&text[printed.len()..]);
+    if stop != StopReason::Stopped
+        && let Some(piece) = text.finish()?
+    {
+        let _ = on_text(&piece);
     }
+    let ids = text.ids().to_vec();
+    let text = text.text()?;
     Ok(Generation {
         prompt_ids,
         ids,

@@ -792,7 +792,9 @@ impl Kernels for AneKernels {
     fn sdpa_forward(&self, a: SdpaForward) -> Result<()> {
         let (batch, seq) = match &a.attend {
             Attend::Causal { batch, seq } => (*batch, *seq),
-            Attend::Cached { .. } => return super::kernels::sdpa_forward(self, a),
+            Attend::Cached { .. } | Attend::Batched { .. } => {
+                return super::kernels::sdpa_forward(self, a);
+            }
         };
         // The programs fuse the projections with what follows them: a low-rank term added
         // between the two runs the composition on the CPU.
