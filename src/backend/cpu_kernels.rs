@@ -6,7 +6,7 @@
 
 use super::cpu::attention;
 use super::cpu::gemm_bf16;
-use super::cpu::gemv::{GemvOut, GemvWeights, gemv_many};
+use super::cpu::gemv::{FEW_ROWS, GemvOut, GemvRowsOut, GemvWeights, gemv_many, gemv_many_rows};
 use super::cpu::linear;
 use super::cpu::matrix::{MatMut, MatRef};
 use super::cpu::quant;
@@ -64,6 +64,29 @@ fn gemv_outputs(x: &[f32], outs: &mut [LinearOut]) {
     gemv_many(&mut gemvs, x, cols);
 }
 
+/// A few token rows (sequences decoded together): matrix-vector products that read each
+/// weight once for all rows, several matrices in one pass. `false` (nothing done) when the
+/// outputs do not share their input width.
+fn few_rows_outputs(x: &[f32], rows: usize, outs: &mut [LinearOut]) -> bool {
+    let Some(first) = outs.first() else {
+        return true;
+    };
+    let cols = first.w.cols;
+    if outs.iter().any(|o| o.w.cols != cols) {
+        return false;
+    }
+    let mut gemvs: Vec<GemvRowsOut> = outs
+        .iter_mut()
+        .map(|o| GemvRowsOut {
+            y: &mut o.y[..rows * o.w.rows],
+            n: o.w.rows,
+            w: gemv_weights(&o.w),
+        })
+        .collect();
+    gemv_many_rows(&mut gemvs, x, rows, cols);
+    true
+}
+
 /// The CPU backend in fp32 (the reference kernels, multi-threaded with rayon). Products of a
 /// single token row (decoding) are matrix-vector products, which read a matrix's bf16 copy
 /// when the caller keeps one (`generate --weights bf16`).
@@ -85,7 +108,8 @@ impl Kernels for CpuKernels {
         }
         if rows == 1 {
             gemv_outputs(x, &mut [LinearOut { y, w }]);
-        } else {
+        } else if rows > FEW_ROWS || !few_rows_outputs(x, rows, &mut [LinearOut { y: &mut *y, w }])
+        {
             linear::linear_forward(y, x, w.f32, w.linear(rows));
         }
         Ok(())
@@ -97,6 +121,9 @@ impl Kernels for CpuKernels {
         }
         if rows == 1 && outs.iter().all(|o| o.w.cols == outs[0].w.cols) {
             gemv_outputs(x, outs);
+            return Ok(());
+        }
+        if rows <= FEW_ROWS && few_rows_outputs(x, rows, outs) {
             return Ok(());
         }
         for o in outs.iter_mut() {

@@ -38,6 +38,19 @@ pub struct GenerateBench {
     pub roofline_fraction: f64,
     /// Where a decoded token's time goes (ms per token; `percent` of the decode time).
     pub decode_breakdown: Vec<BreakdownEntry>,
+    /// Several sequences decoded together (`--sequences`), when asked for.
+    pub together: Option<TogetherBench>,
+}
+
+/// Decoding several sequences together (how `serve` runs concurrent requests), against one
+/// sequence, measured in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TogetherBench {
+    pub sequences: usize,
+    /// Tokens per second, all sequences together.
+    pub tokens_per_s: f64,
+    /// `tokens_per_s / decode_tokens_per_s`.
+    pub ratio: f64,
 }
 
 /// What to generate.
@@ -48,6 +61,8 @@ pub struct GenerateRun {
     /// Tokens decoded one at a time.
     pub tokens: usize,
     pub weights: WeightFormat,
+    /// Sequences also decoded together, one token each per pass (0 or 1: not measured).
+    pub sequences: usize,
 }
 
 /// Prefills `prompt` random tokens, then decodes `tokens` more greedily, with the decoder of
@@ -62,6 +77,7 @@ pub fn run(
         prompt,
         tokens,
         weights,
+        sequences,
     } = r;
     let model = Transformer::new(cfg.clone());
     let params = model.layout.init(cfg.n_layers, 3);
@@ -88,7 +104,34 @@ pub fn run(
             dec.timings().clone(),
         ))
     };
+    // `sequences` prompts prefilled, then decoded together for `tokens` passes.
+    let together_once = || -> Result<f64> {
+        let mut dec = Decoder::new(&model, &params, 1)?.with_weights(weights);
+        let mut seqs = Vec::with_capacity(sequences);
+        let mut next = Vec::with_capacity(sequences);
+        for _ in 0..sequences {
+            let mut s = dec.new_sequence(prompt + tokens + 1);
+            next.push(argmax(dec.prefill_sequence(kernels, &mut s, &ids)?));
+            seqs.push(s);
+        }
+        let vocab = cfg.vocab_size;
+        let t = Instant::now();
+        for _ in 0..tokens {
+            let mut refs: Vec<&mut crate::generate::KvSequence> = seqs.iter_mut().collect();
+            let logits = dec.step_batch(kernels, &mut refs, &next)?;
+            for (n, row) in next.iter_mut().zip(logits.chunks(vocab)) {
+                *n = argmax(row);
+            }
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
     run_once()?; // warm up
+    let together = if sequences > 1 {
+        together_once()?; // warm up
+        Some(together_once()?)
+    } else {
+        None
+    };
 
     let (prefill, decode, bytes, timings) = run_once()?;
     let decode_tps = tokens as f64 / decode;
@@ -132,6 +175,14 @@ pub fn run(
         roofline_tokens_per_s: roofline,
         roofline_fraction: decode_tps / roofline,
         decode_breakdown,
+        together: together.map(|secs| {
+            let tps = (sequences * tokens) as f64 / secs;
+            TogetherBench {
+                sequences,
+                tokens_per_s: tps,
+                ratio: tps / decode_tps,
+            }
+        }),
     })
 }
 

@@ -16,6 +16,7 @@ use crate::model::{CompactParams, LayerActivations, LayerIo, Transformer, Weight
 
 /// Buffers of a layer forward over some rows, reused across layers (no backward pass).
 struct RowBuffers {
+    rows: usize,
     x: Vec<f32>,
     x_next: Vec<f32>,
     layer: LayerActivations,
@@ -25,6 +26,7 @@ impl RowBuffers {
     fn new(model: &Transformer, rows: usize, saved: usize) -> Self {
         let dims = model.cfg.dims();
         RowBuffers {
+            rows,
             x: vec![0.0; rows * dims.dim],
             x_next: vec![0.0; rows * dims.dim],
             layer: LayerActivations::new(&dims, rows, saved),
@@ -43,6 +45,21 @@ pub struct KvSequence {
 }
 
 impl KvSequence {
+    /// Makes room for `more` positions after the filled ones: the cache grows as a sequence
+    /// does (doubling, up to its capacity), so a request that may run to the end of a long
+    /// context holds only what it has used.
+    fn reserve(&mut self, more: usize, kv_dim: usize) {
+        let need = (self.pos + more).min(self.capacity);
+        let have = self.k.first().map_or(0, |l| l.len() / kv_dim.max(1));
+        if need <= have {
+            return;
+        }
+        let grown = need.max(2 * have).min(self.capacity);
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.resize(grown * kv_dim, 0.0);
+        }
+    }
+
     /// Positions decoded so far.
     pub fn position(&self) -> usize {
         self.pos
@@ -67,8 +84,9 @@ pub struct Decoder<'m> {
     compact: Option<CompactParams>,
     /// The decoder's own sequence.
     seq: KvSequence,
-    /// Buffers of one token.
+    /// Buffers of one token, and of the last batch of sequences decoded together.
     one: Option<RowBuffers>,
+    many: Option<RowBuffers>,
     xn: Vec<f32>,
     rstd: Vec<f32>,
     logits: Vec<f32>,
@@ -88,6 +106,7 @@ impl<'m> Decoder<'m> {
             compact: None,
             seq: Self::sequence_for(model, capacity),
             one: Some(RowBuffers::new(model, 1, 0)),
+            many: None,
             xn: vec![0.0; c.dim],
             rstd: vec![0.0; 1],
             logits: vec![0.0; c.vocab_size],
@@ -97,16 +116,10 @@ impl<'m> Decoder<'m> {
 
     fn sequence_for(model: &Transformer, capacity: usize) -> KvSequence {
         let c = &model.cfg;
-        let capacity = capacity.min(c.max_seq_len).max(1);
-        let cache = || {
-            (0..c.n_layers)
-                .map(|_| vec![0.0f32; capacity * c.kv_dim()])
-                .collect()
-        };
         KvSequence {
-            k: cache(),
-            v: cache(),
-            capacity,
+            k: vec![Vec::new(); c.n_layers],
+            v: vec![Vec::new(); c.n_layers],
+            capacity: capacity.min(c.max_seq_len).max(1),
             pos: 0,
         }
     }
@@ -256,8 +269,13 @@ impl<'m> Decoder<'m> {
             }
             _ => {}
         }
-        let mut bufs = RowBuffers::new(self.model, tokens.len(), 0);
-        self.run(k, tokens, seqs, &mut bufs)?;
+        let mut bufs = match self.many.take() {
+            Some(b) if b.rows == tokens.len() => b,
+            _ => RowBuffers::new(self.model, tokens.len(), 0),
+        };
+        let r = self.run(k, tokens, seqs, &mut bufs);
+        self.many = Some(bufs);
+        r?;
         Ok(&self.logits)
     }
 
@@ -289,6 +307,9 @@ impl<'m> Decoder<'m> {
                     s.capacity, s.pos
                 )));
             }
+        }
+        for s in seqs.iter_mut() {
+            s.reserve(if batched { 1 } else { tokens.len() }, c.kv_dim());
         }
         let w = Weights::new(lay, self.params).with_compact(self.compact.as_ref());
         let d = c.dim;

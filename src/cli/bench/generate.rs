@@ -26,6 +26,10 @@ pub(super) struct GenerateBenchArgs {
     /// Weights streamed while decoding: fp32, bf16 or q8 (int8, CPU backend only).
     #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
     weights: WeightFormat,
+    /// Also decode this many sequences together (one token each per pass, as `serve` runs
+    /// concurrent requests) and report their total tokens/s against one sequence's.
+    #[arg(long, default_value_t = 1)]
+    sequences: usize,
     /// Backend and precision of the prompt's batched pass [default precision: bf16 with
     /// --weights bf16 on CPUs with AVX512_BF16, else fp32].
     #[command(flatten)]
@@ -69,6 +73,7 @@ pub(super) fn run(a: GenerateBenchArgs) -> Result<()> {
         prompt,
         tokens,
         weights: a.weights,
+        sequences: a.sequences,
     };
     let r = pool(a.threads)?.install(|| -> Result<_> {
         let mut r = bench::generate::run(kernels.as_ref(), &a.model, &cfg, run)?;
@@ -87,6 +92,12 @@ pub(super) fn run(a: GenerateBenchArgs) -> Result<()> {
         return print_json("generate", &r);
     }
     print_summary(&r, &backend);
+    if let Some(t) = &r.together {
+        println!(
+            "decode {} sequences together: {:.1} tokens/s in all, {:.2}x one sequence",
+            t.sequences, t.tokens_per_s, t.ratio
+        );
+    }
     print_breakdown(&r);
     Ok(())
 }
