@@ -99,7 +99,8 @@ pub fn router(cfg: ServerConfig, jobs: mpsc::Sender<Job>) -> Result<Router> {
         .with_state(server))
 }
 
-/// Serves on `addr` until Ctrl-C; calls `on_listen` with the bound address (a port of 0
+/// Serves on `addr` until Ctrl-C (running requests finish; a second Ctrl-C exits at once);
+/// calls `on_listen` with the bound address (a port of 0
 /// picks a free one) once requests are accepted.
 pub async fn serve(
     router: Router,
@@ -116,6 +117,13 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
+            eprintln!(
+                "stopping: no new requests; the running ones finish (Ctrl-C again to stop now)"
+            );
+            tokio::spawn(async {
+                let _ = tokio::signal::ctrl_c().await;
+                std::process::exit(130);
+            });
         })
         .await
         .map_err(|e| Error::invalid(format!("serving on {bound} failed: {e}")))
