@@ -313,6 +313,12 @@ fn completions_and_chat_streamed_and_not() {
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(events[0]["object"], "chat.completion.chunk");
     assert_eq!(streamed_text(&events).0, ctext);
+    // Content as a list of text parts is the same message.
+    let mut parts = chat.clone();
+    parts["messages"][1]["content"] = json!([{"type": "text", "text": "Tell me "},
+        {"type": "text", "text": "about a cat."}]);
+    let (_, v) = post(&s, "/v1/chat/completions", parts);
+    assert_eq!(v["choices"][0]["message"]["content"], ctext);
 
     // Sampling with a seed repeats itself.
     let sampled = json!({"model": "tiny-stories", "prompt": "The dog", "max_tokens": 12,
@@ -391,6 +397,15 @@ fn bad_requests_get_openai_errors() {
         post(&s, "/v1/chat/completions", json!({"messages": []})),
         400,
         "messages",
+    );
+    check(
+        post(
+            &s,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        ),
+        400,
+        "only text",
     );
     // Still serving after all that.
     let (st, _) = post(

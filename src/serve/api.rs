@@ -168,13 +168,45 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub model: Option<String>,
-    pub messages: Vec<Message>,
+    /// Messages as sent: `content` may be a string or a list of parts ([`chat_messages`]).
+    pub messages: Vec<Value>,
     pub max_tokens: Option<usize>,
     /// The newer name of `max_tokens`.
     pub max_completion_tokens: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     pub logprobs: Option<bool>,
+}
+
+/// The messages of a chat request for the template: a `content` given as a list of parts
+/// (`[{"type": "text", "text": ...}, ...]`, as newer clients send) becomes its texts joined;
+/// a part that is not text (an image, audio) is refused.
+pub fn chat_messages(raw: Vec<Value>) -> Result<Vec<Message>, ApiError> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, mut m)| {
+            if let Some(parts) = m.get("content").and_then(Value::as_array) {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid_param(
+                                "messages",
+                                format!(
+                                    "messages[{i}]: only text content is supported, not {}",
+                                    kind.unwrap_or("a part without a type")
+                                ),
+                            ));
+                        }
+                    }
+                }
+                m["content"] = Value::String(text);
+            }
+            serde_json::from_value::<Message>(m)
+                .map_err(|e| ApiError::invalid_param("messages", format!("messages[{i}]: {e}")))
+        })
+        .collect()
 }
 
 /// Token counts of a request.

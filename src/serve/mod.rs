@@ -306,8 +306,9 @@ impl Server {
                 "messages is empty; give at least one message",
             ));
         }
+        let messages = api::chat_messages(r.messages)?;
         let text = template
-            .render(&r.messages, true)
+            .render(&messages, true)
             .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
         let prompt_ids = encode_prompt(self.cfg.tokenizer.as_ref(), &text, false)
             .map_err(|e| ApiError::invalid_param("messages", format!("cannot tokenize: {e}")))?;
