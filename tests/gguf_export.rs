@@ -210,6 +210,26 @@ fn qwen3_with_tokenizer() -> Option<(ModelConfig, Vec<f32>, TokenizerFile)> {
     Some((cfg.clone(), lively_params(&cfg, 12), tok))
 }
 
+/// A byte-level BPE tokenizer as handgrad trains it (GPT-2 pre-tokenizer), learnt from the
+/// TinyStories sample, and a Llama of its vocabulary.
+fn llama_with_handgrad_bpe() -> Option<(ModelConfig, Vec<f32>, TokenizerFile)> {
+    use handgrad::tokenizer::bpe_train::{BpeOptions, BpeTrainer};
+    let text = std::fs::read_to_string(common::fixture("tinystories/valid-sample.txt")?).unwrap();
+    let mut trainer = BpeTrainer::new();
+    trainer.feed(&text).unwrap();
+    let opts = BpeOptions {
+        vocab_size: 600,
+        ..Default::default()
+    };
+    let json = trainer.train(&opts).unwrap();
+    let tok = TokenizerFile {
+        name: "tokenizer.json".into(),
+        bytes: serde_json::to_vec(&json).unwrap(),
+    };
+    let cfg = llama_cfg(opts.vocab_size);
+    Some((cfg.clone(), lively_params(&cfg, 13), tok))
+}
+
 const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// Writes a model with its tokenizer (and a chat template for Qwen3).
@@ -387,7 +407,11 @@ fn llama_cpp_tokenizes_and_continues_as_handgrad_does() {
     let Some(python) = python_with("llama_cpp", "llama-cpp-python") else {
         return;
     };
-    let (Some(llama), Some(qwen)) = (llama_with_tokenizer(), qwen3_with_tokenizer()) else {
+    let (Some(llama), Some(qwen), Some(own)) = (
+        llama_with_tokenizer(),
+        qwen3_with_tokenizer(),
+        llama_with_handgrad_bpe(),
+    ) else {
         return;
     };
     let dir = temp();
@@ -403,6 +427,11 @@ fn llama_cpp_tokenizes_and_continues_as_handgrad_does() {
             "qwen3",
             qwen,
             "Hello world! The quick brown fox, 12345 times.",
+        ),
+        (
+            "llama-handgrad-bpe",
+            own,
+            "Lily's dog can't run 123 times!  \"Ok,\" she said.\nThe end",
         ),
     ] {
         let path = write_with_tokenizer(dir.path(), label, &cfg, &params, &tok, GgufDtype::F32);
@@ -433,6 +462,35 @@ fn llama_cpp_tokenizes_and_continues_as_handgrad_does() {
         // handgrad stops at an end-of-text id; llama.cpp's loop goes on.
         assert_eq!(cont[..ours.len()], ours[..], "{label}: greedy continuation");
         eprintln!("{label}: prompt {prompt_ids:?}, continuation {ours:?} (equal)");
+        if label != "llama" {
+            continue;
+        }
+        // The other types load and run too. llama.cpp also rounds the activations to the
+        // weights' type (f16, bf16, or int8 blocks) before its matrix products, so its greedy
+        // choices may part from handgrad's f32 ones: how far they agree is printed, not checked.
+        for dtype in [GgufDtype::F16, GgufDtype::Bf16, GgufDtype::Q8_0] {
+            let path = write_with_tokenizer(dir.path(), label, &cfg, &params, &tok, dtype);
+            let out = run_json(
+                &python,
+                &[
+                    script.to_str().unwrap(),
+                    path.to_str().unwrap(),
+                    "--text",
+                    prompt,
+                    "--ids",
+                    &ids.join(","),
+                    "--n",
+                    &n_s,
+                ],
+            );
+            let cont: Vec<u32> = serde_json::from_value(out["continuation"].clone()).unwrap();
+            assert_eq!(cont.len(), n, "{label} {dtype:?}");
+            let agree = cont.iter().zip(&ours).take_while(|(a, b)| a == b).count();
+            eprintln!(
+                "{label} {}: llama.cpp's first {agree} of {n} greedy tokens equal handgrad's f32 ones",
+                dtype.name()
+            );
+        }
     }
 }
 
@@ -545,6 +603,37 @@ fn convert_writes_gguf_from_the_command_line() {
     assert!(has(&g, "general.file_type", Value::Uint(7)));
     let m = gguf::load(&out_path).unwrap();
     assert_eq!(m.cfg.vocab_size, cfg.vocab_size);
+
+    // --adapter: the GGUF file holds the merged weights, as every other output does.
+    let adapter_dir = dir.path().join("adapter");
+    let lora = handgrad::model::LoraLayout::new(
+        &cfg,
+        handgrad::model::lora::LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: handgrad::model::lora::LoraTarget::ALL.to_vec(),
+            dropout: 0.0,
+        },
+    )
+    .unwrap();
+    let adapter = common::randn(lora.total(), 8, 0.0, 0.05);
+    handgrad::formats::peft::save(&adapter_dir, &cfg, &lora, &adapter, Some("base")).unwrap();
+    let merged_path = dir.path().join("merged.gguf");
+    let out = common::handgrad(
+        &[
+            "convert",
+            hf_dir.to_str().unwrap(),
+            merged_path.to_str().unwrap(),
+            "--adapter",
+            adapter_dir.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let want =
+        handgrad::formats::load_model_with_adapter(&hf_dir, Some(adapter_dir.as_path())).unwrap();
+    assert_ne!(want.params, params, "the adapter changes the model");
+    assert_eq!(gguf::load(&merged_path).unwrap().params, want.params);
 
     let bad = common::handgrad(
         &[
