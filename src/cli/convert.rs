@@ -11,10 +11,6 @@ use crate::formats::{LoadedModel, TokenizerFile, gguf, hf, llama2c, load_model_w
 use crate::tokenizer;
 
 /// Options of `handgrad convert`.
-///
-/// A `.gguf` output is a GGUF v3 file that llama.cpp, Ollama and LM Studio run (tokenizer and
-/// chat template included): `handgrad convert runs/my-run model.gguf --dtype q8_0`, then
-/// `llama-cli -m model.gguf -p "Once upon a time"`.
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
     /// Source: Hugging Face folder or .safetensors, llama2.c .bin, GGUF, or handgrad
