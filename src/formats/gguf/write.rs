@@ -33,11 +33,11 @@ pub const ALIGNMENT: u64 = 32;
 /// Element type of the matrices (`--dtype`); norm gains stay F32 whatever it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GgufDtype {
-    #[value(name = "f32", alias = "fp32")]
+    #[value(name = "f32", alias = "fp32", alias = "float32")]
     F32,
-    #[value(name = "f16", alias = "fp16")]
+    #[value(name = "f16", alias = "fp16", alias = "float16")]
     F16,
-    #[value(name = "bf16")]
+    #[value(name = "bf16", alias = "bfloat16")]
     Bf16,
     #[value(name = "q8_0", alias = "q8")]
     Q8_0,
