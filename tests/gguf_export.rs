@@ -649,3 +649,99 @@ fn convert_writes_gguf_from_the_command_line() {
     assert!(bad.stderr.contains("GGUF type"), "{}", bad.stderr);
     assert_eq!(bad.stderr.trim().lines().count(), 1, "{}", bad.stderr);
 }
+
+/// The whole path a user takes: train on the built-in data, `convert` the run folder to GGUF,
+/// and llama.cpp continues a prompt with the text `handgrad generate` prints at temperature 0.
+#[test]
+fn a_trained_run_converts_and_llama_cpp_continues_it_as_generate_does() {
+    let Some(python) = python_with("llama_cpp", "llama-cpp-python") else {
+        return;
+    };
+    let dir = temp();
+    let w = dir.path();
+    let ok = |o: common::Output, what: &str| {
+        assert_eq!(o.code, 0, "{what}: {}", o.stderr);
+        o
+    };
+    ok(
+        common::handgrad(
+            &[
+                "train",
+                "--model",
+                "tiny",
+                "--steps",
+                "150",
+                "--batch",
+                "8",
+                "--seq",
+                "32",
+                "--lr",
+                "1e-2",
+                "--run-dir",
+                "run",
+                "--quiet",
+            ],
+            w,
+        ),
+        "train",
+    );
+    let o = ok(
+        common::handgrad(&["convert", "run", "model.gguf"], w),
+        "convert",
+    );
+    assert!(o.stderr.contains("with tokenizer"), "{}", o.stderr);
+    assert!(!o.stderr.contains("warning"), "{}", o.stderr);
+    let prompt = "Once upon a time";
+    let n = 24;
+    let generated = ok(
+        common::handgrad(
+            &[
+                "generate",
+                "--run-dir",
+                "run",
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                &n.to_string(),
+            ],
+            w,
+        ),
+        "generate",
+    )
+    .stdout;
+    let tok = handgrad::tokenizer::load(&w.join("run/tokenizer.json")).unwrap();
+    let ids = tok.encode(prompt).unwrap();
+    let ids_s: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let script = common::repo("tools/gguf/llama_cpp_greedy.py");
+    let out = run_json(
+        &python,
+        &[
+            script.to_str().unwrap(),
+            w.join("model.gguf").to_str().unwrap(),
+            "--text",
+            prompt,
+            "--ids",
+            &ids_s.join(","),
+            "--n",
+            &n.to_string(),
+        ],
+    );
+    let theirs: Vec<u32> = serde_json::from_value(out["tokens"].clone()).unwrap();
+    assert_eq!(theirs, ids, "llama.cpp's tokenization");
+    let mut cont: Vec<u32> = serde_json::from_value(out["continuation"].clone()).unwrap();
+    // handgrad stops at the end of text; llama.cpp's loop goes on.
+    if let Some(end) = cont.iter().position(|&t| tok.stop_ids().contains(&t)) {
+        cont.truncate(end);
+    }
+    let mut all = ids.clone();
+    all.extend_from_slice(&cont);
+    let text = tok.decode(&all).unwrap();
+    assert_eq!(
+        text.trim_end(),
+        generated.trim_end(),
+        "llama.cpp vs handgrad generate"
+    );
+    eprintln!("both: {text:?}");
+}
