@@ -744,4 +744,29 @@ fn a_trained_run_converts_and_llama_cpp_continues_it_as_generate_does() {
         "llama.cpp vs handgrad generate"
     );
     eprintln!("both: {text:?}");
+
+    // A run trained with --vocab-compaction is refused in one line: its classifier only
+    // learnt the kept ids, and llama.cpp would pick among all of them.
+    ok(
+        common::handgrad(
+            &[
+                "train",
+                "--model",
+                "tiny",
+                "--steps",
+                "2",
+                "--vocab-compaction",
+                "--run-dir",
+                "compact",
+                "--quiet",
+            ],
+            w,
+        ),
+        "train --vocab-compaction",
+    );
+    let o = common::handgrad(&["convert", "compact", "compact.gguf"], w);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("--vocab-compaction"), "{}", o.stderr);
+    assert_eq!(o.stderr.trim().lines().count(), 2, "{}", o.stderr);
+    assert!(!w.join("compact.gguf").exists());
 }

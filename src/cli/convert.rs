@@ -248,9 +248,14 @@ fn write_gguf(a: &ConvertArgs, m: &LoadedModel) -> Result<()> {
     Ok(())
 }
 
-/// `general.name`: the source's file or folder name without extension.
+/// `general.name`: the source's file or folder name without extension (the run folder's name
+/// for a checkpoint in a run's checkpoints/ folder).
 fn model_name(input: &std::path::Path) -> String {
-    input
+    let run = input
+        .parent()
+        .filter(|p| p.ends_with("checkpoints"))
+        .and_then(|p| p.parent());
+    run.unwrap_or(input)
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("handgrad model")

@@ -54,7 +54,7 @@ pub fn metadata(file: &TokenizerFile, model_vocab: usize, origin: &Path) -> Resu
             model_vocab
         )));
     }
-    if file.name == "tokenizer.bin" {
+    if tok.file_name() == "tokenizer.bin" {
         let t = Llama2cTokenizer::from_bytes(file.bytes.clone(), &origin.join(&file.name))?;
         Ok(sentencepiece(&t, model_vocab))
     } else {
