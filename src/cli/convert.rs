@@ -283,9 +283,13 @@ fn chat_template_of(a: &ConvertArgs) -> Result<Option<String>> {
     if !has_one {
         return Ok(None);
     }
-    Ok(ChatTemplate::load(None, &dir)
-        .ok()
-        .map(|t| t.source().to_string()))
+    match ChatTemplate::load(None, &dir) {
+        Ok(t) => Ok(Some(t.source().to_string())),
+        Err(e) => {
+            eprintln!("warning: no chat template stored: {e}");
+            Ok(None)
+        }
+    }
 }
 
 /// Writes a llama2.c file of `version` (0, 1, or 2: Q8_0).
