@@ -770,3 +770,19 @@ fn a_trained_run_converts_and_llama_cpp_continues_it_as_generate_does() {
     assert_eq!(o.stderr.trim().lines().count(), 2, "{}", o.stderr);
     assert!(!w.join("compact.gguf").exists());
 }
+
+/// The fuzz target's check (`handgrad::fuzzing::gguf_roundtrip`) over many random inputs
+/// under plain `cargo test`: every model, dtype and weights written reads back.
+#[test]
+fn random_models_read_back_through_the_fuzz_check() {
+    let n: usize = std::env::var("HANDGRAD_GGUF_ROUNDTRIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mut rng = handgrad::util::rng::Rng::new(2027);
+    for _ in 0..n {
+        let len = 8 + (rng.next_u64() % 200) as usize;
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        handgrad::fuzzing::gguf_roundtrip(&data);
+    }
+}
