@@ -458,6 +458,19 @@ fn llama_cpp_tokenizes_and_continues_as_handgrad_does() {
         );
         let theirs: Vec<u32> = serde_json::from_value(out["tokens"].clone()).unwrap();
         assert_eq!(theirs, prompt_ids, "{label}: llama.cpp's tokenization");
+        // The next token's logits: the same up to f32 summation order.
+        let theirs: Vec<f32> = serde_json::from_value(out["logits"].clone()).unwrap();
+        let model = Transformer::new(cfg.clone());
+        let mut dec = handgrad::generate::Decoder::new(&model, &params, prompt_ids.len()).unwrap();
+        let ours_logits = dec.prefill(&CpuKernels, &prompt_ids).unwrap();
+        assert_eq!(theirs.len(), ours_logits.len());
+        let scale = ours_logits.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let worst = theirs
+            .iter()
+            .zip(ours_logits)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{label}: logits differ by at most {worst:.2e} (largest |logit| {scale:.2})");
+        assert!(worst <= 1e-4 * scale, "{label}: {worst} vs {scale}");
         let cont: Vec<u32> = serde_json::from_value(out["continuation"].clone()).unwrap();
         // handgrad stops at an end-of-text id; llama.cpp's loop goes on.
         assert_eq!(cont[..ours.len()], ours[..], "{label}: greedy continuation");
@@ -486,8 +499,19 @@ fn llama_cpp_tokenizes_and_continues_as_handgrad_does() {
             let cont: Vec<u32> = serde_json::from_value(out["continuation"].clone()).unwrap();
             assert_eq!(cont.len(), n, "{label} {dtype:?}");
             let agree = cont.iter().zip(&ours).take_while(|(a, b)| a == b).count();
+            // Against handgrad running the weights as the file holds them (read back).
+            let read = gguf::load(&path).unwrap();
+            let model = Transformer::new(read.cfg.clone());
+            let mut dec =
+                handgrad::generate::Decoder::new(&model, &read.params, prompt_ids.len()).unwrap();
+            let ours_logits = dec.prefill(&CpuKernels, &prompt_ids).unwrap();
+            let theirs: Vec<f32> = serde_json::from_value(out["logits"].clone()).unwrap();
+            let worst = theirs
+                .iter()
+                .zip(ours_logits)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             eprintln!(
-                "{label} {}: llama.cpp's first {agree} of {n} greedy tokens equal handgrad's f32 ones",
+                "{label} {}: llama.cpp's first {agree} of {n} greedy tokens equal handgrad's f32 ones; its logits differ from handgrad's on the file's weights by at most {worst:.2e}",
                 dtype.name()
             );
         }
