@@ -22,6 +22,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("token_shard", token_shard),
     ("safetensors", safetensors),
     ("gguf", gguf),
+    ("gguf_roundtrip", gguf_roundtrip),
     ("llama2c", llama2c),
     ("config_json", config_json),
     ("events_jsonl", events_jsonl),
@@ -121,6 +122,102 @@ pub fn gguf(data: &[u8]) {
                 let _ = f.read_f32(name, p);
             }
             let _ = crate::formats::gguf::load(p);
+        }
+    });
+}
+
+/// The GGUF writer and reader as a pair: the bytes choose a small Llama or Qwen3 (shape,
+/// tying, RoPE pairing), an element type and the weights; what [`crate::formats::gguf::save`]
+/// writes, [`crate::formats::gguf::load`] must read back as the same configuration and the
+/// same weights, exactly in F32 and within the type's rounding otherwise (F16 and BF16 half an
+/// ulp, Q8_0 half a block step plus the f16 rounding of the block's scale). Panics otherwise.
+pub fn gguf_roundtrip(data: &[u8]) {
+    use crate::formats::gguf::{self, GgufDtype, write::Extras};
+    use crate::model::config::{Architecture, RopeStyle};
+    use crate::model::rope_layout::convert_rope_style;
+    use crate::model::{ModelConfig, ParamLayout};
+    let Some((&head, rest)) = data.split_first() else {
+        return;
+    };
+    let byte = |i: usize| rest.get(i).copied().unwrap_or(0) as usize;
+    let Ok(mut cfg) = ModelConfig::preset("tiny") else {
+        return;
+    };
+    cfg.arch = if head & 1 == 0 {
+        Architecture::Llama
+    } else {
+        Architecture::Qwen3
+    };
+    let dtype = [
+        GgufDtype::F32,
+        GgufDtype::F16,
+        GgufDtype::Bf16,
+        GgufDtype::Q8_0,
+    ][(head as usize >> 1) & 3];
+    cfg.tie_embeddings = head & 8 != 0;
+    cfg.rope_style = if head & 16 != 0 {
+        RopeStyle::Interleaved
+    } else {
+        RopeStyle::RotateHalf
+    };
+    cfg.n_layers = 1 + byte(0) % 2;
+    cfg.n_kv_heads = 1 + byte(1) % 2;
+    cfg.n_heads = cfg.n_kv_heads * (1 + byte(2) % 2);
+    cfg.head_dim = 2 * (1 + byte(3) % 8);
+    cfg.dim = match cfg.arch {
+        Architecture::Llama => cfg.n_heads * cfg.head_dim,
+        Architecture::Qwen3 => 8 * (1 + byte(4) % 8),
+    };
+    cfg.ffn_dim = 1 + byte(5) % 80;
+    cfg.vocab_size = 2 + byte(6) % 70;
+    if head & 32 != 0 {
+        cfg.bos_token_id = Some(1);
+        cfg.eos_token_id = Some(0);
+    }
+    if cfg.validate("fuzz").is_err() {
+        return;
+    }
+    let layout = ParamLayout::new(&cfg);
+    let values = &rest[7.min(rest.len())..];
+    let params: Vec<f32> = (0..layout.total())
+        .map(|i| match values.get(i % values.len().max(1)) {
+            // Zeros, small and ordinary magnitudes, and their signs.
+            Some(&b) => (b as i8) as f32 * [1e-3, 0.05, 1.0, 0.0][(i / 7) % 4],
+            None => 0.0,
+        })
+        .collect();
+    let _ = with_file("roundtrip.gguf", &[], |path| {
+        gguf::save(path, &cfg, &params, dtype, &Extras::default())
+            .unwrap_or_else(|e| panic!("writing {cfg:?} as {dtype:?}: {e}"));
+        let m = gguf::load(path).unwrap_or_else(|e| panic!("reading back {cfg:?}: {e}"));
+        let mut want_cfg = cfg.clone();
+        let mut want = params.clone();
+        convert_rope_style(&mut want_cfg, &layout, &mut want, m.cfg.rope_style);
+        assert_eq!(m.cfg, want_cfg, "configuration read back");
+        for t in &layout.tensors {
+            let matrix = t.shape.len() == 2;
+            let q8 = matrix && dtype == GgufDtype::Q8_0 && t.shape[1] % 32 == 0;
+            let r = t.range();
+            for (blk_w, blk_r) in want[r.clone()].chunks(32).zip(m.params[r].chunks(32)) {
+                let amax = blk_w.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+                for (&x, &y) in blk_w.iter().zip(blk_r) {
+                    let bound = if !matrix || dtype == GgufDtype::F32 {
+                        0.0
+                    } else if q8 {
+                        (amax / 127.0) * (0.5 + 127.0 * 2f32.powi(-11)) * (1.0 + 1e-5)
+                            + 127.0 * 2f32.powi(-25)
+                    } else if dtype == GgufDtype::Bf16 {
+                        x.abs() * 2f32.powi(-8)
+                    } else {
+                        (x.abs() * 2f32.powi(-11)).max(2f32.powi(-25))
+                    };
+                    assert!(
+                        (x - y).abs() <= bound,
+                        "{}: wrote {x}, read {y} ({dtype:?})",
+                        t.name
+                    );
+                }
+            }
         }
     });
 }

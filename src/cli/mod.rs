@@ -58,7 +58,12 @@ enum Command {
     /// requests decoded together), for any OpenAI client.
     Serve(serve::ServeArgs),
     /// Convert a model between formats (Hugging Face, llama2.c, GGUF in; Hugging Face,
-    /// llama2.c out).
+    /// llama2.c, GGUF out).
+    ///
+    /// A .gguf output runs in llama.cpp, Ollama and LM Studio, tokenizer and chat template
+    /// included: `handgrad convert runs/my-run model.gguf --dtype q8_0`, then
+    /// `llama-completion -m model.gguf -no-cnv -p "Once upon a time"` or an Ollama Modelfile
+    /// `FROM ./model.gguf`.
     Convert(convert::ConvertArgs),
 }
 

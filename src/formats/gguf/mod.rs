@@ -6,6 +6,14 @@
 //! `general.alignment` (default 32), tensor data. llama.cpp's converter stores Llama q/k
 //! projections in Meta's interleaved RoPE order (loaded here with interleaved pairing) and
 //! Qwen3's in Hugging Face order (rotate-half).
+//!
+//! [`write`] writes such files (what llama.cpp runs), [`vocab`] turns handgrad's tokenizers into
+//! GGUF tokenizer metadata.
+
+pub mod vocab;
+pub mod write;
+
+pub use write::{GgufDtype, Written, save};
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -126,7 +134,9 @@ impl<'a> Cursor<'a> {
             3 => Value::Int(self.u16()? as i16 as i64),
             4 => Value::Uint(self.u32()? as u64),
             5 => Value::Int(self.u32()? as i32 as i64),
-            6 => Value::Float(f32::from_bits(self.u32()?) as f64),
+            // A float32 reads as the f64 of its shortest decimal form, so that an `1e-5` written
+            // as f32 reads back as the `1e-5` it was (not 9.99999974e-6).
+            6 => Value::Float(shortest_f64(f32::from_bits(self.u32()?))),
             7 => Value::Bool(self.u8()? != 0),
             8 => Value::Str(self.string()?),
             9 => {
@@ -160,12 +170,21 @@ impl<'a> Cursor<'a> {
     }
 }
 
-const GGML_F32: u32 = 0;
-const GGML_F16: u32 = 1;
-const GGML_Q8_0: u32 = 8;
-const GGML_BF16: u32 = 30;
+/// The f64 whose shortest decimal form is that of `x`.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
 
-fn type_name(t: u32) -> String {
+/// ggml tensor types handgrad reads and writes.
+pub(crate) const GGML_F32: u32 = 0;
+pub(crate) const GGML_F16: u32 = 1;
+pub(crate) const GGML_Q8_0: u32 = 8;
+pub(crate) const GGML_BF16: u32 = 30;
+/// Values per Q8_0 block, and the bytes of one (an f16 scale, then 32 int8).
+pub(crate) const Q8_0_BLOCK: usize = 32;
+pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
+
+pub(crate) fn type_name(t: u32) -> String {
     match t {
         GGML_F32 => "F32".into(),
         GGML_F16 => "F16".into(),
@@ -181,11 +200,13 @@ fn type_name(t: u32) -> String {
 }
 
 /// Bytes of `n` elements of a supported type.
-fn byte_len(t: u32, n: u64) -> Option<u64> {
+pub(crate) fn byte_len(t: u32, n: u64) -> Option<u64> {
     match t {
         GGML_F32 => Some(4 * n),
         GGML_F16 | GGML_BF16 => Some(2 * n),
-        GGML_Q8_0 if n.is_multiple_of(32) => Some(n / 32 * 34),
+        GGML_Q8_0 if n.is_multiple_of(Q8_0_BLOCK as u64) => {
+            Some(n / Q8_0_BLOCK as u64 * Q8_0_BLOCK_BYTES as u64)
+        }
         _ => None,
     }
 }
@@ -314,7 +335,7 @@ impl GgufFile {
                 .collect(),
             _ => {
                 let mut out = Vec::with_capacity(n as usize);
-                for block in b.chunks_exact(34) {
+                for block in b.chunks_exact(Q8_0_BLOCK_BYTES) {
                     let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
                     out.extend(block[2..].iter().map(|&q| (q as i8) as f32 * d));
                 }
