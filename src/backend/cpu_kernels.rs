@@ -137,7 +137,8 @@ impl Kernels for CpuKernels {
 /// the attention products, through `vdpbf16ps` on CPUs with AVX512_BF16 (emulated elsewhere).
 /// Norms, softmax, the loss, master weights and the optimizer stay f32. A single token row
 /// (decoding) is a matrix-vector product as in [`CpuKernels`]: with bf16 weights when the
-/// caller keeps a bf16 copy, else f32.
+/// caller keeps a bf16 copy, else f32; so are a few rows against a bf16 copy (sequences
+/// decoded together).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBf16Kernels;
 
@@ -162,6 +163,13 @@ impl Kernels for CpuBf16Kernels {
             gemv_outputs(x, &mut [LinearOut { y, w }]);
             return Ok(());
         }
+        // A few rows against a bf16 copy (sequences decoded together): read the copy once.
+        if rows <= FEW_ROWS
+            && w.compact.is_some()
+            && few_rows_outputs(x, rows, &mut [LinearOut { y: &mut *y, w }])
+        {
+            return Ok(());
+        }
         let s = w.linear(rows);
         gemm_bf16::gemm_bf16(
             MatRef::row_major(x, s.rows, s.d_in),
@@ -178,6 +186,12 @@ impl Kernels for CpuBf16Kernels {
         }
         if rows == 1 && outs.iter().all(|o| o.w.cols == outs[0].w.cols) {
             gemv_outputs(x, outs);
+            return Ok(());
+        }
+        if rows <= FEW_ROWS
+            && outs.iter().all(|o| o.w.compact.is_some())
+            && few_rows_outputs(x, rows, outs)
+        {
             return Ok(());
         }
         for o in outs.iter_mut() {
