@@ -174,8 +174,8 @@ pub fn chat_template(
                     Some(p)
                 }
             })
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
     };
     ChatTemplate::load(template_file, &dir)
 }
