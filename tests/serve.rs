@@ -217,6 +217,27 @@ fn streamed_text(events: &[Value]) -> (String, String) {
     (text, finish)
 }
 
+/// What `handgrad generate` prints for `prompt` at temperature 0 (the prompt, then the text).
+fn generated(prompt: &str, max_tokens: usize) -> String {
+    let n = max_tokens.to_string();
+    let g = common::handgrad(
+        &[
+            "generate",
+            "--run-dir",
+            "run",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            &n,
+            "--temperature",
+            "0",
+        ],
+        run_dir(),
+    );
+    assert_eq!(g.code, 0, "{}", g.stderr);
+    g.stdout.strip_suffix('\n').unwrap_or(&g.stdout).to_string()
+}
+
 #[test]
 fn completions_and_chat_streamed_and_not() {
     let s = Server::start(&[]);
@@ -263,23 +284,8 @@ fn completions_and_chat_streamed_and_not() {
     assert_eq!(sfinish, finish);
     let usage = &events.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], n, "{events:?}");
-    let g = common::handgrad(
-        &[
-            "generate",
-            "--run-dir",
-            "run",
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "24",
-            "--temperature",
-            "0",
-        ],
-        run_dir(),
-    );
-    assert_eq!(g.code, 0, "{}", g.stderr);
     assert_eq!(
-        g.stdout.strip_suffix('\n').unwrap_or(&g.stdout),
+        generated(prompt, 24),
         format!("{prompt}{text}"),
         "serve and generate differ"
     );
@@ -516,22 +522,8 @@ fn openai_python_client() {
     let r: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
     // The client's completion equals `handgrad generate`'s.
     let prompt = r["prompt"].as_str().unwrap();
-    let g = common::handgrad(
-        &[
-            "generate",
-            "--run-dir",
-            "run",
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "20",
-            "--temperature",
-            "0",
-        ],
-        run_dir(),
-    );
     assert_eq!(
-        g.stdout.strip_suffix('\n').unwrap_or(&g.stdout),
+        generated(prompt, 20),
         format!("{prompt}{}", r["completion"].as_str().unwrap())
     );
 }

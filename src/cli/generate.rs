@@ -113,19 +113,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         opts.add_bos = false;
         opts.stop_ids = template.stop_ids(tok.as_ref())?;
     }
-    let default_precision =
-        if a.weights == WeightFormat::Bf16 && crate::backend::cpu::bf16_in_hardware() {
-            Precision::Bf16
-        } else {
-            Precision::Fp32
-        };
-    let backend = a.backend.resolve_with(default_precision);
-    for w in backend.warnings() {
-        eprintln!("warning: {w}");
-    }
-    let mut kernels = backend.kernels()?;
-    a.weights.check_kernels(kernels.as_ref(), backend.kind)?;
-    kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len.min(a.max_tokens + 1)))?;
+    let kernels = decoding_kernels(
+        &a.backend,
+        a.weights,
+        &model,
+        model.cfg.max_seq_len.min(a.max_tokens + 1),
+    )?;
     // The text streams to stdout; when its reader goes away (`| head`), generation stops
     // quietly.
     let mut out = std::io::stdout();
@@ -152,6 +145,31 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     summarize(&g, t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The kernels that decode with `weights` (shared by `generate` and `serve`): the backend
+/// asked for, bf16 products by default with bf16 weights on CPUs with AVX512_BF16, prepared
+/// for prompts of up to `positions` tokens; its warnings printed.
+pub fn decoding_kernels(
+    backend: &BackendArgs,
+    weights: WeightFormat,
+    model: &Transformer,
+    positions: usize,
+) -> Result<Box<dyn crate::backend::Kernels>> {
+    let default_precision =
+        if weights == WeightFormat::Bf16 && crate::backend::cpu::bf16_in_hardware() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+    let backend = backend.resolve_with(default_precision);
+    for w in backend.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let mut kernels = backend.kernels()?;
+    weights.check_kernels(kernels.as_ref(), backend.kind)?;
+    kernels.prepare(&model.step_shape(1, positions))?;
+    Ok(kernels)
 }
 
 /// The chat template for `--chat`: `--chat-template`, else the one in the model's folder (a

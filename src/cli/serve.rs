@@ -7,8 +7,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::backend_args::BackendArgs;
-use super::generate::{ModelSource, chat_template, load};
-use crate::backend::Precision;
+use super::generate::{ModelSource, chat_template, decoding_kernels, load};
 use crate::error::{Error, Result};
 use crate::generate::WeightFormat;
 use crate::serve::engine::{self, EngineModel};
@@ -71,19 +70,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Some(n) => n.clone(),
         None => model_name(&a.source, &source),
     };
-    let default_precision =
-        if a.weights == WeightFormat::Bf16 && crate::backend::cpu::bf16_in_hardware() {
-            Precision::Bf16
-        } else {
-            Precision::Fp32
-        };
-    let backend = a.backend.resolve_with(default_precision);
-    for w in backend.warnings() {
-        eprintln!("warning: {w}");
-    }
-    let mut kernels = backend.kernels()?;
-    a.weights.check_kernels(kernels.as_ref(), backend.kind)?;
-    kernels.prepare(&model.step_shape(1, model.cfg.max_seq_len))?;
+    let kernels = decoding_kernels(&a.backend, a.weights, &model, model.cfg.max_seq_len)?;
     let pool = super::thread_pool(a.threads)?;
     let tokenizer: Arc<dyn crate::tokenizer::Tokenizer> = Arc::from(tok);
     let cfg = ServerConfig {
