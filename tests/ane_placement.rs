@@ -16,7 +16,7 @@ use handgrad::backend::ane::{AneKernels, AneOptions};
 use handgrad::model::{ModelConfig, Transformer};
 use handgrad::optim::{AdamW, AdamWConfig};
 use handgrad::telemetry::Event;
-use handgrad::train::{StepState, TrainStep};
+use handgrad::train::{StepComm, StepState, TrainStep};
 
 fn train_args(run: &str) -> Vec<&str> {
     vec![
@@ -158,7 +158,7 @@ fn two_updates(restage_every_call: bool) -> (Vec<f64>, handgrad::backend::Accele
         accum: 1,
         clip: 1.0,
         loss_scale: 1.0,
-        ranks: None,
+        comm: StepComm::Alone,
     };
     let mut n = 0u32;
     let mut next = |inputs: &mut [u32], targets: &mut [u32]| {

@@ -295,3 +295,167 @@ fn lora_on_two_ranks_equals_one_process() {
     assert_close(&two, &one, "LoRA: 2 ranks x 4 vs 1 x 8");
     assert!(d.join("lora2/adapter/adapter_model.safetensors").is_file());
 }
+
+fn checkpoint(run: &Path) -> handgrad::formats::checkpoint::Checkpoint {
+    handgrad::formats::checkpoint::Checkpoint::load(&run.join("checkpoints/latest")).unwrap()
+}
+
+/// Weights, moments and DiLoCo state of two checkpoints, bit for bit.
+fn assert_same_state(a: &Path, b: &Path, what: &str) {
+    let (a, b) = (checkpoint(a), checkpoint(b));
+    assert_eq!(a.meta.step, b.meta.step, "{what}");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&a.params) == bits(&b.params), "{what}: weights differ");
+    let (am, bm) = (a.moments.unwrap(), b.moments.unwrap());
+    assert!(
+        bits(&am.0) == bits(&bm.0) && bits(&am.1) == bits(&bm.1),
+        "{what}: moments differ"
+    );
+    assert_eq!(a.extras.len(), b.extras.len(), "{what}");
+    for (i, (x, y)) in a.extras.iter().zip(&b.extras).enumerate() {
+        assert!(bits(x) == bits(y), "{what}: extra vector {i} differs");
+    }
+}
+
+/// The gradient buckets summed while the backward pass runs give the bits of the same buckets
+/// summed after it, with 3 ranks (where the order of a sum matters) and small buckets (so that
+/// the tiny model has several), for f32 and bf16 transfers; bf16 transfers stay within their
+/// rounding of f32 ones.
+#[test]
+fn overlapped_sums_equal_blocking_sums_bit_for_bit() {
+    if !available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |name: &'static str, extra: &[&'static str]| {
+        let mut a = vec!["--batch", "2", "--bucket-mb", "0.02", "--run-dir", name];
+        a.extend_from_slice(extra);
+        let o = run_mpi(3, &args(&a), d);
+        assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+        o
+    };
+    let o = run("over", &[]);
+    assert!(o.stderr.contains("f32 gradients"), "{}", o.stderr);
+    run("block", &["--no-overlap"]);
+    assert_same_state(
+        &d.join("over"),
+        &d.join("block"),
+        "f32: overlapped vs blocking",
+    );
+    let o = run("over16", &["--grad-comm", "bf16"]);
+    assert!(o.stderr.contains("bf16 gradients"), "{}", o.stderr);
+    run("block16", &["--grad-comm", "bf16", "--no-overlap"]);
+    assert_same_state(
+        &d.join("over16"),
+        &d.join("block16"),
+        "bf16: overlapped vs blocking",
+    );
+    // The same data and the same first loss; later losses move by the gradients' bf16
+    // rounding (2^-9 of each value): the loss changes by ~1e-2 per update here, so a relative
+    // 2^-9 of that update is well below 1e-4.
+    let (f, h) = (losses(&d.join("over")), losses(&d.join("over16")));
+    assert_eq!(f[0], h[0]);
+    for ((s, a), (_, b)) in f.iter().zip(&h) {
+        assert!((a - b).abs() <= 1e-4 * a, "step {s}: f32 {a} vs bf16 {b}");
+    }
+    assert!(
+        f.iter().zip(&h).any(|(a, b)| a.1 != b.1),
+        "bf16 transfers should round something"
+    );
+}
+
+const DILOCO: &[&str] = &[
+    "--batch",
+    "2",
+    "--distributed-mode",
+    "diloco",
+    "--sync-every",
+    "3",
+];
+
+/// DiLoCo on 2 ranks: stopped between two outer steps and resumed, it continues exactly
+/// (every rank's weights and Adam moments, the common weights and the outer momentum); it ends
+/// with the ranks agreeing; it resumes on its own number of ranks only.
+#[test]
+fn diloco_resumes_exactly_and_ends_with_the_ranks_agreeing() {
+    if !available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let with = |extra: &[&'static str]| {
+        let mut a = DILOCO.to_vec();
+        a.extend_from_slice(extra);
+        args(&a)
+    };
+    let o = run_mpi(2, &with(&["--run-dir", "whole"]), d);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("DiLoCo: MPI, 2 ranks"), "{}", o.stderr);
+    let o = run_mpi(2, &with(&["--run-dir", "parts", "--stop-after", "4"]), d);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let mid = checkpoint(&d.join("parts"));
+    let saved = mid.meta.diloco.expect("a DiLoCo checkpoint");
+    assert_eq!((saved.ranks, saved.last_sync, mid.extras.len()), (2, 3, 5));
+    // Between outer steps the ranks differ (their own data and optimizer).
+    assert_ne!(mid.extras[2], mid.params);
+
+    let o = run_mpi(2, &with(&["--run-dir", "parts", "--resume"]), d);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(losses(&d.join("whole")), losses(&d.join("parts")));
+    assert_same_state(&d.join("whole"), &d.join("parts"), "DiLoCo resumed");
+    let end = checkpoint(&d.join("whole"));
+    assert_eq!(end.meta.diloco.map(|s| s.last_sync), Some(8));
+    // After the last outer step every rank holds the common weights.
+    assert_eq!(end.extras[0], end.params, "common weights");
+    assert_eq!(end.extras[2], end.params, "rank 1's weights");
+    // The loss falls.
+    let l = losses(&d.join("whole"));
+    assert!(l[7].1 < l[0].1, "{l:?}");
+
+    let o = common::handgrad(
+        &with(&["--run-dir", "whole", "--resume", "--steps", "10"]),
+        d,
+    );
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("resumes on 2 rank(s) only"),
+        "{}",
+        o.stderr
+    );
+}
+
+/// With one rank, an outer step of lr 1 and no momentum returns the rank's own weights: DiLoCo
+/// with H = 1 is plain training, up to the rounding of `a - (a - x)` (one f32 rounding of the
+/// weights per update: a relative 2^-24 of the loss's inputs).
+#[test]
+fn diloco_on_one_rank_with_h_1_lr_1_and_no_momentum_is_plain_training() {
+    // One process: runs without MPI too.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = common::handgrad(
+        &args(&[
+            "--batch",
+            "4",
+            "--distributed-mode",
+            "diloco",
+            "--sync-every",
+            "1",
+            "--outer-lr",
+            "1",
+            "--outer-momentum",
+            "0",
+            "--run-dir",
+            "diloco",
+        ]),
+        d,
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let o = common::handgrad(&args(&["--batch", "4", "--run-dir", "plain"]), d);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_close(
+        &losses(&d.join("diloco")),
+        &losses(&d.join("plain")),
+        "DiLoCo H=1 lr 1 momentum 0 on one rank vs plain",
+    );
+}

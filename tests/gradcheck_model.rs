@@ -176,3 +176,64 @@ fn the_check_catches_the_original_rmsnorm_backward_bug() {
         r.failures.len()
     );
 }
+
+/// The backward pass reports where the gradients are complete (so that data-parallel ranks
+/// can send them while it goes on): at the layout's ready points, in order, and nothing it
+/// reported complete changes afterwards: tied and untied classifiers, Qwen3's q/k norms, a
+/// compacted vocabulary.
+#[test]
+fn gradients_reported_complete_never_change_afterwards() {
+    let mut qwen = tiny();
+    qwen.arch = Architecture::Qwen3;
+    qwen.tie_embeddings = false;
+    let mut untied = tiny();
+    untied.tie_embeddings = false;
+    for (label, cfg, compact) in [
+        ("tied", tiny(), false),
+        ("untied", untied.clone(), false),
+        ("qwen3", qwen, false),
+        ("compacted", untied, true),
+    ] {
+        let mut model = Transformer::new(cfg);
+        if compact {
+            let kept: Vec<u32> = (0..model.cfg.vocab_size as u32).step_by(3).collect();
+            model.set_compaction(Some(VocabCompaction::from_kept(kept, 64)));
+        }
+        let params = random_params(&model, 11);
+        let (batch, seq) = (2, 5);
+        let mut rng = handgrad::util::rng::Rng::new(5);
+        let inputs: Vec<u32> = (0..batch * seq)
+            .map(|_| rng.below(model.cfg.vocab_size as u64) as u32)
+            .collect();
+        let targets: Vec<u32> = match &model.compaction {
+            Some(c) => (0..batch * seq).map(|_| *rng.pick(&c.kept)).collect(),
+            None => inputs.iter().rev().copied().collect(),
+        };
+        let mut acts = model.activations(&CpuKernels, batch, seq);
+        let mut grads = vec![0.0f32; params.len()];
+        let mut reported: Vec<(usize, Vec<f32>)> = Vec::new();
+        model
+            .forward_backward_reporting(
+                &CpuKernels,
+                &params,
+                &mut grads,
+                &mut acts,
+                Batch {
+                    inputs: &inputs,
+                    targets: &targets,
+                },
+                1.0,
+                &mut |g: &[f32], from: usize| reported.push((from, g[from..].to_vec())),
+            )
+            .unwrap();
+        let points: Vec<usize> = reported.iter().map(|(p, _)| *p).collect();
+        assert_eq!(points, model.layout.backward_ready_points(), "{label}");
+        for (from, snapshot) in &reported {
+            assert!(
+                snapshot == &grads[*from..],
+                "{label}: gradients from {from} changed after they were reported complete"
+            );
+        }
+        assert!(grads.iter().any(|&g| g != 0.0), "{label}");
+    }
+}

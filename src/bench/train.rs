@@ -12,7 +12,7 @@ use crate::model::{
     Base, BaseFormat, FrozenModel, LoraConfig, LoraLayout, ModelConfig, Transformer,
 };
 use crate::optim::{AdamW, AdamWConfig};
-use crate::train::{FrozenBase, StepState, TrainStep};
+use crate::train::{FrozenBase, StepComm, StepState, TrainStep};
 use crate::util::rng::Rng;
 
 /// Results of `bench train`.
@@ -114,7 +114,7 @@ pub fn run(backend: &Backend, r: &TrainRun, peak_gflops: f64) -> Result<TrainBen
         accum: 1,
         clip: 1.0,
         loss_scale: 1.0,
-        ranks: None,
+        comm: StepComm::Alone,
     };
     let mut rng = Rng::new(7);
     let vocab = cfg.vocab_size as u64;

@@ -57,8 +57,21 @@ pub struct TrainArgs {
     /// Data-parallel training: auto (MPI when started by mpirun/mpiexec/srun), none, or mpi.
     /// Each rank trains on --batch sequences of every micro-batch; gradients are summed across
     /// ranks before one identical update everywhere; rank 0 writes the run.
-    #[arg(long, value_enum, default_value_t = Distributed::Auto, help_heading = "Run")]
+    #[arg(long, value_enum, default_value_t = Distributed::Auto, help_heading = "Several machines")]
     distributed: Distributed,
+    /// Sum the gradients after the backward pass instead of each bucket as soon as the pass
+    /// has completed it (same numbers; for measuring what the overlap saves).
+    #[arg(long, help_heading = "Several machines")]
+    no_overlap: bool,
+    /// Largest bucket of gradients summed at once, in MB of f32 (smaller: earlier and more
+    /// overlap, more messages).
+    #[arg(
+        long,
+        default_value_t = 16.0,
+        value_name = "MB",
+        help_heading = "Several machines"
+    )]
+    bucket_mb: f64,
     /// Print plain progress lines instead of a progress bar.
     #[arg(long, help_heading = "Output and logging")]
     plain: bool,
@@ -307,6 +320,16 @@ fn run_options(a: &TrainArgs, cfg: &TrainConfig, given: &GivenFlags) -> Result<R
         ConsoleMode::auto()
     };
     opts.stop_after = a.stop_after;
+    if !(a.bucket_mb.is_finite() && a.bucket_mb >= 0.001) {
+        return Err(Error::invalid(format!(
+            "--bucket-mb must be at least 0.001 (1 kB), got {}",
+            a.bucket_mb
+        )));
+    }
+    opts.comm = crate::train::CommOptions {
+        overlap: !a.no_overlap,
+        bucket_values: ((a.bucket_mb * 1e6 / 4.0) as usize).max(1),
+    };
     if let Some(dir) = &a.tensorboard {
         opts.extra_sinks.push(Box::new(
             crate::telemetry::tensorboard::TensorBoardSink::for_run(dir, &opts.run_dir),

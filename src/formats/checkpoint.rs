@@ -14,6 +14,7 @@
 //! | zero padding to a multiple of 64 | |
 //! | parameters, f32 | `4n` |
 //! | first and second Adam moments, f32 (if flagged) | `8n` |
+//! | `extra_vectors` more vectors of `n` f32 (metadata; DiLoCo's outer state and other ranks') | `4n` each |
 //! | CRC-32 of everything above (u32) | 4 |
 //! | end magic `HGCKEND\0` | 8 |
 
@@ -76,6 +77,29 @@ pub struct CheckpointMeta {
     /// The loss scaler's state, when the run scales its loss.
     #[serde(default)]
     pub loss_scale: Option<ScalerState>,
+    /// Vectors of `n_params` values stored after the moments (set when written).
+    #[serde(default)]
+    pub extra_vectors: usize,
+    /// A DiLoCo run's state beyond rank 0's: the extra vectors are the common weights and the
+    /// outer momentum, then each other rank's weights and Adam moments (rank 1 first).
+    #[serde(default)]
+    pub diloco: Option<DilocoSaved>,
+}
+
+/// What a DiLoCo checkpoint holds besides rank 0's state.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DilocoSaved {
+    /// Ranks whose inner state is saved (the run resumes on as many).
+    pub ranks: usize,
+    /// The update of the last outer step.
+    pub last_sync: u64,
+}
+
+impl DilocoSaved {
+    /// Extra vectors it needs: common weights, outer momentum, and 3 per other rank.
+    pub fn vectors(&self) -> usize {
+        2 + 3 * self.ranks.saturating_sub(1)
+    }
 }
 
 /// What the scaler carries between updates (saved in checkpoints for exact resume).
@@ -94,6 +118,8 @@ pub struct Checkpoint {
     pub params: Vec<f32>,
     /// Adam moments `(m, v)`, absent in weights-only checkpoints.
     pub moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// The `extra_vectors` of the metadata.
+    pub extras: Vec<Vec<f32>>,
 }
 
 fn padding(len: usize) -> usize {
@@ -132,6 +158,8 @@ pub struct CheckpointRef<'a> {
     pub tokenizer: &'a [u8],
     pub params: &'a [f32],
     pub moments: Option<(&'a [f32], &'a [f32])>,
+    /// Vectors of the parameters' length stored after the moments.
+    pub extras: &'a [&'a [f32]],
 }
 
 impl Checkpoint {
@@ -145,6 +173,7 @@ impl Checkpoint {
                 .moments
                 .as_ref()
                 .map(|(m, v)| (m.as_slice(), v.as_slice())),
+            extras: &self.extras.iter().map(|e| e.as_slice()).collect::<Vec<_>>(),
         }
         .save(path)
     }
@@ -173,8 +202,14 @@ impl CheckpointRef<'_> {
                 "optimizer moments do not match the parameter count",
             ));
         }
+        if self.extras.iter().any(|e| e.len() != n) {
+            return Err(Error::invalid(
+                "a checkpoint's extra vectors must match the parameter count",
+            ));
+        }
         let mut meta = self.meta.clone();
         meta.tokenizer_bytes = self.tokenizer.len();
+        meta.extra_vectors = self.extras.len();
         let meta_json =
             serde_json::to_vec(&meta).map_err(|e| Error::json("writing checkpoint metadata", e))?;
         let flags: u32 = if self.moments.is_some() { 1 } else { 0 };
@@ -197,11 +232,14 @@ impl CheckpointRef<'_> {
                 w.put_f32s(m)?;
                 w.put_f32s(v)?;
             }
+            for e in self.extras {
+                w.put_f32s(e)?;
+            }
             let crc = w.crc.finalize();
             f.write_all(&crc.to_le_bytes())?;
             f.write_all(END_MAGIC)?;
-            written = (head + padding(head) + 4 * n * if flags & 1 == 1 { 3 } else { 1 } + TRAILER)
-                as u64;
+            let copies = if flags & 1 == 1 { 3 } else { 1 } + self.extras.len();
+            written = (head + padding(head) + 4 * n * copies + TRAILER) as u64;
             Ok(())
         })?;
         Ok(written)
@@ -269,9 +307,11 @@ impl Checkpoint {
         let tokenizer = map[meta_end..tok_end].to_vec();
         let data_start = tok_end + padding(tok_end);
         let n = meta.n_params;
-        let copies = if flags & 1 == 1 { 3 } else { 1 };
+        let moments_in = if flags & 1 == 1 { 3 } else { 1 };
+        let copies = moments_in + meta.extra_vectors;
         let expect = n
-            .checked_mul(4 * copies)
+            .checked_mul(4)
+            .and_then(|b| b.checked_mul(copies))
             .and_then(|b| b.checked_add(data_start + TRAILER))
             .ok_or_else(|| bad("parameter count overflows".into()))?;
         if expect != size {
@@ -286,16 +326,18 @@ impl Checkpoint {
                 .collect()
         };
         let params = read(0);
-        let moments = if copies == 3 {
+        let moments = if moments_in == 3 {
             Some((read(1), read(2)))
         } else {
             None
         };
+        let extras = (moments_in..copies).map(read).collect();
         Ok(Checkpoint {
             meta,
             tokenizer,
             params,
             moments,
+            extras,
         })
     }
 }
@@ -330,11 +372,30 @@ mod tests {
                 train_seconds: 1.0,
                 written_unix: 0.0,
                 loss_scale: None,
+                extra_vectors: 0,
+                diloco: None,
             },
             tokenizer: b"{\"tok\": 1}".to_vec(),
             params: vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE],
             moments: Some((vec![0.1; 5], vec![0.2; 5])),
+            extras: Vec::new(),
         }
+    }
+
+    #[test]
+    fn extra_vectors_round_trip_and_must_match_the_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ck");
+        let mut c = sample();
+        c.extras = vec![vec![7.0; 5], vec![-1.5; 5]];
+        let bytes = c.save(&path).unwrap();
+        assert_eq!(bytes, std::fs::metadata(&path).unwrap().len());
+        let back = Checkpoint::load(&path).unwrap();
+        assert_eq!(back.extras, c.extras);
+        assert_eq!(back.meta.extra_vectors, 2);
+        assert_eq!(back.moments, c.moments);
+        c.extras.push(vec![0.0; 4]);
+        assert!(c.save(&path).is_err());
     }
 
     #[test]

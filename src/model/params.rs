@@ -124,6 +124,23 @@ impl ParamLayout {
         self.total
     }
 
+    /// The offset where layer `l`'s tensors begin (they lie together, layer after layer).
+    pub fn layer_start(&self, l: usize) -> usize {
+        self.tensors[self.layers[l].attn_norm].offset
+    }
+
+    /// The offsets from which every gradient is complete, in the order the backward pass
+    /// reaches them: after the classifier and the final norm, everything from the final norm
+    /// on (the untied classifier lies after it); after layer `l`, everything from layer `l`'s
+    /// first tensor on; after the embedding, everything (0). With tied embeddings the
+    /// classifier's gradient is the embedding's, complete only at the end.
+    pub fn backward_ready_points(&self) -> Vec<usize> {
+        let mut points = vec![self.tensors[self.final_norm].offset];
+        points.extend((0..self.layers.len()).rev().map(|l| self.layer_start(l)));
+        points.push(0);
+        points
+    }
+
     /// The classifier tensor (the embedding when tied).
     pub fn classifier(&self) -> TensorId {
         self.lm_head.unwrap_or(self.embed)

@@ -101,7 +101,9 @@ impl Section {
             Section::Elementwise => "swiglu bwd, rope bwd",
             Section::WeightGrads => "weight gradients (dW)",
             Section::Lora => "LoRA adapters (fwd, bwd, dA, dB)",
-            Section::Allreduce => "gradient allreduce across ranks",
+            Section::Allreduce => {
+                "waiting for sums across ranks (what the backward pass did not hide)"
+            }
             Section::Optimizer => "optimizer (clip, AdamW)",
         }
     }
@@ -144,6 +146,11 @@ impl StepTimings {
     #[inline]
     pub fn add(&mut self, s: Section, start: Instant) {
         self.seconds[s as usize] += start.elapsed().as_secs_f64();
+    }
+
+    /// Adds `seconds` to a section (time measured elsewhere).
+    pub fn add_seconds(&mut self, s: Section, seconds: f64) {
+        self.seconds[s as usize] += seconds;
     }
 
     /// Seconds of a section.

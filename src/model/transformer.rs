@@ -75,6 +75,10 @@ impl LayerLora<'_> {
     }
 }
 
+/// What the backward pass calls with the gradients and the offset from which they are
+/// complete.
+type ReadyHook<'g> = &'g mut dyn FnMut(&[f32], usize);
+
 /// Where a backward pass puts its gradients.
 struct GradSink<'a, 'g> {
     /// Every parameter of the model (its layout); `None` when the model is frozen.
@@ -83,9 +87,19 @@ struct GradSink<'a, 'g> {
     lora: Option<(&'a Adapters<'a>, &'g mut [f32])>,
     /// Where the gradient of a frozen norm gain goes (discarded).
     frozen_dw: Vec<f32>,
+    /// Told as the backward pass goes from which offset on the model's gradients are complete
+    /// (see [`ParamLayout::backward_ready_points`]), with the gradients so far.
+    ready: Option<ReadyHook<'g>>,
 }
 
 impl GradSink<'_, '_> {
+    /// Says that the model's gradients from `offset` on are complete.
+    fn complete_from(&mut self, offset: usize) {
+        if let (Some(g), Some(f)) = (self.model.as_deref(), self.ready.as_mut()) {
+            f(g, offset);
+        }
+    }
+
     /// The gradient buffer of a vector parameter (a norm gain): its slot in the model's
     /// gradients, or scratch when the model is frozen.
     fn vector<'s>(&'s mut self, layout: &ParamLayout, id: TensorId) -> &'s mut [f32] {
@@ -746,12 +760,54 @@ impl Transformer {
                 "gradient buffer does not match the parameters",
             ));
         }
-        let sink = GradSink {
-            model: Some(grads),
-            lora: None,
-            frozen_dw: Vec::new(),
-        };
-        self.pass(k, Base::F32(params), sink, acts, batch, loss_scale)
+        self.pass(
+            k,
+            Base::F32(params),
+            GradSink {
+                model: Some(grads),
+                lora: None,
+                frozen_dw: Vec::new(),
+                ready: None,
+            },
+            acts,
+            batch,
+            loss_scale,
+        )
+    }
+
+    /// [`Transformer::forward_backward`], calling `ready(grads, offset)` each time the
+    /// backward pass has completed the gradients from `offset` to the end of the buffer (the
+    /// offsets of [`ParamLayout::backward_ready_points`], in that order), so that they can be
+    /// sent to other ranks while it goes on.
+    #[allow(clippy::too_many_arguments)] // forward_backward's arguments and the hook
+    pub fn forward_backward_reporting(
+        &self,
+        k: &dyn Kernels,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        batch: Batch,
+        loss_scale: f32,
+        ready: &mut dyn FnMut(&[f32], usize),
+    ) -> Result<f64> {
+        if grads.len() != params.len() {
+            return Err(Error::invalid(
+                "gradient buffer does not match the parameters",
+            ));
+        }
+        self.pass(
+            k,
+            Base::F32(params),
+            GradSink {
+                model: Some(grads),
+                lora: None,
+                frozen_dw: Vec::new(),
+                ready: Some(ready),
+            },
+            acts,
+            batch,
+            loss_scale,
+        )
     }
 
     /// Forward and backward of the frozen model `base` with LoRA adapters: as
@@ -779,6 +835,7 @@ impl Transformer {
             model: None,
             lora: Some((adapters, grads)),
             frozen_dw: Vec::new(),
+            ready: None,
         };
         self.pass(k, base, sink, acts, batch, loss_scale)
     }
@@ -815,11 +872,13 @@ impl Transformer {
                 false,
             )
         )?;
+        sink.complete_from(lay.range(lay.final_norm).start);
         // `acts.dx` holds d(loss)/d(residual stream) and flows down through the layers.
         let mut scratch = Vec::new();
         for l in (0..self.cfg.n_layers).rev() {
             let lw = w.layer(l, &mut scratch);
             self.layer_backward(k, &lw, l, &mut sink, acts)?;
+            sink.complete_from(lay.layer_start(l));
         }
         drop(scratch);
         if let Some(g) = sink.model.as_deref_mut() {
@@ -834,6 +893,7 @@ impl Transformer {
                 )
             )?;
         }
+        sink.complete_from(0);
         Ok(loss_sum / counted.max(1) as f64)
     }
 

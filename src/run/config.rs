@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, BackendKind, Precision};
 use crate::error::{Error, Result};
 use crate::model::{BaseFormat, LoraConfig, LoraTarget};
+use crate::train::diloco::OuterConfig;
+use crate::train::distributed::{DistributedMode, GradComm};
 
 /// The loss-scaling policy of a run (`--loss-scale`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -209,6 +211,25 @@ pub struct TrainConfig {
     /// ranks` sequences (not a flag: the job's rank count).
     #[arg(skip = d().ranks)]
     pub ranks: usize,
+    /// What the ranks of an MPI job exchange: data-parallel (the gradients, every update: the
+    /// same result as one process with the whole batch) or diloco (each rank trains on its own
+    /// data for --sync-every updates, then one outer Nesterov step on the ranks' mean weight
+    /// change: H times less communication, a different result).
+    #[arg(long, value_enum, default_value_t = d().distributed_mode, help_heading = "Several machines")]
+    pub distributed_mode: DistributedMode,
+    /// DiLoCo: inner updates between two outer steps (H); the last update of a run is one too.
+    #[arg(long, default_value_t = d().sync_every, value_name = "H", help_heading = "Several machines")]
+    pub sync_every: usize,
+    /// DiLoCo: learning rate of the outer step (1 with --outer-momentum 0: the ranks' mean).
+    #[arg(long, default_value_t = d().outer_lr, help_heading = "Several machines")]
+    pub outer_lr: f64,
+    /// DiLoCo: Nesterov momentum of the outer step.
+    #[arg(long, default_value_t = d().outer_momentum, help_heading = "Several machines")]
+    pub outer_momentum: f64,
+    /// How gradients (DiLoCo: weight changes) travel between ranks: f32, or bf16 (rounded to
+    /// 8 significant bits for the transfer, summed in f32; half the bytes with 2 ranks).
+    #[arg(long, value_enum, default_value_t = d().grad_comm, help_heading = "Several machines")]
+    pub grad_comm: GradComm,
 }
 
 fn d() -> TrainConfig {
@@ -253,6 +274,11 @@ impl Default for TrainConfig {
             base_weights: BaseFormat::F32,
             lora_dropout: 0.0,
             ranks: 1,
+            distributed_mode: DistributedMode::DataParallel,
+            sync_every: 50,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            grad_comm: GradComm::F32,
         }
     }
 }
@@ -307,7 +333,36 @@ impl TrainConfig {
                 self.val_fraction
             )));
         }
+        if self.sync_every == 0 {
+            return Err(Error::invalid("--sync-every must be at least 1"));
+        }
+        if !(self.outer_lr > 0.0 && self.outer_lr.is_finite()) {
+            return Err(Error::invalid(format!(
+                "--outer-lr must be positive, got {}",
+                self.outer_lr
+            )));
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return Err(Error::invalid(format!(
+                "--outer-momentum must be in [0, 1), got {}",
+                self.outer_momentum
+            )));
+        }
+        if self.distributed_mode == DistributedMode::Diloco && self.lora_rank.is_some() {
+            return Err(Error::invalid(
+                "--distributed-mode diloco does not train LoRA adapters yet: use data-parallel",
+            ));
+        }
         Ok(())
+    }
+
+    /// DiLoCo's outer optimizer, when the run uses it.
+    pub fn outer(&self) -> Option<OuterConfig> {
+        (self.distributed_mode == DistributedMode::Diloco).then_some(OuterConfig {
+            sync_every: self.sync_every,
+            lr: self.outer_lr,
+            momentum: self.outer_momentum,
+        })
     }
 
     /// The LoRA adapters the run trains, if it trains adapters (`--lora-rank`).

@@ -24,6 +24,14 @@ pub trait Collective: Send + Sync {
     fn sum_f32(&self, xs: &mut [f32]) -> Result<()>;
     /// As [`Collective::sum_f32`], for f64 (losses, flags).
     fn sum_f64(&self, xs: &mut [f64]) -> Result<()>;
+    /// All-gather: `recv` (`size x send.len()`) receives every rank's `send`, rank 0's first,
+    /// on every rank (bf16 gradients travel as their bits).
+    fn gather_u16(&self, send: &[u16], recv: &mut [u16]) -> Result<()>;
+    /// Sends `xs` to rank `to`, which receives it with [`Collective::receive_f32`].
+    fn send_f32(&self, to: usize, xs: &[f32]) -> Result<()>;
+    /// Receives into `out` what rank `from` sent with [`Collective::send_f32`] (as many
+    /// values as `out` holds).
+    fn receive_f32(&self, from: usize, out: &mut [f32]) -> Result<()>;
     /// Ends every rank of the job at once (after an error on one rank, the others would wait
     /// for it forever).
     fn abort(&self, code: i32) -> !;
@@ -47,6 +55,21 @@ impl Collective for Single {
     }
     fn sum_f64(&self, _: &mut [f64]) -> Result<()> {
         Ok(())
+    }
+    fn gather_u16(&self, send: &[u16], recv: &mut [u16]) -> Result<()> {
+        if send.len() != recv.len() {
+            return Err(Error::invalid("all-gather buffers of different sizes"));
+        }
+        recv.copy_from_slice(send);
+        Ok(())
+    }
+    fn send_f32(&self, _: usize, _: &[f32]) -> Result<()> {
+        Err(Error::invalid("one process has no other rank to send to"))
+    }
+    fn receive_f32(&self, _: usize, _: &mut [f32]) -> Result<()> {
+        Err(Error::invalid(
+            "one process has no other rank to receive from",
+        ))
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
@@ -85,6 +108,70 @@ pub enum Distributed {
     None,
     /// MPI (an error when this handgrad was built without the `mpi` feature).
     Mpi,
+}
+
+/// What the ranks of a job exchange.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DistributedMode {
+    /// Every update: the gradients are summed across the ranks, and every rank applies the
+    /// same update (exactly one process's with the whole batch).
+    #[default]
+    DataParallel,
+    /// DiLoCo (local SGD): each rank runs AdamW on its own data for --sync-every updates; then
+    /// the ranks average how far their weights moved and take one outer Nesterov step
+    /// (--outer-lr, --outer-momentum). The ranks talk once every H updates.
+    Diloco,
+}
+
+/// How gradients (and DiLoCo's weight deltas) travel between ranks.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum GradComm {
+    /// f32, summed by MPI.
+    #[default]
+    F32,
+    /// Rounded to bf16 (8 significant bits) for the transfer, summed in f32: half the bytes
+    /// with 2 ranks.
+    Bf16,
+}
+
+impl std::fmt::Display for DistributedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DistributedMode::DataParallel => "data-parallel",
+            DistributedMode::Diloco => "diloco",
+        })
+    }
+}
+
+impl std::fmt::Display for GradComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GradComm::F32 => "f32",
+            GradComm::Bf16 => "bf16",
+        })
+    }
 }
 
 /// The collective for this process: MPI when asked for or launched by MPI, else [`Single`].
@@ -172,6 +259,25 @@ mod mpi_backend {
         }))
     }
 
+    impl MpiCollective {
+        fn lock(&self) -> Result<std::sync::MutexGuard<'_, Comm>> {
+            self.comm
+                .lock()
+                .map_err(|_| Error::invalid("the MPI communicator was poisoned by a panic"))
+        }
+
+        /// `rank` as MPI's rank type, checked against the job's size.
+        fn peer(&self, rank: usize) -> Result<i32> {
+            if rank >= self.size || rank == self.rank {
+                return Err(Error::invalid(format!(
+                    "rank {} cannot exchange with rank {rank} of {}",
+                    self.rank, self.size
+                )));
+            }
+            Ok(rank as i32)
+        }
+    }
+
     impl Collective for MpiCollective {
         fn rank(&self) -> usize {
             self.rank
@@ -180,10 +286,7 @@ mod mpi_backend {
             self.size
         }
         fn sum_f32(&self, xs: &mut [f32]) -> Result<()> {
-            let mut c = self
-                .comm
-                .lock()
-                .map_err(|_| Error::invalid("the MPI communicator was poisoned by a panic"))?;
+            let mut c = self.lock()?;
             let Comm { world, recv32, .. } = &mut *c;
             for chunk in xs.chunks_mut(BUCKET) {
                 recv32.resize(chunk.len(), 0.0);
@@ -193,14 +296,44 @@ mod mpi_backend {
             Ok(())
         }
         fn sum_f64(&self, xs: &mut [f64]) -> Result<()> {
-            let mut c = self
-                .comm
-                .lock()
-                .map_err(|_| Error::invalid("the MPI communicator was poisoned by a panic"))?;
+            let mut c = self.lock()?;
             let Comm { world, recv64, .. } = &mut *c;
             recv64.resize(xs.len(), 0.0);
             world.all_reduce_into(&*xs, &mut recv64[..], SystemOperation::sum());
             xs.copy_from_slice(recv64);
+            Ok(())
+        }
+        fn gather_u16(&self, send: &[u16], recv: &mut [u16]) -> Result<()> {
+            if recv.len() != send.len() * self.size {
+                return Err(Error::invalid(
+                    "all-gather receive buffer is not ranks x the send buffer",
+                ));
+            }
+            let c = self.lock()?;
+            c.world.all_gather_into(send, recv);
+            Ok(())
+        }
+        fn send_f32(&self, to: usize, xs: &[f32]) -> Result<()> {
+            let c = self.lock()?;
+            let dest = c.world.process_at_rank(self.peer(to)?);
+            for chunk in xs.chunks(BUCKET) {
+                dest.send(chunk);
+            }
+            Ok(())
+        }
+        fn receive_f32(&self, from: usize, out: &mut [f32]) -> Result<()> {
+            let c = self.lock()?;
+            let source = c.world.process_at_rank(self.peer(from)?);
+            for chunk in out.chunks_mut(BUCKET) {
+                let status = source.receive_into(chunk);
+                let got = status.count(f32::equivalent_datatype()) as usize;
+                if got != chunk.len() {
+                    return Err(Error::invalid(format!(
+                        "rank {from} sent {got} values where {} were expected",
+                        chunk.len()
+                    )));
+                }
+            }
             Ok(())
         }
         fn abort(&self, code: i32) -> ! {

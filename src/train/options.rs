@@ -48,6 +48,28 @@ pub struct RunOptions {
     /// owns the run folder (lock, checkpoints, events, evaluation, the sample); the others
     /// only train and say nothing but errors.
     pub ranks: Option<Arc<dyn Collective>>,
+    /// How the ranks' sums are cut and timed (no effect on one process).
+    pub comm: CommOptions,
+}
+
+/// How a data-parallel job's sums run: neither changes the numbers with 2 ranks (with more,
+/// the bucket size may change the summation order MPI picks, in the last bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommOptions {
+    /// Sum each bucket of gradients while the backward pass computes the next ones (else all
+    /// after it).
+    pub overlap: bool,
+    /// Largest bucket, in f32 values.
+    pub bucket_values: usize,
+}
+
+impl Default for CommOptions {
+    fn default() -> Self {
+        CommOptions {
+            overlap: true,
+            bucket_values: super::grad_sync::DEFAULT_BUCKET_VALUES,
+        }
+    }
 }
 
 impl RunOptions {
@@ -69,6 +91,7 @@ impl RunOptions {
             cap_seq_to_model: false,
             restart_on_compile_budget: false,
             ranks: None,
+            comm: CommOptions::default(),
         }
     }
 }

@@ -156,6 +156,13 @@ fn share_among_ranks(
     notes: &mut Vec<String>,
 ) -> Result<()> {
     let size = ranks.size();
+    if resumed && cfg.outer().is_some() && cfg.ranks.max(1) != size {
+        return Err(Error::invalid(format!(
+            "this DiLoCo run was trained on {} rank(s): each rank's optimizer state is its own, so it resumes on {} rank(s) only (it was started on {size})",
+            cfg.ranks.max(1),
+            cfg.ranks.max(1)
+        )));
+    }
     if resumed && cfg.ranks.max(1) != size {
         let accum = rescale_accum(cfg.batch, cfg.accum, cfg.ranks.max(1), size)?;
         warnings.push(format!(
@@ -167,12 +174,23 @@ fn share_among_ranks(
         cfg.accum = accum;
     }
     cfg.ranks = size;
-    if size > 1 {
+    if let Some(o) = cfg.outer() {
         notes.push(format!(
-            "data parallel: {}; rank 0 of {size} writes the run; {} sequences per update ({} per rank)",
+            "DiLoCo: {}; each rank trains on its own {} sequences per update and the ranks take an outer step (lr {}, Nesterov momentum {}) every {} updates, sending {} weight changes",
+            ranks.describe(),
+            cfg.batch * cfg.accum,
+            o.lr,
+            o.momentum,
+            o.sync_every,
+            cfg.grad_comm
+        ));
+    } else if size > 1 {
+        notes.push(format!(
+            "data parallel: {}; rank 0 of {size} writes the run; {} sequences per update ({} per rank); {} gradients",
             ranks.describe(),
             cfg.batch * cfg.accum * size,
-            cfg.batch * cfg.accum
+            cfg.batch * cfg.accum,
+            cfg.grad_comm
         ));
     }
     Ok(())

@@ -86,6 +86,11 @@ fn every_field_has_a_rule(asked: &TrainConfig) {
         base_weights: _,
         lora_dropout: _,
         ranks: _,
+        distributed_mode: _,
+        sync_every: _,
+        outer_lr: _,
+        outer_momentum: _,
+        grad_comm: _,
     } = asked;
 }
 
@@ -168,6 +173,11 @@ fn apply_given(
     rule!(sample_tokens, apply);
     rule!(backend, apply);
     rule!(precision, apply);
+    rule!(distributed_mode, refuse "the ranks' optimizer states belong to its mode");
+    rule!(sync_every, apply);
+    rule!(outer_lr, apply);
+    rule!(outer_momentum, apply);
+    rule!(grad_comm, apply);
     // Not flags: adam_eps, ranks (the rank count is the job's). model and steps: their own
     // rules (a restart takes them as given).
     if restart {

@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use super::distributed::Collective;
+use super::grad_sync::{BucketBuffers, GradSync};
 use crate::backend::Kernels;
 use crate::error::Result;
 use crate::model::timing::Section;
@@ -21,6 +22,8 @@ pub struct StepState {
     pub inputs: Vec<u32>,
     /// `[batch * seq]` next-token targets.
     pub targets: Vec<u32>,
+    /// Transfer buffers of the gradient buckets summed across ranks (kept between updates).
+    pub comm: Vec<BucketBuffers>,
 }
 
 impl StepState {
@@ -32,6 +35,7 @@ impl StepState {
             opt,
             inputs: vec![0; tokens],
             targets: vec![0; tokens],
+            comm: Vec::new(),
         }
     }
 }
@@ -47,12 +51,25 @@ pub struct TrainStep<'a> {
     /// Factor the loss is multiplied by before the backward pass (1: none); the gradient is
     /// divided by it again before clipping and the update.
     pub loss_scale: f32,
-    /// Data-parallel ranks whose gradients are summed before clipping (`None`: this process
-    /// alone).
-    pub ranks: Option<&'a dyn Collective>,
+    /// What this update exchanges with other ranks.
+    pub comm: StepComm<'a>,
     /// With LoRA: the frozen model the state's adapters adapt (`None`: the state holds the
     /// model's own parameters).
     pub frozen: Option<FrozenBase<'a>>,
+}
+
+/// What an update exchanges with the other ranks of a job.
+#[derive(Clone, Copy)]
+pub enum StepComm<'a> {
+    /// Nothing: this process trains alone.
+    Alone,
+    /// Data parallel: the gradients are summed across the ranks (overlapping the backward
+    /// pass of the last micro-batch) before clipping, so every rank applies the same update.
+    SumGradients(GradSync<'a>),
+    /// DiLoCo's inner updates: each rank applies its own gradient; the ranks only agree on the
+    /// reported loss and gradient norm (means) and on skipping an update that is not finite on
+    /// any of them.
+    LocalUpdates(&'a dyn Collective),
 }
 
 /// The frozen model of a LoRA run and how its adapters are laid out.
@@ -105,55 +122,88 @@ impl TrainStep<'_> {
         // What the accelerator did outside updates (evaluation) is not this update's.
         let _ = self.kernels.take_accelerator_stats();
         let mut loss_sum = 0.0;
-        for micro in 0..self.accum.max(1) {
+        let accum = self.accum.max(1);
+        for micro in 0..accum {
             next_batch(&mut state.inputs, &mut state.targets);
-            let batch = Batch {
-                inputs: &state.inputs,
-                targets: &state.targets,
+            let sum_here = match self.comm {
+                StepComm::SumGradients(sync) if micro + 1 == accum => Some(sync),
+                _ => None,
             };
-            loss_sum += match &self.frozen {
-                None => self.model.forward_backward(
+            let StepState {
+                params,
+                grads,
+                inputs,
+                targets,
+                comm,
+                ..
+            } = state;
+            let batch = Batch { inputs, targets };
+            loss_sum += match (&self.frozen, sum_here) {
+                (None, None) => self.model.forward_backward(
                     self.kernels,
-                    &state.params,
-                    &mut state.grads,
+                    params,
+                    grads,
                     acts,
                     batch,
                     self.loss_scale,
                 )?,
-                Some(f) => {
+                // The last micro-batch: its backward pass sends the gradients it completes.
+                (None, Some(sync)) => {
+                    let (loss, times) = sync.exchange(grads, comm, |g, ready| {
+                        self.model.forward_backward_reporting(
+                            self.kernels,
+                            params,
+                            g,
+                            acts,
+                            batch,
+                            self.loss_scale,
+                            ready,
+                        )
+                    })?;
+                    acts.timings
+                        .add_seconds(Section::Allreduce, times.exposed_s);
+                    loss
+                }
+                (Some(f), sync) => {
                     let adapters = Adapters {
                         layout: f.lora,
-                        params: &state.params,
+                        params,
                         dropout_seed: Some(
                             f.dropout_seed ^ (micro as u64).wrapping_mul(0x9E37_79B9),
                         ),
                     };
-                    self.model.forward_backward_adapted(
+                    let loss = self.model.forward_backward_adapted(
                         self.kernels,
                         f.params,
                         &adapters,
-                        &mut state.grads,
+                        grads,
                         acts,
                         batch,
                         self.loss_scale,
-                    )?
+                    )?;
+                    // The adapters' gradients are small: summed after the pass.
+                    if let Some(sync) = sync {
+                        let times = sync.sum(grads, comm)?;
+                        acts.timings
+                            .add_seconds(Section::Allreduce, times.exposed_s);
+                    }
+                    loss
                 }
             };
         }
-        let mut micro = self.accum.max(1);
-        if let Some(c) = self.ranks.filter(|c| c.size() > 1) {
+        let mut micro = accum;
+        if let StepComm::SumGradients(sync) = self.comm {
             let t = Instant::now();
-            c.sum_f32(&mut state.grads)?;
             let mut l = [loss_sum];
-            c.sum_f64(&mut l)?;
+            sync.ranks.sum_f64(&mut l)?;
             loss_sum = l[0];
-            micro *= c.size();
+            micro *= sync.ranks.size();
             acts.timings.add(Section::Allreduce, t);
         }
         let t_opt = Instant::now();
-        let loss = loss_sum / micro as f64;
+        let mut loss = loss_sum / micro as f64;
         let UpdateScale {
-            grad_norm,
+            mut grad_norm,
             clipped,
             factor,
         } = update_scale(
@@ -161,7 +211,27 @@ impl TrainStep<'_> {
             micro as f64 * self.loss_scale as f64,
             self.clip,
         );
-        let applied = loss.is_finite() && grad_norm.is_finite();
+        let mut applied = loss.is_finite() && grad_norm.is_finite();
+        if let StepComm::LocalUpdates(ranks) = self.comm
+            && ranks.size() > 1
+        {
+            // Means over the ranks, and one verdict for all (their loss scalers stay equal).
+            let mut v = [
+                if applied { loss } else { 0.0 },
+                if applied { grad_norm } else { 0.0 },
+                f64::from(u8::from(!applied)),
+            ];
+            ranks.sum_f64(&mut v)?;
+            let n = ranks.size() as f64;
+            if v[2] > 0.0 {
+                applied = false;
+                if loss.is_finite() {
+                    loss = f64::NAN;
+                }
+            } else {
+                (loss, grad_norm) = (v[0] / n, v[1] / n);
+            }
+        }
         if applied {
             state.opt.step(&mut state.params, &state.grads, lr, factor);
             self.kernels.weights_changed();

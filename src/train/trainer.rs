@@ -16,15 +16,18 @@ use self::checkpoints::initial_state;
 use self::meter::{Meter, Readings};
 use super::batches::{Row, TrainData};
 use super::compile_budget;
+use super::diloco::OuterState;
 use super::distributed::{Collective, Single};
+use super::grad_sync::{Buckets, GradSync};
 use super::loss_scale::{LossScaler, Verdict};
-use super::options::{RunOptions, default_threads};
+use super::options::{CommOptions, RunOptions, default_threads};
 use super::resolve::{ResolvedRun, resolve};
 use super::resume::ResumePoint;
 use super::run_folder;
-use super::step::{FrozenBase, StepState, StepStats, TrainStep};
+use super::step::{FrozenBase, StepComm, StepState, StepStats, TrainStep};
 use crate::backend::Kernels;
 use crate::error::{Error, Result};
+use crate::model::timing::Section;
 use crate::model::{Activations, Adapters, Base, Batch, FrozenModel, LoraLayout, Transformer};
 use crate::optim::CosineSchedule;
 use crate::run::{RunDir, RunLock, TrainConfig};
@@ -132,6 +135,13 @@ struct Trainer {
     _lock: Option<RunLock>,
     /// The ranks of a data-parallel job ([`Single`] alone).
     ranks: Arc<dyn Collective>,
+    /// How the gradient (or DiLoCo's weight change) is cut for the sums across ranks.
+    buckets: Buckets,
+    comm: CommOptions,
+    /// DiLoCo's outer optimizer (`--distributed-mode diloco`).
+    outer: Option<OuterState>,
+    /// The update of the last DiLoCo outer step.
+    last_sync: u64,
 }
 
 impl Trainer {
@@ -207,8 +217,23 @@ impl Trainer {
             ));
         }
         let mut train_data = data.data;
-        let (state, counters, lora) =
-            initial_state(&cfg, &model, &mut train_data, resume, init, lora)?;
+        let last_sync = resume
+            .as_ref()
+            .and_then(|r| r.checkpoint.meta.diloco)
+            .map_or(0, |d| d.last_sync);
+        let (state, counters, lora, outer) = initial_state(
+            &cfg,
+            &model,
+            &mut train_data,
+            resume,
+            init,
+            lora,
+            ranks.rank(),
+        )?;
+        let buckets = match &lora {
+            None => Buckets::for_model(&model.layout, opts.comm.bucket_values),
+            Some(l) => Buckets::whole(l.layout.total(), opts.comm.bucket_values),
+        };
 
         // The run folder, then its event log (which receives everything said so far).
         if leader {
@@ -245,6 +270,10 @@ impl Trainer {
             cfg,
             _lock: lock,
             ranks,
+            buckets,
+            comm: opts.comm,
+            outer,
+            last_sync,
         })
     }
 
@@ -318,12 +347,15 @@ impl Trainer {
             }
         }
         let mut sample = None;
-        if reason == EndReason::Completed && self.leader() {
-            if !self.val_rows.is_empty() {
+        if reason == EndReason::Completed {
+            if self.leader() && !self.val_rows.is_empty() {
                 self.evaluate(&mut acts)?;
             }
+            // Every rank: a DiLoCo checkpoint gathers the other ranks' states.
             self.save_latest(CheckpointKind::Final)?;
-            sample = self.sample()?;
+            if self.leader() {
+                sample = self.sample()?;
+            }
         }
         self.emit_run_end(reason, wall.elapsed().as_secs_f64(), &session);
         self.bus.finish();
@@ -444,13 +476,27 @@ impl Trainer {
         acts.timings.reset();
         let (b, t_len) = (self.cfg.batch, self.cfg.seq);
         let lr = self.schedule.lr_at(self.counters.step as usize);
+        let sync = GradSync {
+            ranks: self.ranks.as_ref(),
+            buckets: &self.buckets,
+            comm: self.cfg.grad_comm,
+            overlap: self.comm.overlap,
+        };
+        let outer = self.cfg.outer();
+        let comm = if outer.is_some() {
+            StepComm::LocalUpdates(self.ranks.as_ref())
+        } else if self.ranks.size() > 1 {
+            StepComm::SumGradients(sync)
+        } else {
+            StepComm::Alone
+        };
         let step = TrainStep {
             model: &self.model,
             kernels: self.kernels.as_ref(),
             accum: self.cfg.accum,
             clip: self.cfg.clip,
             loss_scale: self.scaler.scale() as f32,
-            ranks: Some(self.ranks.as_ref()),
+            comm,
             frozen: self.lora.as_ref().map(|l| FrozenBase {
                 params: l.base.view(),
                 lora: &l.layout,
@@ -474,6 +520,17 @@ impl Trainer {
             }
         };
         let stats = step.run(&mut self.state, acts, &mut next_batch, lr)?;
+        // DiLoCo: every H updates (and at the end) the outer step makes the ranks agree.
+        if let (Some(o), Some(state)) = (outer, self.outer.as_mut()) {
+            let done = self.counters.step + 1;
+            if o.syncs_after(done, self.cfg.steps as u64) {
+                let t = Instant::now();
+                state.step(&mut self.state.params, &o, &sync, &mut self.state.comm)?;
+                self.kernels.weights_changed();
+                acts.timings.add(Section::Allreduce, t);
+                self.last_sync = done;
+            }
+        }
         let verdict = self.judge(&stats)?;
         let tokens = self.cfg.tokens_per_update();
         let wall = t0.elapsed().as_secs_f64();

@@ -8,13 +8,14 @@ use super::{Counters, FrozenStore, LoraRun, Trainer};
 use crate::data::SamplerState;
 use crate::error::{Error, Result};
 use crate::formats::LoadedModel;
-use crate::formats::checkpoint::{CheckpointMeta, CheckpointRef, FORMAT_VERSION};
+use crate::formats::checkpoint::{CheckpointMeta, CheckpointRef, DilocoSaved, FORMAT_VERSION};
 use crate::model::{BaseFormat, FrozenModel, LoraLayout, Transformer};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::run::TrainConfig;
 use crate::telemetry::events::unix_now;
 use crate::telemetry::{CheckpointKind, Event};
 use crate::train::batches::{DataPosition, TrainData};
+use crate::train::diloco::OuterState;
 use crate::train::resume::ResumePoint;
 use crate::train::step::StepState;
 
@@ -48,6 +49,8 @@ impl Trainer {
             train_seconds: c.train_seconds,
             written_unix: unix_now(),
             loss_scale: self.scaler.state(),
+            extra_vectors: 0,
+            diloco: None,
         })
     }
 
@@ -59,7 +62,37 @@ impl Trainer {
         kind: CheckpointKind,
     ) -> Result<()> {
         let previous = (kind != CheckpointKind::Best).then(|| self.paths.latest_prev());
-        self.save_keeping(path, previous.as_deref(), with_moments, kind)
+        self.save_keeping(path, previous.as_deref(), with_moments, kind, None)
+    }
+
+    /// A DiLoCo run's state beyond rank 0's, gathered on rank 0 (every rank calls this at the
+    /// same point: the others send their weights and Adam moments). `None` elsewhere, and for
+    /// other runs.
+    fn gather_inner_states(&self) -> Result<Option<(DilocoSaved, Vec<Vec<f32>>)>> {
+        if self.outer.is_none() {
+            return Ok(None);
+        }
+        let (rank, size) = (self.ranks.rank(), self.ranks.size());
+        let s = &self.state;
+        if rank != 0 {
+            for buf in [&s.params, &s.opt.m, &s.opt.v] {
+                self.ranks.send_f32(0, buf)?;
+            }
+            return Ok(None);
+        }
+        let mut others = Vec::with_capacity(3 * (size - 1));
+        for r in 1..size {
+            for _ in 0..3 {
+                let mut b = vec![0.0f32; s.params.len()];
+                self.ranks.receive_f32(r, &mut b)?;
+                others.push(b);
+            }
+        }
+        let saved = DilocoSaved {
+            ranks: size,
+            last_sync: self.last_sync,
+        };
+        Ok(Some((saved, others)))
     }
 
     /// Writes a checkpoint, keeping the one it replaces as `previous`. Weights that are not
@@ -70,6 +103,7 @@ impl Trainer {
         previous: Option<&Path>,
         with_moments: bool,
         kind: CheckpointKind,
+        diloco: Option<(DilocoSaved, Vec<Vec<f32>>)>,
     ) -> Result<()> {
         if let Some((name, n)) = self.first_non_finite(&self.state.params) {
             return Err(Error::invalid(format!(
@@ -78,7 +112,14 @@ impl Trainer {
             )));
         }
         let t0 = Instant::now();
-        let meta = self.checkpoint_meta()?;
+        let mut meta = self.checkpoint_meta()?;
+        let mut extras: Vec<&[f32]> = Vec::new();
+        if let (Some((saved, others)), Some(outer)) = (&diloco, &self.outer) {
+            meta.diloco = Some(*saved);
+            extras.push(&outer.anchor);
+            extras.push(&outer.momentum);
+            extras.extend(others.iter().map(|v| v.as_slice()));
+        }
         let opt = &self.state.opt;
         let bytes = CheckpointRef {
             meta: &meta,
@@ -89,6 +130,7 @@ impl Trainer {
                 .unwrap_or_default(),
             params: &self.state.params,
             moments: with_moments.then_some((opt.m.as_slice(), opt.v.as_slice())),
+            extras: &extras,
         }
         .save_keeping(path, previous)?;
         let event = Event::Checkpoint {
@@ -104,11 +146,13 @@ impl Trainer {
 
     /// Writes `checkpoints/latest`, keeping the previous one as `latest.prev` (rank 0 only).
     pub(super) fn save_latest(&mut self, kind: CheckpointKind) -> Result<()> {
+        let diloco = self.gather_inner_states()?;
         if !self.leader() {
             return Ok(());
         }
         let latest = self.paths.latest();
-        self.save(&latest, true, kind)?;
+        let previous = self.paths.latest_prev();
+        self.save_keeping(&latest, Some(&previous), true, kind, diloco)?;
         if let Some(l) = &self.lora {
             let base = self.cfg.init_from.as_deref();
             crate::formats::peft::save(
@@ -134,7 +178,8 @@ pub(super) fn initial_state(
     resume: Option<ResumePoint>,
     init: Option<LoadedModel>,
     lora: Option<LoraLayout>,
-) -> Result<(StepState, Counters, Option<LoraRun>)> {
+    rank: usize,
+) -> Result<(StepState, Counters, Option<LoraRun>, Option<OuterState>)> {
     let adam = AdamWConfig {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
@@ -178,8 +223,9 @@ pub(super) fn initial_state(
         path,
     }) = resume
     else {
+        let outer = cfg.outer().map(|_| OuterState::new(&fresh));
         let state = StepState::new(fresh, opt, tokens);
-        return Ok((state, Counters::default(), lora_run));
+        return Ok((state, Counters::default(), lora_run, outer));
     };
     if ck.params.len() != fresh.len() {
         return Err(Error::checkpoint(
@@ -188,11 +234,40 @@ pub(super) fn initial_state(
         ));
     }
     drop(fresh);
-    let Some((m, v)) = ck.moments else {
+    let Some((mut m, mut v)) = ck.moments else {
         return Err(Error::checkpoint(
             &path,
             "holds weights only (no optimizer state); cannot resume",
         ));
+    };
+    let mut params = ck.params;
+    // DiLoCo: the common weights and outer momentum, and this rank's own inner state.
+    let outer = match (cfg.outer(), ck.meta.diloco) {
+        (None, _) => None,
+        (Some(_), None) => Some(OuterState::new(&params)),
+        (Some(_), Some(saved)) => {
+            let mut extras = ck.extras;
+            if extras.len() != saved.vectors() || rank >= saved.ranks {
+                return Err(Error::checkpoint(
+                    &path,
+                    format!(
+                        "holds the DiLoCo state of {} rank(s) ({} extra vectors), not of rank {rank}",
+                        saved.ranks,
+                        extras.len()
+                    ),
+                ));
+            }
+            if rank > 0 {
+                let at = 2 + 3 * (rank - 1);
+                v = std::mem::take(&mut extras[at + 2]);
+                m = std::mem::take(&mut extras[at + 1]);
+                params = std::mem::take(&mut extras[at]);
+            }
+            extras.truncate(2);
+            let momentum = extras.pop().unwrap_or_default();
+            let anchor = extras.pop().unwrap_or_default();
+            Some(OuterState { anchor, momentum })
+        }
     };
     opt.m = m;
     opt.v = v;
@@ -213,6 +288,6 @@ pub(super) fn initial_state(
         train_seconds: meta.train_seconds,
         resumed_from: Some(meta.step),
     };
-    let state = StepState::new(ck.params, opt, tokens);
-    Ok((state, counters, lora_run))
+    let state = StepState::new(params, opt, tokens);
+    Ok((state, counters, lora_run, outer))
 }
