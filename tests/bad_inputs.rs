@@ -212,6 +212,25 @@ fn every_bad_input_gives_its_documented_error() {
         train(&["--data", "data.bin", "--run-dir", "nothing", "--resume"]),
         &[],
     );
+    case(
+        "DiLoCo outer momentum of 1 or more",
+        train(&[
+            "--data",
+            "data.bin",
+            "--distributed-mode",
+            "diloco",
+            "--outer-momentum",
+            "1",
+            "--run-dir",
+            "r1",
+        ]),
+        &[],
+    );
+    case(
+        "gradient buckets of 0 MB",
+        train(&["--data", "data.bin", "--bucket-mb", "0", "--run-dir", "r1"]),
+        &[],
+    );
     let generate = |ck: &str| -> Vec<String> {
         ["generate", "--checkpoint", ck, "--max-tokens", "4"]
             .iter()

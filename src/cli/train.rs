@@ -54,9 +54,9 @@ pub struct TrainArgs {
     /// this machine).
     #[arg(long, help_heading = "Run")]
     threads: Option<usize>,
-    /// Data-parallel training: auto (MPI when started by mpirun/mpiexec/srun), none, or mpi.
-    /// Each rank trains on --batch sequences of every micro-batch; gradients are summed across
-    /// ranks before one identical update everywhere; rank 0 writes the run.
+    /// Training on several processes: auto (MPI when started by mpirun/mpiexec/srun), none,
+    /// or mpi. Each rank trains on --batch sequences of every micro-batch, and rank 0 writes
+    /// the run; --distributed-mode says what the ranks exchange.
     #[arg(long, value_enum, default_value_t = Distributed::Auto, help_heading = "Several machines")]
     distributed: Distributed,
     /// Sum the gradients after the backward pass instead of each bucket as soon as the pass

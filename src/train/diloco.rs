@@ -19,8 +19,13 @@
 //! With lr 1 and momentum 0 the new weights are the ranks' mean; with one rank, the rank's own
 //! weights (plain training, up to the rounding of `a - (a - x)`).
 
+use rayon::prelude::*;
+
 use super::grad_sync::{BucketBuffers, ExchangeTimes, GradSync};
 use crate::error::{Error, Result};
+
+/// Values per task of the element-wise loops.
+const CHUNK: usize = 1 << 16;
 
 /// The outer optimizer's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,22 +78,29 @@ impl OuterState {
             ));
         }
         // The delta overwrites the weights (they become the common weights below).
-        for (x, &a) in params.iter_mut().zip(&self.anchor) {
-            *x = a - *x;
-        }
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(self.anchor.par_chunks(CHUNK))
+            .for_each(|(xs, as_)| {
+                for (x, &a) in xs.iter_mut().zip(as_) {
+                    *x = a - *x;
+                }
+            });
         let times = sync.sum(params, buffers)?;
         let inv = 1.0 / sync.ranks.size() as f32;
         let (lr, mu) = (cfg.lr as f32, cfg.momentum as f32);
-        for ((x, a), v) in params
-            .iter_mut()
-            .zip(self.anchor.iter_mut())
-            .zip(self.momentum.iter_mut())
-        {
-            let g = *x * inv;
-            *v = mu * *v + g;
-            *a -= lr * (g + mu * *v);
-            *x = *a;
-        }
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(self.anchor.par_chunks_mut(CHUNK))
+            .zip(self.momentum.par_chunks_mut(CHUNK))
+            .for_each(|((xs, as_), vs)| {
+                for ((x, a), v) in xs.iter_mut().zip(as_).zip(vs) {
+                    let g = *x * inv;
+                    *v = mu * *v + g;
+                    *a -= lr * (g + mu * *v);
+                    *x = *a;
+                }
+            });
         Ok(times)
     }
 }
