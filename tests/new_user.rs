@@ -311,6 +311,34 @@ fn run_folders_where_a_model_is_expected_and_runs_that_do_not_exist() {
     // bench generate's defaults fit a model with 256 positions.
     let o = handgrad(&["bench", "generate", "--model", "stories15m"], d);
     assert_eq!(o.code, 0, "{}", o.stderr);
+    // Its roofline counting the KV cache: f32 keys and values of every layer for the mean
+    // number of positions a decoded token attends to.
+    let o = handgrad(
+        &[
+            "bench",
+            "generate",
+            "--model",
+            "stories15m",
+            "--prompt",
+            "16",
+            "--tokens",
+            "8",
+            "--json",
+        ],
+        d,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let r = v.get("result").unwrap_or(&v);
+    let cfg = handgrad::model::ModelConfig::preset("stories15m").unwrap();
+    let per_position = 2 * cfg.n_layers * cfg.kv_dim() * 4;
+    let want = (per_position as f64 * (16.0 + 4.5)) as u64;
+    assert_eq!(r["kv_cache_bytes_per_token"].as_u64(), Some(want), "{r}");
+    let (plain, with_cache) = (
+        r["roofline_tokens_per_s"].as_f64().unwrap(),
+        r["roofline_with_cache_tokens_per_s"].as_f64().unwrap(),
+    );
+    assert!(with_cache < plain, "{r}");
 }
 
 #[test]

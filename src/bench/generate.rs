@@ -36,6 +36,13 @@ pub struct GenerateBench {
     pub roofline_tokens_per_s: f64,
     /// `decode_tokens_per_s / roofline_tokens_per_s`.
     pub roofline_fraction: f64,
+    /// Bytes of the KV cache (f32 keys and values) attention reads per decoded token, on
+    /// average over the decoded tokens (it grows with the position).
+    pub kv_cache_bytes_per_token: usize,
+    /// `bandwidth / (weight + KV cache bytes per token)`: the roofline counting every byte a
+    /// token must read, and the decode speed as a fraction of it.
+    pub roofline_with_cache_tokens_per_s: f64,
+    pub roofline_with_cache_fraction: f64,
     /// Where a decoded token's time goes (ms per token; `percent` of the decode time).
     pub decode_breakdown: Vec<BreakdownEntry>,
     /// Several sequences decoded together (`--sequences`), when asked for.
@@ -159,6 +166,12 @@ pub fn run(
         (decode - timings.total()).max(0.0),
     ));
     let roofline = bandwidth * 1e9 / bytes as f64;
+    // Decoding the token at position p reads the keys and values of positions 0..=p, of every
+    // layer: on average `prompt + (tokens + 1) / 2` positions over the decoded tokens.
+    let mean_positions = ids.len() as f64 + (tokens as f64 + 1.0) / 2.0;
+    let per_position = 2 * cfg.n_layers * cfg.kv_dim() * std::mem::size_of::<f32>();
+    let cache_bytes = (per_position as f64 * mean_positions) as usize;
+    let roofline_with_cache = bandwidth * 1e9 / (bytes + cache_bytes) as f64;
     Ok(GenerateBench {
         model: name.into(),
         weights,
@@ -174,6 +187,9 @@ pub fn run(
         bandwidth_gb_s: bandwidth,
         roofline_tokens_per_s: roofline,
         roofline_fraction: decode_tps / roofline,
+        kv_cache_bytes_per_token: cache_bytes,
+        roofline_with_cache_tokens_per_s: roofline_with_cache,
+        roofline_with_cache_fraction: decode_tps / roofline_with_cache,
         decode_breakdown,
         together: together.map(|secs| {
             let tps = (sequences * tokens) as f64 / secs;

@@ -129,6 +129,12 @@ fn print_summary(r: &GenerateBench, backend: &Backend) {
         r.weight_bytes_per_token as f64 / 1e6
     );
     println!(
+        "  counting the KV cache too ({:.1} MB of f32 keys and values per token on average): {:.1}% of {:.1} tokens/s",
+        r.kv_cache_bytes_per_token as f64 / 1e6,
+        100.0 * r.roofline_with_cache_fraction,
+        r.roofline_with_cache_tokens_per_s
+    );
+    println!(
         "prefill / decode speed: {:.1}x",
         r.prefill_tokens_per_s / r.decode_tokens_per_s
     );
