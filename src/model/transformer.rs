@@ -755,24 +755,7 @@ impl Transformer {
         batch: Batch,
         loss_scale: f32,
     ) -> Result<f64> {
-        if grads.len() != params.len() {
-            return Err(Error::invalid(
-                "gradient buffer does not match the parameters",
-            ));
-        }
-        self.pass(
-            k,
-            Base::F32(params),
-            GradSink {
-                model: Some(grads),
-                lora: None,
-                frozen_dw: Vec::new(),
-                ready: None,
-            },
-            acts,
-            batch,
-            loss_scale,
-        )
+        self.model_pass(k, params, grads, acts, batch, loss_scale, None)
     }
 
     /// [`Transformer::forward_backward`], calling `ready(grads, offset)` each time the
@@ -790,24 +773,33 @@ impl Transformer {
         loss_scale: f32,
         ready: &mut dyn FnMut(&[f32], usize),
     ) -> Result<f64> {
+        self.model_pass(k, params, grads, acts, batch, loss_scale, Some(ready))
+    }
+
+    /// Forward and backward with the model's own gradients (and the completion hook, if any).
+    #[allow(clippy::too_many_arguments)] // forward_backward's arguments and the hook
+    fn model_pass<'g>(
+        &self,
+        k: &dyn Kernels,
+        params: &[f32],
+        grads: &'g mut [f32],
+        acts: &mut Activations,
+        batch: Batch,
+        loss_scale: f32,
+        ready: Option<ReadyHook<'g>>,
+    ) -> Result<f64> {
         if grads.len() != params.len() {
             return Err(Error::invalid(
                 "gradient buffer does not match the parameters",
             ));
         }
-        self.pass(
-            k,
-            Base::F32(params),
-            GradSink {
-                model: Some(grads),
-                lora: None,
-                frozen_dw: Vec::new(),
-                ready: Some(ready),
-            },
-            acts,
-            batch,
-            loss_scale,
-        )
+        let sink = GradSink {
+            model: Some(grads),
+            lora: None,
+            frozen_dw: Vec::new(),
+            ready,
+        };
+        self.pass(k, Base::F32(params), sink, acts, batch, loss_scale)
     }
 
     /// Forward and backward of the frozen model `base` with LoRA adapters: as
