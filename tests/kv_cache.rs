@@ -163,6 +163,54 @@ fn q8_weights_are_read_and_prefill_matches_stepping() {
     );
 }
 
+/// The int8 checks on every int8 path a host of this kind can take, each in its own process
+/// (the choice is read once per process): the packed AVX512-VNNI products of several rows
+/// (this host's default where it has VNNI), the row-major kernels (`HANDGRAD_INT8_PACKED=0`),
+/// AVX2 without VNNI, and the portable loop.
+#[test]
+fn q8_decoding_agrees_on_every_int8_path() {
+    use handgrad::backend::cpu::{gemm_q8, quant};
+    let path = || {
+        format!(
+            "{}, packed products {}",
+            quant::dot_isa().describe(),
+            gemm_q8::used(quant::DEFAULT_GROUP)
+        )
+    };
+    if common::in_child() {
+        q8_weights_are_read_and_prefill_matches_stepping();
+        check_batched(
+            ModelConfig::preset("tiny").unwrap(),
+            &CpuKernels,
+            &[WeightFormat::Q8],
+        );
+        eprintln!("q8 checks passed on: {}", path());
+        return;
+    }
+    eprintln!("this process: {}", path());
+    let paths: [(&str, &str, &str); 4] = [
+        ("HANDGRAD_INT8_PACKED", "1", ""),
+        ("HANDGRAD_INT8_PACKED", "0", "packed products false"),
+        ("HANDGRAD_INT8_ISA", "avx2", "packed products false"),
+        (
+            "HANDGRAD_INT8_ISA",
+            "portable",
+            "portable int8 dot products, packed products false",
+        ),
+    ];
+    for (var, value, expect) in paths {
+        let out = common::rerun_in_child("q8_decoding_agrees_on_every_int8_path", &[(var, value)]);
+        assert_eq!(out.code, 0, "{var}={value}:\n{}{}", out.stdout, out.stderr);
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("q8 checks passed on"))
+            .unwrap_or_else(|| panic!("{var}={value}: no verdict\n{}", out.stderr));
+        assert!(line.contains(expect), "{var}={value}: {line}");
+        eprintln!("{var}={value}: {line}");
+    }
+}
+
 #[test]
 fn llama_gqa_rotate_half() {
     check(ModelConfig::preset("tiny").unwrap());

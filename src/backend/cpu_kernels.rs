@@ -39,12 +39,18 @@ fn q8_outputs(x: &[f32], rows: usize, outs: &mut [LinearOut]) -> bool {
     if !all {
         return false;
     }
-    let xq = quant::Q8Rows::quantize(x, rows, cols, group);
-    for o in outs.iter_mut() {
-        if let Some(CompactWeights::Q8(q)) = o.w.compact {
-            quant::matmul_q8_prequantized(o.y, &xq, rows, q, o.w.rows);
-        }
+    thread_local! {
+        /// The quantised input, its memory reused across products.
+        static INPUT: std::cell::RefCell<quant::Q8Rows> = std::cell::RefCell::default();
     }
+    INPUT.with_borrow_mut(|xq| {
+        xq.quantize_from(x, rows, cols, group);
+        for o in outs.iter_mut() {
+            if let Some(CompactWeights::Q8(q)) = o.w.compact {
+                quant::matmul_q8_prequantized(o.y, xq, rows, q, o.w.rows);
+            }
+        }
+    });
     true
 }
 

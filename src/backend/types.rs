@@ -3,6 +3,8 @@
 //! so the model layer builds them and every backend (CPU, an accelerator, its simulator) reads
 //! the same values.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 
 /// How RoPE pairs the dimensions of a head.
@@ -182,6 +184,26 @@ pub enum CompactWeights<'a> {
 pub struct Q8Matrix<'a> {
     pub q: &'a [i8],
     pub scales: &'a [f32],
+    pub group: usize,
+    /// Where the owner keeps the same weights rearranged for the CPU's products of several
+    /// token rows ([`Q8Packed`]), made by the first such product; `None` when it keeps none.
+    pub packed: Option<&'a OnceLock<Q8Packed>>,
+}
+
+/// Int8 weights `[rows, cols]` rearranged for `vpdpbusd` (AVX512-VNNI), which multiplies
+/// unsigned by signed bytes and sums each four adjacent products into one of 16 int32 lanes:
+/// blocks of 16 rows (the last padded with zero weights), and within a block, for each step of
+/// 4 columns, 64 bytes holding rows `0..16` x those 4 columns, each weight stored as the
+/// unsigned byte `w + 128` (the activations are the signed operand, and the product's excess
+/// `128 * sum(x)` is subtracted once per group). `cpu::gemm_q8` makes and multiplies them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Q8Packed {
+    /// `[blocks][cols / 4][16 rows][4 columns]` unsigned bytes.
+    pub bytes: Vec<u8>,
+    /// `[blocks][cols / group][16 rows]` scales (0 for padding rows).
+    pub scales: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
     pub group: usize,
 }
 

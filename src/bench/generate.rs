@@ -23,8 +23,9 @@ pub struct GenerateBench {
     pub prefill_tokens_per_s: f64,
     /// The prompt's forward pass in GFLOP/s (`ModelConfig::prefill_flops`).
     pub prefill_gflops: f64,
-    /// The measured peak of the prompt's precision (GFLOP/s), when one is measured (fp32,
-    /// bf16; not for int8 weights), and `prefill_gflops` as a fraction of it.
+    /// The measured peak of the prompt's products (GFLOP/s: fp32 or bf16; for int8 weights
+    /// the `vpdpbusd` peak in GOP/s, where the CPU has AVX512-VNNI), and `prefill_gflops` as a
+    /// fraction of it.
     pub prefill_peak_gflops: Option<f64>,
     pub prefill_fraction_of_peak: Option<f64>,
     pub decode_tokens_per_s: f64,
@@ -45,6 +46,8 @@ pub struct GenerateBench {
     pub roofline_with_cache_fraction: f64,
     /// Where a decoded token's time goes (ms per token; `percent` of the decode time).
     pub decode_breakdown: Vec<BreakdownEntry>,
+    /// Where the prompt's time goes (ms for the whole prompt; `percent` of the prefill time).
+    pub prefill_breakdown: Vec<BreakdownEntry>,
     /// Several sequences decoded together (`--sequences`), when asked for.
     pub together: Option<TogetherBench>,
 }
@@ -58,6 +61,45 @@ pub struct TogetherBench {
     pub tokens_per_s: f64,
     /// `tokens_per_s / decode_tokens_per_s`.
     pub ratio: f64,
+}
+
+/// The times of one prefill and decode.
+#[derive(Debug, Clone)]
+struct Timed {
+    prefill: f64,
+    prefill_timings: StepTimings,
+    decode: f64,
+    bytes: usize,
+    decode_timings: StepTimings,
+}
+
+/// `timings` of a run of `total` seconds as a breakdown in ms per `per` (tokens), with the
+/// untimed rest as "other".
+fn breakdown(timings: &StepTimings, total: f64, per: usize, other: &str) -> Vec<BreakdownEntry> {
+    let entry = |section: &str, label: &str, secs: f64| BreakdownEntry {
+        section: section.into(),
+        label: label.into(),
+        ms: secs / per as f64 * 1e3,
+        percent: 100.0 * secs / total,
+    };
+    let mut out: Vec<BreakdownEntry> = Section::ALL
+        .iter()
+        .filter(|&&s| timings.get(s) > 0.0)
+        .map(|&s| {
+            let label = if s == Section::ClassifierLoss {
+                "final norm + classifier"
+            } else {
+                s.label()
+            };
+            entry(s.name(), label, timings.get(s))
+        })
+        .collect();
+    out.push(entry(
+        "other",
+        &format!("other ({other})"),
+        (total - timings.total()).max(0.0),
+    ));
+    out
 }
 
 /// What to generate.
@@ -93,23 +135,25 @@ pub fn run(
         .map(|_| rng.below(cfg.vocab_size as u64) as u32)
         .collect();
     let bandwidth = super::peak::read_bandwidth(1 << 30);
-    let run_once = || -> Result<(f64, f64, usize, StepTimings)> {
+    let run_once = || -> Result<Timed> {
         let mut dec = Decoder::new(&model, &params, prompt + tokens + 1)?;
         dec = dec.with_weights(weights);
         let t = Instant::now();
         let mut last = argmax(dec.prefill(kernels, &ids)?);
         let prefill = t.elapsed().as_secs_f64();
+        let prefill_timings = dec.timings().clone();
         dec.reset_timings();
         let t = Instant::now();
         for _ in 0..tokens {
             last = argmax(dec.step(kernels, last)?);
         }
-        Ok((
+        Ok(Timed {
             prefill,
-            t.elapsed().as_secs_f64(),
-            dec.weight_bytes_per_token(),
-            dec.timings().clone(),
-        ))
+            prefill_timings,
+            decode: t.elapsed().as_secs_f64(),
+            bytes: dec.weight_bytes_per_token(),
+            decode_timings: dec.timings().clone(),
+        })
     };
     // `sequences` prompts prefilled, then decoded together for `tokens` passes.
     let together_once = || -> Result<f64> {
@@ -140,31 +184,25 @@ pub fn run(
         None
     };
 
-    let (prefill, decode, bytes, timings) = run_once()?;
+    // The median of three runs, for the prompt and the decoding apart (this machine's speed
+    // varies from run to run).
+    let mut runs = (0..3).map(|_| run_once()).collect::<Result<Vec<_>>>()?;
+    runs.sort_by(|a, b| a.prefill.total_cmp(&b.prefill));
+    let Timed {
+        prefill,
+        prefill_timings,
+        ..
+    } = runs[1].clone();
+    runs.sort_by(|a, b| a.decode.total_cmp(&b.decode));
+    let Timed {
+        decode,
+        bytes,
+        decode_timings: timings,
+        ..
+    } = runs[1].clone();
     let decode_tps = tokens as f64 / decode;
-    let entry = |section: &str, label: &str, secs: f64| BreakdownEntry {
-        section: section.into(),
-        label: label.into(),
-        ms: secs / tokens.max(1) as f64 * 1e3,
-        percent: 100.0 * secs / decode,
-    };
-    let mut decode_breakdown: Vec<BreakdownEntry> = Section::ALL
-        .iter()
-        .filter(|&&s| timings.get(s) > 0.0)
-        .map(|&s| {
-            let label = if s == Section::ClassifierLoss {
-                "final norm + classifier"
-            } else {
-                s.label()
-            };
-            entry(s.name(), label, timings.get(s))
-        })
-        .collect();
-    decode_breakdown.push(entry(
-        "other",
-        "other (sampling, untimed)",
-        (decode - timings.total()).max(0.0),
-    ));
+    let decode_breakdown = breakdown(&timings, decode, tokens.max(1), "sampling, untimed");
+    let prefill_breakdown = breakdown(&prefill_timings, prefill, 1, "embedding, untimed");
     let roofline = bandwidth * 1e9 / bytes as f64;
     // Decoding the token at position p reads the keys and values of positions 0..=p, of every
     // layer: on average `prompt + (tokens + 1) / 2` positions over the decoded tokens.
@@ -191,6 +229,7 @@ pub fn run(
         roofline_with_cache_tokens_per_s: roofline_with_cache,
         roofline_with_cache_fraction: decode_tps / roofline_with_cache,
         decode_breakdown,
+        prefill_breakdown,
         together: together.map(|secs| {
             let tps = (sequences * tokens) as f64 / secs;
             TogetherBench {

@@ -53,6 +53,24 @@ mod x86 {
         out.iter().sum()
     }
 
+    /// `vpdpbusd` chains: 64 int8 multiply-adds per instruction.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn int8_dot(iters: usize) -> f32 {
+        let a = _mm512_set1_epi8(1);
+        let b = _mm512_set1_epi8(-1);
+        let mut acc = [_mm512_setzero_si512(); CHAINS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm512_dpbusd_epi32(*r, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_si512();
+        for r in acc {
+            s = _mm512_add_epi32(s, r);
+        }
+        _mm512_reduce_add_epi32(s) as f32
+    }
+
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn bf16_dot(iters: usize) -> f32 {
         let x = _mm512_set1_ps(1e-3);
@@ -177,6 +195,25 @@ pub fn amx_peak(seconds: f64) -> Option<f64> {
             crate::backend::cpu::gemm_amx::peak_kernel,
             seconds,
         ));
+    }
+    let _ = seconds;
+    None
+}
+
+/// Peak of the int8 dot product the Q8 products run on (`vpdpbusd` on 64 bytes, where the CPU
+/// has AVX512-VNNI) on all threads, in GOP/s (a multiply and an add counted as two).
+pub fn int8_peak(seconds: f64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::backend::cpu::quant::{DotIsa, dot_isa};
+        if dot_isa() == DotIsa::Avx512Vnni {
+            // SAFETY: `dot_isa` detected AVX512-VNNI and AVX512BW.
+            return Some(measure(
+                (CHAINS * 64 * 2) as f64,
+                |n| unsafe { x86::int8_dot(n) },
+                seconds,
+            ));
+        }
     }
     let _ = seconds;
     None

@@ -269,10 +269,14 @@ impl<'m> Decoder<'m> {
             }
             _ => {}
         }
-        if self.weight_format() == WeightFormat::Q8 {
-            // The int8 products of a few rows (the prompt kernel) are slower than that many
-            // single rows (`bench generate --weights q8 --sequences 8`: 0.64x), so int8
-            // weights decode the sequences one after another.
+        if self
+            .compact
+            .as_ref()
+            .is_some_and(|c| matches!(c, CompactParams::Q8 { .. }) && !c.has_packed_int8_products())
+        {
+            // Without the packed int8 products (no AVX512-VNNI), the int8 products of a few
+            // rows are slower than that many single rows (`bench generate --weights q8
+            // --sequences 8`: 0.64x), so int8 weights decode the sequences one after another.
             let vocab = self.model.cfg.vocab_size;
             let mut all = Vec::with_capacity(tokens.len() * vocab);
             for (s, &t) in seqs.iter_mut().zip(tokens) {

@@ -37,9 +37,28 @@ impl CompactParams {
         let tensors = layout
             .tensors
             .iter()
-            .map(|t| (t.shape.len() == 2).then(|| Q8Tensor::quantize(&params[t.range()], group)))
+            .map(|t| {
+                (t.shape.len() == 2).then(|| {
+                    let q = Q8Tensor::quantize(&params[t.range()], group);
+                    // The layout of the prompt's products too, made here with the rest of
+                    // the copy rather than inside the first prompt.
+                    q.prepare_products(t.shape[0], t.shape[1]);
+                    q
+                })
+            })
             .collect();
         CompactParams::Q8 { tensors, group }
+    }
+
+    /// Whether this is an int8 copy whose matrices carry the packed layout of the products of
+    /// several rows (made where the CPU runs them: AVX512-VNNI).
+    pub fn has_packed_int8_products(&self) -> bool {
+        match self {
+            CompactParams::Q8 { tensors, .. } => {
+                tensors.iter().flatten().all(Q8Tensor::has_packed_products)
+            }
+            CompactParams::Bf16(_) => false,
+        }
     }
 
     /// Bytes of one matrix element in this copy (int8: the value and its share of the scale).

@@ -18,6 +18,7 @@ pub mod gemm_amx;
 pub mod gemm_bf16;
 pub mod gemm_crate;
 pub mod gemm_f32;
+pub mod gemm_q8;
 pub mod gemv;
 pub mod linear;
 pub mod loss;

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub use crate::backend::types::Q8Matrix;
+pub use crate::backend::types::{Q8Matrix, Q8Packed};
 
 /// The group size of llama2.c's exporter and of `convert --quant q8`.
 pub const DEFAULT_GROUP: usize = 64;
@@ -60,12 +60,41 @@ pub fn quantize_into(xs: &[f32], group: usize, q: &mut [i8], scales: &mut [f32])
     }
 }
 
+/// [`quantize_into`] for one row of activations, with the same results bit for bit: on
+/// AVX-512 (groups of a multiple of 16) sixteen values at a time, the same division and
+/// rounding per value.
+pub fn quantize_row(xs: &[f32], group: usize, q: &mut [i8], scales: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if group.is_multiple_of(16)
+            && xs.len().is_multiple_of(group)
+            && q.len() == xs.len()
+            && scales.len() == xs.len() / group
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512F detected; lengths checked just above.
+            unsafe { x86::quantize_avx512(xs, group, q, scales) };
+            return;
+        }
+    }
+    quantize_into(xs, group, q, scales);
+}
+
 /// A quantised tensor that owns its data.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Q8Tensor {
     pub q: Vec<i8>,
     pub scales: Vec<f32>,
     pub group: usize,
+    /// The same weights in the layout of the many-row products, made by the first of them.
+    packed: OnceLock<Q8Packed>,
+}
+
+impl PartialEq for Q8Tensor {
+    /// The values (whether a packed copy was made yet does not matter).
+    fn eq(&self, other: &Self) -> bool {
+        self.q == other.q && self.scales == other.scales && self.group == other.group
+    }
 }
 
 impl Q8Tensor {
@@ -78,7 +107,12 @@ impl Q8Tensor {
             .zip(scales.par_chunks_mut(1024))
             .zip(xs.par_chunks(block))
             .for_each(|((q, s), x)| quantize_into(x, group, q, s));
-        Q8Tensor { q, scales, group }
+        Q8Tensor {
+            q,
+            scales,
+            group,
+            packed: OnceLock::new(),
+        }
     }
 
     /// The values the tensor stands for, `q * s`.
@@ -90,12 +124,27 @@ impl Q8Tensor {
             .collect()
     }
 
+    /// Makes the packed copy the products of several rows read (where this CPU runs them),
+    /// now rather than in the first such product; `rows` x `cols` is the matrix's shape.
+    pub fn prepare_products(&self, rows: usize, cols: usize) {
+        if super::gemm_q8::used(self.group) {
+            self.packed
+                .get_or_init(|| super::gemm_q8::pack(self.view(), rows, cols));
+        }
+    }
+
+    /// Whether the packed copy of [`Q8Tensor::prepare_products`] exists.
+    pub fn has_packed_products(&self) -> bool {
+        self.packed.get().is_some()
+    }
+
     /// A view of the whole tensor.
     pub fn view(&self) -> Q8Matrix<'_> {
         Q8Matrix {
             q: &self.q,
             scales: &self.scales,
             group: self.group,
+            packed: Some(&self.packed),
         }
     }
 }
@@ -105,6 +154,8 @@ impl Q8Tensor {
 pub struct Q8Rows {
     pub q: Vec<i8>,
     pub scales: Vec<f32>,
+    /// The sum of each group's int8 values (`[rows, cols / group]`), for the packed products.
+    pub sums: Vec<i32>,
     pub group: usize,
     pub cols: usize,
 }
@@ -112,23 +163,36 @@ pub struct Q8Rows {
 impl Q8Rows {
     /// Quantises `rows` rows of `cols` values each (`x.len() >= rows * cols`).
     pub fn quantize(x: &[f32], rows: usize, cols: usize, group: usize) -> Self {
-        let mut q = vec![0i8; rows * cols];
-        let mut scales = vec![0.0f32; rows * cols / group];
+        let mut out = Q8Rows::default();
+        out.quantize_from(x, rows, cols, group);
+        out
+    }
+
+    /// [`Q8Rows::quantize`] into these buffers (their memory reused: a prompt quantises the
+    /// input of every product, and fresh buffers of that size cost page faults each time).
+    pub fn quantize_from(&mut self, x: &[f32], rows: usize, cols: usize, group: usize) {
         let per_row = cols / group;
+        let (q, scales, sums) = (&mut self.q, &mut self.scales, &mut self.sums);
+        q.resize(rows * cols, 0);
+        scales.resize(rows * per_row, 0.0);
+        sums.resize(rows * per_row, 0);
+        let one = |x: &[f32], q: &mut [i8], s: &mut [f32], sums: &mut [i32]| {
+            quantize_row(x, group, q, s);
+            for (sum, qg) in sums.iter_mut().zip(q.chunks_exact(group)) {
+                *sum = qg.iter().map(|&v| v as i32).sum();
+            }
+        };
         if rows > 1 {
             q.par_chunks_mut(cols)
                 .zip(scales.par_chunks_mut(per_row))
+                .zip(sums.par_chunks_mut(per_row))
                 .zip(x.par_chunks(cols))
-                .for_each(|((q, s), x)| quantize_into(x, group, q, s));
+                .for_each(|(((q, s), sums), x)| one(x, q, s, sums));
         } else {
-            quantize_into(&x[..cols], group, &mut q, &mut scales);
+            one(&x[..cols], q, scales, sums);
         }
-        Q8Rows {
-            q,
-            scales,
-            group,
-            cols,
-        }
+        self.group = group;
+        self.cols = cols;
     }
 
     fn row(&self, r: usize) -> (&[i8], &[f32]) {
@@ -261,6 +325,53 @@ mod x86 {
 
     /// How far ahead (bytes) the weights are prefetched.
     const PREFETCH: usize = 1024;
+
+    /// [`super::quantize_into`] sixteen values at a time: the same `max |x|` (NaNs skipped),
+    /// the same division by the scale, rounding half to even and clamping; NaNs become 0.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F; `xs.len() == q.len()`, a multiple of `group` (itself a
+    /// multiple of 16), and `scales.len() == xs.len() / group`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn quantize_avx512(xs: &[f32], group: usize, q: &mut [i8], scales: &mut [f32]) {
+        let lo = _mm512_set1_epi32(-127);
+        let hi = _mm512_set1_epi32(127);
+        for (g, s) in scales.iter_mut().enumerate() {
+            let base = g * group;
+            // SAFETY: reads and writes `base .. base + group`, inside `xs` and `q`.
+            unsafe {
+                let mut m = _mm512_setzero_ps();
+                for i in (0..group).step_by(16) {
+                    let v = _mm512_loadu_ps(xs.as_ptr().add(base + i));
+                    // `max(|x|, m)` returns `m` when `x` is NaN, as `f32::max` does.
+                    m = _mm512_max_ps(_mm512_abs_ps(v), m);
+                }
+                let amax = _mm512_reduce_max_ps(m);
+                let scale = amax / 127.0;
+                *s = scale;
+                if scale == 0.0 || !scale.is_finite() {
+                    q[base..base + group].fill(0);
+                    continue;
+                }
+                let sv = _mm512_set1_ps(scale);
+                for i in (0..group).step_by(16) {
+                    let v = _mm512_loadu_ps(xs.as_ptr().add(base + i));
+                    let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+                    let r = _mm512_cvt_roundps_epi32::<
+                        { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                    >(_mm512_div_ps(v, sv));
+                    let r = _mm512_maskz_mov_epi32(
+                        ordered,
+                        _mm512_min_epi32(_mm512_max_epi32(r, lo), hi),
+                    );
+                    _mm_storeu_si128(
+                        q.as_mut_ptr().add(base + i) as *mut __m128i,
+                        _mm512_cvtepi32_epi8(r),
+                    );
+                }
+            }
+        }
+    }
 
     /// # Safety
     /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; `n <= wq.len(), xq.len()`, `n` a
@@ -469,7 +580,25 @@ pub fn matmul_q8(y: &mut [f32], x: &[f32], rows: usize, w: Q8Matrix, out: usize,
 }
 
 /// [`matmul_q8`] with the input already quantised (several products of one input share it).
+/// Several rows run on the packed weights ([`super::gemm_q8`], made on first use and kept by
+/// the weights' owner) where the CPU has AVX512-VNNI; one row, and every row elsewhere, on the
+/// row-major weights ([`matmul_q8_rowmajor`]).
 pub fn matmul_q8_prequantized(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matrix, out: usize) {
+    if rows > 1
+        && let Some(cache) = w.packed
+        && super::gemm_q8::used(w.group)
+    {
+        let packed = cache.get_or_init(|| super::gemm_q8::pack(w, out, xq.cols));
+        super::gemm_q8::matmul(y, xq, rows, packed);
+        return;
+    }
+    matmul_q8_rowmajor(y, xq, rows, w, out);
+}
+
+/// [`matmul_q8_prequantized`] on the row-major weights: a matrix-vector product for one row;
+/// for several, register blocks of 4 token rows x 4 weight rows (AVX512-VNNI) or one dot
+/// product per output.
+pub fn matmul_q8_rowmajor(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matrix, out: usize) {
     assert_eq!(
         xq.group, w.group,
         "input quantised in groups of {}, weights of {}",
@@ -612,6 +741,42 @@ mod tests {
         assert_eq!(Q8Tensor::quantize(&d, 64).q, t.q, "requantising is exact");
         let zeros = Q8Tensor::quantize(&[0.0; 64], 64);
         assert!(zeros.q.iter().all(|&v| v == 0) && zeros.scales == [0.0]);
+    }
+
+    /// The vectorised quantiser of activations gives the scalar one's bytes and scales bit for
+    /// bit (zeros, NaN, infinities, ties, tiny and huge values included), and the group sums.
+    #[test]
+    fn activation_rows_quantise_as_the_reference() {
+        let mut x = data(64 * 7, 5);
+        x[3] = f32::NAN; // a NaN among finite values: becomes 0, the scale ignores it
+        x[64..128].fill(0.0); // an all-zero group
+        x[130] = f32::INFINITY; // an infinite group: all zeros
+        for (i, v) in x[192..256].iter_mut().enumerate() {
+            *v = (i as f32 - 32.0) * 0.5; // halves: ties after scaling
+        }
+        x[256..320].iter_mut().for_each(|v| *v *= 1e-30);
+        x[320..384].iter_mut().for_each(|v| *v *= 1e30);
+        for group in [16, 32, 64] {
+            let (mut q0, mut s0) = (vec![0i8; x.len()], vec![0.0f32; x.len() / group]);
+            quantize_into(&x, group, &mut q0, &mut s0);
+            let (mut q1, mut s1) = (vec![0i8; x.len()], vec![0.0f32; x.len() / group]);
+            quantize_row(&x, group, &mut q1, &mut s1);
+            assert_eq!(q0, q1, "group {group}");
+            assert_eq!(
+                s0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "group {group}"
+            );
+            let rows = Q8Rows::quantize(&x, 7, 64, group);
+            assert_eq!(rows.q, q0);
+            for (g, &sum) in rows.sums.iter().enumerate() {
+                let want: i32 = q0[g * group..(g + 1) * group]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum();
+                assert_eq!(sum, want, "group {group}, sum {g}");
+            }
+        }
     }
 
     #[test]

@@ -77,10 +77,13 @@ pub(super) fn run(a: GenerateBenchArgs) -> Result<()> {
     };
     let r = pool(a.threads)?.install(|| -> Result<_> {
         let mut r = bench::generate::run(kernels.as_ref(), &a.model, &cfg, run)?;
-        // The prompt's products run in the backend's precision (int8 with q8 weights, which
-        // has no measured peak).
-        if a.weights != WeightFormat::Q8 && kernels.products_on_cpu() {
-            let peak = measure_peak(backend.precision, 0.5);
+        // The prompt's products run in the backend's precision, or in int8 with q8 weights.
+        if kernels.products_on_cpu() {
+            let peak = if a.weights == WeightFormat::Q8 {
+                crate::bench::peak::int8_peak(0.5).unwrap_or(f64::NAN)
+            } else {
+                measure_peak(backend.precision, 0.5)
+            };
             if peak.is_finite() && peak > 0.0 {
                 r.prefill_peak_gflops = Some(peak);
                 r.prefill_fraction_of_peak = Some(r.prefill_gflops / peak);
@@ -108,6 +111,10 @@ fn print_summary(r: &GenerateBench, backend: &Backend) {
         r.model, r.weights, r.threads
     );
     let of_peak = match (r.prefill_fraction_of_peak, r.prefill_peak_gflops) {
+        (Some(f), Some(p)) if r.weights == WeightFormat::Q8 => format!(
+            " = {:.1}% of the measured int8 (vpdpbusd) peak {p:.1} GOP/s",
+            100.0 * f
+        ),
         (Some(f), Some(p)) => format!(
             " = {:.1}% of the measured {} peak {p:.1} GFLOP/s",
             100.0 * f,
@@ -141,14 +148,18 @@ fn print_summary(r: &GenerateBench, backend: &Backend) {
 }
 
 fn print_breakdown(r: &GenerateBench) {
-    println!(
-        "\n{:16} {:38} {:>10} {:>7}",
-        "breakdown", "(mean per decoded token)", "ms", "%"
+    let table = |title: &str, entries: &[crate::model::timing::BreakdownEntry]| {
+        println!("\n{:16} {:38} {:>10} {:>7}", "breakdown", title, "ms", "%");
+        for e in entries {
+            println!(
+                "{:16} {:38} {:>10.2} {:>6.1}%",
+                e.section, e.label, e.ms, e.percent
+            );
+        }
+    };
+    table(
+        &format!("(the prompt of {} tokens)", r.prompt_tokens),
+        &r.prefill_breakdown,
     );
-    for e in &r.decode_breakdown {
-        println!(
-            "{:16} {:38} {:>10.2} {:>6.1}%",
-            e.section, e.label, e.ms, e.percent
-        );
-    }
+    table("(mean per decoded token)", &r.decode_breakdown);
 }

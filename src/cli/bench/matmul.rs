@@ -231,6 +231,8 @@ struct MeasuredPeaks {
     fp32: f64,
     fp32_isa: &'static str,
     bf16: Option<f64>,
+    /// Measured only for `--int8`.
+    int8: Option<f64>,
 }
 
 /// One run on `--backend` (or int8 products with `--int8`).
@@ -241,6 +243,11 @@ fn single(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
     let (peaks, results) = pool(a.threads)?.install(|| {
         let (fp32, fp32_isa) = bench::peak::fp32_peak(1.0);
         let bf16 = bench::peak::bf16_peak(1.0);
+        let int8 = if a.int8 {
+            bench::peak::int8_peak(1.0)
+        } else {
+            None
+        };
         let results = if a.int8 {
             bench::matmul::run_int8(&shapes, a.rows, 3)
         } else {
@@ -257,6 +264,7 @@ fn single(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
                 fp32,
                 fp32_isa,
                 bf16,
+                int8,
             },
             results,
         )
@@ -268,9 +276,9 @@ fn single(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
             .max(1),
     );
     let int8_ceiling = bench::peak::int8_ceiling(theo.int8_gops, theo.fp32_gflops);
-    // There is no measured int8 peak: int8 products are compared with the theoretical one.
+    // Int8 products against the measured `vpdpbusd` peak, else the theoretical one.
     let own_peak = match (a.int8, backend.precision) {
-        (true, _) => int8_ceiling,
+        (true, _) => peaks.int8.unwrap_or(int8_ceiling),
         (false, Precision::Fp32 | Precision::Fp16) => peaks.fp32,
         (false, Precision::Bf16) => peaks.bf16.unwrap_or(f64::NAN),
     };
@@ -285,7 +293,8 @@ fn single(a: &MatmulBenchArgs, cfg: &ModelConfig) -> Result<()> {
             &serde_json::json!({
                 "backend": backend.info(), "fp32_peak_gflops": peaks.fp32, "fp32_isa": peaks.fp32_isa,
                 "f32_path": crate::backend::cpu::f32_path().name(),
-                "bf16_peak_gflops": peaks.bf16, "theoretical": theo, "int8": a.int8,
+                "bf16_peak_gflops": peaks.bf16, "int8_peak_gops": peaks.int8,
+                "theoretical": theo, "int8": a.int8,
                 "int8_isa": a.int8.then(|| crate::backend::cpu::quant::dot_isa().describe()),
                 "matmuls": results
             }),
@@ -325,10 +334,15 @@ fn print_peaks(
         None => println!("bf16 dot peak: no AVX512_BF16 on this CPU"),
     }
     if int8 {
-        println!(
-            "int8 products: {} (theoretical {int8_ceiling:.0} GOP/s; % peak is of that)",
-            crate::backend::cpu::quant::dot_isa().describe()
-        );
+        let isa = crate::backend::cpu::quant::dot_isa().describe();
+        match peaks.int8 {
+            Some(p) => println!(
+                "int8 peak (vpdpbusd): {p:.1} GOP/s (measured; theoretical {int8_ceiling:.0}); products: {isa}; % peak is of the measured peak"
+            ),
+            None => println!(
+                "int8 products: {isa} (theoretical {int8_ceiling:.0} GOP/s; % peak is of that)"
+            ),
+        }
     } else {
         println!("matmuls on {backend}: {}", backend.info().details);
     }
