@@ -7,6 +7,9 @@
 //! and the path choices (`bf16_path`, `f32_path`) at the bottom; the GEMMs (`gemm_crate`,
 //! `gemm_f32`, `gemm_amx`, then `gemm_bf16`, which hands depth to AMX) and `accelerate`
 //! above them; the operations (`linear`, `gemv`, `attention`, `quant`, norms, ...) on top.
+//! `quant` (int8 rows and their one-row products) and `gemm_q8` (the int8 products of several
+//! rows over weights packed for `vpdpbusd`) call each other: `quant` hands several rows to
+//! `gemm_q8`, which reads `quant`'s quantised rows.
 //! This file only declares the modules, re-exports, and describes the kernels in words.
 
 pub mod accelerate;
