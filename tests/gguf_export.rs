@@ -388,6 +388,7 @@ fn handgrad_greedy(
         seed: 0,
         add_bos: true,
         weights: WeightFormat::Fp32,
+        kv_cache: handgrad::generate::KvFormat::F32,
         stop_ids: Vec::new(),
     };
     let g = generate(

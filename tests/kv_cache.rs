@@ -211,6 +211,75 @@ fn q8_decoding_agrees_on_every_int8_path() {
     }
 }
 
+/// A bf16 KV cache (the default with bf16 and q8 weights): logits within bf16 rounding of
+/// the f32 cache's but not equal (the rounding happened); a prompt's batched pass agrees with
+/// the same tokens stepped one at a time (the prompt's own attention reads the rounded keys
+/// and values the cache will hold); GQA, Qwen3 with q/k norms, and 8-wide heads (the portable
+/// loops rather than AVX-512).
+#[test]
+fn bf16_cache_is_within_bf16_rounding_and_prefill_matches_stepping() {
+    use handgrad::generate::KvFormat;
+    let mut qwen = ModelConfig::preset("tiny").unwrap();
+    qwen.arch = Architecture::Qwen3;
+    qwen.n_kv_heads = 1;
+    let mut narrow = ModelConfig::preset("tiny").unwrap();
+    narrow.head_dim = 8;
+    for cfg in [ModelConfig::preset("tiny").unwrap(), qwen, narrow] {
+        let model = Transformer::new(cfg);
+        let mut params = model.layout.init(model.cfg.n_layers, 7);
+        for p in params.iter_mut() {
+            *p *= 3.0; // attention far from uniform
+        }
+        let tokens = [3u32, 9, 27, 17, 5, 40, 2, 11];
+        let new = |format| {
+            Decoder::new(&model, &params, 16)
+                .unwrap()
+                .with_kv_format(format)
+        };
+        let (mut f32_dec, mut bf16_dec) = (new(KvFormat::F32), new(KvFormat::Bf16));
+        assert_eq!(bf16_dec.kv_format(), KvFormat::Bf16);
+        let (mut worst, mut scale) = (0.0f32, 0.0f32);
+        let mut last = Vec::new();
+        for &t in &tokens {
+            let a = f32_dec.step(&CpuKernels, t).unwrap().to_vec();
+            let b = bf16_dec.step(&CpuKernels, t).unwrap();
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max((x - y).abs());
+                scale = scale.max(x.abs());
+            }
+            last = b.to_vec();
+        }
+        let tol = handgrad::backend::Tolerance::BF16.rel as f32 * scale;
+        assert!(worst > 0.0, "the bf16 cache gave the f32 cache's logits");
+        assert!(worst < tol, "bf16 cache off by {worst} (tolerance {tol})");
+        let mut batched = new(KvFormat::Bf16);
+        let l = batched.prefill(&CpuKernels, &tokens).unwrap();
+        let diff = l
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff < 1e-4 * scale.max(1.0),
+            "bf16 cache: prefill and stepping differ by {diff}"
+        );
+    }
+    // The defaults: f32 with fp32 weights, bf16 with bf16 or int8 weights.
+    let model = Transformer::new(ModelConfig::preset("tiny").unwrap());
+    let params = model.layout.init(model.cfg.n_layers, 7);
+    for (weights, cache) in [
+        (WeightFormat::Fp32, KvFormat::F32),
+        (WeightFormat::Bf16, KvFormat::Bf16),
+        (WeightFormat::Q8, KvFormat::Bf16),
+    ] {
+        let d = Decoder::new(&model, &params, 4)
+            .unwrap()
+            .with_weights(weights);
+        assert_eq!(d.kv_format(), cache, "{weights}");
+        assert_eq!(d.new_sequence(4).format(), cache, "{weights}");
+    }
+}
+
 #[test]
 fn llama_gqa_rotate_half() {
     check(ModelConfig::preset("tiny").unwrap());

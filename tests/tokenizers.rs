@@ -279,6 +279,7 @@ fn generated_text_keeps_the_space_after_a_sentencepiece_prompt() {
             seed,
             add_bos: true,
             weights: WeightFormat::Fp32,
+            kv_cache: handgrad::generate::KvFormat::F32,
         };
         let mut streamed = String::new();
         let g = generate(

@@ -13,6 +13,8 @@
 //! ```
 //! Feed-forward block (ffnFused): `out = residual + W2 (silu(W1 xn) * W3 xn)`.
 
+use half::bf16;
+
 use super::types::{Matrix, ModelDims, Qkv, RopeTable};
 
 /// The weights of one attention block (matrices `[out, in]`).
@@ -155,11 +157,62 @@ impl FfnActs {
     }
 }
 
-/// One layer's key/value cache: `[capacity, kv_dim]` each.
+/// One layer's key/value cache: `[capacity, kv_dim]` each, in f32 or in bf16 (the keys and
+/// values rounded to nearest even when stored: half the bytes a decoded token reads).
 #[derive(Debug)]
-pub struct KvCache<'a> {
-    pub k: &'a mut [f32],
-    pub v: &'a mut [f32],
+pub enum KvCache<'a> {
+    F32 {
+        k: &'a mut [f32],
+        v: &'a mut [f32],
+    },
+    Bf16 {
+        k: &'a mut [bf16],
+        v: &'a mut [bf16],
+    },
+}
+
+impl KvCache<'_> {
+    /// Positions the cache can hold (`kv_dim` values each).
+    pub fn positions(&self, kv_dim: usize) -> usize {
+        let len = match self {
+            KvCache::F32 { k, v } => k.len().min(v.len()),
+            KvCache::Bf16 { k, v } => k.len().min(v.len()),
+        };
+        len / kv_dim.max(1)
+    }
+
+    /// Whether values are rounded to bf16 when stored.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self, KvCache::Bf16 { .. })
+    }
+
+    /// Stores rows of keys and values (`[rows, kv_dim]`) at positions `start..`: copied, or
+    /// rounded to bf16.
+    pub fn store(&mut self, start: usize, kv_dim: usize, keys: &[f32], values: &[f32]) {
+        let (a, b) = (start * kv_dim, start * kv_dim + keys.len());
+        match self {
+            KvCache::F32 { k, v } => {
+                k[a..b].copy_from_slice(keys);
+                v[a..b].copy_from_slice(values);
+            }
+            KvCache::Bf16 { k, v } => {
+                for (d, &x) in k[a..b].iter_mut().zip(keys) {
+                    *d = bf16::from_f32(x);
+                }
+                for (d, &x) in v[a..b].iter_mut().zip(values) {
+                    *d = bf16::from_f32(x);
+                }
+            }
+        }
+    }
+}
+
+/// Rounds `xs` to the nearest bf16 values (kept as f32): what a bf16 cache stores, for the
+/// rows a prompt attends to before they are read back from the cache.
+pub fn round_to_bf16(xs: &mut [f32]) {
+    for x in xs {
+        *x = bf16::from_f32(*x).to_f32();
+    }
 }
 
 /// Which keys and values the attention block attends to.

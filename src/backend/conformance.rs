@@ -22,6 +22,7 @@ use super::types::{
 };
 use crate::error::Result;
 use crate::util::rng::Rng;
+use half::bf16;
 
 /// One shape to check: a model's dimensions and a batch.
 #[derive(Debug, Clone)]
@@ -273,6 +274,17 @@ impl Checker<'_> {
             error,
             passed: error <= self.tol.rel,
         });
+    }
+
+    /// [`Checker::compare`] within at least `tol` (for outputs that round intermediate values
+    /// to a narrower format whatever the backend's precision).
+    fn compare_within(&mut self, what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
+        let saved = self.tol;
+        self.tol = Tolerance {
+            rel: saved.rel.max(tol.rel),
+        };
+        self.compare(what, got, want);
+        self.tol = saved;
     }
 
     fn rows(&self) -> usize {
@@ -663,14 +675,35 @@ impl Checker<'_> {
         let t = self.case.seq;
         let start = t / 2;
         let rows = t - start;
-        let run = |kk: &dyn Kernels| -> Result<Vec<f32>> {
+        // The prompt's first half, then the rest: several rows, then (bf16 cache) one row at
+        // a time, so every cached path runs.
+        let run = |kk: &dyn Kernels, bf16_cache: bool| -> Result<Vec<f32>> {
             let (mut kc, mut vc) = (vec![0.0; t * kvd], vec![0.0; t * kvd]);
+            let (mut kb, mut vb) = (vec![bf16::ZERO; t * kvd], vec![bf16::ZERO; t * kvd]);
             let mut out = Vec::new();
-            for (first, len) in [(0, start), (start, rows)] {
+            let parts: Vec<(usize, usize)> = if bf16_cache {
+                std::iter::once((0, start))
+                    .chain((start..t).map(|p| (p, 1)))
+                    .collect()
+            } else {
+                vec![(0, start), (start, rows)]
+            };
+            for (first, len) in parts {
                 if len == 0 {
                     continue;
                 }
                 let mut acts = AttentionActs::new(&d, len, 0);
+                let cache = if bf16_cache {
+                    KvCache::Bf16 {
+                        k: &mut kb,
+                        v: &mut vb,
+                    }
+                } else {
+                    KvCache::F32 {
+                        k: &mut kc,
+                        v: &mut vc,
+                    }
+                };
                 kk.sdpa_forward(SdpaForward {
                     dims: &d,
                     xn: &xn[first * dim..(first + len) * dim],
@@ -678,24 +711,33 @@ impl Checker<'_> {
                     rope,
                     acts: &mut acts,
                     attend: Attend::Cached {
-                        cache: KvCache {
-                            k: &mut kc,
-                            v: &mut vc,
-                        },
+                        cache,
                         start: first,
                     },
                     delta: None,
                 })?;
                 out.extend_from_slice(&acts.att);
             }
-            out.extend_from_slice(&kc);
-            out.extend_from_slice(&vc);
+            if bf16_cache {
+                out.extend(kb.iter().chain(&vb).map(|x| x.to_f32()));
+            } else {
+                out.extend_from_slice(&kc);
+                out.extend_from_slice(&vc);
+            }
             Ok(out)
         };
         self.compare(
             "sdpa_forward (cached), output and cache",
-            &run(k)?,
-            &run(r)?,
+            &run(k, false)?,
+            &run(r, false)?,
+        );
+        // Keys and values a last f32 bit apart (products summed in another order) may round
+        // to neighbouring bf16 values: the bf16 tolerance, whatever the backend's precision.
+        self.compare_within(
+            "sdpa_forward (bf16 cache), output and cache",
+            &run(k, true)?,
+            &run(r, true)?,
+            Tolerance::BF16,
         );
 
         Ok(())
@@ -911,6 +953,19 @@ impl Kernels for Reference {
     ) -> Result<()> {
         attention_backward_reference(g, dout, saved, x, s);
         Ok(())
+    }
+
+    /// The f32 reference on the cache's values.
+    fn attention_cached_bf16(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[bf16],
+        v_cache: &[bf16],
+        s: &CachedAttentionShape,
+    ) -> Result<()> {
+        let widen = |xs: &[bf16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        self.attention_cached(out, q, &widen(k_cache), &widen(v_cache), s)
     }
 
     fn attention_cached(

@@ -20,7 +20,12 @@
 //! All tensors are row-major f32 slices; shapes are documented on the CPU functions each
 //! default calls (`backend::cpu`).
 
-use super::blocks::{Attend, AttentionActs, AttentionWeights, FfnForward, FfnWeights, SdpaForward};
+use half::bf16;
+
+use super::blocks::{
+    Attend, AttentionActs, AttentionWeights, FfnForward, FfnWeights, KvCache, SdpaForward,
+    round_to_bf16,
+};
 use super::cpu::attention;
 use super::cpu::embedding;
 use super::cpu::linear;
@@ -350,6 +355,20 @@ pub trait Kernels: Send + Sync {
         Ok(())
     }
 
+    /// [`Kernels::attention_cached`] against a cache held in bf16 (the CPU reads it as bf16:
+    /// half the bytes; the scores and sums stay f32).
+    fn attention_cached_bf16(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[bf16],
+        v_cache: &[bf16],
+        s: &CachedAttentionShape,
+    ) -> Result<()> {
+        attention::attention_cached_bf16(out, q, k_cache, v_cache, s);
+        Ok(())
+    }
+
     /// Sum of the cross-entropy losses of the rows of `logits [rows, vocab]`.
     fn cross_entropy_loss(&self, logits: &[f32], targets: &[u32], vocab: usize) -> Result<f64> {
         Ok(loss::cross_entropy_loss(logits, targets, vocab))
@@ -525,12 +544,12 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
             };
             k.attention_forward(&mut a.att, &mut a.saved, qkv, &heads(batch, seq))
         }
-        Attend::Cached { cache, start } => {
+        Attend::Cached { mut cache, start } => {
             let end = start + rows;
-            if cache.k.len() < end * kvd || cache.v.len() < end * kvd {
+            if cache.positions(kvd) < end {
                 return Err(Error::invalid(format!(
                     "the key/value cache holds {} positions, {end} needed",
-                    cache.k.len().min(cache.v.len()) / kvd.max(1)
+                    cache.positions(kvd)
                 )));
             }
             let pos = Positions {
@@ -539,8 +558,12 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
             };
             k.rope_forward(&mut a.q, dims.n_heads, rope, pos)?;
             k.rope_forward(&mut a.k, dims.n_kv_heads, rope, pos)?;
-            cache.k[start * kvd..end * kvd].copy_from_slice(&a.k);
-            cache.v[start * kvd..end * kvd].copy_from_slice(&a.v);
+            if cache.is_bf16() {
+                // The prompt's own attention reads what the cache will hold.
+                round_to_bf16(&mut a.k);
+                round_to_bf16(&mut a.v);
+            }
+            cache.store(start, kvd, &a.k, &a.v);
             let whole = heads(1, rows);
             if start == 0 && rows > 1 && a.saved.len() >= k.attention_saved_len(&whole) {
                 // A whole sequence from position 0 (prefill): the batched causal kernel.
@@ -558,13 +581,7 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
                 n_kv_heads: dims.n_kv_heads,
                 head_dim: hd,
             };
-            k.attention_cached(
-                &mut a.att,
-                &a.q,
-                &cache.k[..end * kvd],
-                &cache.v[..end * kvd],
-                &s,
-            )
+            attend_cache(k, &mut a.att, &a.q, &cache, end * kvd, &s)
         }
         Attend::Batched { caches, starts } => {
             if caches.len() != rows || starts.len() != rows {
@@ -575,12 +592,12 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
                 )));
             }
             let qd = dims.n_heads * hd;
-            for (i, (cache, &start)) in caches.into_iter().zip(&starts).enumerate() {
+            for (i, (mut cache, &start)) in caches.into_iter().zip(&starts).enumerate() {
                 let end = start + 1;
-                if cache.k.len() < end * kvd || cache.v.len() < end * kvd {
+                if cache.positions(kvd) < end {
                     return Err(Error::invalid(format!(
                         "the key/value cache of row {i} holds {} positions, {end} needed",
-                        cache.k.len().min(cache.v.len()) / kvd.max(1)
+                        cache.positions(kvd)
                     )));
                 }
                 let pos = Positions {
@@ -591,8 +608,7 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
                 let kr = &mut a.k[i * kvd..(i + 1) * kvd];
                 k.rope_forward(q, dims.n_heads, rope, pos)?;
                 k.rope_forward(kr, dims.n_kv_heads, rope, pos)?;
-                cache.k[start * kvd..end * kvd].copy_from_slice(kr);
-                cache.v[start * kvd..end * kvd].copy_from_slice(&a.v[i * kvd..(i + 1) * kvd]);
+                cache.store(start, kvd, kr, &a.v[i * kvd..(i + 1) * kvd]);
                 let s = CachedAttentionShape {
                     start,
                     rows: 1,
@@ -600,15 +616,33 @@ pub fn sdpa_forward<K: Kernels + ?Sized>(k: &K, a: SdpaForward) -> Result<()> {
                     n_kv_heads: dims.n_kv_heads,
                     head_dim: hd,
                 };
-                k.attention_cached(
+                attend_cache(
+                    k,
                     &mut a.att[i * qd..(i + 1) * qd],
                     &a.q[i * qd..(i + 1) * qd],
-                    &cache.k[..end * kvd],
-                    &cache.v[..end * kvd],
+                    &cache,
+                    end * kvd,
                     &s,
                 )?;
             }
             Ok(())
+        }
+    }
+}
+
+/// Cached attention over the first `len` values of `cache`'s keys and values, in its format.
+fn attend_cache<K: Kernels + ?Sized>(
+    k: &K,
+    out: &mut [f32],
+    q: &[f32],
+    cache: &KvCache,
+    len: usize,
+    s: &CachedAttentionShape,
+) -> Result<()> {
+    match cache {
+        KvCache::F32 { k: kc, v: vc } => k.attention_cached(out, q, &kc[..len], &vc[..len], s),
+        KvCache::Bf16 { k: kc, v: vc } => {
+            k.attention_cached_bf16(out, q, &kc[..len], &vc[..len], s)
         }
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::backend::Kernels;
 use crate::error::Result;
-use crate::generate::{Decoder, WeightFormat};
+use crate::generate::{Decoder, KvFormat, WeightFormat};
 use crate::model::timing::{BreakdownEntry, Section, StepTimings};
 use crate::model::{ModelConfig, Transformer};
 use crate::util::rng::Rng;
@@ -17,6 +17,8 @@ use crate::util::rng::Rng;
 pub struct GenerateBench {
     pub model: String,
     pub weights: WeightFormat,
+    /// How the KV cache held keys and values.
+    pub kv_format: KvFormat,
     pub threads: usize,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
@@ -37,7 +39,7 @@ pub struct GenerateBench {
     pub roofline_tokens_per_s: f64,
     /// `decode_tokens_per_s / roofline_tokens_per_s`.
     pub roofline_fraction: f64,
-    /// Bytes of the KV cache (f32 keys and values) attention reads per decoded token, on
+    /// Bytes of the KV cache (keys and values) attention reads per decoded token, on
     /// average over the decoded tokens (it grows with the position).
     pub kv_cache_bytes_per_token: usize,
     /// `bandwidth / (weight + KV cache bytes per token)`: the roofline counting every byte a
@@ -110,6 +112,7 @@ pub struct GenerateRun {
     /// Tokens decoded one at a time.
     pub tokens: usize,
     pub weights: WeightFormat,
+    pub kv_format: KvFormat,
     /// Sequences also decoded together, one token each per pass (0 or 1: not measured).
     pub sequences: usize,
 }
@@ -126,6 +129,7 @@ pub fn run(
         prompt,
         tokens,
         weights,
+        kv_format,
         sequences,
     } = r;
     let model = Transformer::new(cfg.clone());
@@ -137,7 +141,7 @@ pub fn run(
     let bandwidth = super::peak::read_bandwidth(1 << 30);
     let run_once = || -> Result<Timed> {
         let mut dec = Decoder::new(&model, &params, prompt + tokens + 1)?;
-        dec = dec.with_weights(weights);
+        dec = dec.with_weights(weights).with_kv_format(kv_format);
         let t = Instant::now();
         let mut last = argmax(dec.prefill(kernels, &ids)?);
         let prefill = t.elapsed().as_secs_f64();
@@ -157,7 +161,9 @@ pub fn run(
     };
     // `sequences` prompts prefilled, then decoded together for `tokens` passes.
     let together_once = || -> Result<f64> {
-        let mut dec = Decoder::new(&model, &params, 1)?.with_weights(weights);
+        let mut dec = Decoder::new(&model, &params, 1)?
+            .with_weights(weights)
+            .with_kv_format(kv_format);
         let mut seqs = Vec::with_capacity(sequences);
         let mut next = Vec::with_capacity(sequences);
         for _ in 0..sequences {
@@ -207,12 +213,13 @@ pub fn run(
     // Decoding the token at position p reads the keys and values of positions 0..=p, of every
     // layer: on average `prompt + (tokens + 1) / 2` positions over the decoded tokens.
     let mean_positions = ids.len() as f64 + (tokens as f64 + 1.0) / 2.0;
-    let per_position = 2 * cfg.n_layers * cfg.kv_dim() * std::mem::size_of::<f32>();
+    let per_position = 2 * cfg.n_layers * cfg.kv_dim() * kv_format.bytes();
     let cache_bytes = (per_position as f64 * mean_positions) as usize;
     let roofline_with_cache = bandwidth * 1e9 / (bytes + cache_bytes) as f64;
     Ok(GenerateBench {
         model: name.into(),
         weights,
+        kv_format,
         threads: rayon::current_num_threads(),
         prompt_tokens: ids.len(),
         decode_tokens: tokens,

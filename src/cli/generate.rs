@@ -10,7 +10,7 @@ use crate::backend::Precision;
 use crate::data::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::formats::load_model_with_adapter;
-use crate::generate::{GenerateOptions, Sampling, StopReason, WeightFormat, generate};
+use crate::generate::{GenerateOptions, KvFormat, Sampling, StopReason, WeightFormat, generate};
 use crate::model::Transformer;
 use crate::tokenizer;
 
@@ -80,6 +80,11 @@ pub struct GenerateArgs {
     /// int8 activations too, used for the prompt as well; CPU backend only).
     #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
     weights: WeightFormat,
+    /// How the KV cache holds keys and values: f32, or bf16 (half the bytes each generated
+    /// token reads from it; keys and values rounded to 8 significant bits) [default: f32 with
+    /// --weights fp32, bf16 with bf16 or q8].
+    #[arg(long, value_enum)]
+    kv_cache: Option<KvFormat>,
     /// Backend and precision of the prompt's batched pass [default precision: bf16 with
     /// --weights bf16 on CPUs with AVX512_BF16, else fp32].
     #[command(flatten)]
@@ -101,6 +106,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         add_bos: true,
         weights: a.weights,
+        kv_cache: a
+            .kv_cache
+            .unwrap_or_else(|| KvFormat::default_for(a.weights)),
     };
     if a.chat {
         let template = chat_template(&a.source, a.chat_template.as_deref(), &source)?;
@@ -143,7 +151,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if g.stop == StopReason::Stopped || write("\n").is_err() {
         return Ok(());
     }
-    summarize(&g, t0.elapsed().as_secs_f64());
+    summarize(&g, opts.kv_cache, t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -242,7 +250,7 @@ pub fn load(a: &ModelSource) -> Result<Loaded> {
 }
 
 /// One line on stderr: token counts, speeds, the weights read, why it stopped.
-fn summarize(g: &crate::generate::Generation, secs: f64) {
+fn summarize(g: &crate::generate::Generation, kv_cache: KvFormat, secs: f64) {
     let why = match g.stop {
         StopReason::EndOfSequence => "end of text",
         StopReason::MaxTokens => "--max-tokens reached",
@@ -251,7 +259,7 @@ fn summarize(g: &crate::generate::Generation, secs: f64) {
     };
     let decode_rate = g.ids.len() as f64 / g.decode_seconds.max(1e-9);
     eprintln!(
-        "[{} prompt + {} generated tokens in {secs:.2}s: prompt {:.0} tok/s, decode {decode_rate:.1} tok/s with {} weights ({:.1} MB read per token); stopped: {why}]",
+        "[{} prompt + {} generated tokens in {secs:.2}s: prompt {:.0} tok/s, decode {decode_rate:.1} tok/s with {} weights ({:.1} MB read per token) and a {kv_cache} KV cache; stopped: {why}]",
         g.prompt_ids.len(),
         g.ids.len(),
         g.prompt_ids.len() as f64 / g.prefill_seconds.max(1e-9),

@@ -9,7 +9,7 @@ use clap::Args;
 use super::backend_args::BackendArgs;
 use super::generate::{ModelSource, chat_template, decoding_kernels, load};
 use crate::error::{Error, Result};
-use crate::generate::WeightFormat;
+use crate::generate::{KvFormat, WeightFormat};
 use crate::serve::engine::{self, EngineModel};
 use crate::serve::{ServerConfig, router, serve};
 
@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Weights read per generated token: fp32, bf16 or q8 (as `handgrad generate --weights`).
     #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
     weights: WeightFormat,
+    /// How the KV caches hold keys and values: f32 or bf16 (as `handgrad generate
+    /// --kv-cache`) [default: f32 with --weights fp32, bf16 with bf16 or q8].
+    #[arg(long, value_enum)]
+    kv_cache: Option<KvFormat>,
     #[command(flatten)]
     backend: BackendArgs,
     /// Worker threads of the model (default: physical cores).
@@ -91,6 +95,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         tokenizer,
         kernels,
         weights: a.weights,
+        kv_cache: a
+            .kv_cache
+            .unwrap_or_else(|| KvFormat::default_for(a.weights)),
         max_batch: a.max_batch,
         pool,
         log: !a.quiet,

@@ -125,6 +125,7 @@ pub fn sample_from_latest(run_dir: &Path) -> Result<(u64, String)> {
         seed: step,
         add_bos: true,
         weights: crate::generate::WeightFormat::Fp32,
+        kv_cache: crate::generate::KvFormat::F32,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)

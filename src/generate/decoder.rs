@@ -8,6 +8,8 @@
 //! together, one token each, in one pass whose products read every weight once for all of
 //! them (how `handgrad serve` decodes concurrent requests).
 
+use half::bf16;
+
 pub use crate::backend::WeightFormat;
 use crate::backend::{Attend, Kernels, KvCache};
 use crate::error::{Error, Result};
@@ -34,12 +36,55 @@ impl RowBuffers {
     }
 }
 
-/// The key/value cache of one sequence: `[layers][capacity, kv_dim]` keys and values, and
-/// how many positions are filled.
+/// How a sequence's cache holds keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvFormat {
+    /// f32, exactly what the layer computed.
+    #[default]
+    F32,
+    /// Rounded to bf16 (8 significant bits): half the bytes each decoded token reads from the
+    /// cache.
+    Bf16,
+}
+
+impl KvFormat {
+    /// The cache a weight format gets unless told otherwise: bf16 with bf16 or int8 weights
+    /// (which already round the products' operands more coarsely), f32 with f32 weights.
+    pub fn default_for(weights: WeightFormat) -> Self {
+        match weights {
+            WeightFormat::Fp32 => KvFormat::F32,
+            WeightFormat::Bf16 | WeightFormat::Q8 => KvFormat::Bf16,
+        }
+    }
+
+    /// Bytes of one cached value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvFormat::F32 => 4,
+            KvFormat::Bf16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for KvFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvFormat::F32 => "f32",
+            KvFormat::Bf16 => "bf16",
+        })
+    }
+}
+
+/// The key/value cache of one sequence: `[layers][capacity, kv_dim]` keys and values (in
+/// the sequence's [`KvFormat`]), and how many positions are filled.
 #[derive(Debug, Default)]
 pub struct KvSequence {
+    format: KvFormat,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    k16: Vec<Vec<bf16>>,
+    v16: Vec<Vec<bf16>>,
     capacity: usize,
     pos: usize,
 }
@@ -50,14 +95,45 @@ impl KvSequence {
     /// context holds only what it has used.
     fn reserve(&mut self, more: usize, kv_dim: usize) {
         let need = (self.pos + more).min(self.capacity);
-        let have = self.k.first().map_or(0, |l| l.len() / kv_dim.max(1));
+        let have = match self.format {
+            KvFormat::F32 => self.k.first().map_or(0, Vec::len),
+            KvFormat::Bf16 => self.k16.first().map_or(0, Vec::len),
+        } / kv_dim.max(1);
         if need <= have {
             return;
         }
         let grown = need.max(2 * have).min(self.capacity);
-        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.resize(grown * kv_dim, 0.0);
+        match self.format {
+            KvFormat::F32 => {
+                for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+                    l.resize(grown * kv_dim, 0.0);
+                }
+            }
+            KvFormat::Bf16 => {
+                for l in self.k16.iter_mut().chain(self.v16.iter_mut()) {
+                    l.resize(grown * kv_dim, bf16::ZERO);
+                }
+            }
         }
+    }
+
+    /// Layer `l`'s cache, for the kernels.
+    fn layer(&mut self, l: usize) -> KvCache<'_> {
+        match self.format {
+            KvFormat::F32 => KvCache::F32 {
+                k: &mut self.k[l],
+                v: &mut self.v[l],
+            },
+            KvFormat::Bf16 => KvCache::Bf16 {
+                k: &mut self.k16[l],
+                v: &mut self.v16[l],
+            },
+        }
+    }
+
+    /// How keys and values are held.
+    pub fn format(&self) -> KvFormat {
+        self.format
     }
 
     /// Positions decoded so far.
@@ -82,6 +158,8 @@ pub struct Decoder<'m> {
     params: &'m [f32],
     /// Compact copy of the matrices (bf16 or int8), when enabled.
     compact: Option<CompactParams>,
+    /// How the caches hold keys and values.
+    kv_format: KvFormat,
     /// The decoder's own sequence.
     seq: KvSequence,
     /// Buffers of one token, and of the last batch of sequences decoded together.
@@ -104,7 +182,8 @@ impl<'m> Decoder<'m> {
             model,
             params,
             compact: None,
-            seq: Self::sequence_for(model, capacity),
+            kv_format: KvFormat::F32,
+            seq: Self::sequence_for(model, capacity, KvFormat::F32),
             one: Some(RowBuffers::new(model, 1, 0)),
             many: None,
             xn: vec![0.0; c.dim],
@@ -114,20 +193,37 @@ impl<'m> Decoder<'m> {
         })
     }
 
-    fn sequence_for(model: &Transformer, capacity: usize) -> KvSequence {
+    fn sequence_for(model: &Transformer, capacity: usize, format: KvFormat) -> KvSequence {
         let c = &model.cfg;
         KvSequence {
+            format,
             k: vec![Vec::new(); c.n_layers],
             v: vec![Vec::new(); c.n_layers],
+            k16: vec![Vec::new(); c.n_layers],
+            v16: vec![Vec::new(); c.n_layers],
             capacity: capacity.min(c.max_seq_len).max(1),
             pos: 0,
         }
     }
 
     /// An empty cache for another sequence of up to `capacity` positions (at most the
-    /// model's maximum), for [`Decoder::prefill_sequence`] and [`Decoder::step_batch`].
+    /// model's maximum), for [`Decoder::prefill_sequence`] and [`Decoder::step_batch`], in
+    /// this decoder's [`KvFormat`].
     pub fn new_sequence(&self, capacity: usize) -> KvSequence {
-        Self::sequence_for(self.model, capacity)
+        Self::sequence_for(self.model, capacity, self.kv_format)
+    }
+
+    /// Holds keys and values in `format` (instead of [`KvFormat::default_for`] the weights);
+    /// the decoder's own cache is emptied.
+    pub fn with_kv_format(mut self, format: KvFormat) -> Self {
+        self.kv_format = format;
+        self.seq = Self::sequence_for(self.model, self.seq.capacity, format);
+        self
+    }
+
+    /// How the caches hold keys and values.
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv_format
     }
 
     /// Streams bf16 copies of the weight matrices in the per-token products (half the memory
@@ -136,14 +232,16 @@ impl<'m> Decoder<'m> {
         self.with_weights(WeightFormat::Bf16)
     }
 
-    /// Reads the matrices in `format` (a bf16 or int8 copy is made of the f32 parameters).
+    /// Reads the matrices in `format` (a bf16 or int8 copy is made of the f32 parameters), and
+    /// holds keys and values as [`KvFormat::default_for`] that format (the decoder's own
+    /// cache is emptied; [`Decoder::with_kv_format`] after this chooses another).
     pub fn with_weights(mut self, format: WeightFormat) -> Self {
         self.compact = match format {
             WeightFormat::Fp32 => None,
             WeightFormat::Bf16 => Some(CompactParams::bf16(self.params)),
             WeightFormat::Q8 => Some(CompactParams::q8(&self.model.layout, self.params)),
         };
-        self
+        self.with_kv_format(KvFormat::default_for(format))
     }
 
     /// The weights read per decoded token.
@@ -334,22 +432,14 @@ impl<'m> Decoder<'m> {
         for l in 0..c.n_layers {
             let attend = if batched {
                 let starts = seqs.iter().map(|s| s.pos).collect();
-                let caches = seqs
-                    .iter_mut()
-                    .map(|s| KvCache {
-                        k: &mut s.k[l],
-                        v: &mut s.v[l],
-                    })
-                    .collect();
+                let caches = seqs.iter_mut().map(|s| s.layer(l)).collect();
                 Attend::Batched { caches, starts }
             } else {
                 let s = &mut *seqs[0];
+                let start = s.pos;
                 Attend::Cached {
-                    cache: KvCache {
-                        k: &mut s.k[l],
-                        v: &mut s.v[l],
-                    },
-                    start: s.pos,
+                    cache: s.layer(l),
+                    start,
                 }
             };
             let io = LayerIo {

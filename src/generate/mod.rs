@@ -4,7 +4,7 @@ pub mod decoder;
 pub mod sampler;
 pub mod text;
 
-pub use decoder::{Decoder, KvSequence, WeightFormat};
+pub use decoder::{Decoder, KvFormat, KvSequence, WeightFormat};
 pub use sampler::{Sampler, Sampling};
 pub use text::TextStream;
 
@@ -25,6 +25,9 @@ pub struct GenerateOptions {
     pub add_bos: bool,
     /// The weights read per decoded token (bf16: half the memory traffic).
     pub weights: WeightFormat,
+    /// How the KV cache holds keys and values ([`KvFormat::default_for`] the weights unless
+    /// the user chose).
+    pub kv_cache: KvFormat,
     /// Token ids that end the generation besides the tokenizer's end of text (a chat
     /// template's end of turn).
     pub stop_ids: Vec<u32>,
@@ -97,7 +100,7 @@ pub fn generate(
             dec.capacity()
         )));
     }
-    dec = dec.with_weights(opts.weights);
+    dec = dec.with_weights(opts.weights).with_kv_format(opts.kv_cache);
     let t_prefill = std::time::Instant::now();
     logits.extend_from_slice(dec.prefill(kernels, &prompt_ids)?);
     let prefill_seconds = t_prefill.elapsed().as_secs_f64();

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::{FinishReason, Usage};
 use crate::backend::Kernels;
-use crate::generate::{Decoder, KvSequence, Sampler, Sampling, TextStream, WeightFormat};
+use crate::generate::{Decoder, KvFormat, KvSequence, Sampler, Sampling, TextStream, WeightFormat};
 use crate::model::Transformer;
 use crate::tokenizer::Tokenizer;
 
@@ -54,6 +54,7 @@ pub struct EngineModel {
     pub tokenizer: std::sync::Arc<dyn Tokenizer>,
     pub kernels: Box<dyn Kernels>,
     pub weights: WeightFormat,
+    pub kv_cache: KvFormat,
     /// Requests decoded together at most; more wait their turn.
     pub max_batch: usize,
     pub pool: rayon::ThreadPool,
@@ -84,13 +85,14 @@ pub fn run(m: EngineModel, jobs: mpsc::Receiver<Job>) {
         tokenizer,
         kernels,
         weights,
+        kv_cache,
         max_batch,
         pool,
         log,
     } = m;
     pool.install(|| {
         let decoder = match Decoder::new(&model, &params, 1) {
-            Ok(d) => d.with_weights(weights),
+            Ok(d) => d.with_weights(weights).with_kv_format(kv_cache),
             Err(e) => {
                 // Answer every request with the reason.
                 for job in jobs.iter() {

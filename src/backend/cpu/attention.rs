@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 
+use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm_bf16::gemm_bf16_serial;
@@ -298,6 +299,89 @@ pub fn attention_cached(
     }
 }
 
+/// [`attention_cached`] against keys and values held in bf16: one row (decoding) reads them
+/// as bf16, widened in registers; several rows (a prompt continued after cached positions)
+/// widen the cache to f32 first.
+pub fn attention_cached_bf16(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[bf16],
+    v_cache: &[bf16],
+    s: &CachedAttentionShape,
+) {
+    let heads = s.heads();
+    let (qd, kvd) = (heads.q_dim(), heads.kv_dim());
+    let len = s.start + s.rows;
+    assert!(q.len() >= s.rows * qd && out.len() >= s.rows * qd);
+    assert!(k_cache.len() >= len * kvd && v_cache.len() >= len * kvd);
+    if s.rows == 1 {
+        attention_one_row(&mut out[..qd], &q[..qd], k_cache, v_cache, s);
+        return;
+    }
+    let widen = |xs: &[bf16]| {
+        xs[..len * kvd]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect::<Vec<_>>()
+    };
+    attention_cached(out, q, &widen(k_cache), &widen(v_cache), s);
+}
+
+/// An element of a key/value cache: f32, or bf16 widened as it is read.
+trait CacheElem: Copy + Send + Sync {
+    /// `q . k` (portable loops).
+    fn dot(q: &[f32], k: &[Self]) -> f32;
+    /// `y += a x` (portable loops).
+    fn axpy(y: &mut [f32], a: f32, x: &[Self]);
+    /// Loads 16 elements as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX-512F; `p` points to 16 readable elements.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl CacheElem for f32 {
+    fn dot(q: &[f32], k: &[f32]) -> f32 {
+        super::math::dot(q, k)
+    }
+
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        axpy(y, a, x)
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl CacheElem for bf16 {
+    fn dot(q: &[f32], k: &[bf16]) -> f32 {
+        q.iter().zip(k).map(|(&a, &b)| a * b.to_f32()).sum()
+    }
+
+    fn axpy(y: &mut [f32], a: f32, x: &[bf16]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += a * x.to_f32();
+        }
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 bf16 = 32 bytes); a bf16 is the top half of the
+        // f32 with the same bits.
+        unsafe {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+}
+
 /// Partial attention of one query row over a span of cache positions, every head: per head
 /// the largest raw score `max`, `sum` of `e^((score - max) * scale)`, and `out` (`hd` floats)
 /// the values weighted by those exponentials.
@@ -314,11 +398,11 @@ struct SpanPartial {
 /// maxima. Reading the cache head by head instead touches `head_dim` floats every `kv_dim`,
 /// which the hardware prefetcher does not follow (measured on Stories110M at 256-384
 /// positions: 3 ms of a 10.8 ms token).
-fn attention_one_row(
+fn attention_one_row<E: CacheElem>(
     out: &mut [f32],
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     s: &CachedAttentionShape,
 ) {
     let heads = s.heads();
@@ -378,17 +462,17 @@ fn attention_one_row(
 
 /// Consecutive cache rows (`k`, `v`: `[rows, kvd]`) and the query row `q [nh * hd]` of
 /// [`attention_one_row`].
-struct CacheSpan<'a> {
+struct CacheSpan<'a, E> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: &'a [E],
+    v: &'a [E],
     nh: usize,
     hd: usize,
     kvd: usize,
     group: usize,
 }
 
-impl CacheSpan<'_> {
+impl<E: CacheElem> CacheSpan<'_, E> {
     /// `scores[j * nh + h]` = q_h · k_j (head `h / group` of the row), and the largest of each
     /// head into `max`.
     fn scores(&self, scores: &mut [f32], max: &mut [f32]) {
@@ -401,7 +485,7 @@ impl CacheSpan<'_> {
         let (nh, hd, kvd, group) = (self.nh, self.hd, self.kvd, self.group);
         for (row, keys) in scores.chunks_exact_mut(nh).zip(self.k.chunks_exact(kvd)) {
             for (h, (sc, m)) in row.iter_mut().zip(max.iter_mut()).enumerate() {
-                *sc = super::math::dot(
+                *sc = E::dot(
                     &self.q[h * hd..(h + 1) * hd],
                     &keys[(h / group) * hd..][..hd],
                 );
@@ -421,7 +505,7 @@ impl CacheSpan<'_> {
         let (nh, hd, kvd, group) = (self.nh, self.hd, self.kvd, self.group);
         for (row, values) in weights.chunks_exact(nh).zip(self.v.chunks_exact(kvd)) {
             for (h, &p) in row.iter().enumerate() {
-                axpy(
+                E::axpy(
                     &mut out[h * hd..(h + 1) * hd],
                     p,
                     &values[(h / group) * hd..][..hd],
@@ -437,14 +521,14 @@ impl CacheSpan<'_> {
 mod span_avx512 {
     use std::arch::x86_64::*;
 
-    use crate::backend::cpu::attention::CacheSpan;
+    use crate::backend::cpu::attention::{CacheElem, CacheSpan};
 
     /// Rows prefetched ahead of the one being read.
     const AHEAD: usize = 4;
 
     /// Asks for `lines` cache lines from `p` into L2.
     #[inline(always)]
-    fn prefetch_l2(p: *const f32, lines: usize) {
+    fn prefetch_l2<E>(p: *const E, lines: usize) {
         for l in 0..lines {
             // SAFETY: a prefetch never faults.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_byte_add(64 * l) as *const i8) };
@@ -454,9 +538,9 @@ mod span_avx512 {
     /// # Safety
     /// AVX-512F; `s.hd % 16 == 0`; `scores` holds `rows * nh` values, `max` `nh`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores(s: &CacheSpan, scores: &mut [f32], max: &mut [f32]) {
+    pub unsafe fn scores<E: CacheElem>(s: &CacheSpan<E>, scores: &mut [f32], max: &mut [f32]) {
         let (nh, hd, kvd, group) = (s.nh, s.hd, s.kvd, s.group);
-        let lines = (kvd * 4).div_ceil(64);
+        let lines = (kvd * size_of::<E>()).div_ceil(64);
         assert!(s.q.len() >= nh * hd && max.len() >= nh && hd % 16 == 0);
         for (j, (row, keys)) in scores
             .chunks_exact_mut(nh)
@@ -472,7 +556,7 @@ mod span_avx512 {
                     unsafe {
                         acc = _mm512_fmadd_ps(
                             _mm512_loadu_ps(qh.as_ptr().add(c)),
-                            _mm512_loadu_ps(kh.as_ptr().add(c)),
+                            E::load16(kh.as_ptr().add(c)),
                             acc,
                         );
                     }
@@ -486,9 +570,13 @@ mod span_avx512 {
     /// # Safety
     /// AVX-512F; `s.hd % 16 == 0`; `weights` holds `rows * nh` values, `out` `nh * hd`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn weighted_values(s: &CacheSpan, weights: &[f32], out: &mut [f32]) {
+    pub unsafe fn weighted_values<E: CacheElem>(
+        s: &CacheSpan<E>,
+        weights: &[f32],
+        out: &mut [f32],
+    ) {
         let (nh, hd, kvd, group) = (s.nh, s.hd, s.kvd, s.group);
-        let lines = (kvd * 4).div_ceil(64);
+        let lines = (kvd * size_of::<E>()).div_ceil(64);
         assert!(out.len() >= nh * hd && hd % 16 == 0);
         for (j, (row, values)) in weights
             .chunks_exact(nh)
@@ -508,11 +596,7 @@ mod span_avx512 {
                         let o = oh.as_mut_ptr().add(c);
                         _mm512_storeu_ps(
                             o,
-                            _mm512_fmadd_ps(
-                                pv,
-                                _mm512_loadu_ps(vh.as_ptr().add(c)),
-                                _mm512_loadu_ps(o),
-                            ),
+                            _mm512_fmadd_ps(pv, E::load16(vh.as_ptr().add(c)), _mm512_loadu_ps(o)),
                         );
                     }
                 }

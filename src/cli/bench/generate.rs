@@ -8,7 +8,7 @@ use crate::bench;
 use crate::bench::generate::{GenerateBench, GenerateRun};
 use crate::cli::backend_args::BackendArgs;
 use crate::error::{Error, Result};
-use crate::generate::WeightFormat;
+use crate::generate::{KvFormat, WeightFormat};
 use crate::model::ModelConfig;
 
 #[derive(Args, Debug)]
@@ -26,6 +26,10 @@ pub(super) struct GenerateBenchArgs {
     /// Weights streamed while decoding: fp32, bf16 or q8 (int8, CPU backend only).
     #[arg(long, value_enum, default_value_t = WeightFormat::Fp32)]
     weights: WeightFormat,
+    /// How the KV cache holds keys and values: f32, or bf16 (half the bytes per cached
+    /// position) [default: f32 with fp32 weights, bf16 with bf16 or q8 weights].
+    #[arg(long, value_enum)]
+    kv_cache: Option<KvFormat>,
     /// Also decode this many sequences together (one token each per pass, as `serve` runs
     /// concurrent requests) and report their total tokens/s against one sequence's.
     #[arg(long, default_value_t = 1)]
@@ -73,6 +77,9 @@ pub(super) fn run(a: GenerateBenchArgs) -> Result<()> {
         prompt,
         tokens,
         weights: a.weights,
+        kv_format: a
+            .kv_cache
+            .unwrap_or_else(|| KvFormat::default_for(a.weights)),
         sequences: a.sequences,
     };
     let r = pool(a.threads)?.install(|| -> Result<_> {
@@ -136,8 +143,9 @@ fn print_summary(r: &GenerateBench, backend: &Backend) {
         r.weight_bytes_per_token as f64 / 1e6
     );
     println!(
-        "  counting the KV cache too ({:.1} MB of f32 keys and values per token on average): {:.1}% of {:.1} tokens/s",
+        "  counting the KV cache too ({:.1} MB of {} keys and values per token on average): {:.1}% of {:.1} tokens/s",
         r.kv_cache_bytes_per_token as f64 / 1e6,
+        r.kv_format,
         100.0 * r.roofline_with_cache_fraction,
         r.roofline_with_cache_tokens_per_s
     );

@@ -44,6 +44,7 @@ impl Trainer {
             seed: self.cfg.seed,
             add_bos: true,
             weights: WeightFormat::Fp32,
+            kv_cache: crate::generate::KvFormat::F32,
         };
         let weights = self.inference_weights();
         let g = generate(
