@@ -259,7 +259,7 @@ fn summarize(g: &crate::generate::Generation, kv_cache: KvFormat, secs: f64) {
     };
     let decode_rate = g.ids.len() as f64 / g.decode_seconds.max(1e-9);
     eprintln!(
-        "[{} prompt + {} generated tokens in {secs:.2}s: prompt {:.0} tok/s, decode {decode_rate:.1} tok/s with {} weights ({:.1} MB read per token) and a {kv_cache} KV cache; stopped: {why}]",
+        "[{} prompt + {} generated tokens in {secs:.2}s: prompt {:.0} tok/s, decode {decode_rate:.1} tok/s with {} weights ({:.1} MB read per token), {kv_cache} KV cache; stopped: {why}]",
         g.prompt_ids.len(),
         g.ids.len(),
         g.prompt_ids.len() as f64 / g.prefill_seconds.max(1e-9),
