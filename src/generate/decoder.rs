@@ -76,64 +76,107 @@ impl std::fmt::Display for KvFormat {
     }
 }
 
+/// Per-layer keys and values `[layers][positions * kv_dim]` of one element type.
+#[derive(Debug, Default)]
+struct Layers<T> {
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+}
+
+impl<T: Copy + Default> Layers<T> {
+    fn new(layers: usize) -> Self {
+        Layers {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+        }
+    }
+
+    /// Values held per layer.
+    fn len(&self) -> usize {
+        self.k.first().map_or(0, Vec::len)
+    }
+
+    fn resize(&mut self, len: usize) {
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.resize(len, T::default());
+        }
+    }
+}
+
+/// A sequence's keys and values, in its [`KvFormat`].
+#[derive(Debug)]
+enum KvStore {
+    F32(Layers<f32>),
+    Bf16(Layers<bf16>),
+}
+
+impl Default for KvStore {
+    fn default() -> Self {
+        KvStore::F32(Layers::default())
+    }
+}
+
 /// The key/value cache of one sequence: `[layers][capacity, kv_dim]` keys and values (in
 /// the sequence's [`KvFormat`]), and how many positions are filled.
 #[derive(Debug, Default)]
 pub struct KvSequence {
-    format: KvFormat,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    k16: Vec<Vec<bf16>>,
-    v16: Vec<Vec<bf16>>,
+    store: KvStore,
     capacity: usize,
     pos: usize,
 }
 
 impl KvSequence {
+    fn new(layers: usize, capacity: usize, format: KvFormat) -> Self {
+        let store = match format {
+            KvFormat::F32 => KvStore::F32(Layers::new(layers)),
+            KvFormat::Bf16 => KvStore::Bf16(Layers::new(layers)),
+        };
+        KvSequence {
+            store,
+            capacity,
+            pos: 0,
+        }
+    }
+
     /// Makes room for `more` positions after the filled ones: the cache grows as a sequence
     /// does (doubling, up to its capacity), so a request that may run to the end of a long
     /// context holds only what it has used.
     fn reserve(&mut self, more: usize, kv_dim: usize) {
         let need = (self.pos + more).min(self.capacity);
-        let have = match self.format {
-            KvFormat::F32 => self.k.first().map_or(0, Vec::len),
-            KvFormat::Bf16 => self.k16.first().map_or(0, Vec::len),
+        let have = match &self.store {
+            KvStore::F32(l) => l.len(),
+            KvStore::Bf16(l) => l.len(),
         } / kv_dim.max(1);
         if need <= have {
             return;
         }
-        let grown = need.max(2 * have).min(self.capacity);
-        match self.format {
-            KvFormat::F32 => {
-                for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-                    l.resize(grown * kv_dim, 0.0);
-                }
-            }
-            KvFormat::Bf16 => {
-                for l in self.k16.iter_mut().chain(self.v16.iter_mut()) {
-                    l.resize(grown * kv_dim, bf16::ZERO);
-                }
-            }
+        let grown = need.max(2 * have).min(self.capacity) * kv_dim;
+        match &mut self.store {
+            KvStore::F32(l) => l.resize(grown),
+            KvStore::Bf16(l) => l.resize(grown),
         }
     }
 
     /// Layer `l`'s cache, for the kernels.
     fn layer(&mut self, l: usize) -> KvCache<'_> {
-        match self.format {
-            KvFormat::F32 => KvCache::F32 {
-                k: &mut self.k[l],
-                v: &mut self.v[l],
+        match &mut self.store {
+            KvStore::F32(s) => KvCache::F32 {
+                k: &mut s.k[l],
+                v: &mut s.v[l],
             },
-            KvFormat::Bf16 => KvCache::Bf16 {
-                k: &mut self.k16[l],
-                v: &mut self.v16[l],
+            KvStore::Bf16(s) => KvCache::Bf16 {
+                k: &mut s.k[l],
+                v: &mut s.v[l],
             },
         }
     }
 
     /// How keys and values are held.
     pub fn format(&self) -> KvFormat {
-        self.format
+        match self.store {
+            KvStore::F32(_) => KvFormat::F32,
+            KvStore::Bf16(_) => KvFormat::Bf16,
+        }
     }
 
     /// Positions decoded so far.
@@ -195,15 +238,7 @@ impl<'m> Decoder<'m> {
 
     fn sequence_for(model: &Transformer, capacity: usize, format: KvFormat) -> KvSequence {
         let c = &model.cfg;
-        KvSequence {
-            format,
-            k: vec![Vec::new(); c.n_layers],
-            v: vec![Vec::new(); c.n_layers],
-            k16: vec![Vec::new(); c.n_layers],
-            v16: vec![Vec::new(); c.n_layers],
-            capacity: capacity.min(c.max_seq_len).max(1),
-            pos: 0,
-        }
+        KvSequence::new(c.n_layers, capacity.min(c.max_seq_len).max(1), format)
     }
 
     /// An empty cache for another sequence of up to `capacity` positions (at most the

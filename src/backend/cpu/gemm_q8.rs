@@ -306,16 +306,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::quant::tests::data;
     use crate::backend::cpu::quant::{Q8Tensor, matmul_q8_rowmajor};
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
-                ((h >> 8) % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn packing_keeps_every_weight_and_scale() {

@@ -715,10 +715,11 @@ pub fn matmul_q8_rowmajor(y: &mut [f32], xq: &Q8Rows, rows: usize, w: Q8Matrix, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// Values in [-1, 1] from a hash of the index (shared with `gemm_q8`'s tests).
+    pub(in crate::backend::cpu) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
